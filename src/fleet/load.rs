@@ -1,0 +1,198 @@
+//! Loading a fleet file: Nickel evaluates it (or the YAML/JSON it imports)
+//! under the `Fleet` contract of `schema/fleet.ncl`, exports it to JSON, and
+//! serde turns that into [`Fleet`].
+//!
+//! One path for every format: a YAML fleet is imported by Nickel, so its
+//! contract errors point at the YAML file's own line and column. This module
+//! turns Nickel's diagnostics into [`Problem`]s; it does no semantic checks.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+
+use codespan_reporting::files::Files;
+use nickel_lang_core::error::IntoDiagnostics;
+use nickel_lang_core::eval::cache::CacheImpl;
+use nickel_lang_core::program::{Program, ProgramBuilder};
+use nickel_lang_core::serialize::{ExportFormat, to_string};
+
+use super::{Fleet, LoadedFleet};
+use crate::problem::Problem;
+
+/// Name of the in-memory program that applies the contract to the fleet.
+const WRAPPER_NAME: &str = "<nixgold>";
+
+/// The schema, compiled into the binary so nixgold needs no files at run time.
+pub const SCHEMA_SOURCE: &str = include_str!("../../schema/fleet.ncl");
+
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("cannot read fleet file {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{}: unsupported fleet file extension (use .ncl, .yaml, .yml or .json)",
+        path.display()
+    )]
+    Format { path: PathBuf },
+    #[error("{}", problems.iter().map(Problem::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        problems: Vec<Problem>,
+        /// Nickel's own report, with source snippets, for `-v`.
+        report: String,
+    },
+    /// The schema accepted a value that the Rust model cannot represent: a
+    /// bug in nixgold, not in the fleet.
+    #[error("internal error: the fleet passed the schema but does not fit nixgold's model")]
+    Model {
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl FleetError {
+    /// Problems to show the user, when the error is the user's to fix.
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            FleetError::Invalid { problems, .. } => problems,
+            _ => &[],
+        }
+    }
+}
+
+/// Loads and contract-checks a fleet file. Semantic validation is separate
+/// (`validate::validate`) so it can report every problem at once.
+pub fn load(path: &Path) -> Result<LoadedFleet, FleetError> {
+    let json = evaluate(path, "Fleet")?;
+    let fleet: Fleet = serde_json::from_str(&json).map_err(|source| FleetError::Model { source })?;
+    Ok(LoadedFleet {
+        path: path.to_owned(),
+        fleet,
+    })
+}
+
+/// Exports the JSON Schema data of `schema/fleet.ncl` (what
+/// `schema/fleet.schema.json` must contain), pretty-printed.
+pub fn json_schema() -> String {
+    let source = format!("(\n{SCHEMA_SOURCE}\n).json_schema");
+    let mut program: Program<CacheImpl> = ProgramBuilder::new()
+        .add_source_string(source, "<nixgold schema>")
+        .build()
+        .expect("the embedded schema is a valid program");
+    let value = program
+        .eval_full_for_export()
+        .expect("the embedded schema evaluates");
+    let compact = to_string(ExportFormat::Json, &value).expect("the schema exports to JSON");
+    let parsed: serde_json::Value = serde_json::from_str(&compact).expect("exported JSON parses");
+    serde_json::to_string_pretty(&parsed).expect("JSON values serialise") + "\n"
+}
+
+fn evaluate(path: &Path, contract: &str) -> Result<String, FleetError> {
+    match path.extension().and_then(OsStr::to_str) {
+        Some("ncl" | "yaml" | "yml" | "json") => {}
+        _ => {
+            return Err(FleetError::Format {
+                path: path.to_owned(),
+            });
+        }
+    }
+    let absolute = std::fs::canonicalize(path).map_err(|source| FleetError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let source = format!(
+        "let nixgold_schema = (\n{SCHEMA_SOURCE}\n) in\n(import \"{}\") | nixgold_schema.{contract}\n",
+        nickel_string_escape(&absolute.to_string_lossy())
+    );
+    let mut program: Program<CacheImpl> = ProgramBuilder::new()
+        .add_source_string(source, WRAPPER_NAME)
+        .build()
+        .expect("an in-memory source always builds");
+    let outcome = program
+        .eval_full_for_export()
+        .map_err(|e| e.into_diagnostics(&mut program.files()))
+        .and_then(|value| {
+            to_string(ExportFormat::Json, &value)
+                .map_err(|e| {
+                    nickel_lang_core::error::Error::export_error(program.pos_table().clone(), e)
+                        .into_diagnostics(&mut program.files())
+                })
+        });
+    outcome.map_err(|diagnostics| {
+        let files = program.files();
+        invalid(path, &absolute, &files, diagnostics)
+    })
+}
+
+fn invalid(
+    user_path: &Path,
+    absolute: &Path,
+    files: &nickel_lang_core::files::Files,
+    diagnostics: Vec<codespan_reporting::diagnostic::Diagnostic<nickel_lang_core::files::FileId>>,
+) -> FleetError {
+    let mut report = Vec::new();
+    {
+        let mut writer = codespan_reporting::term::termcolor::NoColor::new(&mut report);
+        let config = codespan_reporting::term::Config::default();
+        for d in &diagnostics {
+            // A failure to format the report only loses the -v detail.
+            let _ = codespan_reporting::term::emit_to_write_style(&mut writer, &config, files, d);
+        }
+    }
+    let report = String::from_utf8_lossy(&report).into_owned();
+    // The first diagnostic is the one Nickel considers primary; the rest are
+    // the contract stack, which the user does not need in the short form.
+    let problems = diagnostics
+        .iter()
+        .take(1)
+        .map(|d| {
+            // Prefer a label in the user's files over one in the wrapper
+            // program that applies the contract.
+            let located = d
+                .labels
+                .iter()
+                .filter_map(|l| {
+                    let name = Files::name(files, l.file_id).ok()?.to_string();
+                    let loc = Files::location(files, l.file_id, l.range.start).ok()?;
+                    Some((name, (loc.line_number, loc.column_number)))
+                })
+                .min_by_key(|(name, _)| name == WRAPPER_NAME)
+                .filter(|(name, _)| name != WRAPPER_NAME)
+                .map(|(name, pos)| {
+                    let file = if Path::new(&name) == absolute {
+                        user_path.to_owned()
+                    } else {
+                        PathBuf::from(name)
+                    };
+                    (file, pos)
+                });
+            let (file, position) = match located {
+                Some((file, pos)) => (file, Some(pos)),
+                None => (user_path.to_owned(), None),
+            };
+            // Nickel puts its own headline first and the contract's message
+            // on the last line.
+            let message = d.message.lines().last().unwrap_or_default().trim();
+            let (field, reason) = match message.split_once(": ") {
+                Some((field, reason)) if !field.contains(' ') => (field.to_owned(), reason.to_owned()),
+                _ => (String::new(), message.to_owned()),
+            };
+            Problem {
+                file,
+                position,
+                field,
+                reason,
+                hints: d.notes.clone(),
+            }
+        })
+        .collect();
+    FleetError::Invalid { problems, report }
+}
+
+fn nickel_string_escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace("%{", "%\\{")
+}

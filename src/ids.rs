@@ -1,0 +1,330 @@
+//! Validated identifiers and small value types shared by the pipeline.
+//!
+//! Each type checks its invariant while deserialising or parsing, so an
+//! invalid VMID, node name, checksum or size cannot exist past the fleet
+//! loader. Nothing here does I/O.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Why a value could not become one of the identifier types.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} {value:?} is invalid: {reason}")]
+pub struct IdError {
+    what: &'static str,
+    value: String,
+    reason: &'static str,
+}
+
+macro_rules! serde_via_str {
+    ($ty:ty) => {
+        impl Serialize for $ty {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let raw = String::deserialize(d)?;
+                raw.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+/// A Proxmox VM id: 100 ..= 999_999_999, as the API's `pve-vmid` format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct Vmid(u32);
+
+impl Vmid {
+    pub const MIN: u32 = 100;
+    pub const MAX: u32 = 999_999_999;
+
+    pub fn new(raw: u64) -> Result<Self, IdError> {
+        if (u64::from(Self::MIN)..=u64::from(Self::MAX)).contains(&raw) {
+            Ok(Vmid(raw as u32))
+        } else {
+            Err(IdError {
+                what: "VMID",
+                value: raw.to_string(),
+                reason: "Proxmox accepts 100 to 999999999",
+            })
+        }
+    }
+
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl fmt::Display for Vmid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<'de> Deserialize<'de> for Vmid {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Vmid::new(u64::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// An inclusive range of VMIDs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmidRange {
+    pub first: Vmid,
+    pub last: Vmid,
+}
+
+impl VmidRange {
+    pub fn contains(&self, id: Vmid) -> bool {
+        self.first <= id && id <= self.last
+    }
+
+    pub fn overlaps(&self, other: &VmidRange) -> bool {
+        self.first <= other.last && other.first <= self.last
+    }
+
+    /// Ids in ascending order.
+    pub fn iter(&self) -> impl Iterator<Item = Vmid> {
+        (self.first.0..=self.last.0).map(Vmid)
+    }
+}
+
+impl fmt::Display for VmidRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}..={}", self.first, self.last)
+    }
+}
+
+/// A Proxmox node name (`pve-node` format: a DNS label).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeName(String);
+
+impl NodeName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for NodeName {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, IdError> {
+        if is_dns_label(s) {
+            Ok(NodeName(s.to_owned()))
+        } else {
+            Err(IdError {
+                what: "node name",
+                value: s.to_owned(),
+                reason: "a node name is letters, digits and -, not starting or ending with -",
+            })
+        }
+    }
+}
+
+impl fmt::Display for NodeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+serde_via_str!(NodeName);
+
+/// True for `[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?`: what Proxmox
+/// accepts for VM and node names (and what a host name label must be).
+pub fn is_dns_label(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-'
+}
+
+/// A SHA-256 digest, printed as lower-case hex.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Sha256([u8; 32]);
+
+impl Sha256 {
+    pub fn digest(data: &[u8]) -> Self {
+        use sha2::Digest;
+        Sha256(sha2::Sha256::digest(data).into())
+    }
+}
+
+impl FromStr for Sha256 {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, IdError> {
+        let err = |reason| IdError {
+            what: "sha256",
+            value: s.to_owned(),
+            reason,
+        };
+        let hex: String = s.chars().filter(|c| *c != ':').collect();
+        if hex.len() != 64 {
+            return Err(err("a SHA-256 digest is 64 hex digits"));
+        }
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+                .map_err(|_| err("a SHA-256 digest is 64 hex digits"))?;
+        }
+        Ok(Sha256(out))
+    }
+}
+
+impl fmt::Display for Sha256 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+serde_via_str!(Sha256);
+
+/// A disk size as the fleet writes it (`30G`), kept in MiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DiskSize {
+    mib: u64,
+}
+
+impl DiskSize {
+    pub fn mib(self) -> u64 {
+        self.mib
+    }
+}
+
+impl FromStr for DiskSize {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, IdError> {
+        let err = || IdError {
+            what: "disk size",
+            value: s.to_owned(),
+            reason: "write a whole number with a unit M, G or T, e.g. 30G",
+        };
+        let (digits, unit) = s.split_at(s.len().saturating_sub(1));
+        let n: u64 = digits.parse().map_err(|_| err())?;
+        let factor = match unit {
+            "M" => 1,
+            "G" => 1024,
+            "T" => 1024 * 1024,
+            _ => return Err(err()),
+        };
+        match n.checked_mul(factor) {
+            Some(mib) if mib > 0 => Ok(DiskSize { mib }),
+            _ => Err(err()),
+        }
+    }
+}
+
+impl fmt::Display for DiskSize {
+    /// Largest exact unit, the way Proxmox prints `size=`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const G: u64 = 1024;
+        const T: u64 = 1024 * 1024;
+        if self.mib % T == 0 {
+            write!(f, "{}T", self.mib / T)
+        } else if self.mib % G == 0 {
+            write!(f, "{}G", self.mib / G)
+        } else {
+            write!(f, "{}M", self.mib)
+        }
+    }
+}
+serde_via_str!(DiskSize);
+
+/// A duration written `90s`, `10m` or `2h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HumanDuration(std::time::Duration);
+
+impl HumanDuration {
+    pub fn get(self) -> std::time::Duration {
+        self.0
+    }
+}
+
+impl FromStr for HumanDuration {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, IdError> {
+        let err = || IdError {
+            what: "duration",
+            value: s.to_owned(),
+            reason: "write a whole number with a unit s, m or h, e.g. 90s",
+        };
+        let (digits, unit) = s.split_at(s.len().saturating_sub(1));
+        let n: u64 = digits.parse().map_err(|_| err())?;
+        let secs = match unit {
+            "s" => n,
+            "m" => n * 60,
+            "h" => n * 3600,
+            _ => return Err(err()),
+        };
+        Ok(HumanDuration(std::time::Duration::from_secs(secs)))
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.0.as_secs();
+        if s % 3600 == 0 && s > 0 {
+            write!(f, "{}h", s / 3600)
+        } else if s % 60 == 0 && s > 0 {
+            write!(f, "{}m", s / 60)
+        } else {
+            write!(f, "{s}s")
+        }
+    }
+}
+serde_via_str!(HumanDuration);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vmid_accepts_only_the_proxmox_range() {
+        assert!(Vmid::new(99).is_err());
+        assert_eq!(Vmid::new(100).unwrap().get(), 100);
+        assert_eq!(Vmid::new(999_999_999).unwrap().get(), 999_999_999);
+        assert!(Vmid::new(1_000_000_000).is_err());
+    }
+
+    #[test]
+    fn dns_labels_reject_underscores_dots_and_edge_hyphens() {
+        assert!(is_dns_label("nixos-prod-01"));
+        assert!(!is_dns_label("nixos_prod"));
+        assert!(!is_dns_label("a.b"));
+        assert!(!is_dns_label("-a"));
+        assert!(!is_dns_label("a-"));
+        assert!(!is_dns_label(&"a".repeat(64)));
+    }
+
+    #[test]
+    fn disk_size_prints_in_the_largest_exact_unit() {
+        let s: DiskSize = "2048M".parse().unwrap();
+        assert_eq!(s.to_string(), "2G");
+        assert_eq!("30G".parse::<DiskSize>().unwrap().mib(), 30 * 1024);
+        assert!("0G".parse::<DiskSize>().is_err());
+        assert!("30GB".parse::<DiskSize>().is_err());
+    }
+
+    #[test]
+    fn sha256_round_trips_hex_with_or_without_colons() {
+        let hex = "ab".repeat(32);
+        let with_colons = vec!["AB"; 32].join(":");
+        assert_eq!(hex.parse::<Sha256>().unwrap().to_string(), hex);
+        assert_eq!(with_colons.parse::<Sha256>().unwrap().to_string(), hex);
+        assert!("abc".parse::<Sha256>().is_err());
+    }
+
+    #[test]
+    fn ranges_overlap_inclusively() {
+        let r = |a, b| VmidRange {
+            first: Vmid::new(a).unwrap(),
+            last: Vmid::new(b).unwrap(),
+        };
+        assert!(r(100, 200).overlaps(&r(200, 300)));
+        assert!(!r(100, 199).overlaps(&r(200, 300)));
+    }
+}
