@@ -139,7 +139,9 @@ pub fn is_dns_label(s: &str) -> bool {
     let bytes = s.as_bytes();
     !bytes.is_empty()
         && bytes.len() <= 63
-        && bytes.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-')
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'-')
         && bytes[0] != b'-'
         && bytes[bytes.len() - 1] != b'-'
 }
@@ -223,9 +225,9 @@ impl fmt::Display for DiskSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const G: u64 = 1024;
         const T: u64 = 1024 * 1024;
-        if self.mib % T == 0 {
+        if self.mib.is_multiple_of(T) {
             write!(f, "{}T", self.mib / T)
-        } else if self.mib % G == 0 {
+        } else if self.mib.is_multiple_of(G) {
             write!(f, "{}G", self.mib / G)
         } else {
             write!(f, "{}M", self.mib)
@@ -267,9 +269,9 @@ impl FromStr for HumanDuration {
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = self.0.as_secs();
-        if s % 3600 == 0 && s > 0 {
+        if s.is_multiple_of(3600) && s > 0 {
             write!(f, "{}h", s / 3600)
-        } else if s % 60 == 0 && s > 0 {
+        } else if s.is_multiple_of(60) && s > 0 {
             write!(f, "{}m", s / 60)
         } else {
             write!(f, "{s}s")

@@ -21,6 +21,9 @@ use crate::problem::Problem;
 /// Name of the in-memory program that applies the contract to the fleet.
 const WRAPPER_NAME: &str = "<nixgold>";
 
+/// The contract's reason for a secret written in the fleet (schema/fleet.ncl).
+const SECRET_INLINE: &str = "a secret is written inline";
+
 /// The schema, compiled into the binary so nixgold needs no files at run time.
 pub const SCHEMA_SOURCE: &str = include_str!("../../schema/fleet.ncl");
 
@@ -66,7 +69,8 @@ impl FleetError {
 /// (`validate::validate`) so it can report every problem at once.
 pub fn load(path: &Path) -> Result<LoadedFleet, FleetError> {
     let json = evaluate(path, "Fleet")?;
-    let fleet: Fleet = serde_json::from_str(&json).map_err(|source| FleetError::Model { source })?;
+    let fleet: Fleet =
+        serde_json::from_str(&json).map_err(|source| FleetError::Model { source })?;
     Ok(LoadedFleet {
         path: path.to_owned(),
         fleet,
@@ -114,11 +118,10 @@ fn evaluate(path: &Path, contract: &str) -> Result<String, FleetError> {
         .eval_full_for_export()
         .map_err(|e| e.into_diagnostics(&mut program.files()))
         .and_then(|value| {
-            to_string(ExportFormat::Json, &value)
-                .map_err(|e| {
-                    nickel_lang_core::error::Error::export_error(program.pos_table().clone(), e)
-                        .into_diagnostics(&mut program.files())
-                })
+            to_string(ExportFormat::Json, &value).map_err(|e| {
+                nickel_lang_core::error::Error::export_error(program.pos_table().clone(), e)
+                    .into_diagnostics(&mut program.files())
+            })
         });
     outcome.map_err(|diagnostics| {
         let files = program.files();
@@ -176,7 +179,9 @@ fn invalid(
             // on the last line.
             let message = d.message.lines().last().unwrap_or_default().trim();
             let (field, reason) = match message.split_once(": ") {
-                Some((field, reason)) if !field.contains(' ') => (field.to_owned(), reason.to_owned()),
+                Some((field, reason)) if !field.contains(' ') => {
+                    (field.to_owned(), reason.to_owned())
+                }
                 _ => (String::new(), message.to_owned()),
             };
             Problem {
@@ -187,7 +192,13 @@ fn invalid(
                 hints: d.notes.clone(),
             }
         })
-        .collect();
+        .collect::<Vec<Problem>>();
+    // The snippet of an inline secret would print the secret itself.
+    let report = if problems.iter().any(|p| p.reason == SECRET_INLINE) {
+        "(source snippet withheld: it contains a secret)".to_owned()
+    } else {
+        report
+    };
     FleetError::Invalid { problems, report }
 }
 

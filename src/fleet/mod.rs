@@ -31,6 +31,9 @@ pub struct LoadedFleet {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Fleet {
+    /// `$schema`, for editors; nixgold ignores it.
+    #[serde(rename = "$schema")]
+    pub json_schema: Option<String>,
     pub fleet: String,
     pub proxmox: Proxmox,
     pub vm_vmid_range: Option<VmidRange>,
@@ -132,7 +135,9 @@ impl<'de> Deserialize<'de> for Checksum {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw = String::deserialize(d)?;
         if let Some(hex) = raw.strip_prefix("sha256:") {
-            hex.parse().map(Checksum::Sha256).map_err(serde::de::Error::custom)
+            hex.parse()
+                .map(Checksum::Sha256)
+                .map_err(serde::de::Error::custom)
         } else if let Some(url) = raw.strip_prefix("file:") {
             Ok(Checksum::File(url.to_owned()))
         } else {
@@ -307,7 +312,7 @@ pub enum OnNewGeneration {
     Replace,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(untagged, deny_unknown_fields)]
 pub enum VmNetwork {
     Dhcp {

@@ -1,0 +1,426 @@
+//! The `nixgold` command line: argument parsing, output and exit codes.
+//!
+//! Each subcommand is a thin shell around the library: it loads what it
+//! needs, calls the pipeline, and prints text or (with `--json`) data.
+//! Everything the user can get wrong ends here as a short message with a
+//! hint and exit code 1; nothing is changed by a command that failed.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::desired::{self, DesiredGraph};
+use crate::fleet::{self, LoadedFleet};
+use crate::lock::Lockfile;
+use crate::nixos;
+use crate::problem::Problem;
+
+/// Exit code of a command that failed (bad input, refused change, error).
+pub const EXIT_ERROR: u8 = 1;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nixgold",
+    version,
+    about = "NixOS golden images and VMs on Proxmox VE, from one fleet file and a lockfile",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct Global {
+    /// Fleet file (.ncl, .yaml, .yml or .json).
+    #[arg(long, global = true, env = "NIXGOLD_FLEET", value_name = "FILE")]
+    fleet: Option<PathBuf>,
+    /// Lockfile to read and update.
+    #[arg(
+        long,
+        global = true,
+        env = "NIXGOLD_LOCK",
+        value_name = "FILE",
+        default_value = "nixgold.lock"
+    )]
+    lock: PathBuf,
+    /// Refuse to change the lockfile (for CI): fail if it is out of date.
+    #[arg(long, global = true)]
+    locked: bool,
+    /// When to use colours.
+    #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto)]
+    color: ColorChoice,
+    /// More log output (-v: info, -vv: debug, -vvv: trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only print errors.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// Print data as JSON instead of text (where the output is data).
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ColorChoice {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check a fleet file: contracts, references, VMIDs, addresses, sizes.
+    Validate(FleetArg),
+    /// Show the desired graph (ISO → image generation → VMs).
+    Graph {
+        #[command(flatten)]
+        fleet: FleetArg,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
+        format: GraphFormat,
+    },
+    /// Print an image's rendered configuration.nix and install script.
+    Render {
+        #[command(flatten)]
+        fleet: FleetArg,
+        /// The image (key in `images`).
+        #[arg(long, value_name = "NAME")]
+        image: String,
+    },
+    /// Bring the lockfile up to date with the fleet (allocate VMIDs).
+    Lock(FleetArg),
+    /// Print the fleet file's JSON Schema (for YAML editors).
+    Schema,
+}
+
+#[derive(Debug, Args)]
+struct FleetArg {
+    /// Fleet file; overrides --fleet.
+    #[arg(value_name = "FLEET")]
+    path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum GraphFormat {
+    Dot,
+    Text,
+}
+
+/// What went wrong, ready to print.
+#[derive(Debug)]
+enum Failure {
+    Problems {
+        problems: Vec<Problem>,
+        detail: Option<String>,
+    },
+    Message(String),
+}
+
+impl<E: std::error::Error> From<E> for Failure {
+    fn from(e: E) -> Self {
+        let mut text = e.to_string();
+        let mut source = e.source();
+        while let Some(cause) = source {
+            text.push_str(&format!("\n  caused by: {cause}"));
+            source = cause.source();
+        }
+        Failure::Message(text)
+    }
+}
+
+struct Output {
+    color: bool,
+    json: bool,
+    quiet: bool,
+    verbose: u8,
+}
+
+impl Output {
+    fn error_label(&self) -> &'static str {
+        if self.color {
+            "\x1b[1;31merror\x1b[0m"
+        } else {
+            "error"
+        }
+    }
+
+    fn print_failure(&self, failure: &Failure) {
+        if self.json {
+            let value = match failure {
+                Failure::Problems { problems, .. } => {
+                    serde_json::json!({ "ok": false, "problems": problems })
+                }
+                Failure::Message(m) => serde_json::json!({ "ok": false, "error": m }),
+            };
+            println!("{value:#}");
+            return;
+        }
+        let mut stderr = std::io::stderr().lock();
+        match failure {
+            Failure::Problems { problems, detail } => {
+                for p in problems {
+                    let text = p.to_string();
+                    let text = text
+                        .strip_prefix("error")
+                        .map_or(text.clone(), |rest| format!("{}{rest}", self.error_label()));
+                    let _ = writeln!(stderr, "{text}");
+                }
+                if let (Some(detail), true) = (detail, self.verbose > 0) {
+                    let _ = writeln!(stderr, "\n{detail}");
+                }
+                let _ = writeln!(
+                    stderr,
+                    "{} problem{} found; nothing was changed",
+                    problems.len(),
+                    if problems.len() == 1 { "" } else { "s" }
+                );
+            }
+            Failure::Message(m) => {
+                let text = m.strip_prefix("error: ").unwrap_or(m);
+                let _ = writeln!(stderr, "{}: {text}", self.error_label());
+            }
+        }
+    }
+
+    fn info(&self, text: &str) {
+        if !self.quiet {
+            eprintln!("{text}");
+        }
+    }
+}
+
+/// Runs the CLI; returns the process exit code.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    let g = &cli.global;
+    let color = match g.color {
+        ColorChoice::Always => true,
+        ColorChoice::Never => false,
+        ColorChoice::Auto => {
+            std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+        }
+    };
+    init_tracing(g.verbose, g.quiet, color);
+    let out = Output {
+        color,
+        json: g.json,
+        quiet: g.quiet,
+        verbose: g.verbose,
+    };
+    match dispatch(&cli, &out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            out.print_failure(&failure);
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn init_tracing(verbose: u8, quiet: bool, color: bool) {
+    let level = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, 2) => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NIXGOLD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("nixgold={level}")));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(color)
+        .try_init();
+}
+
+fn dispatch(cli: &Cli, out: &Output) -> Result<(), Failure> {
+    let g = &cli.global;
+    match &cli.command {
+        Command::Validate(arg) => {
+            let (loaded, lock) = load_checked(&fleet_path(g, arg)?, &g.lock)?;
+            let f = &loaded.fleet;
+            if out.json {
+                println!(
+                    "{:#}",
+                    serde_json::json!({
+                        "ok": true,
+                        "fleet": f.fleet,
+                        "isos": f.isos.len(),
+                        "images": f.images.len(),
+                        "vms": f.vms.len(),
+                    })
+                );
+            } else if !out.quiet {
+                println!(
+                    "{}: fleet `{}` is valid ({} ISO{}, {} image{}, {} VM{})",
+                    loaded.path.display(),
+                    f.fleet,
+                    f.isos.len(),
+                    plural(f.isos.len()),
+                    f.images.len(),
+                    plural(f.images.len()),
+                    f.vms.len(),
+                    plural(f.vms.len())
+                );
+            }
+            warn_insecure(&loaded, out);
+            drop(lock);
+            Ok(())
+        }
+        Command::Graph { fleet, format } => {
+            let (loaded, lock) = load_checked(&fleet_path(g, fleet)?, &g.lock)?;
+            let desired = desired::build(&loaded.fleet, &lock)?;
+            note_lock_drift(&desired, &lock, out);
+            if out.json {
+                println!("{:#}", graph_json(&desired));
+            } else {
+                match format {
+                    GraphFormat::Dot => print!("{}", desired.to_dot()),
+                    GraphFormat::Text => print!("{}", desired.to_text()),
+                }
+            }
+            Ok(())
+        }
+        Command::Render { fleet, image } => {
+            let (loaded, _lock) = load_checked(&fleet_path(g, fleet)?, &g.lock)?;
+            let Some(spec) = loaded.fleet.images.get(image) else {
+                let known: Vec<&str> = loaded.fleet.images.keys().map(String::as_str).collect();
+                return Err(Failure::Message(format!(
+                    "image `{image}` is not in {}\n  hint: images in this fleet: {}",
+                    loaded.path.display(),
+                    if known.is_empty() {
+                        "(none)".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
+                )));
+            };
+            let configuration = nixos::configuration_nix(image, spec);
+            let script = nixos::install_script(image, spec);
+            if out.json {
+                println!(
+                    "{:#}",
+                    serde_json::json!({ "image": image, "configuration_nix": configuration, "install_script": script })
+                );
+            } else {
+                println!(
+                    "# ===== configuration.nix =====\n{configuration}\n# ===== install.sh =====\n{script}"
+                );
+            }
+            Ok(())
+        }
+        Command::Lock(arg) => {
+            let (loaded, lock) = load_checked(&fleet_path(g, arg)?, &g.lock)?;
+            let desired = desired::build(&loaded.fleet, &lock)?;
+            let changed = desired.lock.write(&g.lock, g.locked)?;
+            let unresolved = unresolved_isos(&desired);
+            if out.json {
+                println!(
+                    "{:#}",
+                    serde_json::json!({ "ok": true, "changed": changed, "lockfile": g.lock, "unpinned_isos": unresolved })
+                );
+            } else {
+                out.info(&format!(
+                    "{}: {}",
+                    g.lock.display(),
+                    if changed { "updated" } else { "up to date" }
+                ));
+                for iso in unresolved {
+                    out.info(&format!("note: {iso} is not pinned yet"));
+                }
+            }
+            Ok(())
+        }
+        Command::Schema => {
+            print!("{}", fleet::load::json_schema());
+            Ok(())
+        }
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+fn fleet_path(g: &Global, arg: &FleetArg) -> Result<PathBuf, Failure> {
+    arg.path.clone().or_else(|| g.fleet.clone()).ok_or_else(|| {
+        Failure::Message("no fleet file given\n  hint: pass it as an argument, with --fleet FILE, or in NIXGOLD_FLEET".into())
+    })
+}
+
+/// Loads the fleet and its lockfile and runs every semantic check.
+fn load_checked(path: &Path, lock_path: &Path) -> Result<(LoadedFleet, Lockfile), Failure> {
+    let loaded = fleet::load(path).map_err(|e| match e {
+        fleet::FleetError::Invalid { problems, report } => Failure::Problems {
+            problems,
+            detail: Some(report),
+        },
+        other => Failure::from(other),
+    })?;
+    let lock = Lockfile::read_for(lock_path, &loaded.fleet.fleet)?;
+    let problems = fleet::validate::validate(&loaded, &lock);
+    if !problems.is_empty() {
+        return Err(Failure::Problems {
+            problems,
+            detail: None,
+        });
+    }
+    Ok((loaded, lock))
+}
+
+fn warn_insecure(loaded: &LoadedFleet, out: &Output) {
+    if loaded.fleet.proxmox.tls.insecure {
+        out.info(
+            "warning: proxmox.tls.insecure is set: the Proxmox certificate will NOT be verified",
+        );
+    }
+}
+
+fn unresolved_isos(desired: &DesiredGraph) -> Vec<String> {
+    let mut names: Vec<String> = desired
+        .graph
+        .node_weights()
+        .filter_map(|n| match n {
+            desired::DesiredNode::Iso(iso) => match &iso.pin {
+                desired::IsoPinState::Unresolved { source } => {
+                    Some(format!("iso.{} ({source})", iso.name))
+                }
+                desired::IsoPinState::Pinned { .. } => None,
+            },
+            _ => None,
+        })
+        .collect();
+    names.dedup();
+    names
+}
+
+fn note_lock_drift(desired: &DesiredGraph, lock: &Lockfile, out: &Output) {
+    if desired.lock.vmids != lock.vmids {
+        out.info("note: VMIDs marked (allocated) are not in the lockfile yet; `nixgold lock` records them");
+    }
+}
+
+fn graph_json(desired: &DesiredGraph) -> serde_json::Value {
+    let g = &desired.graph;
+    let nodes: Vec<serde_json::Value> = g
+        .node_indices()
+        .map(|i| {
+            let mut v = serde_json::to_value(&g[i]).unwrap_or_default();
+            if let Some(obj) = v.as_object_mut() {
+                obj.insert("address".into(), g[i].address().into());
+            }
+            v
+        })
+        .collect();
+    let edges: Vec<serde_json::Value> = g
+        .edge_indices()
+        .filter_map(|e| g.edge_endpoints(e))
+        .map(|(a, b)| serde_json::json!({ "from": g[a].address(), "to": g[b].address() }))
+        .collect();
+    serde_json::json!({ "nodes": nodes, "edges": edges })
+}

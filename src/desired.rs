@@ -1,0 +1,494 @@
+//! The desired graph: a *complete* desired state built from the fleet and
+//! the lockfile. Every VMID, node, generation and config value is decided
+//! here, so apply never makes a choice (STYLE: the planner decides, the
+//! executor obeys).
+//!
+//! Edges run ISO → template (one image generation on one node) → VM. Nodes
+//! are inserted in sorted order, so the same inputs always give the same
+//! graph, the same DOT text and the same node indices. Pure: no I/O.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use petgraph::graph::{DiGraph, NodeIndex};
+use serde::Serialize;
+
+use crate::fleet::{Checksum, CloneMode, Fleet, Iso, SecretRef, VmNetwork, validate::image_nodes};
+use crate::ids::{DiskSize, NodeName, Sha256, Vmid};
+use crate::lock::Lockfile;
+
+/// One resource in the desired graph.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DesiredNode {
+    Iso(DesiredIso),
+    Template(DesiredTemplate),
+    Vm(Box<DesiredVm>),
+}
+
+impl DesiredNode {
+    /// Stable address used in plans, logs and `--target`.
+    pub fn address(&self) -> String {
+        match self {
+            DesiredNode::Iso(i) => format!("iso.{}[{}]", i.name, i.node),
+            DesiredNode::Template(t) => format!("image.{}[{}]", t.image, t.node),
+            DesiredNode::Vm(v) => format!("vm.{}", v.name),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DesiredIso {
+    pub name: String,
+    pub node: NodeName,
+    pub storage: String,
+    /// `STORAGE:iso/FILE` once the pin is known.
+    pub volid: Option<String>,
+    pub pin: IsoPinState,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum IsoPinState {
+    Pinned {
+        url: String,
+        sha256: Sha256,
+    },
+    /// A channel or `file:` checksum that `nixgold update` has not resolved.
+    Unresolved {
+        source: String,
+    },
+}
+
+/// Which generation of an image a template node stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", content = "number", rename_all = "snake_case")]
+pub enum GenerationRef {
+    /// Built and recorded in the lockfile.
+    Pinned(u32),
+    /// Not built yet: apply builds it.
+    ToBuild(u32),
+}
+
+impl GenerationRef {
+    pub fn number(self) -> u32 {
+        match self {
+            GenerationRef::Pinned(n) | GenerationRef::ToBuild(n) => n,
+        }
+    }
+}
+
+impl std::fmt::Display for GenerationRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GenerationRef::Pinned(n) => write!(f, "generation {n}"),
+            GenerationRef::ToBuild(n) => write!(f, "generation {n} (to build)"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DesiredTemplate {
+    pub image: String,
+    pub generation: GenerationRef,
+    pub node: NodeName,
+    pub vmid: Vmid,
+    pub storage: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DesiredVm {
+    pub name: String,
+    pub vmid: Vmid,
+    /// True when the VMID was allocated by nixgold rather than fixed.
+    pub allocated: bool,
+    pub node: NodeName,
+    pub image: String,
+    pub generation: GenerationRef,
+    pub template_vmid: Vmid,
+    pub clone: CloneMode,
+    pub storage: String,
+    pub cores: u32,
+    pub sockets: u32,
+    pub memory: u64,
+    pub disk: DiskSize,
+    pub bridge: String,
+    pub vlan: Option<u16>,
+    pub network: VmNetwork,
+    pub user: Option<String>,
+    pub ssh_keys: Vec<String>,
+    /// Where the password comes from; never the password.
+    #[serde(serialize_with = "serialize_secret")]
+    pub password: Option<SecretRef>,
+    pub tags: Vec<String>,
+    pub onboot: bool,
+    pub start: bool,
+    pub description: String,
+}
+
+fn serialize_secret<S: serde::Serializer>(
+    secret: &Option<SecretRef>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match secret {
+        Some(r) => s.serialize_str(&r.to_string()),
+        None => s.serialize_none(),
+    }
+}
+
+/// The desired graph plus the lockfile it implies (new VMID allocations).
+#[derive(Debug, Clone)]
+pub struct DesiredGraph {
+    pub graph: DiGraph<DesiredNode, ()>,
+    pub lock: Lockfile,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DesiredError {
+    #[error(
+        "images.{image}.vmid_range: no free VMID left for generation {generation} on {node}\n  hint: widen the range or lower `rebuild.keep`"
+    )]
+    ImageRangeFull {
+        image: String,
+        generation: u32,
+        node: NodeName,
+    },
+    #[error("vm_vmid_range: no free VMID left for vm.{vm}\n  hint: widen `vm_vmid_range`")]
+    VmRangeFull { vm: String },
+}
+
+/// Builds the desired graph. The fleet must have passed validation.
+pub fn build(fleet: &Fleet, lock: &Lockfile) -> Result<DesiredGraph, DesiredError> {
+    let mut lock = lock.clone();
+    lock.fleet = fleet.fleet.clone();
+    let mut graph = DiGraph::new();
+
+    let mut isos: BTreeMap<(String, NodeName), NodeIndex> = BTreeMap::new();
+    let mut templates: BTreeMap<(String, NodeName), (NodeIndex, GenerationRef, Vmid)> =
+        BTreeMap::new();
+
+    // ISO replicas needed: one per node that builds a template from it, or
+    // one on the first such node when the ISO storage is shared.
+    let mut iso_nodes: BTreeMap<String, BTreeSet<NodeName>> = BTreeMap::new();
+    for (name, image) in &fleet.images {
+        for node in image_nodes(fleet, name) {
+            iso_nodes.entry(image.iso.clone()).or_default().insert(node);
+        }
+    }
+    for (name, nodes) in &iso_nodes {
+        let Some(iso) = fleet.isos.get(name) else {
+            continue;
+        };
+        let nodes: Vec<&NodeName> = if fleet.proxmox.is_shared(iso.storage()) {
+            nodes.iter().take(1).collect()
+        } else {
+            nodes.iter().collect()
+        };
+        let pin = iso_pin(name, iso, &lock);
+        for node in nodes {
+            let volid = match &pin {
+                IsoPinState::Pinned { url, .. } => {
+                    Some(format!("{}:iso/{}", iso.storage(), iso_filename(url)))
+                }
+                IsoPinState::Unresolved { .. } => None,
+            };
+            let idx = graph.add_node(DesiredNode::Iso(DesiredIso {
+                name: name.clone(),
+                node: node.clone(),
+                storage: iso.storage().to_owned(),
+                volid,
+                pin: pin.clone(),
+            }));
+            isos.insert((name.clone(), node.clone()), idx);
+        }
+    }
+
+    for (name, image) in &fleet.images {
+        let locked = lock.images.get(name);
+        let pinned = locked.and_then(|l| l.current_generation());
+        let used: BTreeSet<Vmid> = locked
+            .map(|l| {
+                l.generations
+                    .iter()
+                    .flat_map(|g| g.templates.iter().map(|t| t.vmid))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let next_number = locked
+            .and_then(|l| l.generations.iter().map(|g| g.number).max())
+            .unwrap_or(0)
+            + 1;
+        let mut free = image.vmid_range.iter().filter(|id| !used.contains(id));
+        for node in image_nodes(fleet, name) {
+            let (generation, vmid) = match pinned
+                .and_then(|g| g.templates.iter().find(|t| t.node == node).map(|t| (g, t)))
+            {
+                Some((g, t)) => (GenerationRef::Pinned(g.number), t.vmid),
+                None => {
+                    // A node without a replica of the current generation
+                    // (or an image without any) needs a build there.
+                    let generation = pinned.map_or(next_number, |g| g.number);
+                    let vmid = free.next().ok_or_else(|| DesiredError::ImageRangeFull {
+                        image: name.clone(),
+                        generation,
+                        node: node.clone(),
+                    })?;
+                    (GenerationRef::ToBuild(generation), vmid)
+                }
+            };
+            let idx = graph.add_node(DesiredNode::Template(DesiredTemplate {
+                image: name.clone(),
+                generation,
+                node: node.clone(),
+                vmid,
+                storage: image.hardware.storage.clone(),
+            }));
+            let iso_node = if fleet
+                .proxmox
+                .is_shared(fleet.isos.get(&image.iso).map_or("", |i| i.storage()))
+            {
+                isos.iter()
+                    .find(|((iso, _), _)| iso == &image.iso)
+                    .map(|(_, i)| *i)
+            } else {
+                isos.get(&(image.iso.clone(), node.clone())).copied()
+            };
+            if let Some(iso_idx) = iso_node {
+                graph.add_edge(iso_idx, idx, ());
+            }
+            templates.insert((name.clone(), node), (idx, generation, vmid));
+        }
+    }
+
+    // VMIDs fixed in the fleet or already allocated are taken; new
+    // allocations go to the lowest free id, in VM name order.
+    let mut taken: BTreeSet<Vmid> = fleet.vms.values().filter_map(|vm| vm.vmid).collect();
+    taken.extend(lock.vmids.values().copied());
+    for (name, vm) in &fleet.vms {
+        let Some(image) = fleet.images.get(&vm.image) else {
+            continue;
+        };
+        let node = vm
+            .node
+            .clone()
+            .unwrap_or_else(|| fleet.proxmox.default_node().clone());
+        let address = format!("vm.{name}");
+        let (vmid, allocated) = match (vm.vmid, lock.vmids.get(&address)) {
+            (Some(id), _) => {
+                lock.vmids.remove(&address);
+                (id, false)
+            }
+            (None, Some(id)) => (*id, true),
+            (None, None) => {
+                let range = fleet
+                    .vm_vmid_range
+                    .ok_or_else(|| DesiredError::VmRangeFull { vm: name.clone() })?;
+                let id = range
+                    .iter()
+                    .find(|id| !taken.contains(id))
+                    .ok_or_else(|| DesiredError::VmRangeFull { vm: name.clone() })?;
+                taken.insert(id);
+                lock.vmids.insert(address, id);
+                (id, true)
+            }
+        };
+        let template_node = if fleet.proxmox.is_shared(&image.hardware.storage) {
+            image
+                .build_node
+                .clone()
+                .unwrap_or_else(|| fleet.proxmox.default_node().clone())
+        } else {
+            node.clone()
+        };
+        let Some(&(template_idx, generation, template_vmid)) =
+            templates.get(&(vm.image.clone(), template_node))
+        else {
+            continue;
+        };
+        let (bridge, vlan) = match &vm.network {
+            VmNetwork::Dhcp { bridge, vlan, .. } | VmNetwork::Static { bridge, vlan, .. } => (
+                bridge
+                    .clone()
+                    .unwrap_or_else(|| image.hardware.bridge.clone()),
+                vlan.or(image.hardware.vlan),
+            ),
+        };
+        let mut tags = vm.tags.clone();
+        tags.sort();
+        let idx = graph.add_node(DesiredNode::Vm(Box::new(DesiredVm {
+            name: name.clone(),
+            vmid,
+            allocated,
+            node,
+            image: vm.image.clone(),
+            generation,
+            template_vmid,
+            clone: vm.clone,
+            storage: vm
+                .storage
+                .clone()
+                .unwrap_or_else(|| image.hardware.storage.clone()),
+            cores: vm.cores.unwrap_or(image.hardware.cores),
+            sockets: image.hardware.sockets,
+            memory: vm.memory.unwrap_or(image.hardware.memory),
+            disk: vm.disk.unwrap_or(image.hardware.disk),
+            bridge,
+            vlan,
+            network: vm.network.clone(),
+            user: vm.user.clone(),
+            ssh_keys: vm.ssh_keys.clone(),
+            password: vm.password.clone(),
+            tags,
+            onboot: vm.onboot,
+            start: vm.start,
+            description: vm.description.clone(),
+        })));
+        graph.add_edge(template_idx, idx, ());
+    }
+    // Allocations of VMs that left the fleet stay until apply has destroyed
+    // them; that is the plan's business, not the graph's.
+    Ok(DesiredGraph { graph, lock })
+}
+
+fn iso_pin(name: &str, iso: &Iso, lock: &Lockfile) -> IsoPinState {
+    match (iso, lock.isos.get(name)) {
+        (
+            Iso::Url {
+                url,
+                checksum: Checksum::Sha256(sha256),
+                ..
+            },
+            _,
+        ) => IsoPinState::Pinned {
+            url: url.clone(),
+            sha256: *sha256,
+        },
+        (_, Some(pin)) if pin.source == iso.source() => IsoPinState::Pinned {
+            url: pin.url.clone(),
+            sha256: pin.sha256,
+        },
+        _ => IsoPinState::Unresolved {
+            source: iso.source(),
+        },
+    }
+}
+
+/// The file name Proxmox stores a downloaded ISO under: the URL's last path
+/// segment with every character outside `[A-Za-z0-9_.-]` replaced by `_`
+/// (what `download-url` does to `filename`).
+pub fn iso_filename(url: &str) -> String {
+    let last = url.rsplit('/').next().unwrap_or(url);
+    last.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+impl DesiredGraph {
+    /// Graphviz DOT, nodes and edges in insertion (sorted) order.
+    pub fn to_dot(&self) -> String {
+        let mut out = String::from(
+            "digraph nixgold {\n  rankdir=LR;\n  node [shape=box, fontname=\"monospace\"];\n",
+        );
+        for idx in self.graph.node_indices() {
+            let node = &self.graph[idx];
+            let shape = match node {
+                DesiredNode::Iso(_) => "cylinder",
+                DesiredNode::Template(_) => "component",
+                DesiredNode::Vm(_) => "box",
+            };
+            let label = self.label(node).replace('"', "\\\"");
+            let _ = writeln!(
+                out,
+                "  \"{}\" [shape={shape}, label=\"{}\\n{label}\"];",
+                node.address(),
+                node.address()
+            );
+        }
+        for edge in self.graph.edge_indices() {
+            if let Some((a, b)) = self.graph.edge_endpoints(edge) {
+                let _ = writeln!(
+                    out,
+                    "  \"{}\" -> \"{}\";",
+                    self.graph[a].address(),
+                    self.graph[b].address()
+                );
+            }
+        }
+        out.push_str("}\n");
+        out
+    }
+
+    /// An indented tree from the ISOs down to the VMs.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        let roots: Vec<NodeIndex> = self
+            .graph
+            .node_indices()
+            .filter(|i| {
+                self.graph
+                    .neighbors_directed(*i, petgraph::Incoming)
+                    .next()
+                    .is_none()
+            })
+            .collect();
+        for root in roots {
+            self.write_tree(root, "", "", &mut out);
+        }
+        out
+    }
+
+    fn write_tree(&self, idx: NodeIndex, first: &str, rest: &str, out: &mut String) {
+        let node = &self.graph[idx];
+        let _ = writeln!(out, "{first}{} ({})", node.address(), self.label(node));
+        let mut children: Vec<NodeIndex> = self.graph.neighbors(idx).collect();
+        children.sort();
+        for (i, child) in children.iter().enumerate() {
+            let last = i + 1 == children.len();
+            let (f, r) = if last {
+                ("└── ", "    ")
+            } else {
+                ("├── ", "│   ")
+            };
+            self.write_tree(*child, &format!("{rest}{f}"), &format!("{rest}{r}"), out);
+        }
+    }
+
+    fn label(&self, node: &DesiredNode) -> String {
+        match node {
+            DesiredNode::Iso(iso) => match &iso.pin {
+                IsoPinState::Pinned { sha256, .. } => {
+                    format!(
+                        "{}, sha256 {}…",
+                        iso.volid.as_deref().unwrap_or("?"),
+                        &sha256.to_string()[..12]
+                    )
+                }
+                IsoPinState::Unresolved { source } => {
+                    format!("{}:iso/?, {source} not pinned yet", iso.storage)
+                }
+            },
+            DesiredNode::Template(t) => {
+                format!("{}, VMID {} on {}", t.generation, t.vmid, t.storage)
+            }
+            DesiredNode::Vm(vm) => format!(
+                "VMID {}{} on {}, {} clone, {} cores, {} MiB, {}",
+                vm.vmid,
+                if vm.allocated { " (allocated)" } else { "" },
+                vm.node,
+                match vm.clone {
+                    CloneMode::Full => "full",
+                    CloneMode::Linked => "linked",
+                },
+                vm.cores,
+                vm.memory,
+                vm.disk
+            ),
+        }
+    }
+}
