@@ -197,6 +197,27 @@ impl DiskSize {
     }
 }
 
+const SIZE_UNITS: &[(char, u64)] = &[('M', 1), ('G', 1024), ('T', 1024 * 1024)];
+const DURATION_UNITS: &[(char, u64)] = &[('s', 1), ('m', 60), ('h', 3600)];
+
+/// Parses `<whole number><unit>` into base units (`units` ascending).
+fn parse_scaled(s: &str, units: &[(char, u64)], err: impl Fn() -> IdError) -> Result<u64, IdError> {
+    let unit = s.chars().last().ok_or_else(&err)?;
+    let factor = units.iter().find(|(u, _)| *u == unit).ok_or_else(&err)?.1;
+    let n: u64 = s[..s.len() - unit.len_utf8()].parse().map_err(|_| err())?;
+    n.checked_mul(factor).ok_or_else(err)
+}
+
+/// Prints `value` in the largest unit that divides it exactly.
+fn format_scaled(f: &mut fmt::Formatter<'_>, value: u64, units: &[(char, u64)]) -> fmt::Result {
+    let (unit, factor) = units
+        .iter()
+        .rev()
+        .find(|(_, factor)| value > 0 && value.is_multiple_of(*factor))
+        .unwrap_or(&units[0]);
+    write!(f, "{}{unit}", value / factor)
+}
+
 impl FromStr for DiskSize {
     type Err = IdError;
     fn from_str(s: &str) -> Result<Self, IdError> {
@@ -205,17 +226,9 @@ impl FromStr for DiskSize {
             value: s.to_owned(),
             reason: "write a whole number with a unit M, G or T, e.g. 30G",
         };
-        let (digits, unit) = s.split_at(s.len().saturating_sub(1));
-        let n: u64 = digits.parse().map_err(|_| err())?;
-        let factor = match unit {
-            "M" => 1,
-            "G" => 1024,
-            "T" => 1024 * 1024,
-            _ => return Err(err()),
-        };
-        match n.checked_mul(factor) {
-            Some(mib) if mib > 0 => Ok(DiskSize { mib }),
-            _ => Err(err()),
+        match parse_scaled(s, SIZE_UNITS, err)? {
+            0 => Err(err()),
+            mib => Ok(DiskSize { mib }),
         }
     }
 }
@@ -223,15 +236,7 @@ impl FromStr for DiskSize {
 impl fmt::Display for DiskSize {
     /// Largest exact unit, the way Proxmox prints `size=`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const G: u64 = 1024;
-        const T: u64 = 1024 * 1024;
-        if self.mib.is_multiple_of(T) {
-            write!(f, "{}T", self.mib / T)
-        } else if self.mib.is_multiple_of(G) {
-            write!(f, "{}G", self.mib / G)
-        } else {
-            write!(f, "{}M", self.mib)
-        }
+        format_scaled(f, self.mib, SIZE_UNITS)
     }
 }
 serde_via_str!(DiskSize);
@@ -249,33 +254,18 @@ impl HumanDuration {
 impl FromStr for HumanDuration {
     type Err = IdError;
     fn from_str(s: &str) -> Result<Self, IdError> {
-        let err = || IdError {
+        let secs = parse_scaled(s, DURATION_UNITS, || IdError {
             what: "duration",
             value: s.to_owned(),
             reason: "write a whole number with a unit s, m or h, e.g. 90s",
-        };
-        let (digits, unit) = s.split_at(s.len().saturating_sub(1));
-        let n: u64 = digits.parse().map_err(|_| err())?;
-        let secs = match unit {
-            "s" => n,
-            "m" => n * 60,
-            "h" => n * 3600,
-            _ => return Err(err()),
-        };
+        })?;
         Ok(HumanDuration(std::time::Duration::from_secs(secs)))
     }
 }
 
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = self.0.as_secs();
-        if s.is_multiple_of(3600) && s > 0 {
-            write!(f, "{}h", s / 3600)
-        } else if s.is_multiple_of(60) && s > 0 {
-            write!(f, "{}m", s / 60)
-        } else {
-            write!(f, "{s}s")
-        }
+        format_scaled(f, self.0.as_secs(), DURATION_UNITS)
     }
 }
 serde_via_str!(HumanDuration);
@@ -309,6 +299,16 @@ mod tests {
         assert_eq!("30G".parse::<DiskSize>().unwrap().mib(), 30 * 1024);
         assert!("0G".parse::<DiskSize>().is_err());
         assert!("30GB".parse::<DiskSize>().is_err());
+        assert!("".parse::<DiskSize>().is_err());
+    }
+
+    #[test]
+    fn durations_round_trip_in_their_largest_unit() {
+        let d: HumanDuration = "120s".parse().unwrap();
+        assert_eq!(d.get().as_secs(), 120);
+        assert_eq!(d.to_string(), "2m");
+        assert_eq!("90s".parse::<HumanDuration>().unwrap().to_string(), "90s");
+        assert!("5d".parse::<HumanDuration>().is_err());
     }
 
     #[test]

@@ -144,54 +144,32 @@ fn rendered_configurations_and_scripts_pass_the_real_parsers() {
     );
 }
 
+fn render_multi_node(image: &str) -> String {
+    let (code, stdout, stderr) = run(nixgold(&repo()).args([
+        "render",
+        "fleets/multi-node.ncl",
+        "--image",
+        image,
+        "--lock",
+        "/nonexistent/nixgold.lock",
+    ]));
+    assert_eq!(code, 0, "{stderr}");
+    stdout
+}
+
 #[test]
 fn rendering_follows_the_firmware_and_merges_raw_nix_as_a_module() {
-    let (_, stdout, _) = run(nixgold(&repo()).args([
-        "render",
-        "fleets/multi-node.ncl",
-        "--image",
-        "ci-runner",
-        "--lock",
-        "/nonexistent/nixgold.lock",
-    ]));
-    assert!(
-        stdout.contains("boot.loader.grub.device = \"/dev/sda\";"),
-        "{stdout}"
-    );
-    assert!(!stdout.contains("systemd-boot"), "{stdout}");
-    assert!(
-        stdout.contains("parted -s \"$DISK\" -- mklabel msdos"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("      virtualisation.docker.enable = true;"),
-        "{stdout}"
-    );
-    let (_, stdout, _) = run(nixgold(&repo()).args([
-        "render",
-        "fleets/multi-node.ncl",
-        "--image",
-        "base",
-        "--lock",
-        "/nonexistent/nixgold.lock",
-    ]));
-    assert!(
-        stdout.contains("boot.loader.systemd-boot.enable = true;"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("allowedTCPPorts = [ 22 80 443 ];"),
-        "{stdout}"
-    );
-    assert!(stdout.contains("users.users.\"ops\""), "{stdout}");
-    assert!(
-        stdout.contains("time.timeZone = \"Europe/Berlin\";"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("nixos-install --no-root-passwd"),
-        "{stdout}"
-    );
+    let runner = render_multi_node("ci-runner");
+    assert!(runner.contains("boot.loader.grub.device = \"/dev/sda\";"), "{runner}");
+    assert!(!runner.contains("systemd-boot"), "{runner}");
+    assert!(runner.contains("parted -s \"$DISK\" -- mklabel msdos"), "{runner}");
+    assert!(runner.contains("      virtualisation.docker.enable = true;"), "{runner}");
+    let base = render_multi_node("base");
+    assert!(base.contains("boot.loader.systemd-boot.enable = true;"), "{base}");
+    assert!(base.contains("allowedTCPPorts = [ 22 80 443 ];"), "{base}");
+    assert!(base.contains("users.users.\"ops\""), "{base}");
+    assert!(base.contains("time.timeZone = \"Europe/Berlin\";"), "{base}");
+    assert!(base.contains("nixos-install --no-root-passwd"), "{base}");
 }
 
 #[test]
