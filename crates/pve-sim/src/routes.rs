@@ -1,0 +1,578 @@
+//! The routes the simulator serves: method, path template, parameters and
+//! the declared return type, as in the Proxmox VE 9 API schema.
+//!
+//! Dispatch matches a request against this table; a path or method that is
+//! not here gets Proxmox's 501. `routes()` is public so the conformance
+//! test can compare every declaration with `apidoc.json`.
+
+use std::sync::LazyLock;
+
+use crate::params::{
+    BOOL, Check, Format, Kind, NODE, Param, Pattern, STR, VMID, int, opt, opt_c, req, req_c,
+};
+
+/// What a route returns, as the schema's `returns.type` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Returns {
+    Null,
+    String,
+    Integer,
+    Object,
+    Array,
+}
+
+impl Returns {
+    pub fn type_name(self) -> &'static str {
+        match self {
+            Returns::Null => "null",
+            Returns::String => "string",
+            Returns::Integer => "integer",
+            Returns::Object => "object",
+            Returns::Array => "array",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RouteId {
+    Version,
+    ClusterResources,
+    ClusterNextid,
+    Nodes,
+    NodeStorage,
+    StorageContent,
+    DownloadUrl,
+    QemuList,
+    QemuCreate,
+    QemuIndex,
+    QemuDestroy,
+    ConfigGet,
+    ConfigPost,
+    ConfigPut,
+    Pending,
+    StatusCurrent,
+    Start,
+    Stop,
+    Shutdown,
+    Clone,
+    Template,
+    Resize,
+    Sendkey,
+    AgentNetwork,
+    CloudinitGet,
+    CloudinitPut,
+    CloudinitDump,
+    TaskStatus,
+    TaskLog,
+    TaskStop,
+    TicketGet,
+    TicketPost,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteDef {
+    pub id: RouteId,
+    pub method: &'static str,
+    /// Path template below `/api2/json`, e.g. `/nodes/{node}/qemu/{vmid}/config`.
+    pub path: &'static str,
+    /// Every parameter, path parameters included.
+    pub params: Vec<Param>,
+    pub returns: Returns,
+    /// Reachable without a ticket or token.
+    pub public: bool,
+}
+
+impl RouteDef {
+    /// True when the call returns a task id (runs in a worker).
+    pub fn is_async(&self) -> bool {
+        self.returns == Returns::String && self.id != RouteId::CloudinitDump
+    }
+}
+
+const STORAGE: Param = req_c("storage", STR, Check::Format(Format::PveStorageId));
+const UPID: Param = req("upid", STR);
+const VMID_P: Param = req("vmid", VMID);
+const DISKS: &[&str] = &[
+    "ide0", "ide1", "ide2", "ide3", "scsi0", "scsi1", "scsi2", "scsi3", "scsi4", "scsi5", "scsi6", "scsi7", "scsi8",
+    "scsi9", "scsi10", "scsi11", "scsi12", "scsi13", "scsi14", "scsi15", "scsi16", "scsi17", "scsi18", "scsi19",
+    "scsi20", "scsi21", "scsi22", "scsi23", "scsi24", "scsi25", "scsi26", "scsi27", "scsi28", "scsi29", "scsi30",
+    "virtio0", "virtio1", "virtio2", "virtio3", "virtio4", "virtio5", "virtio6", "virtio7", "virtio8", "virtio9",
+    "virtio10", "virtio11", "virtio12", "virtio13", "virtio14", "virtio15", "sata0", "sata1", "sata2", "sata3",
+    "sata4", "sata5", "efidisk0", "tpmstate0",
+];
+
+/// Every QEMU config key (create and config share them).
+pub fn qemu_config_keys() -> Vec<Param> {
+    let e = |v: &'static [&'static str]| Check::Enum(v);
+    vec![
+        opt("acpi", BOOL),
+        opt("affinity", STR),
+        opt("agent", STR),
+        opt("allow-ksm", BOOL),
+        opt("amd-sev", STR),
+        opt_c("arch", STR, e(&["x86_64", "aarch64"])),
+        opt("args", STR),
+        opt("audio0", STR),
+        opt("autostart", BOOL),
+        opt("balloon", int(0, None)),
+        opt_c("bios", STR, e(&["seabios", "ovmf"])),
+        opt("boot", STR),
+        opt("bootdisk", STR),
+        opt("cdrom", STR),
+        opt("cicustom", STR),
+        opt("cipassword", STR),
+        opt_c("citype", STR, e(&["configdrive2", "nocloud", "opennebula"])),
+        opt("ciupgrade", BOOL),
+        opt("ciuser", STR),
+        opt("cores", int(1, None)),
+        opt("cpu", STR),
+        opt(
+            "cpulimit",
+            Kind::Number {
+                min: Some(0.0),
+                max: Some(128.0),
+            },
+        ),
+        opt("cpuunits", int(1, Some(262_144))),
+        opt("description", STR),
+        opt("efidisk0", STR),
+        opt("freeze", BOOL),
+        opt("hookscript", STR),
+        opt("hostpci[n]", STR),
+        opt("hotplug", STR),
+        opt_c("hugepages", STR, e(&["any", "2", "1024"])),
+        opt("ide[n]", STR),
+        opt_c("import-working-storage", STR, Check::Format(Format::PveStorageId)),
+        opt("intel-tdx", STR),
+        opt("ipconfig[n]", STR),
+        opt("ivshmem", STR),
+        opt("keephugepages", BOOL),
+        opt_c(
+            "keyboard",
+            STR,
+            e(&[
+                "de", "de-ch", "da", "en-gb", "en-us", "es", "fi", "fr", "fr-be", "fr-ca", "fr-ch", "hu", "is", "it",
+                "ja", "lt", "mk", "nl", "no", "pl", "pt", "pt-br", "sv", "sl", "tr",
+            ]),
+        ),
+        opt("kvm", BOOL),
+        opt("localtime", BOOL),
+        opt_c(
+            "lock",
+            STR,
+            e(&[
+                "backup",
+                "clone",
+                "create",
+                "migrate",
+                "rollback",
+                "snapshot",
+                "snapshot-delete",
+                "suspending",
+                "suspended",
+            ]),
+        ),
+        opt("machine", STR),
+        opt("memory", STR),
+        opt(
+            "migrate_downtime",
+            Kind::Number {
+                min: Some(0.0),
+                max: None,
+            },
+        ),
+        opt("migrate_speed", int(0, None)),
+        opt_c("name", STR, Check::Format(Format::DnsName)),
+        opt_c("nameserver", STR, Check::Format(Format::AddressList)),
+        opt("net[n]", STR),
+        opt("numa", BOOL),
+        opt("numa[n]", STR),
+        opt("onboot", BOOL),
+        opt_c(
+            "ostype",
+            STR,
+            e(&[
+                "other", "wxp", "w2k", "w2k3", "w2k8", "wvista", "win7", "win8", "win10", "win11", "l24", "l26",
+                "solaris",
+            ]),
+        ),
+        opt("parallel[n]", STR),
+        opt("protection", BOOL),
+        opt("reboot", BOOL),
+        opt("rng0", STR),
+        opt("sata[n]", STR),
+        opt("scsi[n]", STR),
+        opt_c(
+            "scsihw",
+            STR,
+            e(&[
+                "lsi",
+                "lsi53c810",
+                "virtio-scsi-pci",
+                "virtio-scsi-single",
+                "megasas",
+                "pvscsi",
+            ]),
+        ),
+        opt("searchdomain", STR),
+        opt("serial[n]", STR),
+        opt("shares", int(0, Some(50_000))),
+        opt("smbios1", STR),
+        opt("smp", int(1, None)),
+        opt("sockets", int(1, None)),
+        opt("spice_enhancements", STR),
+        opt_c("sshkeys", STR, Check::Format(Format::UrlEncoded)),
+        opt("startdate", STR),
+        opt("startup", STR),
+        opt("tablet", BOOL),
+        opt_c("tags", STR, Check::Format(Format::TagList)),
+        opt("tdf", BOOL),
+        opt("template", BOOL),
+        opt("tpmstate0", STR),
+        opt("unused[n]", STR),
+        opt("usb[n]", STR),
+        opt("vcpus", int(1, None)),
+        opt("vga", STR),
+        opt("virtio[n]", STR),
+        opt("virtiofs[n]", STR),
+        opt("vmgenid", STR),
+        opt_c("vmstatestorage", STR, Check::Format(Format::PveStorageId)),
+        opt("watchdog", STR),
+    ]
+}
+
+fn with(mut base: Vec<Param>, extra: &[Param]) -> Vec<Param> {
+    base.extend_from_slice(extra);
+    base
+}
+
+static ROUTES: LazyLock<Vec<RouteDef>> = LazyLock::new(|| {
+    use RouteId::*;
+    let r = |id, method, path, params: Vec<Param>, returns| RouteDef {
+        id,
+        method,
+        path,
+        params,
+        returns,
+        public: false,
+    };
+    let pool = opt_c("pool", STR, Check::Format(Format::PoolId));
+    let config_edit = [
+        NODE,
+        VMID_P,
+        opt_c("delete", STR, Check::Format(Format::ConfigIdList)),
+        opt_c("revert", STR, Check::Format(Format::ConfigIdList)),
+        opt("digest", STR),
+        opt("force", BOOL),
+        opt("skiplock", BOOL),
+    ];
+    vec![
+        r(Version, "GET", "/version", vec![], Returns::Object),
+        r(
+            ClusterResources,
+            "GET",
+            "/cluster/resources",
+            vec![opt_c("type", STR, Check::Enum(&["vm", "storage", "node", "sdn"]))],
+            Returns::Array,
+        ),
+        r(ClusterNextid, "GET", "/cluster/nextid", vec![opt("vmid", VMID)], Returns::Integer),
+        r(Nodes, "GET", "/nodes", vec![], Returns::Array),
+        r(
+            NodeStorage,
+            "GET",
+            "/nodes/{node}/storage",
+            vec![
+                NODE,
+                opt("content", STR),
+                opt("enabled", BOOL),
+                opt("format", BOOL),
+                opt_c("storage", STR, Check::Format(Format::PveStorageId)),
+                opt_c("target", STR, Check::Format(Format::PveNode)),
+            ],
+            Returns::Array,
+        ),
+        r(
+            StorageContent,
+            "GET",
+            "/nodes/{node}/storage/{storage}/content",
+            vec![NODE, STORAGE, opt("content", STR), opt("vmid", VMID)],
+            Returns::Array,
+        ),
+        r(
+            DownloadUrl,
+            "POST",
+            "/nodes/{node}/storage/{storage}/download-url",
+            vec![
+                NODE,
+                STORAGE,
+                req_c("url", STR, Check::Pattern(Pattern::HttpUrl)),
+                req_c("content", STR, Check::Enum(&["iso", "vztmpl", "import"])),
+                req("filename", STR),
+                opt("checksum", STR),
+                opt_c(
+                    "checksum-algorithm",
+                    STR,
+                    Check::Enum(&["md5", "sha1", "sha224", "sha256", "sha384", "sha512"]),
+                ),
+                opt("compression", STR),
+                opt("verify-certificates", BOOL),
+            ],
+            Returns::String,
+        ),
+        r(QemuList, "GET", "/nodes/{node}/qemu", vec![NODE, opt("full", BOOL)], Returns::Array),
+        r(
+            QemuCreate,
+            "POST",
+            "/nodes/{node}/qemu",
+            with(
+                qemu_config_keys(),
+                &[
+                    NODE,
+                    VMID_P,
+                    opt("archive", STR),
+                    opt("bwlimit", int(0, None)),
+                    opt("force", BOOL),
+                    opt("ha-managed", BOOL),
+                    opt("live-restore", BOOL),
+                    pool,
+                    opt("start", BOOL),
+                    opt_c("storage", STR, Check::Format(Format::PveStorageId)),
+                    opt("unique", BOOL),
+                ],
+            ),
+            Returns::String,
+        ),
+        r(QemuIndex, "GET", "/nodes/{node}/qemu/{vmid}", vec![NODE, VMID_P], Returns::Array),
+        r(
+            QemuDestroy,
+            "DELETE",
+            "/nodes/{node}/qemu/{vmid}",
+            vec![
+                NODE,
+                VMID_P,
+                opt("destroy-unreferenced-disks", BOOL),
+                opt("purge", BOOL),
+                opt("skiplock", BOOL),
+            ],
+            Returns::String,
+        ),
+        r(
+            ConfigGet,
+            "GET",
+            "/nodes/{node}/qemu/{vmid}/config",
+            vec![NODE, VMID_P, opt("current", BOOL), opt("snapshot", STR)],
+            Returns::Object,
+        ),
+        r(
+            ConfigPost,
+            "POST",
+            "/nodes/{node}/qemu/{vmid}/config",
+            with(
+                with(qemu_config_keys(), &config_edit),
+                &[opt("background_delay", int(1, Some(30)))],
+            ),
+            Returns::String,
+        ),
+        r(
+            ConfigPut,
+            "PUT",
+            "/nodes/{node}/qemu/{vmid}/config",
+            with(qemu_config_keys(), &config_edit),
+            Returns::Null,
+        ),
+        r(Pending, "GET", "/nodes/{node}/qemu/{vmid}/pending", vec![NODE, VMID_P], Returns::Array),
+        r(
+            StatusCurrent,
+            "GET",
+            "/nodes/{node}/qemu/{vmid}/status/current",
+            vec![NODE, VMID_P],
+            Returns::Object,
+        ),
+        r(
+            Start,
+            "POST",
+            "/nodes/{node}/qemu/{vmid}/status/start",
+            vec![
+                NODE,
+                VMID_P,
+                opt("force-cpu", STR),
+                opt("machine", STR),
+                opt_c("migratedfrom", STR, Check::Format(Format::PveNode)),
+                opt("migration_network", STR),
+                opt_c("migration_type", STR, Check::Enum(&["secure", "insecure"])),
+                opt("nets-host-mtu", STR),
+                opt("skiplock", BOOL),
+                opt("stateuri", STR),
+                opt("targetstorage", STR),
+                opt("timeout", int(0, None)),
+                opt("with-conntrack-state", BOOL),
+            ],
+            Returns::String,
+        ),
+        r(
+            Stop,
+            "POST",
+            "/nodes/{node}/qemu/{vmid}/status/stop",
+            vec![
+                NODE,
+                VMID_P,
+                opt("keepActive", BOOL),
+                opt_c("migratedfrom", STR, Check::Format(Format::PveNode)),
+                opt("overrule-shutdown", BOOL),
+                opt("skiplock", BOOL),
+                opt("timeout", int(0, None)),
+            ],
+            Returns::String,
+        ),
+        r(
+            Shutdown,
+            "POST",
+            "/nodes/{node}/qemu/{vmid}/status/shutdown",
+            vec![
+                NODE,
+                VMID_P,
+                opt("forceStop", BOOL),
+                opt("keepActive", BOOL),
+                opt("skiplock", BOOL),
+                opt("timeout", int(0, None)),
+            ],
+            Returns::String,
+        ),
+        r(
+            Clone,
+            "POST",
+            "/nodes/{node}/qemu/{vmid}/clone",
+            vec![
+                NODE,
+                VMID_P,
+                req("newid", VMID),
+                opt("bwlimit", int(0, None)),
+                opt("description", STR),
+                opt_c("format", STR, Check::Enum(&["raw", "qcow2", "vmdk"])),
+                opt("full", BOOL),
+                opt_c("name", STR, Check::Format(Format::DnsName)),
+                pool,
+                opt("snapname", STR),
+                opt_c("storage", STR, Check::Format(Format::PveStorageId)),
+                opt_c("target", STR, Check::Format(Format::PveNode)),
+            ],
+            Returns::String,
+        ),
+        r(
+            Template,
+            "POST",
+            "/nodes/{node}/qemu/{vmid}/template",
+            vec![NODE, VMID_P, opt_c("disk", STR, Check::Enum(DISKS))],
+            Returns::String,
+        ),
+        r(
+            Resize,
+            "PUT",
+            "/nodes/{node}/qemu/{vmid}/resize",
+            vec![
+                NODE,
+                VMID_P,
+                req_c("disk", STR, Check::Enum(DISKS)),
+                req_c("size", STR, Check::Pattern(Pattern::DiskSize)),
+                opt("digest", STR),
+                opt("skiplock", BOOL),
+            ],
+            Returns::String,
+        ),
+        r(
+            Sendkey,
+            "PUT",
+            "/nodes/{node}/qemu/{vmid}/sendkey",
+            vec![NODE, VMID_P, req("key", STR), opt("skiplock", BOOL)],
+            Returns::Null,
+        ),
+        r(
+            AgentNetwork,
+            "GET",
+            "/nodes/{node}/qemu/{vmid}/agent/network-get-interfaces",
+            vec![NODE, VMID_P],
+            Returns::Object,
+        ),
+        r(CloudinitGet, "GET", "/nodes/{node}/qemu/{vmid}/cloudinit", vec![NODE, VMID_P], Returns::Array),
+        r(CloudinitPut, "PUT", "/nodes/{node}/qemu/{vmid}/cloudinit", vec![NODE, VMID_P], Returns::Null),
+        r(
+            CloudinitDump,
+            "GET",
+            "/nodes/{node}/qemu/{vmid}/cloudinit/dump",
+            vec![NODE, VMID_P, req_c("type", STR, Check::Enum(&["user", "network", "meta"]))],
+            Returns::String,
+        ),
+        r(TaskStatus, "GET", "/nodes/{node}/tasks/{upid}/status", vec![NODE, UPID], Returns::Object),
+        r(
+            TaskLog,
+            "GET",
+            "/nodes/{node}/tasks/{upid}/log",
+            vec![
+                NODE,
+                UPID,
+                opt("download", BOOL),
+                opt("limit", int(0, None)),
+                opt("start", int(0, None)),
+            ],
+            Returns::Array,
+        ),
+        r(TaskStop, "DELETE", "/nodes/{node}/tasks/{upid}", vec![NODE, UPID], Returns::Null),
+        RouteDef {
+            public: true,
+            ..r(TicketGet, "GET", "/access/ticket", vec![], Returns::Null)
+        },
+        RouteDef {
+            public: true,
+            ..r(
+                TicketPost,
+                "POST",
+                "/access/ticket",
+                vec![
+                    req("username", STR),
+                    req("password", STR),
+                    opt("new-format", BOOL),
+                    opt("otp", STR),
+                    opt("path", STR),
+                    opt("privs", STR),
+                    opt("realm", STR),
+                    opt("tfa-challenge", STR),
+                ],
+                Returns::Object,
+            )
+        },
+    ]
+});
+
+/// Every route the simulator serves.
+pub fn routes() -> &'static [RouteDef] {
+    &ROUTES
+}
+
+/// Matches `method path` (below `/api2/json`) against the table. `Err(true)`
+/// means the path exists with another method.
+pub fn find(method: &str, path: &str) -> Result<(&'static RouteDef, Vec<(&'static str, String)>), bool> {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let mut path_known = false;
+    for route in routes() {
+        let template: Vec<&str> = route.path.trim_matches('/').split('/').collect();
+        if template.len() != segments.len() {
+            continue;
+        }
+        let mut captured = Vec::new();
+        let matched = template.iter().zip(&segments).all(|(t, s)| {
+            if let Some(name) = t.strip_prefix('{').and_then(|t| t.strip_suffix('}')) {
+                captured.push((name, (*s).to_owned()));
+                !s.is_empty()
+            } else {
+                t == s
+            }
+        });
+        if matched {
+            if route.method == method {
+                return Ok((route, captured));
+            }
+            path_known = true;
+        }
+    }
+    Err(path_known)
+}
