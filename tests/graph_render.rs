@@ -160,15 +160,30 @@ fn render_multi_node(image: &str) -> String {
 #[test]
 fn rendering_follows_the_firmware_and_merges_raw_nix_as_a_module() {
     let runner = render_multi_node("ci-runner");
-    assert!(runner.contains("boot.loader.grub.device = \"/dev/sda\";"), "{runner}");
+    assert!(
+        runner.contains("boot.loader.grub.device = \"/dev/sda\";"),
+        "{runner}"
+    );
     assert!(!runner.contains("systemd-boot"), "{runner}");
-    assert!(runner.contains("parted -s \"$DISK\" -- mklabel msdos"), "{runner}");
-    assert!(runner.contains("      virtualisation.docker.enable = true;"), "{runner}");
+    assert!(
+        runner.contains("parted -s \"$DISK\" -- mklabel msdos"),
+        "{runner}"
+    );
+    assert!(
+        runner.contains("      virtualisation.docker.enable = true;"),
+        "{runner}"
+    );
     let base = render_multi_node("base");
-    assert!(base.contains("boot.loader.systemd-boot.enable = true;"), "{base}");
+    assert!(
+        base.contains("boot.loader.systemd-boot.enable = true;"),
+        "{base}"
+    );
     assert!(base.contains("allowedTCPPorts = [ 22 80 443 ];"), "{base}");
     assert!(base.contains("users.users.\"ops\""), "{base}");
-    assert!(base.contains("time.timeZone = \"Europe/Berlin\";"), "{base}");
+    assert!(
+        base.contains("time.timeZone = \"Europe/Berlin\";"),
+        "{base}"
+    );
     assert!(base.contains("nixos-install --no-root-passwd"), "{base}");
 }
 

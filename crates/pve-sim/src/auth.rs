@@ -60,11 +60,14 @@ impl Auth {
     pub fn check_ticket(&self, ticket: &str, now: u64) -> Option<String> {
         let (data, sig) = ticket.split_once("::")?;
         let mut parts = data.splitn(3, ':');
-        let (Some("PVE"), Some(user), Some(time)) = (parts.next(), parts.next(), parts.next()) else {
+        let (Some("PVE"), Some(user), Some(time)) = (parts.next(), parts.next(), parts.next())
+        else {
             return None;
         };
         let issued = u64::from_str_radix(time, 16).ok()?;
-        (self.sign(data) == sig && now.saturating_sub(issued) < TICKET_LIFETIME_SECS && issued <= now + 300)
+        (self.sign(data) == sig
+            && now.saturating_sub(issued) < TICKET_LIFETIME_SECS
+            && issued <= now + 300)
             .then(|| user.to_owned())
     }
 
@@ -87,7 +90,9 @@ impl Auth {
             let value = value.trim_start_matches(['=', ' ']);
             let value = value.split(';').next().unwrap_or_default();
             let value = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
-            let (tokenid, secret) = value.rsplit_once('=').ok_or(Unauthorized("authentication failure"))?;
+            let (tokenid, secret) = value
+                .rsplit_once('=')
+                .ok_or(Unauthorized("authentication failure"))?;
             return match self.tokens.get(tokenid) {
                 Some(s) if s == secret => Ok(Identity {
                     authid: tokenid.to_owned(),
@@ -101,9 +106,11 @@ impl Auth {
             .map(str::to_owned)
             .or_else(|| {
                 cookie?.split(';').find_map(|c| {
-                    c.trim()
-                        .strip_prefix("PVEAuthCookie=")
-                        .map(|t| percent_encoding::percent_decode_str(t).decode_utf8_lossy().into_owned())
+                    c.trim().strip_prefix("PVEAuthCookie=").map(|t| {
+                        percent_encoding::percent_decode_str(t)
+                            .decode_utf8_lossy()
+                            .into_owned()
+                    })
                 })
             })
             .ok_or(Unauthorized("No ticket"))?;
@@ -142,9 +149,20 @@ mod tests {
     #[test]
     fn tokens_need_no_csrf_and_split_at_the_last_equals() {
         let a = auth();
-        let id = a.authenticate(Some("PVEAPIToken=root@pam!ci=s3cret"), None, None, "POST", 0).unwrap();
+        let id = a
+            .authenticate(
+                Some("PVEAPIToken=root@pam!ci=s3cret"),
+                None,
+                None,
+                "POST",
+                0,
+            )
+            .unwrap();
         assert_eq!(id.authid, "root@pam!ci");
-        assert!(a.authenticate(Some("PVEAPIToken=root@pam!ci=wrong"), None, None, "GET", 0).is_err());
+        assert!(
+            a.authenticate(Some("PVEAPIToken=root@pam!ci=wrong"), None, None, "GET", 0)
+                .is_err()
+        );
     }
 
     #[test]
@@ -152,13 +170,31 @@ mod tests {
         let a = auth();
         let (ticket, csrf) = a.ticket("root@pam", 1000);
         let cookie = format!("PVEAuthCookie={ticket}");
-        assert!(a.authenticate(None, Some(&cookie), None, "GET", 1000).is_ok());
+        assert!(
+            a.authenticate(None, Some(&cookie), None, "GET", 1000)
+                .is_ok()
+        );
         assert_eq!(
             a.authenticate(None, Some(&cookie), None, "POST", 1000),
             Err(Unauthorized("Permission denied - invalid csrf token"))
         );
-        assert!(a.authenticate(None, Some(&cookie), Some(&csrf), "POST", 1000).is_ok());
-        assert!(a.authenticate(None, Some(&cookie), None, "GET", 1000 + TICKET_LIFETIME_SECS).is_err());
-        assert_eq!(a.login("root@pam", &ticket, 1001).as_deref(), Some("root@pam"));
+        assert!(
+            a.authenticate(None, Some(&cookie), Some(&csrf), "POST", 1000)
+                .is_ok()
+        );
+        assert!(
+            a.authenticate(
+                None,
+                Some(&cookie),
+                None,
+                "GET",
+                1000 + TICKET_LIFETIME_SECS
+            )
+            .is_err()
+        );
+        assert_eq!(
+            a.login("root@pam", &ticket, 1001).as_deref(),
+            Some("root@pam")
+        );
     }
 }

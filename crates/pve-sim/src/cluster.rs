@@ -63,7 +63,10 @@ pub struct StorageSpec {
 
 impl StorageSpec {
     pub fn is_file_based(&self) -> bool {
-        matches!(self.plugin.as_str(), "dir" | "nfs" | "cephfs" | "cifs" | "glusterfs")
+        matches!(
+            self.plugin.as_str(),
+            "dir" | "nfs" | "cephfs" | "cifs" | "glusterfs"
+        )
     }
 
     /// Linked clones need copy-on-write: thin LVM, ZFS, RBD, or qcow2 files.
@@ -72,7 +75,9 @@ impl StorageSpec {
     }
 
     pub fn on_node(&self, node: &str) -> bool {
-        self.nodes.as_ref().is_none_or(|n| n.iter().any(|x| x == node))
+        self.nodes
+            .as_ref()
+            .is_none_or(|n| n.iter().any(|x| x == node))
     }
 
     pub fn has_content(&self, content: &str) -> bool {
@@ -109,7 +114,9 @@ impl Default for ClusterSpec {
                 StorageSpec {
                     id: "local".to_owned(),
                     plugin: "dir".to_owned(),
-                    content: ["iso", "vztmpl", "backup", "snippets", "import"].map(String::from).to_vec(),
+                    content: ["iso", "vztmpl", "backup", "snippets", "import"]
+                        .map(String::from)
+                        .to_vec(),
                     shared: false,
                     capacity: 100 << 30,
                     nodes: None,

@@ -106,7 +106,11 @@ impl VmConfig {
     pub fn digest(&self) -> String {
         let mut hasher = Sha1::new();
         hasher.update(self.file_text().as_bytes());
-        hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     /// The values the API shows: pending overlaid unless `current`.
@@ -133,7 +137,9 @@ impl VmConfig {
             } else if k == "description" {
                 Value::String(v.trim_end().to_owned())
             } else if INT_KEYS.contains(&k.as_str()) || BOOL_KEYS.contains(&k.as_str()) {
-                v.parse::<i64>().map(Value::from).unwrap_or(Value::String(v))
+                v.parse::<i64>()
+                    .map(Value::from)
+                    .unwrap_or(Value::String(v))
             } else {
                 Value::String(v)
             };
@@ -161,10 +167,12 @@ fn escape_description(line: &str) -> String {
 
 /// `ide0`, `scsi12`, `efidisk0`, … (keys whose value is a drive).
 pub fn is_drive_key(key: &str) -> bool {
-    ["ide", "sata", "scsi", "virtio", "efidisk", "tpmstate"].iter().any(|p| {
-        key.strip_prefix(p)
-            .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
-    })
+    ["ide", "sata", "scsi", "virtio", "efidisk", "tpmstate"]
+        .iter()
+        .any(|p| {
+            key.strip_prefix(p)
+                .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+        })
 }
 
 pub fn is_net_key(key: &str) -> bool {
@@ -192,11 +200,17 @@ impl PropertyString {
                 Some((k, v)) if k == default_key => head = Some(v.to_owned()),
                 Some((k, v)) => {
                     if pairs.insert(k.to_owned(), v.to_owned()).is_some() {
-                        return Err(format!("duplicate key in comma-separated list property: {k}"));
+                        return Err(format!(
+                            "duplicate key in comma-separated list property: {k}"
+                        ));
                     }
                 }
                 None if i == 0 => head = Some(part.to_owned()),
-                None => return Err(format!("value without key, but schema does not define a default key ({part})")),
+                None => {
+                    return Err(format!(
+                        "value without key, but schema does not define a default key ({part})"
+                    ));
+                }
             }
         }
         Ok(PropertyString { head, pairs })
@@ -248,16 +262,25 @@ pub fn canonical_net(value: &str, new_mac: impl FnOnce() -> String) -> Result<St
     }
     let model = model.ok_or("property is missing and it is not optional (model)")?;
     if !NIC_MODELS.contains(&model.as_str()) {
-        return Err(format!("value '{model}' does not have a value in the enumeration '{}'", NIC_MODELS.join(", ")));
+        return Err(format!(
+            "value '{model}' does not have a value in the enumeration '{}'",
+            NIC_MODELS.join(", ")
+        ));
     }
     for key in ["firewall", "link_down"] {
         if let Some(v) = ps.pairs.get_mut(key) {
-            *v = normalise_bool(v).ok_or(format!("invalid boolean value '{v}'"))?.to_owned();
+            *v = normalise_bool(v)
+                .ok_or(format!("invalid boolean value '{v}'"))?
+                .to_owned();
         }
     }
     let mac = match mac {
         Some(m) if is_mac(&m) => m.to_ascii_uppercase(),
-        Some(m) => return Err(format!("invalid format - value '{m}' does not look like a valid MAC address")),
+        Some(m) => {
+            return Err(format!(
+                "invalid format - value '{m}' does not look like a valid MAC address"
+            ));
+        }
         None => new_mac(),
     };
     ps.head = Some(format!("{model}={mac}"));
@@ -266,20 +289,37 @@ pub fn canonical_net(value: &str, new_mac: impl FnOnce() -> String) -> Result<St
 
 fn is_mac(s: &str) -> bool {
     let parts: Vec<&str> = s.split(':').collect();
-    parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// The MAC of a canonical `netN` value.
 pub fn net_mac(value: &str) -> Option<String> {
-    value.split(',').next()?.split_once('=').map(|(_, mac)| mac.to_owned())
+    value
+        .split(',')
+        .next()?
+        .split_once('=')
+        .map(|(_, mac)| mac.to_owned())
 }
 
 /// Canonical drive: `file` first, the other keys sorted, booleans as 0/1.
 pub fn canonical_drive(ps: &PropertyString) -> Result<String, String> {
     let mut ps = ps.clone();
-    for key in ["backup", "iothread", "replicate", "ro", "shared", "snapshot", "ssd"] {
+    for key in [
+        "backup",
+        "iothread",
+        "replicate",
+        "ro",
+        "shared",
+        "snapshot",
+        "ssd",
+    ] {
         if let Some(v) = ps.pairs.get_mut(key) {
-            *v = normalise_bool(v).ok_or(format!("invalid boolean value '{v}'"))?.to_owned();
+            *v = normalise_bool(v)
+                .ok_or(format!("invalid boolean value '{v}'"))?
+                .to_owned();
         }
     }
     Ok(ps.render())
@@ -287,13 +327,20 @@ pub fn canonical_drive(ps: &PropertyString) -> Result<String, String> {
 
 /// Tags as Proxmox stores them: lower-cased, deduplicated, sorted, `;`.
 pub fn normalise_tags(value: &str) -> String {
-    let tags: BTreeSet<String> = crate::params::split_list(value).map(str::to_ascii_lowercase).collect();
+    let tags: BTreeSet<String> = crate::params::split_list(value)
+        .map(str::to_ascii_lowercase)
+        .collect();
     tags.into_iter().collect::<Vec<_>>().join(";")
 }
 
 /// Size in the largest exact unit, as Proxmox prints `size=` (32G, 4M, 528K).
 pub fn format_size(bytes: u64) -> String {
-    const UNITS: [(u64, &str); 4] = [(1 << 40, "T"), (1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")];
+    const UNITS: [(u64, &str); 4] = [
+        (1 << 40, "T"),
+        (1 << 30, "G"),
+        (1 << 20, "M"),
+        (1 << 10, "K"),
+    ];
     for (factor, unit) in UNITS {
         if bytes >= factor && bytes.is_multiple_of(factor) {
             return format!("{}{unit}", bytes / factor);

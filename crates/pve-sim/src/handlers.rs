@@ -11,7 +11,9 @@ use crate::config::{PropertyString, VmConfig, is_drive_key, net_mac};
 use crate::options::SimOptions;
 use crate::params::split_list;
 use crate::routes::RouteId;
-use crate::state::{ApiError, ApiResult, Spawn, State, TaskFault, Vm, Work, cloudinit_keys, now_ms, vm_sizes};
+use crate::state::{
+    ApiError, ApiResult, Spawn, State, TaskFault, Vm, Work, cloudinit_keys, now_ms, vm_sizes,
+};
 
 /// One request, validated.
 pub struct Call<'a> {
@@ -67,7 +69,10 @@ const NON_CONFIG: &[&str] = &[
 
 pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call) -> ApiResult {
     use RouteId::*;
-    if !matches!(route, Version | ClusterResources | ClusterNextid | Nodes | TicketGet | TicketPost) {
+    if !matches!(
+        route,
+        Version | ClusterResources | ClusterNextid | Nodes | TicketGet | TicketPost
+    ) {
         state.check_node(call.node())?;
     }
     match route {
@@ -158,7 +163,7 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
                 return Err(ApiError::fail(format!("VM is locked ({lock})")));
             }
             let work = Work::Template { vmid };
-            Ok(json!(spawn(state, opts, call, "qmtemplate", vmid.to_string(), work, vec![vmid], None)))
+            Ok(json!(spawn(state, opts, call, "qmtemplate", vmid.to_string(), work, exclusive(vmid))))
         }
         Resize => {
             let vmid = call.vmid();
@@ -169,7 +174,7 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
                 size: call.get("size").unwrap_or_default().to_owned(),
                 digest: call.get("digest").map(str::to_owned),
             };
-            Ok(json!(spawn(state, opts, call, "resize", vmid.to_string(), work, vec![vmid], None)))
+            Ok(json!(spawn(state, opts, call, "resize", vmid.to_string(), work, exclusive(vmid))))
         }
         Sendkey => sendkey(state, call),
         AgentNetwork => agent_network(state, opts, call),
@@ -196,7 +201,21 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The locks a worker takes: exclusive and shared VM locks, a storage lock.
+#[derive(Default)]
+struct Locks {
+    exclusive: Vec<u32>,
+    shared: Vec<u32>,
+    storage: Option<String>,
+}
+
+fn exclusive(vmid: u32) -> Locks {
+    Locks {
+        exclusive: vec![vmid],
+        ..Locks::default()
+    }
+}
+
 fn spawn(
     state: &mut State,
     opts: &SimOptions,
@@ -204,11 +223,19 @@ fn spawn(
     kind: &str,
     id: String,
     work: Work,
-    holds: Vec<u32>,
-    holds_storage: Option<String>,
+    locks: Locks,
 ) -> String {
-    let lock_wait = if kind == "qmclone" { opts.clone_lock_timeout } else { opts.vm_lock_timeout };
-    let work = match (call.lock_timeout, holds.first()) {
+    let Locks {
+        exclusive: holds,
+        shared,
+        storage: holds_storage,
+    } = locks;
+    let lock_wait = if kind == "qmclone" {
+        opts.clone_lock_timeout
+    } else {
+        opts.vm_lock_timeout
+    };
+    let work = match (call.lock_timeout, holds.first().or(shared.first())) {
         (true, Some(vmid)) => Work::Fail {
             message: crate::state::lock_timeout_message(*vmid),
         },
@@ -223,6 +250,7 @@ fn spawn(
             user: call.who.authid.clone(),
             work,
             holds,
+            shared,
             holds_storage,
             lock_wait,
             fault: call.task_fault.clone(),
@@ -233,7 +261,12 @@ fn spawn(
 fn cluster_resources(state: &State, opts: &SimOptions, kind: Option<&str>) -> Value {
     let mut out = Vec::new();
     if kind.is_none() || kind == Some("vm") {
-        out.extend(state.vms.iter().map(|(id, vm)| state.vm_resource(*id, vm, opts)));
+        out.extend(
+            state
+                .vms
+                .iter()
+                .map(|(id, vm)| state.vm_resource(*id, vm, opts)),
+        );
     }
     if kind.is_none() || kind == Some("node") {
         for n in &state.spec.nodes {
@@ -346,7 +379,13 @@ fn download_url(state: &mut State, opts: &SimOptions, call: &Call) -> ApiResult 
     let base = raw.rsplit(['/', '\\']).next().unwrap_or(raw);
     let filename: String = base
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "_.-".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     let lower = filename.to_ascii_lowercase();
     if content == "iso" && !(lower.ends_with(".iso") || lower.ends_with(".img")) {
@@ -355,9 +394,17 @@ fn download_url(state: &mut State, opts: &SimOptions, call: &Call) -> ApiResult 
     let checksum = match (call.get("checksum"), call.get("checksum-algorithm")) {
         (Some(c), Some(a)) => Some((a.to_owned(), c.to_ascii_lowercase())),
         (Some(_), None) => {
-            return Err(ApiError::param("checksum-algorithm", "missing property required by 'checksum'"));
+            return Err(ApiError::param(
+                "checksum-algorithm",
+                "missing property required by 'checksum'",
+            ));
         }
-        (None, Some(_)) => return Err(ApiError::param("checksum", "missing property required by 'checksum-algorithm'")),
+        (None, Some(_)) => {
+            return Err(ApiError::param(
+                "checksum",
+                "missing property required by 'checksum-algorithm'",
+            ));
+        }
         (None, None) => None,
     };
     let work = Work::Download {
@@ -367,7 +414,15 @@ fn download_url(state: &mut State, opts: &SimOptions, call: &Call) -> ApiResult 
         url: call.get("url").unwrap_or_default().to_owned(),
         checksum,
     };
-    Ok(json!(spawn(state, opts, call, "download", filename, work, vec![], None)))
+    Ok(json!(spawn(
+        state,
+        opts,
+        call,
+        "download",
+        filename,
+        work,
+        Locks::default()
+    )))
 }
 
 pub fn qemu_list_entry(state: &State, vmid: u32, vm: &Vm) -> Value {
@@ -403,8 +458,16 @@ fn config_values(call: &Call) -> BTreeMap<String, String> {
         .iter()
         .filter(|(k, _)| !NON_CONFIG.contains(&k.as_str()))
         .map(|(k, v)| {
-            let key = if k == "cdrom" { "ide2".to_owned() } else { k.clone() };
-            let value = if k == "cdrom" && !v.contains("media=") { format!("{v},media=cdrom") } else { v.clone() };
+            let key = if k == "cdrom" {
+                "ide2".to_owned()
+            } else {
+                k.clone()
+            };
+            let value = if k == "cdrom" && !v.contains("media=") {
+                format!("{v},media=cdrom")
+            } else {
+                v.clone()
+            };
             (key, value)
         })
         .collect()
@@ -443,14 +506,30 @@ fn create(state: &mut State, opts: &SimOptions, call: &Call) -> ApiResult {
         values,
         start: call.flag("start").unwrap_or(false),
     };
-    Ok(json!(spawn(state, opts, call, "qmcreate", vmid.to_string(), work, vec![], None)))
+    Ok(json!(spawn(
+        state,
+        opts,
+        call,
+        "qmcreate",
+        vmid.to_string(),
+        work,
+        Locks::default()
+    )))
 }
 
 /// Synchronous sanity checks of config values (what the schema's formats
 /// catch before a worker runs): bridges exist, storages exist on the node.
-fn check_config_values(state: &State, node: &str, values: &BTreeMap<String, String>) -> Result<(), ApiError> {
+fn check_config_values(
+    state: &State,
+    node: &str,
+    values: &BTreeMap<String, String>,
+) -> Result<(), ApiError> {
     let mut errors = BTreeMap::new();
-    let bridges = state.spec.node(node).map(|n| n.bridges.clone()).unwrap_or_default();
+    let bridges = state
+        .spec
+        .node(node)
+        .map(|n| n.bridges.clone())
+        .unwrap_or_default();
     for (k, v) in values {
         if crate::config::is_net_key(k)
             && let Ok(ps) = PropertyString::parse(v, "model")
@@ -467,23 +546,39 @@ fn check_config_values(state: &State, node: &str, values: &BTreeMap<String, Stri
             errors.insert(k.clone(), e.message);
         }
     }
-    if errors.is_empty() { Ok(()) } else { Err(ApiError::params(errors)) }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::params(errors))
+    }
 }
 
 fn destroy(state: &mut State, opts: &SimOptions, call: &Call) -> ApiResult {
     let vmid = call.vmid();
     let vm = state.vm_on(call.node(), vmid)?;
     if vm.running {
-        return Err(ApiError::fail(format!("VM {vmid} is running - destroy failed")));
+        return Err(ApiError::fail(format!(
+            "VM {vmid} is running - destroy failed"
+        )));
     }
     if vm.config.get("protection") == Some("1") {
-        return Err(ApiError::fail(format!("can't remove VM {vmid} - protection mode enabled")));
+        return Err(ApiError::fail(format!(
+            "can't remove VM {vmid} - protection mode enabled"
+        )));
     }
     let work = Work::Destroy {
         vmid,
         unreferenced: call.flag("destroy-unreferenced-disks").unwrap_or(false),
     };
-    Ok(json!(spawn(state, opts, call, "qmdestroy", vmid.to_string(), work, vec![vmid], None)))
+    Ok(json!(spawn(
+        state,
+        opts,
+        call,
+        "qmdestroy",
+        vmid.to_string(),
+        work,
+        exclusive(vmid)
+    )))
 }
 
 fn config_write(state: &mut State, opts: &SimOptions, call: &Call, is_async: bool) -> ApiResult {
@@ -493,27 +588,51 @@ fn config_write(state: &mut State, opts: &SimOptions, call: &Call, is_async: boo
     let set = config_values(call);
     let delete: Vec<String> = call
         .get("delete")
-        .map(|d| split_list(d).map(|k| if k == "cdrom" { "ide2".to_owned() } else { k.to_owned() }).collect())
+        .map(|d| {
+            split_list(d)
+                .map(|k| {
+                    if k == "cdrom" {
+                        "ide2".to_owned()
+                    } else {
+                        k.to_owned()
+                    }
+                })
+                .collect()
+        })
         .unwrap_or_default();
     if let Some(k) = delete.iter().find(|k| set.contains_key(*k)) {
-        return Err(ApiError::param("delete", format!("you can't use '-{k}' and -delete {k}' at the same time")));
+        return Err(ApiError::param(
+            "delete",
+            format!("you can't use '-{k}' and -delete {k}' at the same time"),
+        ));
     }
     let config_keys = crate::routes::qemu_config_keys();
-    if let Some(k) = delete.iter().find(|k| crate::params::lookup(&config_keys, k).is_none()) {
+    if let Some(k) = delete
+        .iter()
+        .find(|k| crate::params::lookup(&config_keys, k).is_none())
+    {
         return Err(ApiError::param("delete", format!("unknown option '{k}'")));
     }
     if call.get("force").is_some() && delete.is_empty() {
-        return Err(ApiError::param("force", "missing property required by 'delete'"));
+        return Err(ApiError::param(
+            "force",
+            "missing property required by 'delete'",
+        ));
     }
     if let Some(digest) = call.get("digest")
         && digest != vm.config.digest()
     {
-        return Err(ApiError::fail("checksum mismatch (file change by other user?)"));
+        return Err(ApiError::fail(
+            "checksum mismatch (file change by other user?)",
+        ));
     }
     if let Some(lock) = vm.config.lock() {
         return Err(ApiError::fail(format!("VM is locked ({lock})")));
     }
-    let revert: Vec<String> = call.get("revert").map(|r| split_list(r).map(str::to_owned).collect()).unwrap_or_default();
+    let revert: Vec<String> = call
+        .get("revert")
+        .map(|r| split_list(r).map(str::to_owned).collect())
+        .unwrap_or_default();
     if set.is_empty() && delete.is_empty() && revert.is_empty() {
         return Err(ApiError::fail("no options specified"));
     }
@@ -527,8 +646,21 @@ fn config_write(state: &mut State, opts: &SimOptions, call: &Call, is_async: boo
     }
     let force = call.flag("force").unwrap_or(false);
     if is_async {
-        let work = Work::Config { vmid, set, delete, force };
-        Ok(json!(spawn(state, opts, call, "qmconfig", vmid.to_string(), work, vec![vmid], None)))
+        let work = Work::Config {
+            vmid,
+            set,
+            delete,
+            force,
+        };
+        Ok(json!(spawn(
+            state,
+            opts,
+            call,
+            "qmconfig",
+            vmid.to_string(),
+            work,
+            exclusive(vmid)
+        )))
     } else {
         state.apply_config(&node, vmid, &set, &delete, force)?;
         Ok(Value::Null)
@@ -536,7 +668,12 @@ fn config_write(state: &mut State, opts: &SimOptions, call: &Call, is_async: boo
 }
 
 fn pending(config: &VmConfig) -> Value {
-    let mut keys: Vec<&String> = config.values.keys().chain(config.pending.keys()).chain(config.pending_delete.iter()).collect();
+    let mut keys: Vec<&String> = config
+        .values
+        .keys()
+        .chain(config.pending.keys())
+        .chain(config.pending_delete.iter())
+        .collect();
     keys.sort();
     keys.dedup();
     Value::Array(
@@ -545,7 +682,13 @@ fn pending(config: &VmConfig) -> Value {
             .map(|k| {
                 let mut e = json!({ "key": k });
                 let obj = e.as_object_mut().expect("object");
-                let mask = |v: &str| if k == "cipassword" { "**********".to_owned() } else { v.to_owned() };
+                let mask = |v: &str| {
+                    if k == "cipassword" {
+                        "**********".to_owned()
+                    } else {
+                        v.to_owned()
+                    }
+                };
                 if let Some(v) = config.values.get(k) {
                     obj.insert("value".into(), json!(mask(v)));
                 }
@@ -569,7 +712,15 @@ fn power(state: &mut State, opts: &SimOptions, call: &Call, route: RouteId) -> A
         RouteId::Stop => ("qmstop", Work::Stop { vmid }),
         _ => ("qmshutdown", Work::Stop { vmid }),
     };
-    Ok(json!(spawn(state, opts, call, kind, vmid.to_string(), work, vec![vmid], None)))
+    Ok(json!(spawn(
+        state,
+        opts,
+        call,
+        kind,
+        vmid.to_string(),
+        work,
+        exclusive(vmid)
+    )))
 }
 
 fn clone(state: &mut State, opts: &SimOptions, call: &Call) -> ApiResult {
@@ -580,59 +731,115 @@ fn clone(state: &mut State, opts: &SimOptions, call: &Call) -> ApiResult {
     let full = call.flag("full").unwrap_or(!src.config.is_template());
     if !full {
         if call.get("storage").is_some() {
-            return Err(ApiError::fail("parameter 'storage' not allowed for linked clones"));
+            return Err(ApiError::fail(
+                "parameter 'storage' not allowed for linked clones",
+            ));
         }
         if call.get("format").is_some() {
-            return Err(ApiError::fail("parameter 'format' not allowed for linked clones"));
+            return Err(ApiError::fail(
+                "parameter 'format' not allowed for linked clones",
+            ));
         }
     }
     if let Some(lock) = src.config.lock() {
         return Err(ApiError::fail(format!("VM is locked ({lock})")));
     }
     if state.vms.contains_key(&newid) {
-        return Err(ApiError::fail(format!("unable to create VM {newid}: config file already exists")));
+        return Err(ApiError::fail(format!(
+            "unable to create VM {newid}: config file already exists"
+        )));
     }
     let target = call.get("target").unwrap_or(&node).to_owned();
     state.check_node(&target)?;
     let mut storage_key = None;
     for (key, value) in src.config.drives() {
-        let Ok(ps) = PropertyString::parse(value, "file") else { continue };
+        let Ok(ps) = PropertyString::parse(value, "file") else {
+            continue;
+        };
         let file = ps.head.clone().unwrap_or_default();
         if ps.pairs.get("media").is_some_and(|m| m == "cdrom") && !file.contains("cloudinit") {
             continue;
         }
-        let Some((storage_id, _)) = file.split_once(':') else { continue };
+        let Some((storage_id, _)) = file.split_once(':') else {
+            continue;
+        };
         let spec = state.storage_spec(storage_id)?;
         if target != node && !spec.shared {
-            return Err(ApiError::fail(format!("can't clone VM to node '{target}' (VM uses local storage)")));
+            return Err(ApiError::fail(format!(
+                "can't clone VM to node '{target}' (VM uses local storage)"
+            )));
         }
-        if !full && !file.contains("cloudinit") && (!src.config.is_template() || !spec.supports_linked_clone()) {
-            return Err(ApiError::fail(format!("Linked clone feature is not supported for '{file}' ({key})")));
+        if !full
+            && !file.contains("cloudinit")
+            && (!src.config.is_template() || !spec.supports_linked_clone())
+        {
+            return Err(ApiError::fail(format!(
+                "Linked clone feature is not supported for '{file}' ({key})"
+            )));
         }
         if full {
             let target_storage = call.get("storage").unwrap_or(storage_id);
             let tspec = state.storage_spec_on(target_storage, &target)?;
             if target != node && !tspec.shared {
-                return Err(ApiError::fail(format!("can't clone to non-shared storage '{target_storage}'")));
+                return Err(ApiError::fail(format!(
+                    "can't clone to non-shared storage '{target_storage}'"
+                )));
             }
             storage_key.get_or_insert_with(|| {
-                if tspec.shared { tspec.id.clone() } else { format!("{}@{target}", tspec.id) }
+                if tspec.shared {
+                    tspec.id.clone()
+                } else {
+                    format!("{}@{target}", tspec.id)
+                }
             });
         }
     }
-    let src_name = src.config.get("name").map(str::to_owned).unwrap_or_else(|| format!("VM-{source}"));
+    let src_name = src
+        .config
+        .get("name")
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("VM-{source}"));
     let work = Work::Clone {
         source,
         newid,
         target: target.clone(),
         full,
         storage: call.get("storage").map(str::to_owned),
-        name: call.get("name").map(str::to_owned).unwrap_or_else(|| format!("Copy-of-VM-{src_name}")),
+        name: call
+            .get("name")
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("Copy-of-VM-{src_name}")),
         description: call.get("description").map(str::to_owned),
     };
-    let upid = spawn(state, opts, call, "qmclone", source.to_string(), work, vec![source, newid], storage_key);
+    // The source is held shared (exclusive when running); the target is
+    // guarded by its `lock: clone` property, not by the flock.
+    let locks = if src.running {
+        Locks {
+            exclusive: vec![source],
+            storage: storage_key,
+            ..Locks::default()
+        }
+    } else {
+        Locks {
+            shared: vec![source],
+            storage: storage_key,
+            ..Locks::default()
+        }
+    };
+    let upid = spawn(
+        state,
+        opts,
+        call,
+        "qmclone",
+        source.to_string(),
+        work,
+        locks,
+    );
     // The worker writes the target placeholder (`lock: clone`) at once.
-    let begins_ok = state.tasks.get(&upid).is_some_and(|t| !matches!(t.work, Work::Fail { .. }));
+    let begins_ok = state
+        .tasks
+        .get(&upid)
+        .is_some_and(|t| !matches!(t.work, Work::Fail { .. }));
     if begins_ok && !state.vms.contains_key(&newid) {
         let mut config = VmConfig::default();
         config.values.insert("lock".into(), "clone".into());
@@ -654,15 +861,47 @@ fn clone(state: &mut State, opts: &SimOptions, call: &Call) -> ApiResult {
 /// QEMU key names `sendkey` accepts (QKeyCode, the US layout's keys).
 fn valid_key(key: &str) -> bool {
     const NAMED: &[&str] = &[
-        "ret", "spc", "tab", "esc", "backspace", "minus", "equal", "bracket_left", "bracket_right", "semicolon",
-        "apostrophe", "grave_accent", "backslash", "comma", "dot", "slash", "up", "down", "left", "right", "home",
-        "end", "pgup", "pgdn", "insert", "delete", "kp_enter", "caps_lock", "less",
+        "ret",
+        "spc",
+        "tab",
+        "esc",
+        "backspace",
+        "minus",
+        "equal",
+        "bracket_left",
+        "bracket_right",
+        "semicolon",
+        "apostrophe",
+        "grave_accent",
+        "backslash",
+        "comma",
+        "dot",
+        "slash",
+        "up",
+        "down",
+        "left",
+        "right",
+        "home",
+        "end",
+        "pgup",
+        "pgdn",
+        "insert",
+        "delete",
+        "kp_enter",
+        "caps_lock",
+        "less",
     ];
     key.split('-').all(|part| {
-        matches!(part, "shift" | "ctrl" | "alt" | "shift_r" | "ctrl_r" | "alt_r" | "meta_l" | "meta_r")
-            || (part.len() == 1 && part.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()))
+        matches!(
+            part,
+            "shift" | "ctrl" | "alt" | "shift_r" | "ctrl_r" | "alt_r" | "meta_l" | "meta_r"
+        ) || (part.len() == 1
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()))
             || NAMED.contains(&part)
-            || (part.starts_with('f') && part[1..].parse::<u8>().is_ok_and(|n| (1..=12).contains(&n)))
+            || (part.starts_with('f')
+                && part[1..].parse::<u8>().is_ok_and(|n| (1..=12).contains(&n)))
     })
 }
 
@@ -674,7 +913,9 @@ fn sendkey(state: &mut State, call: &Call) -> ApiResult {
         return Err(ApiError::fail(format!("VM {vmid} not running")));
     }
     if !valid_key(&key) {
-        return Err(ApiError::fail(format!("Parameter 'keys' expects a valid QKeyCode: '{key}'")));
+        return Err(ApiError::fail(format!(
+            "Parameter 'keys' expects a valid QKeyCode: '{key}'"
+        )));
     }
     vm.console.push(key);
     Ok(Value::Null)
@@ -696,7 +937,9 @@ fn agent_network(state: &State, opts: &SimOptions, call: &Call) -> ApiResult {
     if !vm.running {
         return Err(ApiError::fail(format!("VM {vmid} is not running")));
     }
-    if call.agent_down || now_ms().saturating_sub(vm.started_ms) < opts.agent_delay.as_millis() as u64 {
+    if call.agent_down
+        || now_ms().saturating_sub(vm.started_ms) < opts.agent_delay.as_millis() as u64
+    {
         return Err(ApiError::fail("QEMU guest agent is not running"));
     }
     let mut result = vec![json!({
@@ -711,13 +954,23 @@ fn agent_network(state: &State, opts: &SimOptions, call: &Call) -> ApiResult {
     for (key, value) in values.iter().filter(|(k, _)| crate::config::is_net_key(k)) {
         let n = &key[3..];
         let mac = net_mac(value).unwrap_or_default().to_ascii_lowercase();
-        let ipconfig = values.get(&format!("ipconfig{n}")).cloned().unwrap_or_default();
+        let ipconfig = values
+            .get(&format!("ipconfig{n}"))
+            .cloned()
+            .unwrap_or_default();
         let ip = ipconfig
             .split(',')
             .find_map(|p| p.strip_prefix("ip="))
             .filter(|ip| *ip != "dhcp")
             .map(str::to_owned)
-            .unwrap_or_else(|| format!("10.{}.{}.{}/24", (vmid >> 16) & 0xFF, (vmid >> 8) & 0xFF, (vmid & 0xFF).max(2)));
+            .unwrap_or_else(|| {
+                format!(
+                    "10.{}.{}.{}/24",
+                    (vmid >> 16) & 0xFF,
+                    (vmid >> 8) & 0xFF,
+                    (vmid & 0xFF).max(2)
+                )
+            });
         let (addr, prefix) = ip.split_once('/').unwrap_or((ip.as_str(), "24"));
         result.push(json!({
             "name": format!("eth{n}"), "hardware-address": mac,
@@ -741,7 +994,13 @@ fn cloudinit_pending(config: &VmConfig) -> Value {
         keys.into_iter()
             .filter(|k| !crate::config::is_net_key(k) && k.as_str() != "name")
             .map(|k| {
-                let mask = |v: &String| if k == "cipassword" { "**********".to_owned() } else { v.clone() };
+                let mask = |v: &String| {
+                    if k == "cipassword" {
+                        "**********".to_owned()
+                    } else {
+                        v.clone()
+                    }
+                };
                 let mut e = json!({ "key": k });
                 let obj = e.as_object_mut().expect("object");
                 match (built.get(k), now.get(k)) {
@@ -773,7 +1032,10 @@ fn cloudinit_dump(vmid: u32, config: &VmConfig, kind: &str) -> String {
     match kind {
         "user" => {
             let mut out = String::from("#cloud-config\n");
-            let host = v.get("name").cloned().unwrap_or_else(|| format!("VM{vmid}"));
+            let host = v
+                .get("name")
+                .cloned()
+                .unwrap_or_else(|| format!("VM{vmid}"));
             out.push_str(&format!("hostname: {host}\nmanage_etc_hosts: true\n"));
             if let Some(domain) = v.get("searchdomain") {
                 out.push_str(&format!("fqdn: {host}.{domain}\n"));
@@ -785,7 +1047,9 @@ fn cloudinit_dump(vmid: u32, config: &VmConfig, kind: &str) -> String {
                 out.push_str("password: **********\n");
             }
             if let Some(keys) = v.get("sshkeys") {
-                let decoded = percent_encoding::percent_decode_str(keys).decode_utf8_lossy().into_owned();
+                let decoded = percent_encoding::percent_decode_str(keys)
+                    .decode_utf8_lossy()
+                    .into_owned();
                 out.push_str("ssh_authorized_keys:\n");
                 for line in decoded.lines().filter(|l| !l.trim().is_empty()) {
                     out.push_str(&format!("  - {line}\n"));
@@ -801,7 +1065,9 @@ fn cloudinit_dump(vmid: u32, config: &VmConfig, kind: &str) -> String {
             let mut out = String::from("version: 1\nconfig:\n");
             for (key, value) in v.iter().filter(|(k, _)| crate::config::is_net_key(k)) {
                 let n = &key[3..];
-                let Some(ipconfig) = v.get(&format!("ipconfig{n}")) else { continue };
+                let Some(ipconfig) = v.get(&format!("ipconfig{n}")) else {
+                    continue;
+                };
                 let mac = net_mac(value).unwrap_or_default().to_ascii_lowercase();
                 out.push_str(&format!("    - type: physical\n      name: eth{n}\n      mac_address: '{mac}'\n      subnets:\n"));
                 let ip = ipconfig.split(',').find_map(|p| p.strip_prefix("ip="));

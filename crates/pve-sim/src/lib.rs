@@ -32,6 +32,7 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
 pub use cluster::ClusterSpec;
+pub use handlers::{RELEASE, VERSION};
 pub use options::{FaultAction, FaultRule, RemoteFile, SimOptions};
 pub use state::State;
 
@@ -55,11 +56,13 @@ impl Inner {
     /// Writes the state file, if any (temp file + rename).
     pub(crate) fn persist(&self, state: &State) {
         let Some(path) = &self.state_file else { return };
-        let result = serde_json::to_vec(state).map_err(std::io::Error::other).and_then(|bytes| {
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, bytes)?;
-            std::fs::rename(&tmp, path)
-        });
+        let result = serde_json::to_vec(state)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| {
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, bytes)?;
+                std::fs::rename(&tmp, path)
+            });
         if let Err(e) = result {
             tracing::error!("cannot persist simulator state to {}: {e}", path.display());
         }
@@ -107,7 +110,12 @@ impl Simulator {
 
     /// Loads the state from `path` when it exists (else starts from
     /// `spec`), and saves it there after every change.
-    pub fn persistent(path: &Path, spec: ClusterSpec, opts: SimOptions, credentials: Credentials) -> std::io::Result<Self> {
+    pub fn persistent(
+        path: &Path,
+        spec: ClusterSpec,
+        opts: SimOptions,
+        credentials: Credentials,
+    ) -> std::io::Result<Self> {
         let state = match std::fs::read(path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
                 std::io::Error::new(
@@ -123,7 +131,12 @@ impl Simulator {
         Ok(sim)
     }
 
-    fn with_state(state: State, opts: SimOptions, credentials: Credentials, state_file: Option<PathBuf>) -> Self {
+    fn with_state(
+        state: State,
+        opts: SimOptions,
+        credentials: Credentials,
+        state_file: Option<PathBuf>,
+    ) -> Self {
         let workers = tokio::sync::Semaphore::new(opts.workers.max(1));
         Simulator {
             inner: Arc::new(Inner {
@@ -155,7 +168,11 @@ impl Simulator {
     /// Serves HTTPS with a fresh self-signed certificate for localhost,
     /// 127.0.0.1 and ::1.
     pub fn serve_tls(&self, listener: TcpListener) -> Result<ServerHandle, String> {
-        let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+        let names = vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+        ];
         let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
         let params = rcgen::CertificateParams::new(names).map_err(|e| e.to_string())?;
         let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
@@ -165,7 +182,8 @@ impl Simulator {
             .map(|b| format!("{b:02X}"))
             .collect::<Vec<_>>()
             .join(":");
-        let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| e.to_string())?;
+        let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der())
+            .map_err(|e| e.to_string())?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -210,7 +228,11 @@ pub struct ServerHandle {
 impl ServerHandle {
     /// `http(s)://ADDR` — the base URL without `/api2/json`.
     pub fn url(&self) -> String {
-        let scheme = if self.certificate.is_some() { "https" } else { "http" };
+        let scheme = if self.certificate.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         format!("{scheme}://{}", self.addr)
     }
 

@@ -159,17 +159,24 @@ impl std::str::FromStr for FaultRule {
         let mut action = rhs.trim();
         let mut rate = None;
         if let Some((a, r)) = action.rsplit_once('@') {
-            rate = Some(r.parse::<f64>().map_err(|_| format!("fault {s:?}: bad rate {r:?}"))?);
+            rate = Some(
+                r.parse::<f64>()
+                    .map_err(|_| format!("fault {s:?}: bad rate {r:?}"))?,
+            );
             action = a;
         }
         let mut remaining = None;
         if let Some((a, n)) = action.rsplit_once('*') {
-            remaining = Some(n.parse::<u32>().map_err(|_| format!("fault {s:?}: bad count {n:?}"))?);
+            remaining = Some(
+                n.parse::<u32>()
+                    .map_err(|_| format!("fault {s:?}: bad count {n:?}"))?,
+            );
             action = a;
         }
         let action = match action.split_once(':') {
             Some(("slow", ms)) => FaultAction::Slow(Duration::from_millis(
-                ms.parse().map_err(|_| format!("fault {s:?}: bad delay {ms:?}"))?,
+                ms.parse()
+                    .map_err(|_| format!("fault {s:?}: bad delay {ms:?}"))?,
             )),
             Some(("task-fail", msg)) => FaultAction::TaskFail(msg.to_owned()),
             None if action == "drop" => FaultAction::Drop,
@@ -233,7 +240,9 @@ impl Faults {
     pub fn take(&self, method: &str, path: &str) -> Option<FaultAction> {
         let mut rules = self.rules.lock().expect("fault rules");
         let idx = rules.iter().position(|r| {
-            r.matches(method, path) && r.remaining != Some(0) && r.rate.is_none_or(|p| rand::random::<f64>() < p)
+            r.matches(method, path)
+                && r.remaining != Some(0)
+                && r.rate.is_none_or(|p| rand::random::<f64>() < p)
         })?;
         let rule = &mut rules[idx];
         if let Some(n) = rule.remaining.as_mut() {

@@ -77,9 +77,15 @@ const fn p(name: &'static str, kind: Kind, optional: bool, check: Check) -> Para
     }
 }
 
-pub const INT: Kind = Kind::Integer { min: None, max: None };
+pub const INT: Kind = Kind::Integer {
+    min: None,
+    max: None,
+};
 pub const fn int(min: i64, max: Option<i64>) -> Kind {
-    Kind::Integer { min: Some(min), max }
+    Kind::Integer {
+        min: Some(min),
+        max,
+    }
 }
 pub const BOOL: Kind = Kind::Boolean;
 pub const STR: Kind = Kind::String;
@@ -124,7 +130,11 @@ pub fn lookup<'a>(params: &'a [Param], name: &str) -> Option<&'a Param> {
     params.iter().find(|p| match p.name.strip_suffix("[n]") {
         Some(base) => name
             .strip_prefix(base)
-            .filter(|idx| !idx.is_empty() && idx.bytes().all(|b| b.is_ascii_digit()) && !(idx.len() > 1 && idx.starts_with('0')))
+            .filter(|idx| {
+                !idx.is_empty()
+                    && idx.bytes().all(|b| b.is_ascii_digit())
+                    && !(idx.len() > 1 && idx.starts_with('0'))
+            })
             .and_then(|idx| idx.parse::<u32>().ok())
             .is_some_and(|i| index_range(base).is_some_and(|r| r.contains(&i))),
         None => p.name == name,
@@ -149,9 +159,15 @@ pub fn validate(params: &[Param], given: &BTreeMap<String, String>) -> BTreeMap<
             }
         }
     }
-    for param in params.iter().filter(|p| !p.optional && !p.name.ends_with("[n]")) {
+    for param in params
+        .iter()
+        .filter(|p| !p.optional && !p.name.ends_with("[n]"))
+    {
         if !given.contains_key(param.name) {
-            errors.insert(param.name.to_owned(), "property is missing and it is not optional".to_owned());
+            errors.insert(
+                param.name.to_owned(),
+                "property is missing and it is not optional".to_owned(),
+            );
         }
     }
     errors
@@ -259,17 +275,21 @@ fn check_format(format: Format, value: &str) -> Result<(), String> {
             let b = value.as_bytes();
             !b.is_empty()
                 && b[0].is_ascii_alphabetic()
-                && b.iter().all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(c))
+                && b.iter()
+                    .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(c))
         }
         Format::DnsName => !value.is_empty() && value.split('.').all(is_dns_label),
         Format::TagList => split_list(value).all(|t| {
             let b = t.as_bytes();
             !b.is_empty()
                 && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-                && b.iter().all(|c| c.is_ascii_alphanumeric() || b"_-+.".contains(c))
+                && b.iter()
+                    .all(|c| c.is_ascii_alphanumeric() || b"_-+.".contains(c))
         }),
         Format::ConfigIdList => split_list(value).all(|k| {
-            !k.is_empty() && k.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+            !k.is_empty()
+                && k.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
         }),
         Format::UrlEncoded => value
             .bytes()
@@ -280,9 +300,13 @@ fn check_format(format: Format, value: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(match format {
-            Format::UrlEncoded => format!("invalid format - value '{value}' does not look like a valid url-encoded string"),
+            Format::UrlEncoded => format!(
+                "invalid format - value '{value}' does not look like a valid url-encoded string"
+            ),
             Format::TagList => format!("invalid format - invalid characters in tag list '{value}'"),
-            Format::PveNode => format!("invalid format - value does not look like a valid node name"),
+            Format::PveNode => {
+                "invalid format - value does not look like a valid node name".to_owned()
+            }
             _ => format!("invalid format - value '{value}' does not match the format"),
         })
     }
@@ -300,19 +324,41 @@ mod tests {
     use super::*;
 
     fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn messages_are_proxmoxs() {
-        let params = [NODE, req("vmid", VMID), opt("full", BOOL), opt("net[n]", STR)];
-        let errors = validate(&params, &map(&[("vmid", "99"), ("full", "true"), ("bogus", "1"), ("net32", "x")]));
+        let params = [
+            NODE,
+            req("vmid", VMID),
+            opt("full", BOOL),
+            opt("net[n]", STR),
+        ];
+        let errors = validate(
+            &params,
+            &map(&[
+                ("vmid", "99"),
+                ("full", "true"),
+                ("bogus", "1"),
+                ("net32", "x"),
+            ]),
+        );
         assert_eq!(errors["vmid"], "value must have a minimum value of 100");
         assert_eq!(errors["full"], "type check ('boolean') failed - got 'true'");
         assert!(errors["bogus"].starts_with("property is not defined in schema"));
         assert!(errors["net32"].starts_with("property is not defined in schema"));
         assert_eq!(errors["node"], "property is missing and it is not optional");
-        assert!(validate(&params, &map(&[("node", "pve"), ("vmid", "100"), ("net31", "x")])).is_empty());
+        assert!(
+            validate(
+                &params,
+                &map(&[("node", "pve"), ("vmid", "100"), ("net31", "x")])
+            )
+            .is_empty()
+        );
     }
 
     #[test]

@@ -93,12 +93,65 @@ const STORAGE: Param = req_c("storage", STR, Check::Format(Format::PveStorageId)
 const UPID: Param = req("upid", STR);
 const VMID_P: Param = req("vmid", VMID);
 const DISKS: &[&str] = &[
-    "ide0", "ide1", "ide2", "ide3", "scsi0", "scsi1", "scsi2", "scsi3", "scsi4", "scsi5", "scsi6", "scsi7", "scsi8",
-    "scsi9", "scsi10", "scsi11", "scsi12", "scsi13", "scsi14", "scsi15", "scsi16", "scsi17", "scsi18", "scsi19",
-    "scsi20", "scsi21", "scsi22", "scsi23", "scsi24", "scsi25", "scsi26", "scsi27", "scsi28", "scsi29", "scsi30",
-    "virtio0", "virtio1", "virtio2", "virtio3", "virtio4", "virtio5", "virtio6", "virtio7", "virtio8", "virtio9",
-    "virtio10", "virtio11", "virtio12", "virtio13", "virtio14", "virtio15", "sata0", "sata1", "sata2", "sata3",
-    "sata4", "sata5", "efidisk0", "tpmstate0",
+    "ide0",
+    "ide1",
+    "ide2",
+    "ide3",
+    "scsi0",
+    "scsi1",
+    "scsi2",
+    "scsi3",
+    "scsi4",
+    "scsi5",
+    "scsi6",
+    "scsi7",
+    "scsi8",
+    "scsi9",
+    "scsi10",
+    "scsi11",
+    "scsi12",
+    "scsi13",
+    "scsi14",
+    "scsi15",
+    "scsi16",
+    "scsi17",
+    "scsi18",
+    "scsi19",
+    "scsi20",
+    "scsi21",
+    "scsi22",
+    "scsi23",
+    "scsi24",
+    "scsi25",
+    "scsi26",
+    "scsi27",
+    "scsi28",
+    "scsi29",
+    "scsi30",
+    "virtio0",
+    "virtio1",
+    "virtio2",
+    "virtio3",
+    "virtio4",
+    "virtio5",
+    "virtio6",
+    "virtio7",
+    "virtio8",
+    "virtio9",
+    "virtio10",
+    "virtio11",
+    "virtio12",
+    "virtio13",
+    "virtio14",
+    "virtio15",
+    "sata0",
+    "sata1",
+    "sata2",
+    "sata3",
+    "sata4",
+    "sata5",
+    "efidisk0",
+    "tpmstate0",
 ];
 
 /// Every QEMU config key (create and config share them).
@@ -142,7 +195,6 @@ pub fn qemu_config_keys() -> Vec<Param> {
         opt("hotplug", STR),
         opt_c("hugepages", STR, e(&["any", "2", "1024"])),
         opt("ide[n]", STR),
-        opt_c("import-working-storage", STR, Check::Format(Format::PveStorageId)),
         opt("intel-tdx", STR),
         opt("ipconfig[n]", STR),
         opt("ivshmem", STR),
@@ -151,8 +203,9 @@ pub fn qemu_config_keys() -> Vec<Param> {
             "keyboard",
             STR,
             e(&[
-                "de", "de-ch", "da", "en-gb", "en-us", "es", "fi", "fr", "fr-be", "fr-ca", "fr-ch", "hu", "is", "it",
-                "ja", "lt", "mk", "nl", "no", "pl", "pt", "pt-br", "sv", "sl", "tr",
+                "de", "de-ch", "da", "en-gb", "en-us", "es", "fi", "fr", "fr-be", "fr-ca", "fr-ch",
+                "hu", "is", "it", "ja", "lt", "mk", "nl", "no", "pl", "pt", "pt-br", "sv", "sl",
+                "tr",
             ]),
         ),
         opt("kvm", BOOL),
@@ -192,8 +245,8 @@ pub fn qemu_config_keys() -> Vec<Param> {
             "ostype",
             STR,
             e(&[
-                "other", "wxp", "w2k", "w2k3", "w2k8", "wvista", "win7", "win8", "win10", "win11", "l24", "l26",
-                "solaris",
+                "other", "wxp", "w2k", "w2k3", "w2k8", "wvista", "win7", "win8", "win10", "win11",
+                "l24", "l26", "solaris",
             ]),
         ),
         opt("parallel[n]", STR),
@@ -272,10 +325,20 @@ static ROUTES: LazyLock<Vec<RouteDef>> = LazyLock::new(|| {
             ClusterResources,
             "GET",
             "/cluster/resources",
-            vec![opt_c("type", STR, Check::Enum(&["vm", "storage", "node", "sdn"]))],
+            vec![opt_c(
+                "type",
+                STR,
+                Check::Enum(&["vm", "storage", "node", "sdn"]),
+            )],
             Returns::Array,
         ),
-        r(ClusterNextid, "GET", "/cluster/nextid", vec![opt("vmid", VMID)], Returns::Integer),
+        r(
+            ClusterNextid,
+            "GET",
+            "/cluster/nextid",
+            vec![opt("vmid", VMID)],
+            Returns::Integer,
+        ),
         r(Nodes, "GET", "/nodes", vec![], Returns::Array),
         r(
             NodeStorage,
@@ -319,7 +382,13 @@ static ROUTES: LazyLock<Vec<RouteDef>> = LazyLock::new(|| {
             ],
             Returns::String,
         ),
-        r(QemuList, "GET", "/nodes/{node}/qemu", vec![NODE, opt("full", BOOL)], Returns::Array),
+        r(
+            QemuList,
+            "GET",
+            "/nodes/{node}/qemu",
+            vec![NODE, opt("full", BOOL)],
+            Returns::Array,
+        ),
         r(
             QemuCreate,
             "POST",
@@ -333,6 +402,11 @@ static ROUTES: LazyLock<Vec<RouteDef>> = LazyLock::new(|| {
                     opt("bwlimit", int(0, None)),
                     opt("force", BOOL),
                     opt("ha-managed", BOOL),
+                    opt_c(
+                        "import-working-storage",
+                        STR,
+                        Check::Format(Format::PveStorageId),
+                    ),
                     opt("live-restore", BOOL),
                     pool,
                     opt("start", BOOL),
@@ -342,7 +416,13 @@ static ROUTES: LazyLock<Vec<RouteDef>> = LazyLock::new(|| {
             ),
             Returns::String,
         ),
-        r(QemuIndex, "GET", "/nodes/{node}/qemu/{vmid}", vec![NODE, VMID_P], Returns::Array),
+        r(
+            QemuIndex,
+            "GET",
+            "/nodes/{node}/qemu/{vmid}",
+            vec![NODE, VMID_P],
+            Returns::Array,
+        ),
         r(
             QemuDestroy,
             "DELETE",
@@ -369,7 +449,14 @@ static ROUTES: LazyLock<Vec<RouteDef>> = LazyLock::new(|| {
             "/nodes/{node}/qemu/{vmid}/config",
             with(
                 with(qemu_config_keys(), &config_edit),
-                &[opt("background_delay", int(1, Some(30)))],
+                &[
+                    opt("background_delay", int(1, Some(30))),
+                    opt_c(
+                        "import-working-storage",
+                        STR,
+                        Check::Format(Format::PveStorageId),
+                    ),
+                ],
             ),
             Returns::String,
         ),
@@ -380,7 +467,13 @@ static ROUTES: LazyLock<Vec<RouteDef>> = LazyLock::new(|| {
             with(qemu_config_keys(), &config_edit),
             Returns::Null,
         ),
-        r(Pending, "GET", "/nodes/{node}/qemu/{vmid}/pending", vec![NODE, VMID_P], Returns::Array),
+        r(
+            Pending,
+            "GET",
+            "/nodes/{node}/qemu/{vmid}/pending",
+            vec![NODE, VMID_P],
+            Returns::Array,
+        ),
         r(
             StatusCurrent,
             "GET",
@@ -493,16 +586,38 @@ static ROUTES: LazyLock<Vec<RouteDef>> = LazyLock::new(|| {
             vec![NODE, VMID_P],
             Returns::Object,
         ),
-        r(CloudinitGet, "GET", "/nodes/{node}/qemu/{vmid}/cloudinit", vec![NODE, VMID_P], Returns::Array),
-        r(CloudinitPut, "PUT", "/nodes/{node}/qemu/{vmid}/cloudinit", vec![NODE, VMID_P], Returns::Null),
+        r(
+            CloudinitGet,
+            "GET",
+            "/nodes/{node}/qemu/{vmid}/cloudinit",
+            vec![NODE, VMID_P],
+            Returns::Array,
+        ),
+        r(
+            CloudinitPut,
+            "PUT",
+            "/nodes/{node}/qemu/{vmid}/cloudinit",
+            vec![NODE, VMID_P],
+            Returns::Null,
+        ),
         r(
             CloudinitDump,
             "GET",
             "/nodes/{node}/qemu/{vmid}/cloudinit/dump",
-            vec![NODE, VMID_P, req_c("type", STR, Check::Enum(&["user", "network", "meta"]))],
+            vec![
+                NODE,
+                VMID_P,
+                req_c("type", STR, Check::Enum(&["user", "network", "meta"])),
+            ],
             Returns::String,
         ),
-        r(TaskStatus, "GET", "/nodes/{node}/tasks/{upid}/status", vec![NODE, UPID], Returns::Object),
+        r(
+            TaskStatus,
+            "GET",
+            "/nodes/{node}/tasks/{upid}/status",
+            vec![NODE, UPID],
+            Returns::Object,
+        ),
         r(
             TaskLog,
             "GET",
@@ -516,7 +631,13 @@ static ROUTES: LazyLock<Vec<RouteDef>> = LazyLock::new(|| {
             ],
             Returns::Array,
         ),
-        r(TaskStop, "DELETE", "/nodes/{node}/tasks/{upid}", vec![NODE, UPID], Returns::Null),
+        r(
+            TaskStop,
+            "DELETE",
+            "/nodes/{node}/tasks/{upid}",
+            vec![NODE, UPID],
+            Returns::Null,
+        ),
         RouteDef {
             public: true,
             ..r(TicketGet, "GET", "/access/ticket", vec![], Returns::Null)
@@ -548,9 +669,12 @@ pub fn routes() -> &'static [RouteDef] {
     &ROUTES
 }
 
+/// Path parameters captured by a match, by template name.
+pub type Captured = Vec<(&'static str, String)>;
+
 /// Matches `method path` (below `/api2/json`) against the table. `Err(true)`
 /// means the path exists with another method.
-pub fn find(method: &str, path: &str) -> Result<(&'static RouteDef, Vec<(&'static str, String)>), bool> {
+pub fn find(method: &str, path: &str) -> Result<(&'static RouteDef, Captured), bool> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let mut path_known = false;
     for route in routes() {

@@ -73,7 +73,11 @@ pub async fn accept_loop(
                         return;
                     }
                 },
-                None => builder.serve_connection(TokioIo::new(stream), service).await,
+                None => {
+                    builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await
+                }
             };
             if let Err(e) = result {
                 tracing::debug!("connection ended: {e}");
@@ -85,7 +89,8 @@ pub async fn accept_loop(
 fn reply(status: u16, reason: &str, body: Option<Value>) -> Reply {
     let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
     let mut response = Response::new(Full::new(bytes));
-    *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    *response.status_mut() =
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     // Only the first line of a message fits in the status line; Proxmox
     // replaces a message with CR/LF by a plain reason.
     let phrase: String = reason
@@ -93,13 +98,22 @@ fn reply(status: u16, reason: &str, body: Option<Value>) -> Reply {
         .next()
         .unwrap_or_default()
         .chars()
-        .map(|c| if c.is_ascii() && !c.is_ascii_control() { c } else { '?' })
+        .map(|c| {
+            if c.is_ascii() && !c.is_ascii_control() {
+                c
+            } else {
+                '?'
+            }
+        })
         .collect();
     if let Ok(p) = hyper::ext::ReasonPhrase::try_from(phrase.into_bytes()) {
         response.extensions_mut().insert(p);
     }
     let headers = response.headers_mut();
-    headers.insert("content-type", "application/json;charset=UTF-8".parse().expect("header"));
+    headers.insert(
+        "content-type",
+        "application/json;charset=UTF-8".parse().expect("header"),
+    );
     headers.insert("server", "pve-api-daemon/3.0".parse().expect("header"));
     headers.insert("cache-control", "max-age=0".parse().expect("header"));
     headers.insert("pragma", "no-cache".parse().expect("header"));
@@ -115,7 +129,10 @@ fn error_reply(e: &ApiError) -> Reply {
 }
 
 fn not_implemented(method: &str, path: &str) -> Reply {
-    error_reply(&ApiError::new(501, format!("Method '{method} {path}' not implemented")))
+    error_reply(&ApiError::new(
+        501,
+        format!("Method '{method} {path}' not implemented"),
+    ))
 }
 
 async fn respond(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Reply, Dropped> {
@@ -130,7 +147,11 @@ async fn respond(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Reply, Dro
     let api_path = if api_path.is_empty() { "/" } else { api_path }.to_owned();
 
     let opts = &inner.opts;
-    let _permit = inner.workers.acquire().await.expect("the semaphore is never closed");
+    let _permit = inner
+        .workers
+        .acquire()
+        .await
+        .expect("the semaphore is never closed");
     tokio::time::sleep(opts.latency + opts.service_time).await;
 
     let fault = opts.faults.take(&method, &api_path);
@@ -141,7 +162,9 @@ async fn respond(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Reply, Dro
         Some(FaultAction::Drop) => return Err(Dropped),
         Some(FaultAction::Status(code)) => {
             let reason = match code {
-                595 => "Errors during connection establishment, proxy handshake: Connection refused",
+                595 => {
+                    "Errors during connection establishment, proxy handshake: Connection refused"
+                }
                 596 => "Connection timed out",
                 599 => "Too many redirections",
                 _ => "injected fault",
@@ -156,7 +179,16 @@ async fn respond(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Reply, Dro
         None => {}
     }
 
-    let result = serve_api(&inner, req, &method, &api_path, call_fault, lock_timeout, agent_down).await;
+    let result = serve_api(
+        &inner,
+        req,
+        &method,
+        &api_path,
+        call_fault,
+        lock_timeout,
+        agent_down,
+    )
+    .await;
     tokio::time::sleep(opts.latency).await;
     Ok(result)
 }
@@ -171,7 +203,12 @@ async fn serve_api(
     lock_timeout: bool,
     agent_down: bool,
 ) -> Reply {
-    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
     let authorization = header("authorization");
     let cookie = header("cookie");
     let csrf = header("csrfpreventiontoken");
@@ -183,13 +220,20 @@ async fn serve_api(
         Err(_) => return error_reply(&ApiError::new(413, "request too large")),
     };
     if !body.is_empty() && !matches!(method, "POST" | "PUT") {
-        return error_reply(&ApiError::new(501, format!("Unexpected content for method '{method}'")));
+        return error_reply(&ApiError::new(
+            501,
+            format!("Unexpected content for method '{method}'"),
+        ));
     }
 
     // Path segments are unescaped (a UPID travels percent-encoded).
     let decoded: Vec<String> = api_path
         .split('/')
-        .map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned())
+        .map(|s| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
         .collect();
     let route = match find(method, &decoded.join("/")) {
         Ok(r) => r,
@@ -221,10 +265,13 @@ async fn serve_api(
             via_ticket: false,
         }
     } else {
-        match inner
-            .auth
-            .authenticate(authorization.as_deref(), cookie.as_deref(), csrf.as_deref(), method, now_ms() / 1000)
-        {
+        match inner.auth.authenticate(
+            authorization.as_deref(),
+            cookie.as_deref(),
+            csrf.as_deref(),
+            method,
+            now_ms() / 1000,
+        ) {
             Ok(who) => who,
             Err(unauthorized) => {
                 tokio::time::sleep(inner.opts.auth_failure_delay).await;
@@ -244,7 +291,9 @@ async fn serve_api(
 
     // Synchronous calls take the VM's config lock and wait for it.
     let lock_vmid = match route.id {
-        RouteId::ConfigPut | RouteId::Sendkey | RouteId::CloudinitPut => params.get("vmid").and_then(|v| v.parse().ok()),
+        RouteId::ConfigPut | RouteId::Sendkey | RouteId::CloudinitPut => {
+            params.get("vmid").and_then(|v| v.parse().ok())
+        }
         _ => None,
     };
     if let Some(vmid) = lock_vmid {
@@ -337,7 +386,11 @@ async fn login(inner: &Arc<Inner>, params: &BTreeMap<String, String>) -> Reply {
 
 /// Query string, plus an urlencoded or JSON body (POST/PUT). A repeated
 /// urlencoded key joins its values with NUL, as pve-http-server does.
-fn parse_params(query: &str, body: &[u8], content_type: &str) -> Result<BTreeMap<String, String>, ApiError> {
+fn parse_params(
+    query: &str,
+    body: &[u8],
+    content_type: &str,
+) -> Result<BTreeMap<String, String>, ApiError> {
     let mut params = BTreeMap::new();
     let mut add = |k: String, v: String| {
         params
@@ -355,8 +408,8 @@ fn parse_params(query: &str, body: &[u8], content_type: &str) -> Result<BTreeMap
         return Ok(params);
     }
     if content_type.starts_with("application/json") {
-        let value: Value =
-            serde_json::from_slice(body).map_err(|e| ApiError::new(400, format!("unable to parse JSON body: {e}")))?;
+        let value: Value = serde_json::from_slice(body)
+            .map_err(|e| ApiError::new(400, format!("unable to parse JSON body: {e}")))?;
         let Value::Object(map) = value else {
             return Err(ApiError::new(400, "JSON body is not an object"));
         };
@@ -380,13 +433,24 @@ fn parse_params(query: &str, body: &[u8], content_type: &str) -> Result<BTreeMap
 
 /// `/_sim/faults`: GET lists, POST adds (`{"rule": "METHOD PATH => ACTION"}`
 /// or the rule as plain text), DELETE clears.
-async fn control_plane(inner: &Arc<Inner>, method: &str, path: &str, req: Request<Incoming>) -> Reply {
+async fn control_plane(
+    inner: &Arc<Inner>,
+    method: &str,
+    path: &str,
+    req: Request<Incoming>,
+) -> Reply {
     if path != "faults" {
         return not_implemented(method, &format!("/_sim/{path}"));
     }
     match method {
         "GET" => {
-            let rules: Vec<String> = inner.opts.faults.list().iter().map(|r| format!("{r:?}")).collect();
+            let rules: Vec<String> = inner
+                .opts
+                .faults
+                .list()
+                .iter()
+                .map(|r| format!("{r:?}"))
+                .collect();
             reply(200, "OK", Some(json!({ "data": rules })))
         }
         "DELETE" => {
@@ -416,5 +480,7 @@ async fn control_plane(inner: &Arc<Inner>, method: &str, path: &str, req: Reques
 }
 
 pub fn local_addr(listener: &TcpListener) -> SocketAddr {
-    listener.local_addr().expect("a bound listener has an address")
+    listener
+        .local_addr()
+        .expect("a bound listener has an address")
 }

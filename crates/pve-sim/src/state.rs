@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 
 use crate::cluster::{ClusterSpec, StorageSpec};
 use crate::config::{
-    PropertyString, VmConfig, canonical_drive, canonical_net, format_size, is_drive_key, is_net_key, net_mac,
-    normalise_tags, parse_size,
+    PropertyString, VmConfig, canonical_drive, canonical_net, format_size, is_drive_key,
+    is_net_key, normalise_tags, parse_size,
 };
 use crate::options::SimOptions;
 
@@ -164,8 +164,12 @@ pub struct Task {
     pub log: Vec<String>,
     pub work: Work,
     pub exitstatus: Option<String>,
-    /// VMs whose config lock the worker holds while it runs.
+    /// VMs whose config lock the worker holds exclusively while it runs.
     pub holds: Vec<u32>,
+    /// VMs it holds with a shared lock (a clone's source): other shared
+    /// holders may run, exclusive ones wait.
+    #[serde(default)]
+    pub shared: Vec<u32>,
     /// Storage lock (`storage@node` or `storage`) held while it runs.
     pub holds_storage: Option<String>,
     /// An injected failure: the worker ends with this error, no effect.
@@ -190,8 +194,10 @@ pub struct Spawn {
     pub id: String,
     pub user: String,
     pub work: Work,
-    /// VMs whose config lock the worker takes.
+    /// VMs whose config lock the worker takes exclusively.
     pub holds: Vec<u32>,
+    /// VMs whose config lock it takes shared.
+    pub shared: Vec<u32>,
     pub holds_storage: Option<String>,
     /// How long the worker waits for its locks before "got timeout".
     pub lock_wait: std::time::Duration,
@@ -281,7 +287,9 @@ impl State {
         } else {
             Err(ApiError::new(
                 595,
-                format!("hostname lookup '{node}' failed - failed to get address info for: {node}: Name or service not known"),
+                format!(
+                    "hostname lookup '{node}' failed - failed to get address info for: {node}: Name or service not known"
+                ),
             ))
         }
     }
@@ -312,16 +320,23 @@ impl State {
         if storage.on_node(node) {
             Ok(storage)
         } else {
-            Err(ApiError::fail(format!("storage '{id}' is not available on node '{node}'")))
+            Err(ApiError::fail(format!(
+                "storage '{id}' is not available on node '{node}'"
+            )))
         }
     }
 
     fn location(storage: &StorageSpec, node: &str) -> String {
-        if storage.shared { "*".to_owned() } else { node.to_owned() }
+        if storage.shared {
+            "*".to_owned()
+        } else {
+            node.to_owned()
+        }
     }
 
     fn volume(&self, storage: &StorageSpec, node: &str, volid: &str) -> Option<&Volume> {
-        self.volumes.get(&format!("{}|{volid}", Self::location(storage, node)))
+        self.volumes
+            .get(&format!("{}|{volid}", Self::location(storage, node)))
     }
 
     fn used_bytes(&self, storage: &StorageSpec, node: &str) -> u64 {
@@ -335,23 +350,37 @@ impl State {
 
     fn add_volume(&mut self, volume: Volume) {
         let loc = volume.node.clone().unwrap_or_else(|| "*".to_owned());
-        self.volumes.insert(format!("{loc}|{}", volume.volid), volume);
+        self.volumes
+            .insert(format!("{loc}|{}", volume.volid), volume);
     }
 
     fn remove_volume(&mut self, node: &str, volid: &str) -> Option<Volume> {
         let storage = volid.split(':').next()?;
         let storage = self.spec.storage(storage)?.clone();
-        self.volumes.remove(&format!("{}|{volid}", Self::location(&storage, node)))
+        self.volumes
+            .remove(&format!("{}|{volid}", Self::location(&storage, node)))
     }
 
     /// Allocates a new volume for `vmid`: `vm-<vmid>-disk-N`, or the one
     /// `vm-<vmid>-cloudinit` (4 MiB); `.qcow2` files on file storage.
-    fn alloc_disk(&mut self, vmid: u32, node: &str, storage_id: &str, size: u64, cloudinit: bool) -> Result<String, String> {
-        let storage = self.storage_on(storage_id, node).map_err(|e| e.message)?.clone();
+    fn alloc_disk(
+        &mut self,
+        vmid: u32,
+        node: &str,
+        storage_id: &str,
+        size: u64,
+        cloudinit: bool,
+    ) -> Result<String, String> {
+        let storage = self
+            .storage_on(storage_id, node)
+            .map_err(|e| e.message)?
+            .clone();
         if !storage.has_content("images") {
             return Err(format!("storage '{storage_id}' does not support vm images"));
         }
-        let free = storage.capacity.saturating_sub(self.used_bytes(&storage, node));
+        let free = storage
+            .capacity
+            .saturating_sub(self.used_bytes(&storage, node));
         if size > free {
             return Err(format!(
                 "not enough free space on storage '{storage_id}' (requested {}, free {})",
@@ -360,13 +389,22 @@ impl State {
             ));
         }
         let file_based = storage.is_file_based();
-        let file_name = |stem: String| if file_based { format!("{vmid}/{stem}.qcow2") } else { stem };
+        let file_name = |stem: String| {
+            if file_based {
+                format!("{vmid}/{stem}.qcow2")
+            } else {
+                stem
+            }
+        };
         let name = if cloudinit {
             file_name(format!("vm-{vmid}-cloudinit"))
         } else {
             (0..)
                 .map(|n| file_name(format!("vm-{vmid}-disk-{n}")))
-                .find(|name| self.volume(&storage, node, &format!("{storage_id}:{name}")).is_none())
+                .find(|name| {
+                    self.volume(&storage, node, &format!("{storage_id}:{name}"))
+                        .is_none()
+                })
                 .expect("an unused disk name exists")
         };
         let volid = format!("{storage_id}:{name}");
@@ -388,7 +426,12 @@ impl State {
     fn new_mac(&mut self) -> String {
         self.mac_counter += 1;
         let n = self.mac_counter.wrapping_mul(0x9E37_79B9) & 0xFF_FFFF;
-        format!("BC:24:11:{:02X}:{:02X}:{:02X}", (n >> 16) & 0xFF, (n >> 8) & 0xFF, n & 0xFF)
+        format!(
+            "BC:24:11:{:02X}:{:02X}:{:02X}",
+            (n >> 16) & 0xFF,
+            (n >> 8) & 0xFF,
+            n & 0xFF
+        )
     }
 
     /// Canonical stored value for a config key being written; allocates
@@ -402,8 +445,8 @@ impl State {
         existing: &BTreeMap<String, String>,
     ) -> Result<String, String> {
         if is_net_key(key) {
-            let keep = existing.get(key).and_then(|v| net_mac(v));
-            return canonical_net(value, || keep.unwrap_or_else(|| self.new_mac()));
+            // Without a MAC, Proxmox generates a new one on every write.
+            return canonical_net(value, || self.new_mac());
         }
         if key == "tags" {
             return Ok(normalise_tags(value));
@@ -412,14 +455,19 @@ impl State {
             return Ok(value.to_owned());
         }
         let mut ps = PropertyString::parse(value, "file")?;
-        let file = ps.head.clone().ok_or("property is missing and it is not optional (file)")?;
+        let file = ps
+            .head
+            .clone()
+            .ok_or("property is missing and it is not optional (file)")?;
         if let Some((storage, rest)) = file.split_once(':') {
             if rest == "cloudinit" {
                 if let Some((k, _)) = existing
                     .iter()
                     .find(|(k, v)| *k != key && v.contains("cloudinit") && is_drive_key(k))
                 {
-                    return Err(format!("{file} - cloud-init drive is already attached at '{k}'"));
+                    return Err(format!(
+                        "{file} - cloud-init drive is already attached at '{k}'"
+                    ));
                 }
                 let volid = self.alloc_disk(vmid, node, storage, 4 << 20, true)?;
                 ps.head = Some(volid);
@@ -431,12 +479,17 @@ impl State {
                 ps.head = Some(volid);
                 ps.pairs.insert("size".into(), format_size(size));
             } else if rest.starts_with("iso/") {
-                let spec = self.storage_on(storage, node).map_err(|e| e.message)?.clone();
+                let spec = self
+                    .storage_on(storage, node)
+                    .map_err(|e| e.message)?
+                    .clone();
                 let iso = self
                     .volume(&spec, node, &file)
                     .ok_or_else(|| format!("volume '{file}' does not exist"))?;
                 ps.pairs.insert("size".into(), format_size(iso.size));
-                ps.pairs.entry("media".into()).or_insert_with(|| "cdrom".into());
+                ps.pairs
+                    .entry("media".into())
+                    .or_insert_with(|| "cdrom".into());
             }
         } else if file != "none" && file != "cdrom" {
             return Err(format!("unable to parse volume ID '{file}'"));
@@ -446,8 +499,20 @@ impl State {
 
     // ----- tasks ---------------------------------------------------------
 
-    /// When the config lock of `vmid` frees up, if a running task holds it.
+    /// When an exclusive locker of `vmid` can have its config lock: after
+    /// every running task holding it, shared or not.
     pub fn vm_busy_until(&self, vmid: u32) -> Option<u64> {
+        self.tasks
+            .values()
+            .filter(|t| {
+                t.exitstatus.is_none() && (t.holds.contains(&vmid) || t.shared.contains(&vmid))
+            })
+            .map(|t| t.ends_ms.unwrap_or(u64::MAX))
+            .max()
+    }
+
+    /// When a shared locker of `vmid` can have it: after exclusive holders.
+    fn vm_exclusive_until(&self, vmid: u32) -> Option<u64> {
         self.tasks
             .values()
             .filter(|t| t.exitstatus.is_none() && t.holds.contains(&vmid))
@@ -472,6 +537,7 @@ impl State {
             user,
             work,
             holds,
+            shared,
             holds_storage,
             lock_wait,
             fault,
@@ -482,15 +548,21 @@ impl State {
         let pid = self.next_pid;
         let pstart = ((self.boot_time % 100_000) as u32) * 100 + (pid % 100);
         let starttime = now / 1000;
-        let upid = format!("UPID:{node}:{pid:08X}:{pstart:08X}:{starttime:08X}:{kind}:{id}:{user}:");
+        let upid =
+            format!("UPID:{node}:{pid:08X}:{pstart:08X}:{starttime:08X}:{kind}:{id}:{user}:");
         let mut begins = now;
         let mut work = work;
         let mut holds_storage = holds_storage;
         // Wait for the VM locks held by other workers, or time out.
-        if let Some((vmid, until)) = holds
+        let waits = holds
             .iter()
             .filter_map(|v| self.vm_busy_until(*v).map(|u| (*v, u)))
-            .max_by_key(|(_, u)| *u)
+            .chain(
+                shared
+                    .iter()
+                    .filter_map(|v| self.vm_exclusive_until(*v).map(|u| (*v, u))),
+            );
+        if let Some((vmid, until)) = waits.max_by_key(|(_, u)| *u)
             && until > now
         {
             if until - now > lock_wait_ms {
@@ -513,7 +585,9 @@ impl State {
                 let reason = if shared {
                     format!("cfs-lock 'storage-{storage}' error: got lock request timeout")
                 } else {
-                    format!("can't lock file '/var/lock/pve-manager/pve-storage-{storage}' - got timeout")
+                    format!(
+                        "can't lock file '/var/lock/pve-manager/pve-storage-{storage}' - got timeout"
+                    )
                 };
                 begins += opts.storage_lock_timeout.as_millis() as u64;
                 work = Work::Fail {
@@ -545,6 +619,7 @@ impl State {
             work,
             exitstatus: None,
             holds,
+            shared,
             holds_storage,
         };
         self.tasks.insert(upid.clone(), task);
@@ -567,7 +642,9 @@ impl State {
     }
 
     fn finish(&mut self, upid: &str, opts: &SimOptions) {
-        let Some(task) = self.tasks.get(upid).cloned() else { return };
+        let Some(task) = self.tasks.get(upid).cloned() else {
+            return;
+        };
         let outcome = match task.injected.clone() {
             Some(message) => {
                 self.undo(&task);
@@ -575,7 +652,9 @@ impl State {
             }
             None => self.complete(&task, opts),
         };
-        let Some(t) = self.tasks.get_mut(upid) else { return };
+        let Some(t) = self.tasks.get_mut(upid) else {
+            return;
+        };
         match outcome {
             Ok(lines) => {
                 t.log.extend(lines);
@@ -611,17 +690,14 @@ impl State {
     /// Cleans up what a failed worker leaves behind (as Proxmox does).
     fn undo(&mut self, task: &Task) {
         match &task.work {
-            Work::Clone { newid, .. } => {
-                if self.vms.get(newid).is_some_and(|vm| vm.config.lock() == Some("clone")) {
-                    self.vms.remove(newid);
-                    self.volumes.retain(|_, v| v.vmid != Some(*newid));
-                }
-            }
-            Work::Create { vmid, .. } => {
-                if self.vms.get(vmid).is_some_and(|vm| vm.config.lock() == Some("create")) {
-                    self.vms.remove(vmid);
-                    self.volumes.retain(|_, v| v.vmid != Some(*vmid));
-                }
+            Work::Clone { newid: vmid, .. } | Work::Create { vmid, .. }
+                if self
+                    .vms
+                    .get(vmid)
+                    .is_some_and(|vm| matches!(vm.config.lock(), Some("clone" | "create"))) =>
+            {
+                self.vms.remove(vmid);
+                self.volumes.retain(|_, v| v.vmid != Some(*vmid));
             }
             _ => {}
         }
@@ -630,7 +706,11 @@ impl State {
     fn complete(&mut self, task: &Task, opts: &SimOptions) -> Result<Vec<String>, String> {
         let result = match task.work.clone() {
             Work::Fail { message } => Err(message),
-            Work::Create { vmid, values, start } => self.complete_create(&task.node, vmid, values, start),
+            Work::Create {
+                vmid,
+                values,
+                start,
+            } => self.complete_create(&task.node, vmid, values, start),
             Work::Clone {
                 source,
                 newid,
@@ -639,7 +719,16 @@ impl State {
                 storage,
                 name,
                 description,
-            } => self.complete_clone(&task.node, source, newid, &target, full, storage, name, description),
+            } => self.complete_clone(
+                &task.node,
+                source,
+                newid,
+                &target,
+                full,
+                storage,
+                name,
+                description,
+            ),
             Work::Start { vmid } => self.complete_start(&task.node, vmid),
             Work::Stop { vmid } => {
                 if let Some(vm) = self.vms.get_mut(&vmid) {
@@ -648,10 +737,16 @@ impl State {
                 }
                 Ok(vec![])
             }
-            Work::Destroy { vmid, unreferenced } => self.complete_destroy(&task.node, vmid, unreferenced),
+            Work::Destroy { vmid, unreferenced } => {
+                self.complete_destroy(&task.node, vmid, unreferenced)
+            }
             Work::Template { vmid } => {
                 let node = task.node.clone();
-                let mut vm = self.vms.get(&vmid).cloned().ok_or_else(|| missing_config(&node, vmid).message)?;
+                let mut vm = self
+                    .vms
+                    .get(&vmid)
+                    .cloned()
+                    .ok_or_else(|| missing_config(&node, vmid).message)?;
                 if let Some(lock) = vm.config.lock() {
                     return Err(format!("VM is locked ({lock})"));
                 }
@@ -677,7 +772,8 @@ impl State {
                 if let Some(lock) = vm.config.lock() {
                     return Err(format!("VM is locked ({lock})"));
                 }
-                self.apply_config(&node, vmid, &set, &delete, force).map_err(|e| e.message)?;
+                self.apply_config(&node, vmid, &set, &delete, force)
+                    .map_err(|e| e.message)?;
                 Ok(vec![])
             }
             Work::Download {
@@ -694,7 +790,13 @@ impl State {
         result
     }
 
-    fn complete_create(&mut self, node: &str, vmid: u32, values: BTreeMap<String, String>, start: bool) -> Result<Vec<String>, String> {
+    fn complete_create(
+        &mut self,
+        node: &str,
+        vmid: u32,
+        values: BTreeMap<String, String>,
+        start: bool,
+    ) -> Result<Vec<String>, String> {
         let mut stored = BTreeMap::new();
         for (k, v) in &values {
             let v = self.canonical_value(vmid, node, k, v, &stored)?;
@@ -720,15 +822,31 @@ impl State {
         name: String,
         description: Option<String>,
     ) -> Result<Vec<String>, String> {
-        let src = self.vms.get(&source).cloned().ok_or_else(|| missing_config(node, source).message)?;
+        let src = self
+            .vms
+            .get(&source)
+            .cloned()
+            .ok_or_else(|| missing_config(node, source).message)?;
         let mut values = BTreeMap::new();
-        let mut log = vec![format!("create {} clone of drive(s)", if full { "full" } else { "linked" })];
+        let mut log = vec![format!(
+            "create {} clone of drive(s)",
+            if full { "full" } else { "linked" }
+        )];
         for (k, v) in &src.config.values {
-            if matches!(k.as_str(), "template" | "lock" | "parent" | "vmstate" | "meta") || k.starts_with("unused") {
+            if matches!(
+                k.as_str(),
+                "template" | "lock" | "parent" | "vmstate" | "meta"
+            ) || k.starts_with("unused")
+            {
                 continue;
             }
             if is_net_key(k) {
-                let model = v.split(',').next().and_then(|h| h.split('=').next()).unwrap_or("virtio").to_owned();
+                let model = v
+                    .split(',')
+                    .next()
+                    .and_then(|h| h.split('=').next())
+                    .unwrap_or("virtio")
+                    .to_owned();
                 let rest: Vec<&str> = v.split(',').skip(1).collect();
                 let mac = self.new_mac();
                 let mut nv = format!("{model}={mac}");
@@ -749,14 +867,22 @@ impl State {
                     continue;
                 }
                 let (src_storage, _) = file.split_once(':').ok_or("bad volume id")?;
-                let size = ps.pairs.get("size").and_then(|s| parse_size(s)).unwrap_or(4 << 20);
+                let size = ps
+                    .pairs
+                    .get("size")
+                    .and_then(|s| parse_size(s))
+                    .unwrap_or(4 << 20);
                 let volid = if is_cloudinit {
                     // The cloud-init drive is always copied in full.
                     let target_storage = storage.clone().unwrap_or_else(|| src_storage.to_owned());
                     self.alloc_disk(newid, target, &target_storage, 4 << 20, true)?
                 } else if full {
                     let target_storage = storage.clone().unwrap_or_else(|| src_storage.to_owned());
-                    log.push(format!("drive {k}: transferred {} of {}", format_size(size), format_size(size)));
+                    log.push(format!(
+                        "drive {k}: transferred {} of {}",
+                        format_size(size),
+                        format_size(size)
+                    ));
                     self.alloc_disk(newid, target, &target_storage, size, false)?
                 } else {
                     let v = self.alloc_disk(newid, target, src_storage, 0, false)?;
@@ -788,7 +914,10 @@ impl State {
     }
 
     fn complete_start(&mut self, node: &str, vmid: u32) -> Result<Vec<String>, String> {
-        let vm = self.vms.get_mut(&vmid).ok_or_else(|| missing_config(node, vmid).message)?;
+        let vm = self
+            .vms
+            .get_mut(&vmid)
+            .ok_or_else(|| missing_config(node, vmid).message)?;
         if vm.config.is_template() {
             return Err("you can't start a vm if it's a template".to_owned());
         }
@@ -807,8 +936,17 @@ impl State {
         Ok(vec![])
     }
 
-    fn complete_destroy(&mut self, node: &str, vmid: u32, unreferenced: bool) -> Result<Vec<String>, String> {
-        let vm = self.vms.get(&vmid).cloned().ok_or_else(|| missing_config(node, vmid).message)?;
+    fn complete_destroy(
+        &mut self,
+        node: &str,
+        vmid: u32,
+        unreferenced: bool,
+    ) -> Result<Vec<String>, String> {
+        let vm = self
+            .vms
+            .get(&vmid)
+            .cloned()
+            .ok_or_else(|| missing_config(node, vmid).message)?;
         if let Some(lock) = vm.config.lock() {
             return Err(format!("VM is locked ({lock})"));
         }
@@ -822,9 +960,15 @@ impl State {
             .filter(|f| f.contains(':') && !f.contains(":iso/"))
             .collect();
         for volid in &referenced {
-            if let Some(child) = self.volumes.values().find(|v| v.parent.as_deref() == Some(volid)) {
+            if let Some(child) = self
+                .volumes
+                .values()
+                .find(|v| v.parent.as_deref() == Some(volid))
+            {
                 let _ = child;
-                return Err(format!("base volume '{volid}' is still in use by linked cloned"));
+                return Err(format!(
+                    "base volume '{volid}' is still in use by linked cloned"
+                ));
             }
         }
         let mut log = Vec::new();
@@ -834,14 +978,26 @@ impl State {
             }
         }
         if unreferenced {
-            self.volumes.retain(|_, v| v.vmid != Some(vmid) || v.content != "images");
+            self.volumes
+                .retain(|_, v| v.vmid != Some(vmid) || v.content != "images");
         }
         self.vms.remove(&vmid);
         Ok(log)
     }
 
-    fn complete_resize(&mut self, node: &str, vmid: u32, disk: &str, size: &str, digest: Option<String>) -> Result<Vec<String>, String> {
-        let vm = self.vms.get(&vmid).cloned().ok_or_else(|| missing_config(node, vmid).message)?;
+    fn complete_resize(
+        &mut self,
+        node: &str,
+        vmid: u32,
+        disk: &str,
+        size: &str,
+        digest: Option<String>,
+    ) -> Result<Vec<String>, String> {
+        let vm = self
+            .vms
+            .get(&vmid)
+            .cloned()
+            .ok_or_else(|| missing_config(node, vmid).message)?;
         if let Some(d) = digest
             && d != vm.config.digest()
         {
@@ -850,12 +1006,19 @@ impl State {
         if let Some(lock) = vm.config.lock() {
             return Err(format!("VM is locked ({lock})"));
         }
-        let value = vm.config.get(disk).ok_or(format!("disk '{disk}' does not exist"))?;
+        let value = vm
+            .config
+            .get(disk)
+            .ok_or(format!("disk '{disk}' does not exist"))?;
         let mut ps = PropertyString::parse(value, "file")?;
         if ps.pairs.get("media").is_some_and(|m| m == "cdrom") {
             return Err("you can't resize a cdrom".to_owned());
         }
-        let current = ps.pairs.get("size").and_then(|s| parse_size(s)).unwrap_or(0);
+        let current = ps
+            .pairs
+            .get("size")
+            .and_then(|s| parse_size(s))
+            .unwrap_or(0);
         let (relative, amount) = match size.strip_prefix('+') {
             Some(rest) => (true, rest),
             None => (false, size),
@@ -902,7 +1065,9 @@ impl State {
         if let Some(existing) = self.volume(&spec, node, &volid) {
             return match &checksum {
                 Some((_, expected)) if existing.sha256.as_deref() == Some(expected.as_str()) => {
-                    Ok(vec!["OK, got correct file already, no need to download".to_owned()])
+                    Ok(vec![
+                        "OK, got correct file already, no need to download".to_owned(),
+                    ])
                 }
                 Some((_, expected)) => Err(format!(
                     "checksum mismatch: got '{}' != expect '{expected}', aborting",
@@ -916,10 +1081,15 @@ impl State {
             .ok_or_else(|| format!("download failed: 404 Not Found ({url})"))?;
         if let Some((algorithm, expected)) = &checksum {
             if algorithm != "sha256" {
-                return Err(format!("checksum algorithm '{algorithm}' is not simulated (use sha256)"));
+                return Err(format!(
+                    "checksum algorithm '{algorithm}' is not simulated (use sha256)"
+                ));
             }
             if expected != &remote.sha256 {
-                return Err(format!("checksum mismatch: got '{}' != expect '{expected}', aborting", remote.sha256));
+                return Err(format!(
+                    "checksum mismatch: got '{}' != expect '{expected}', aborting",
+                    remote.sha256
+                ));
             }
         }
         let free = spec.capacity.saturating_sub(self.used_bytes(&spec, node));
@@ -977,10 +1147,11 @@ impl State {
         if !errors.is_empty() {
             // Undo disk allocations of this failed request.
             for (k, v) in &canonical {
-                if is_drive_key(k) && !values.get(k).is_some_and(|old| old == v) {
-                    if let Some(volid) = v.split(',').next() {
-                        self.remove_volume(node, volid);
-                    }
+                if is_drive_key(k)
+                    && values.get(k).is_none_or(|old| old != v)
+                    && let Some(volid) = v.split(',').next()
+                {
+                    self.remove_volume(node, volid);
                 }
             }
             return Err(ApiError::params(errors));
@@ -1047,7 +1218,10 @@ impl State {
         });
         let obj = entry.as_object_mut().expect("object");
         if !fresh {
-            obj.insert("name".into(), json!(c.get("name").unwrap_or(&format!("VM {vmid}")).to_owned()));
+            obj.insert(
+                "name".into(),
+                json!(c.get("name").unwrap_or(&format!("VM {vmid}")).to_owned()),
+            );
             obj.insert("template".into(), json!(u8::from(c.is_template())));
             let (cpus, mem, disk) = vm_sizes(c);
             obj.insert("maxcpu".into(), json!(cpus));
@@ -1083,7 +1257,11 @@ impl State {
         self.used_bytes(storage, node)
     }
 
-    pub fn volumes_on<'a>(&'a self, storage: &'a StorageSpec, node: &'a str) -> impl Iterator<Item = &'a Volume> + 'a {
+    pub fn volumes_on<'a>(
+        &'a self,
+        storage: &'a StorageSpec,
+        node: &'a str,
+    ) -> impl Iterator<Item = &'a Volume> + 'a {
         let prefix = format!("{}|", Self::location(storage, node));
         self.volumes
             .iter()
@@ -1149,7 +1327,9 @@ fn move_to_unused(config: &mut VmConfig, old: String) {
     if volid.contains(":iso/") || volid == "none" || volid == "cdrom" {
         return;
     }
-    let n = (0..).find(|n| !config.values.contains_key(&format!("unused{n}"))).unwrap_or(0);
+    let n = (0..)
+        .find(|n| !config.values.contains_key(&format!("unused{n}")))
+        .unwrap_or(0);
     config.values.insert(format!("unused{n}"), volid);
 }
 
@@ -1178,7 +1358,14 @@ pub fn cloudinit_keys(values: &BTreeMap<String, String>) -> BTreeMap<String, Str
         .filter(|(k, _)| {
             matches!(
                 k.as_str(),
-                "ciuser" | "cipassword" | "citype" | "ciupgrade" | "sshkeys" | "nameserver" | "searchdomain" | "name"
+                "ciuser"
+                    | "cipassword"
+                    | "citype"
+                    | "ciupgrade"
+                    | "sshkeys"
+                    | "nameserver"
+                    | "searchdomain"
+                    | "name"
             ) || k.starts_with("ipconfig")
                 || is_net_key(k)
         })
@@ -1188,7 +1375,11 @@ pub fn cloudinit_keys(values: &BTreeMap<String, String>) -> BTreeMap<String, Str
 
 pub fn regenerate_cloudinit(config: &mut VmConfig) {
     let has_drive = config.drives().any(|(_, v)| v.contains("cloudinit"));
-    config.cloudinit = if has_drive { cloudinit_keys(&config.values) } else { BTreeMap::new() };
+    config.cloudinit = if has_drive {
+        cloudinit_keys(&config.values)
+    } else {
+        BTreeMap::new()
+    };
 }
 
 /// Renames a VM's disks to base volumes (`vm-N-disk-M` → `base-N-disk-M`).
@@ -1199,7 +1390,9 @@ fn rename_to_base(state: &mut State, vmid: u32, node: &str, config: &mut VmConfi
         if value.contains("media=cdrom") {
             continue;
         }
-        let Some(volid) = value.split(',').next().map(str::to_owned) else { continue };
+        let Some(volid) = value.split(',').next().map(str::to_owned) else {
+            continue;
+        };
         let based = volid.replace(&format!("vm-{vmid}-disk"), &format!("base-{vmid}-disk"));
         if based == volid {
             continue;
@@ -1218,12 +1411,24 @@ pub fn vm_sizes(c: &VmConfig) -> (u64, u64, u64) {
     let sockets: u64 = c.get("sockets").and_then(|v| v.parse().ok()).unwrap_or(1);
     let memory: u64 = c
         .get("memory")
-        .and_then(|v| v.trim_start_matches("current=").split(',').next()?.parse().ok())
+        .and_then(|v| {
+            v.trim_start_matches("current=")
+                .split(',')
+                .next()?
+                .parse()
+                .ok()
+        })
         .unwrap_or(512);
     let disk = c
         .drives()
         .filter(|(_, v)| !v.contains("media=cdrom"))
-        .filter_map(|(_, v)| PropertyString::parse(v, "file").ok()?.pairs.get("size").and_then(|s| parse_size(s)))
+        .filter_map(|(_, v)| {
+            PropertyString::parse(v, "file")
+                .ok()?
+                .pairs
+                .get("size")
+                .and_then(|s| parse_size(s))
+        })
         .next()
         .unwrap_or(0);
     (cores * sockets, memory << 20, disk)
@@ -1247,6 +1452,9 @@ mod tests {
 
     #[test]
     fn boot_order_drops_deleted_devices() {
-        assert_eq!(drop_boot_device("order=scsi0;ide2;net0", "ide2"), "order=scsi0;net0");
+        assert_eq!(
+            drop_boot_device("order=scsi0;ide2;net0", "ide2"),
+            "order=scsi0;net0"
+        );
     }
 }

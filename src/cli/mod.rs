@@ -17,6 +17,8 @@ use crate::lock::Lockfile;
 use crate::nixos;
 use crate::problem::Problem;
 
+mod sim;
+
 /// Exit code of a command that failed (bad input, refused change, error).
 pub const EXIT_ERROR: u8 = 1;
 
@@ -96,6 +98,11 @@ enum Command {
     Lock(FleetArg),
     /// Print the fleet file's JSON Schema (for YAML editors).
     Schema,
+    /// The built-in Proxmox VE simulator.
+    Sim {
+        #[command(subcommand)]
+        command: sim::SimCommand,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -113,7 +120,7 @@ enum GraphFormat {
 
 /// What went wrong, ready to print.
 #[derive(Debug)]
-enum Failure {
+pub(crate) enum Failure {
     Problems {
         problems: Vec<Problem>,
         detail: Option<String>,
@@ -340,6 +347,7 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<(), Failure> {
             print!("{}", fleet::load::json_schema());
             Ok(())
         }
+        Command::Sim { command } => sim::run(command),
     }
 }
 

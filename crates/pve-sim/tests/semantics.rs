@@ -1,0 +1,634 @@
+//! Proxmox semantics: tasks and their logs, digests, pending values,
+//! canonical forms, locks and their timeouts, clones and templates,
+//! storage capacity and downloads.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{default_sim, fast, start, urlencode};
+use pve_sim::cluster::StorageSpec;
+use pve_sim::{ClusterSpec, RemoteFile, SimOptions};
+use serde_json::Value;
+
+fn upid_fields(upid: &str) -> Vec<&str> {
+    upid.split(':').collect()
+}
+
+#[tokio::test]
+async fn upids_have_the_real_format_and_tasks_log_to_task_ok() {
+    let s = default_sim().await;
+    let r = s
+        .post("/nodes/pve/qemu", &[("vmid", "100"), ("memory", "512")])
+        .await;
+    let upid = r.data().as_str().unwrap().to_owned();
+    let f = upid_fields(&upid);
+    assert_eq!(f.len(), 9, "{upid}");
+    assert_eq!(
+        (f[0], f[1], f[5], f[6], f[7], f[8]),
+        ("UPID", "pve", "qmcreate", "100", "root@pam!test", "")
+    );
+    assert!(
+        f[2].len() == 8
+            && f[2]
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase())
+    );
+    // Running first, then stopped with OK.
+    let st = s
+        .get(&format!("/nodes/pve/tasks/{}/status", urlencode(&upid)))
+        .await;
+    assert_eq!(st.data()["status"], "running");
+    assert_eq!(st.data()["user"], "root@pam");
+    assert_eq!(st.data()["tokenid"], "test");
+    assert!(st.data()["pid"].is_u64() && st.data()["id"].is_string());
+    assert_eq!(s.wait(&upid).await, "OK");
+    let log = s
+        .get(&format!(
+            "/nodes/pve/tasks/{}/log?start=0&limit=50",
+            urlencode(&upid)
+        ))
+        .await;
+    let lines = log.data().as_array().unwrap();
+    assert_eq!(lines.last().unwrap()["t"], "TASK OK");
+    assert_eq!(log.body["total"], lines.len());
+    assert_eq!(lines[0]["n"], 1);
+    let r = s.get("/nodes/pve/tasks/UPID:nonsense/status").await;
+    assert_eq!(r.body["errors"]["upid"], "unable to parse worker upid");
+}
+
+#[tokio::test]
+async fn the_vmid_is_reserved_by_create_before_the_task_ends() {
+    let s = default_sim().await;
+    let r = s.post("/nodes/pve/qemu", &[("vmid", "100")]).await;
+    assert_eq!(r.status, 200);
+    let again = s.post("/nodes/pve/qemu", &[("vmid", "100")]).await;
+    assert_eq!(again.status, 500);
+    assert_eq!(
+        again.body["message"],
+        "unable to create VM 100 - VM 100 already exists on node 'pve'\n"
+    );
+    assert_eq!(s.config(100).await["lock"], "create");
+    s.wait(r.data().as_str().unwrap()).await;
+    // nextid reserves nothing: it keeps answering the same free id.
+    assert_eq!(s.get("/cluster/nextid").await.data(), "101");
+    assert_eq!(s.get("/cluster/nextid").await.data(), "101");
+}
+
+#[tokio::test]
+async fn stale_digests_are_refused_and_changes_are_canonical() {
+    let s = default_sim().await;
+    s.create_vm(100, &[("tags", "Web;prod,web")]).await;
+    let c = s.config(100).await;
+    assert_eq!(c["tags"], "prod;web");
+    let net0 = c["net0"].as_str().unwrap();
+    assert!(
+        net0.starts_with("virtio=BC:24:11:") && net0.ends_with(",bridge=vmbr0"),
+        "{net0}"
+    );
+    assert_eq!(c["scsi0"], "tank:vm-100-disk-0,size=8G");
+    let digest = c["digest"].as_str().unwrap().to_owned();
+    let r = s
+        .put(
+            "/nodes/pve/qemu/100/config",
+            &[("cores", "4"), ("digest", &digest)],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert_eq!(r.body, serde_json::json!({"data": null}));
+    let r = s
+        .put(
+            "/nodes/pve/qemu/100/config",
+            &[("cores", "6"), ("digest", &digest)],
+        )
+        .await;
+    assert_eq!(r.status, 500);
+    assert_eq!(
+        r.body["message"],
+        "checksum mismatch (file change by other user?)\n"
+    );
+    // The MAC survives an update that sends net0 back; without it a new one
+    // is generated.
+    let mac_before = s.config(100).await["net0"].as_str().unwrap().to_owned();
+    s.put("/nodes/pve/qemu/100/config", &[("net0", &mac_before)])
+        .await;
+    assert_eq!(s.config(100).await["net0"], mac_before.as_str());
+    s.put(
+        "/nodes/pve/qemu/100/config",
+        &[("net0", "virtio,bridge=vmbr0")],
+    )
+    .await;
+    assert_ne!(s.config(100).await["net0"], mac_before.as_str());
+    let r = s.put("/nodes/pve/qemu/100/config", &[]).await;
+    assert_eq!(r.body["message"], "no options specified\n");
+    let r = s
+        .put(
+            "/nodes/pve/qemu/100/config",
+            &[("cores", "2"), ("delete", "cores")],
+        )
+        .await;
+    assert_eq!(
+        r.body["errors"]["delete"],
+        "you can't use '-cores' and -delete cores' at the same time"
+    );
+    // cipassword is masked, description trimmed.
+    s.put(
+        "/nodes/pve/qemu/100/config",
+        &[("cipassword", "s3cret"), ("description", "hello  \n")],
+    )
+    .await;
+    let c = s.config(100).await;
+    assert_eq!(c["cipassword"], "**********");
+    assert_eq!(c["description"], "hello");
+}
+
+#[tokio::test]
+async fn a_running_vm_keeps_cold_changes_pending_until_restart() {
+    let s = default_sim().await;
+    s.create_vm(100, &[]).await;
+    assert_eq!(s.run("/nodes/pve/qemu/100/status/start", &[]).await, "OK");
+    s.put(
+        "/nodes/pve/qemu/100/config",
+        &[("memory", "4096"), ("name", "renamed")],
+    )
+    .await;
+    let current = s.get("/nodes/pve/qemu/100/config?current=1").await;
+    assert_eq!(current.data()["memory"], "2048");
+    assert_eq!(current.data()["name"], "renamed", "name applies at once");
+    assert_eq!(
+        s.config(100).await["memory"],
+        "4096",
+        "pending values are overlaid by default"
+    );
+    let pending = s.get("/nodes/pve/qemu/100/pending").await;
+    let mem = pending
+        .data()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["key"] == "memory")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (mem["value"].as_str(), mem["pending"].as_str()),
+        (Some("2048"), Some("4096"))
+    );
+    assert_eq!(s.run("/nodes/pve/qemu/100/status/stop", &[]).await, "OK");
+    let current = s.get("/nodes/pve/qemu/100/config?current=1").await;
+    assert_eq!(
+        current.data()["memory"],
+        "4096",
+        "applied at the cold stop/start"
+    );
+}
+
+#[tokio::test]
+async fn tasks_fail_inside_where_proxmox_fails_them() {
+    let s = default_sim().await;
+    s.create_vm(100, &[]).await;
+    assert_eq!(s.run("/nodes/pve/qemu/100/template", &[]).await, "OK");
+    let c = s.config(100).await;
+    assert_eq!(c["template"], 1);
+    assert_eq!(c["scsi0"], "tank:base-100-disk-0,size=8G");
+    // Starting a template: the HTTP call succeeds, the task fails.
+    let r = s.post("/nodes/pve/qemu/100/status/start", &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        s.wait(r.data().as_str().unwrap()).await,
+        "you can't start a vm if it's a template"
+    );
+    let r = s.post("/nodes/pve/qemu/100/template", &[]).await;
+    assert_eq!(
+        r.body["message"],
+        "you can't convert a template to a template\n"
+    );
+    // A linked clone pins the template: deleting it fails in the task.
+    assert_eq!(
+        s.run(
+            "/nodes/pve/qemu/100/clone",
+            &[("newid", "101"), ("name", "web")]
+        )
+        .await,
+        "OK"
+    );
+    let clone = s.config(101).await;
+    assert_eq!(clone["scsi0"], "tank:vm-101-disk-0,size=8G");
+    let content = s.get("/nodes/pve/storage/tank/content?vmid=101").await;
+    assert_eq!(content.data()[0]["parent"], "tank:base-100-disk-0");
+    let r = s.delete("/nodes/pve/qemu/100").await;
+    assert_eq!(
+        s.wait(r.data().as_str().unwrap()).await,
+        "base volume 'tank:base-100-disk-0' is still in use by linked cloned"
+    );
+    // A running VM cannot be destroyed.
+    assert_eq!(s.run("/nodes/pve/qemu/101/status/start", &[]).await, "OK");
+    let r = s.delete("/nodes/pve/qemu/101").await;
+    assert_eq!(r.status, 500);
+    assert_eq!(r.body["message"], "VM 101 is running - destroy failed\n");
+    // Stopped, it goes; then the template can go too.
+    assert_eq!(s.run("/nodes/pve/qemu/101/status/stop", &[]).await, "OK");
+    let r = s.delete("/nodes/pve/qemu/101").await;
+    assert_eq!(s.wait(r.data().as_str().unwrap()).await, "OK");
+    let r = s.delete("/nodes/pve/qemu/100").await;
+    assert_eq!(s.wait(r.data().as_str().unwrap()).await, "OK");
+    assert!(
+        s.get("/nodes/pve/storage/tank/content")
+            .await
+            .data()
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn linked_clones_need_a_real_template() {
+    let s = default_sim().await;
+    s.create_vm(100, &[]).await;
+    let r = s
+        .post(
+            "/nodes/pve/qemu/100/clone",
+            &[("newid", "101"), ("full", "0")],
+        )
+        .await;
+    assert_eq!(r.status, 500);
+    assert_eq!(
+        r.body["message"],
+        "Linked clone feature is not supported for 'tank:vm-100-disk-0' (scsi0)\n"
+    );
+    // `template=1` through config sets the flag without base volumes.
+    s.put("/nodes/pve/qemu/100/config", &[("template", "1")])
+        .await;
+    let r = s
+        .post(
+            "/nodes/pve/qemu/100/clone",
+            &[("newid", "101"), ("full", "0"), ("storage", "tank")],
+        )
+        .await;
+    assert_eq!(
+        r.body["message"],
+        "parameter 'storage' not allowed for linked clones\n"
+    );
+    // A full clone of a normal VM is the default.
+    let fresh = default_sim().await;
+    fresh.create_vm(100, &[]).await;
+    assert_eq!(
+        fresh
+            .run("/nodes/pve/qemu/100/clone", &[("newid", "102")])
+            .await,
+        "OK"
+    );
+    let content = fresh.get("/nodes/pve/storage/tank/content?vmid=102").await;
+    assert!(
+        content.data()[0].get("parent").is_none(),
+        "a full clone has no parent"
+    );
+}
+
+#[tokio::test]
+async fn a_clone_target_is_locked_while_the_clone_runs() {
+    let mut opts = fast();
+    opts.task_durations
+        .insert("qmclone".into(), Duration::from_millis(400));
+    let s = start(ClusterSpec::default(), opts).await;
+    s.create_vm(100, &[]).await;
+    s.run("/nodes/pve/qemu/100/template", &[]).await;
+    let r = s
+        .post("/nodes/pve/qemu/100/clone", &[("newid", "101")])
+        .await;
+    let upid = r.data().as_str().unwrap().to_owned();
+    assert_eq!(
+        upid_fields(&upid)[6],
+        "100",
+        "the UPID id of a clone is the source"
+    );
+    assert_eq!(s.config(101).await["lock"], "clone");
+    let r = s.put("/nodes/pve/qemu/101/config", &[("cores", "4")]).await;
+    assert_eq!(r.status, 500);
+    assert_eq!(r.body["message"], "VM is locked (clone)\n");
+    assert_eq!(s.wait(&upid).await, "OK");
+    let c = s.config(101).await;
+    assert!(c.get("lock").is_none());
+    assert_eq!(c["name"], "Copy-of-VM-vm");
+}
+
+#[tokio::test]
+async fn config_locks_time_out_under_contention() {
+    let mut opts = fast();
+    opts.task_durations
+        .insert("qmstart".into(), Duration::from_millis(2000));
+    opts.vm_lock_timeout = Duration::from_millis(200);
+    let s = start(ClusterSpec::default(), opts).await;
+    s.create_vm(100, &[]).await;
+    let r = s.post("/nodes/pve/qemu/100/status/start", &[]).await;
+    let r2 = s.put("/nodes/pve/qemu/100/config", &[("cores", "4")]).await;
+    assert_eq!(r2.status, 500);
+    assert_eq!(
+        r2.body["message"],
+        "can't lock file '/var/lock/qemu-server/lock-100.conf' - got timeout\n"
+    );
+    // A second worker on the same VM fails inside its task the same way.
+    let r3 = s.post("/nodes/pve/qemu/100/status/stop", &[]).await;
+    assert_eq!(
+        s.wait(r3.data().as_str().unwrap()).await,
+        "can't lock file '/var/lock/qemu-server/lock-100.conf' - got timeout"
+    );
+    assert_eq!(s.wait(r.data().as_str().unwrap()).await, "OK");
+}
+
+#[tokio::test]
+async fn full_clones_on_one_storage_contend_for_its_lock() {
+    let mut opts = fast();
+    opts.task_durations
+        .insert("qmclone".into(), Duration::from_millis(600));
+    opts.storage_lock_timeout = Duration::from_millis(200);
+    let s = start(ClusterSpec::default(), opts).await;
+    s.create_vm(100, &[]).await;
+    let a = s
+        .post(
+            "/nodes/pve/qemu/100/clone",
+            &[("newid", "101"), ("full", "1")],
+        )
+        .await;
+    let b = s
+        .post(
+            "/nodes/pve/qemu/100/clone",
+            &[("newid", "102"), ("full", "1")],
+        )
+        .await;
+    assert_eq!(s.wait(a.data().as_str().unwrap()).await, "OK");
+    assert_eq!(
+        s.wait(b.data().as_str().unwrap()).await,
+        "clone failed: can't lock file '/var/lock/pve-manager/pve-storage-tank' - got timeout"
+    );
+    let r = s.get("/nodes/pve/qemu/102/config").await;
+    assert_eq!(r.status, 500, "a failed clone leaves nothing behind");
+}
+
+#[tokio::test]
+async fn vmids_are_unique_across_the_cluster_and_local_storage_stays_local() {
+    let s = start(ClusterSpec::with_nodes(2), fast()).await;
+    let form = [("vmid", "100"), ("scsi0", "local-lvm:4")];
+    assert_eq!(s.run("/nodes/pve1/qemu", &form).await, "OK");
+    let r = s.post("/nodes/pve2/qemu", &[("vmid", "100")]).await;
+    assert_eq!(
+        r.body["message"],
+        "unable to create VM 100 - VM 100 already exists on node 'pve1'\n"
+    );
+    let r = s.get("/nodes/pve2/qemu/100/config").await;
+    assert_eq!(r.status, 500, "asking the wrong node is 'does not exist'");
+    let r = s
+        .post(
+            "/nodes/pve1/qemu/100/clone",
+            &[("newid", "101"), ("target", "pve2")],
+        )
+        .await;
+    assert_eq!(
+        r.body["message"],
+        "can't clone VM to node 'pve2' (VM uses local storage)\n"
+    );
+    assert_eq!(
+        s.run("/nodes/pve1/qemu", &[("vmid", "200"), ("scsi0", "ceph:4")])
+            .await,
+        "OK"
+    );
+    assert_eq!(
+        s.run(
+            "/nodes/pve1/qemu/200/clone",
+            &[("newid", "201"), ("target", "pve2")]
+        )
+        .await,
+        "OK"
+    );
+    assert_eq!(s.get("/nodes/pve2/qemu/201/config").await.status, 200);
+}
+
+#[tokio::test]
+async fn storage_capacity_is_enforced_inside_the_task() {
+    let mut spec = ClusterSpec::default();
+    spec.storages.push(StorageSpec {
+        id: "small".into(),
+        plugin: "lvmthin".into(),
+        content: vec!["images".into()],
+        shared: false,
+        capacity: 10 << 30,
+        nodes: None,
+    });
+    let s = start(spec, fast()).await;
+    let r = s
+        .post("/nodes/pve/qemu", &[("vmid", "100"), ("scsi0", "small:20")])
+        .await;
+    let exit = s.wait(r.data().as_str().unwrap()).await;
+    assert!(
+        exit.starts_with("not enough free space on storage 'small'"),
+        "{exit}"
+    );
+    assert_eq!(
+        s.get("/nodes/pve/qemu/100/config").await.status,
+        500,
+        "create cleaned up"
+    );
+}
+
+#[tokio::test]
+async fn resize_grows_only() {
+    let s = default_sim().await;
+    s.create_vm(100, &[]).await;
+    assert_eq!(s.send_resize("+2G").await, "OK");
+    assert_eq!(s.config(100).await["scsi0"], "tank:vm-100-disk-0,size=10G");
+    assert_eq!(s.send_resize("10G").await, "OK", "an equal size is a no-op");
+    assert_eq!(
+        s.send_resize("4G").await,
+        "shrinking disks is not supported"
+    );
+}
+
+trait Resize {
+    async fn send_resize(&self, size: &str) -> String;
+}
+
+impl Resize for common::Sim {
+    async fn send_resize(&self, size: &str) -> String {
+        let r = self
+            .put(
+                "/nodes/pve/qemu/100/resize",
+                &[("disk", "scsi0"), ("size", size)],
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.raw);
+        self.wait(r.data().as_str().unwrap()).await
+    }
+}
+
+#[tokio::test]
+async fn download_url_verifies_checksums_and_is_idempotent() {
+    let url = "https://releases.example.org/nixos-minimal.iso";
+    let sha = "a".repeat(64);
+    let mut opts = fast();
+    opts.remote_files.insert(
+        url.into(),
+        RemoteFile {
+            sha256: sha.clone(),
+            size: 1 << 30,
+        },
+    );
+    let s = start(ClusterSpec::default(), opts).await;
+    let base = [
+        ("url", url),
+        ("content", "iso"),
+        ("filename", "nixos.iso"),
+        ("checksum-algorithm", "sha256"),
+    ];
+    let other = "b".repeat(64);
+    let bad = [&base[..], &[("checksum", other.as_str())]].concat();
+    let exit = s.run("/nodes/pve/storage/local/download-url", &bad).await;
+    assert!(exit.starts_with("checksum mismatch: got 'aaaa"), "{exit}");
+    let good = [&base[..], &[("checksum", sha.as_str())]].concat();
+    assert_eq!(
+        s.run("/nodes/pve/storage/local/download-url", &good).await,
+        "OK"
+    );
+    let content = s.get("/nodes/pve/storage/local/content?content=iso").await;
+    assert_eq!(content.data()[0]["volid"], "local:iso/nixos.iso");
+    assert_eq!(content.data()[0]["size"], 1u64 << 30);
+    // Again with the checksum: nothing to do. Without: refused.
+    let r = s.post("/nodes/pve/storage/local/download-url", &good).await;
+    let upid = r.data().as_str().unwrap().to_owned();
+    assert_eq!(upid_fields(&upid)[5..7], ["download", "nixos.iso"]);
+    assert_eq!(s.wait(&upid).await, "OK");
+    let log = s
+        .get(&format!("/nodes/pve/tasks/{}/log", urlencode(&upid)))
+        .await;
+    assert_eq!(
+        log.data()[0]["t"],
+        "OK, got correct file already, no need to download"
+    );
+    let plain = [("url", url), ("content", "iso"), ("filename", "nixos.iso")];
+    let exit = s.run("/nodes/pve/storage/local/download-url", &plain).await;
+    assert_eq!(
+        exit,
+        "refusing to override existing file '/var/lib/vz/template/iso/nixos.iso'"
+    );
+    let r = s.post("/nodes/pve/storage/tank/download-url", &good).await;
+    assert_eq!(
+        r.body["message"],
+        "can't upload to storage type 'zfspool', not a file based storage!\n"
+    );
+    let wrong = [
+        ("url", url),
+        ("content", "iso"),
+        ("filename", "nixos.qcow2"),
+    ];
+    let r = s
+        .post("/nodes/pve/storage/local/download-url", &wrong)
+        .await;
+    assert_eq!(r.body["errors"]["filename"], "wrong file extension");
+}
+
+#[tokio::test]
+async fn cloud_init_is_regenerated_at_start_and_dumped_like_proxmox() {
+    let s = default_sim().await;
+    s.create_vm(
+        100,
+        &[
+            ("ide2", "tank:cloudinit"),
+            ("ciuser", "ops"),
+            ("ipconfig0", "ip=192.168.1.130/24,gw=192.168.1.1"),
+            ("nameserver", "8.8.8.8 1.1.1.1"),
+            ("sshkeys", &urlencode("ssh-ed25519 AAAA ops@host")),
+        ],
+    )
+    .await;
+    assert_eq!(
+        s.config(100).await["ide2"],
+        "tank:vm-100-cloudinit,media=cdrom"
+    );
+    let pending = s.get("/nodes/pve/qemu/100/cloudinit").await;
+    assert!(
+        pending
+            .data()
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["key"] == "ciuser" && e["pending"] == "ops")
+    );
+    s.run("/nodes/pve/qemu/100/status/start", &[]).await;
+    let after = s.get("/nodes/pve/qemu/100/cloudinit").await;
+    assert!(
+        after
+            .data()
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e.get("pending").is_none()),
+        "{}",
+        after.raw
+    );
+    let user = s.get("/nodes/pve/qemu/100/cloudinit/dump?type=user").await;
+    let text = user.data().as_str().unwrap();
+    assert!(
+        text.contains("user: ops") && text.contains("  - ssh-ed25519 AAAA ops@host"),
+        "{text}"
+    );
+    let net = s
+        .get("/nodes/pve/qemu/100/cloudinit/dump?type=network")
+        .await;
+    assert!(
+        net.data()
+            .as_str()
+            .unwrap()
+            .contains("address: '192.168.1.130/24'")
+    );
+    let r = s
+        .post(
+            "/nodes/pve/qemu",
+            &[
+                ("vmid", "101"),
+                ("ide2", "tank:cloudinit"),
+                ("ide3", "tank:cloudinit"),
+            ],
+        )
+        .await;
+    let exit = s.wait(r.data().as_str().unwrap()).await;
+    assert!(
+        exit.contains("cloud-init drive is already attached"),
+        "{exit}"
+    );
+}
+
+#[tokio::test]
+async fn resources_lag_behind_for_new_vms() {
+    let mut opts: SimOptions = fast();
+    opts.resources_lag = Duration::from_secs(30);
+    let s = start(ClusterSpec::default(), opts).await;
+    s.create_vm(100, &[]).await;
+    let r = s.get("/cluster/resources?type=vm").await;
+    assert_eq!(r.data()[0]["status"], "unknown");
+    assert!(r.data()[0].get("name").is_none());
+    let current = s.get("/nodes/pve/qemu/100/status/current").await;
+    assert_eq!(
+        current.data()["status"],
+        "stopped",
+        "the node-local status is fresh"
+    );
+    let all = s.get("/cluster/resources").await;
+    let kinds: Vec<&str> = all
+        .data()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert!(kinds.contains(&"node") && kinds.contains(&"storage") && kinds.contains(&"qemu"));
+    let storage = all
+        .data()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == "storage/pve/tank")
+        .unwrap()
+        .clone();
+    assert_eq!(storage["shared"], 0);
+    assert_eq!(storage["plugintype"], "zfspool");
+    let _: Value = storage;
+}
