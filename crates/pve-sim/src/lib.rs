@@ -44,7 +44,22 @@ pub struct Certificate {
     pub fingerprint: String,
 }
 
+/// One request as the simulator understood it (after routing and
+/// parameter parsing, before authentication).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalEntry {
+    pub method: String,
+    /// The route's path template, e.g. `/nodes/{node}/qemu/{vmid}/config`.
+    pub route: &'static str,
+    /// Every parameter, path parameters included.
+    pub params: BTreeMap<String, String>,
+}
+
+/// How many requests the journal keeps.
+const JOURNAL_LIMIT: usize = 100_000;
+
 pub(crate) struct Inner {
+    pub(crate) journal: Mutex<std::collections::VecDeque<JournalEntry>>,
     pub(crate) state: Mutex<State>,
     pub(crate) opts: SimOptions,
     pub(crate) auth: auth::Auth,
@@ -53,6 +68,14 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
+    pub(crate) fn record(&self, entry: JournalEntry) {
+        let mut journal = self.journal.lock().expect("journal");
+        if journal.len() == JOURNAL_LIMIT {
+            journal.pop_front();
+        }
+        journal.push_back(entry);
+    }
+
     /// Writes the state file, if any (temp file + rename).
     pub(crate) fn persist(&self, state: &State) {
         let Some(path) = &self.state_file else { return };
@@ -140,6 +163,7 @@ impl Simulator {
         let workers = tokio::sync::Semaphore::new(opts.workers.max(1));
         Simulator {
             inner: Arc::new(Inner {
+                journal: Mutex::new(std::collections::VecDeque::new()),
                 state: Mutex::new(state),
                 opts,
                 auth: auth::Auth::new(credentials.tokens, credentials.users),
@@ -158,6 +182,17 @@ impl Simulator {
         let mut state = self.inner.state.lock().expect("state");
         state.advance(&self.inner.opts);
         f(&state)
+    }
+
+    /// The requests served so far, oldest first (the last 100,000).
+    pub fn journal(&self) -> Vec<JournalEntry> {
+        self.inner
+            .journal
+            .lock()
+            .expect("journal")
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// Serves plain HTTP on `listener` until the handle is shut down.

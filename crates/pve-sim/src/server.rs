@@ -259,6 +259,12 @@ async fn serve_api(
         }
     }
 
+    inner.record(crate::JournalEntry {
+        method: method.to_owned(),
+        route: route.path,
+        params: params.clone(),
+    });
+
     let who = if route.public {
         Identity {
             authid: String::new(),
