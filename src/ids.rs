@@ -151,6 +151,10 @@ pub fn is_dns_label(s: &str) -> bool {
 pub struct Sha256([u8; 32]);
 
 impl Sha256 {
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Sha256(bytes)
+    }
+
     pub fn digest(data: &[u8]) -> Self {
         use sha2::Digest;
         Sha256(sha2::Sha256::digest(data).into())

@@ -2,13 +2,22 @@
 //! reconciled from one fleet file and a lockfile.
 //!
 //! The pipeline, one module per word of DESIGN.md: [`fleet`] (what the user
-//! wrote) and [`lock`] (what is pinned) give the [`desired`] graph; [`nixos`]
-//! renders an image's configuration. The core is synchronous and pure.
+//! wrote) and [`lock`] (what is pinned, [`pin`] resolves) give the
+//! [`desired`] graph; [`live`] state is read through [`connect`]; [`plan`]
+//! diffs the two, [`render`] shows it, [`apply`] executes it; [`nixos`]
+//! renders an image's configuration. The core (fleet → desired → plan →
+//! render) is synchronous and pure; live, pin and apply are async.
 
+pub mod apply;
 pub mod cli;
+pub mod connect;
 pub mod desired;
 pub mod fleet;
 pub mod ids;
+pub mod live;
 pub mod lock;
 pub mod nixos;
+pub mod pin;
+pub mod plan;
 pub mod problem;
+pub mod render;

@@ -17,6 +17,7 @@ use crate::lock::Lockfile;
 use crate::nixos;
 use crate::problem::Problem;
 
+mod run;
 mod sim;
 
 /// Exit code of a command that failed (bad input, refused change, error).
@@ -65,6 +66,10 @@ struct Global {
     /// Print data as JSON instead of text (where the output is data).
     #[arg(long, global = true)]
     json: bool,
+    /// Use the embedded Proxmox simulator (state in .nixgold/sim/) instead
+    /// of the fleet's cluster.
+    #[arg(long, global = true, env = "NIXGOLD_SIM", value_parser = clap::builder::BoolishValueParser::new())]
+    sim: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -96,6 +101,35 @@ enum Command {
     },
     /// Bring the lockfile up to date with the fleet (allocate VMIDs).
     Lock(FleetArg),
+    /// Show what apply would change in the cluster.
+    Plan {
+        #[command(flatten)]
+        fleet: FleetArg,
+        /// Save the plan to apply it later with `nixgold apply FILE`.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Exit 0 without changes, 2 with changes, 1 on error.
+        #[arg(long)]
+        detailed_exitcode: bool,
+        #[command(flatten)]
+        scope: Scope,
+    },
+    /// Change the cluster to match the fleet (or apply a saved plan).
+    Apply {
+        /// A fleet file, or a plan saved with `plan --out`.
+        #[arg(value_name = "FLEET_OR_PLAN")]
+        path: Option<PathBuf>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        auto_approve: bool,
+        /// Changes in flight at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        #[command(flatten)]
+        scope: Scope,
+    },
+    /// Show the fleet's VMs: address, VMID, node, status, IP.
+    Output(FleetArg),
     /// Print the fleet file's JSON Schema (for YAML editors).
     Schema,
     /// The built-in Proxmox VE simulator.
@@ -110,6 +144,25 @@ struct FleetArg {
     /// Fleet file; overrides --fleet.
     #[arg(value_name = "FLEET")]
     path: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct Scope {
+    /// Limit the run to this resource (`vm.NAME`, `iso.NAME`); repeatable.
+    #[arg(long, value_name = "ADDRESS")]
+    target: Vec<String>,
+    /// Destroy stamped VMs that are no longer in the fleet.
+    #[arg(long)]
+    allow_destroy: bool,
+}
+
+impl Scope {
+    fn options(&self) -> crate::plan::PlanOptions {
+        crate::plan::PlanOptions {
+            allow_destroy: self.allow_destroy,
+            targets: self.target.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -140,7 +193,7 @@ impl<E: std::error::Error> From<E> for Failure {
     }
 }
 
-struct Output {
+pub(crate) struct Output {
     color: bool,
     json: bool,
     quiet: bool,
@@ -220,7 +273,7 @@ pub fn run() -> ExitCode {
         verbose: g.verbose,
     };
     match dispatch(&cli, &out) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(failure) => {
             out.print_failure(&failure);
             ExitCode::from(EXIT_ERROR)
@@ -245,9 +298,47 @@ fn init_tracing(verbose: u8, quiet: bool, color: bool) {
         .try_init();
 }
 
-fn dispatch(cli: &Cli, out: &Output) -> Result<(), Failure> {
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Runtime::new().map_err(Failure::from)
+}
+
+fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
     let g = &cli.global;
     match &cli.command {
+        Command::Plan {
+            fleet,
+            out: save,
+            detailed_exitcode,
+            scope,
+        } => {
+            let path = fleet_path(g, fleet)?;
+            let args = run::PlanArgs {
+                out: save.clone(),
+                detailed_exitcode: *detailed_exitcode,
+                options: scope.options(),
+            };
+            runtime()?.block_on(run::cmd_plan(&path, &g.lock, g.locked, g.sim, &args, out))
+        }
+        Command::Apply {
+            path,
+            auto_approve,
+            concurrency,
+            scope,
+        } => {
+            let path = path.clone().or_else(|| g.fleet.clone()).ok_or_else(|| {
+                Failure::Message("no fleet file or saved plan given\n  hint: nixgold apply FLEET (or a file from plan --out)".into())
+            })?;
+            let args = run::ApplyArgs {
+                auto_approve: *auto_approve,
+                options: scope.options(),
+                concurrency: *concurrency,
+            };
+            runtime()?.block_on(run::cmd_apply(&path, &g.lock, g.locked, g.sim, &args, out))
+        }
+        Command::Output(arg) => {
+            let path = fleet_path(g, arg)?;
+            runtime()?.block_on(run::cmd_output(&path, &g.lock, g.sim, out))
+        }
         Command::Validate(arg) => {
             let (loaded, lock) = load_checked(&fleet_path(g, arg)?, &g.lock)?;
             let f = &loaded.fleet;
@@ -277,7 +368,7 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<(), Failure> {
             }
             warn_insecure(&loaded, out);
             drop(lock);
-            Ok(())
+            Ok(0)
         }
         Command::Graph { fleet, format } => {
             let (loaded, lock) = load_checked(&fleet_path(g, fleet)?, &g.lock)?;
@@ -291,7 +382,7 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<(), Failure> {
                     GraphFormat::Text => print!("{}", desired.to_text()),
                 }
             }
-            Ok(())
+            Ok(0)
         }
         Command::Render { fleet, image } => {
             let (loaded, _lock) = load_checked(&fleet_path(g, fleet)?, &g.lock)?;
@@ -319,7 +410,7 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<(), Failure> {
                     "# ===== configuration.nix =====\n{configuration}\n# ===== install.sh =====\n{script}"
                 );
             }
-            Ok(())
+            Ok(0)
         }
         Command::Lock(arg) => {
             let (loaded, lock) = load_checked(&fleet_path(g, arg)?, &g.lock)?;
@@ -341,13 +432,13 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<(), Failure> {
                     out.info(&format!("note: {iso} is not pinned yet"));
                 }
             }
-            Ok(())
+            Ok(0)
         }
         Command::Schema => {
             print!("{}", fleet::load::json_schema());
-            Ok(())
+            Ok(0)
         }
-        Command::Sim { command } => sim::run(command),
+        Command::Sim { command } => sim::run(command).map(|()| 0),
     }
 }
 
@@ -362,7 +453,10 @@ fn fleet_path(g: &Global, arg: &FleetArg) -> Result<PathBuf, Failure> {
 }
 
 /// Loads the fleet and its lockfile and runs every semantic check.
-fn load_checked(path: &Path, lock_path: &Path) -> Result<(LoadedFleet, Lockfile), Failure> {
+pub(crate) fn load_checked(
+    path: &Path,
+    lock_path: &Path,
+) -> Result<(LoadedFleet, Lockfile), Failure> {
     let loaded = fleet::load(path).map_err(|e| match e {
         fleet::FleetError::Invalid { problems, report } => Failure::Problems {
             problems,

@@ -76,7 +76,7 @@ pub struct Tls {
 
 /// Where a secret is read at run time. The secret itself never enters the
 /// fleet model.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(untagged, deny_unknown_fields)]
 pub enum SecretRef {
     Env { env: String },

@@ -1,0 +1,450 @@
+//! Apply: executes a plan's changes, one pass that converges when re-run.
+//!
+//! Phases run in dependency order — destroys (they free VMIDs and space),
+//! ISO downloads, then VM clones/updates — each with bounded concurrency
+//! that respects Proxmox's serialisation points: clones from one template
+//! and full clones into one storage are limited separately, because those
+//! are where "can't lock file … got timeout" comes from. Lock contention
+//! and 595/596/599 are retried with backoff after re-reading state; other
+//! errors fail the change and the changes that depend on it, and
+//! independent changes go on. Every step is reported as an [`Event`].
+//!
+//! Every VM is stamped at clone time (the clone call carries the
+//! description), so an interrupted apply leaves VMs the next plan
+//! recognises and finishes — never duplicates.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pve_api::property::Net;
+use pve_api::{ApiError, Client, CloneRequest, ConfigUpdate, Upid};
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::connect::read_secret;
+use crate::plan::{Action, Change, Plan, VmWork, Work};
+
+#[derive(Debug, Clone)]
+pub struct ApplyOptions {
+    /// Changes in flight at once.
+    pub concurrency: usize,
+    /// Clones from one template at once.
+    pub per_template: usize,
+    /// Full clones into one storage at once.
+    pub per_storage: usize,
+    pub attempts: u32,
+    pub retry_base: Duration,
+    /// Deadline of one Proxmox task.
+    pub task_timeout: Duration,
+    /// Where relative secret files are found (the fleet's directory).
+    pub base_dir: PathBuf,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        ApplyOptions {
+            concurrency: 8,
+            per_template: 2,
+            per_storage: 2,
+            attempts: 6,
+            retry_base: Duration::from_millis(500),
+            task_timeout: Duration::from_secs(30 * 60),
+            base_dir: PathBuf::from("."),
+        }
+    }
+}
+
+/// Progress of an apply, for the terminal view and for tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Started {
+        address: String,
+        step: String,
+    },
+    Finished {
+        address: String,
+        step: String,
+        elapsed: Duration,
+    },
+    Retrying {
+        address: String,
+        step: String,
+        error: String,
+    },
+    Failed {
+        address: String,
+        step: String,
+        error: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    Failed {
+        step: String,
+        error: String,
+    },
+    /// Not attempted because a change it depends on failed.
+    Skipped {
+        because: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeReport {
+    pub address: String,
+    pub action: Action,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    pub changes: Vec<ChangeReport>,
+}
+
+impl Report {
+    pub fn succeeded(&self) -> bool {
+        self.changes.iter().all(|c| c.outcome == Outcome::Done)
+    }
+}
+
+struct Ctx {
+    client: Client,
+    opts: ApplyOptions,
+    events: mpsc::UnboundedSender<Event>,
+    templates: std::sync::Mutex<BTreeMap<u32, Arc<Semaphore>>>,
+    storages: std::sync::Mutex<BTreeMap<String, Arc<Semaphore>>>,
+}
+
+impl Ctx {
+    fn emit(&self, e: Event) {
+        let _ = self.events.send(e);
+    }
+
+    fn limiter<K: Ord>(
+        map: &std::sync::Mutex<BTreeMap<K, Arc<Semaphore>>>,
+        key: K,
+        n: usize,
+    ) -> Arc<Semaphore> {
+        let mut m = map.lock().expect("limiters");
+        m.entry(key)
+            .or_insert_with(|| Arc::new(Semaphore::new(n.max(1))))
+            .clone()
+    }
+
+    /// Runs one step: reports it, retries what is worth retrying.
+    async fn step<T, F, Fut>(&self, address: &str, step: &str, mut f: F) -> Result<T, Outcome>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ApiError>>,
+    {
+        self.emit(Event::Started {
+            address: address.to_owned(),
+            step: step.to_owned(),
+        });
+        let started = Instant::now();
+        let mut delay = self.opts.retry_base;
+        let mut attempt = 1;
+        loop {
+            match f().await {
+                Ok(v) => {
+                    self.emit(Event::Finished {
+                        address: address.to_owned(),
+                        step: step.to_owned(),
+                        elapsed: started.elapsed(),
+                    });
+                    return Ok(v);
+                }
+                Err(e)
+                    if (e.is_lock_contention() || e.is_transport())
+                        && attempt < self.opts.attempts =>
+                {
+                    self.emit(Event::Retrying {
+                        address: address.to_owned(),
+                        step: step.to_owned(),
+                        error: e.to_string(),
+                    });
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(20));
+                    attempt += 1;
+                }
+                Err(e) => {
+                    self.emit(Event::Failed {
+                        address: address.to_owned(),
+                        step: step.to_owned(),
+                        error: e.to_string(),
+                    });
+                    return Err(Outcome::Failed {
+                        step: step.to_owned(),
+                        error: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+
+    async fn wait(&self, upid: &Upid) -> Result<(), ApiError> {
+        self.client
+            .wait_task_for(upid, self.opts.task_timeout)
+            .await
+            .map(|_| ())
+    }
+}
+
+/// Applies `plan`. Returns when every change has finished or failed.
+pub async fn apply(
+    client: &Client,
+    plan: &Plan,
+    opts: ApplyOptions,
+    events: mpsc::UnboundedSender<Event>,
+) -> Report {
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        opts,
+        events,
+        templates: Default::default(),
+        storages: Default::default(),
+    });
+    let mut report = Report::default();
+    let phases: [fn(&Change) -> bool; 3] = [
+        |c| c.action == Action::Destroy,
+        |c| matches!(c.work, Work::DownloadIso { .. }),
+        |c| {
+            matches!(
+                c.work,
+                Work::CreateVm(_) | Work::UpdateVm(_) | Work::ReplaceVm { .. }
+            )
+        },
+    ];
+    for in_phase in phases {
+        let global = Arc::new(Semaphore::new(ctx.opts.concurrency.max(1)));
+        let mut set = tokio::task::JoinSet::new();
+        for (i, change) in plan.changes.iter().enumerate().filter(|(_, c)| in_phase(c)) {
+            let ctx = ctx.clone();
+            let change = change.clone();
+            let global = global.clone();
+            set.spawn(async move {
+                let _permit = global.acquire_owned().await.expect("open semaphore");
+                let outcome = match run_change(&ctx, &change).await {
+                    Ok(()) => Outcome::Done,
+                    Err(o) => o,
+                };
+                (
+                    i,
+                    ChangeReport {
+                        address: change.address.clone(),
+                        action: change.action,
+                        outcome,
+                    },
+                )
+            });
+        }
+        let mut done = Vec::new();
+        while let Some(r) = set.join_next().await {
+            done.push(r.expect("a change task does not panic"));
+        }
+        done.sort_by_key(|(i, _)| *i);
+        report.changes.extend(done.into_iter().map(|(_, r)| r));
+    }
+    report
+}
+
+async fn run_change(ctx: &Ctx, change: &Change) -> Result<(), Outcome> {
+    let address = change.address.as_str();
+    match &change.work {
+        Work::DownloadIso {
+            node,
+            storage,
+            url,
+            filename,
+            sha256,
+        } => {
+            ctx.step(
+                address,
+                "download (checksum verified on the node)",
+                || async {
+                    let upid = ctx
+                        .client
+                        .download_url(node, storage, url, filename, sha256)
+                        .await?;
+                    ctx.wait(&upid).await
+                },
+            )
+            .await
+        }
+        Work::CreateVm(w) => create_vm(ctx, address, w).await,
+        Work::UpdateVm(w) => update_vm(ctx, address, w).await,
+        Work::ReplaceVm { old_node, new } => {
+            destroy_vm(ctx, address, new.vmid, old_node).await?;
+            create_vm(ctx, address, new).await
+        }
+        Work::DestroyVm { vmid, node } => destroy_vm(ctx, address, *vmid, node).await,
+    }
+}
+
+async fn destroy_vm(ctx: &Ctx, address: &str, vmid: u32, node: &str) -> Result<(), Outcome> {
+    ctx.step(address, "stop", || async {
+        match ctx.client.vm_status(node, vmid).await {
+            Ok(s) if s.is_running() => ctx.wait(&ctx.client.stop(node, vmid).await?).await,
+            Ok(_) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e),
+        }
+    })
+    .await?;
+    ctx.step(address, "destroy", || async {
+        match ctx.client.destroy(node, vmid, true, false).await {
+            Ok(upid) => ctx.wait(&upid).await,
+            // Already gone (an earlier attempt whose answer was lost).
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e),
+        }
+    })
+    .await
+}
+
+async fn create_vm(ctx: &Ctx, address: &str, w: &VmWork) -> Result<(), Outcome> {
+    let template_limit = Ctx::limiter(&ctx.templates, w.template_vmid, ctx.opts.per_template);
+    let storage_limit = w
+        .storage
+        .as_ref()
+        .map(|s| Ctx::limiter(&ctx.storages, s.clone(), ctx.opts.per_storage));
+    {
+        let _t = template_limit.acquire().await.expect("open semaphore");
+        let _s = match &storage_limit {
+            Some(l) => Some(l.acquire().await.expect("open semaphore")),
+            None => None,
+        };
+        let step = format!(
+            "{} clone of template {}",
+            if w.full_clone { "full" } else { "linked" },
+            w.template_vmid
+        );
+        ctx.step(address, &step, || clone_once(ctx, w)).await?;
+    }
+    configure(ctx, address, w, None).await
+}
+
+/// One clone attempt. Before re-sending after a failure, the target is
+/// looked up: a stamped VM there means the earlier clone went through.
+async fn clone_once(ctx: &Ctx, w: &VmWork) -> Result<(), ApiError> {
+    let description = w.set.get("description").cloned();
+    if let Ok(cfg) = ctx.client.vm_config(&w.node, w.vmid, false).await
+        && cfg.get("description") == description.as_deref()
+    {
+        return wait_unlocked(ctx, w).await;
+    }
+    let request = CloneRequest {
+        newid: w.vmid,
+        name: Some(w.name.clone()),
+        full: w.full_clone,
+        storage: w.storage.clone(),
+        target: (w.node != w.template_node).then(|| w.node.clone()),
+        description,
+        pool: None,
+    };
+    let upid = ctx
+        .client
+        .clone_vm(&w.template_node, w.template_vmid, &request)
+        .await?;
+    ctx.wait(&upid).await
+}
+
+/// Waits until a clone that is still running has released its target.
+async fn wait_unlocked(ctx: &Ctx, w: &VmWork) -> Result<(), ApiError> {
+    let deadline = Instant::now() + ctx.opts.task_timeout;
+    loop {
+        let cfg = ctx.client.vm_config(&w.node, w.vmid, false).await?;
+        match cfg.get("lock") {
+            None => return Ok(()),
+            Some(lock) if Instant::now() > deadline => {
+                return Err(ApiError::Locked {
+                    message: format!("VM is locked ({lock})"),
+                });
+            }
+            Some(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+async fn update_vm(ctx: &Ctx, address: &str, w: &VmWork) -> Result<(), Outcome> {
+    configure(ctx, address, w, w.digest.clone()).await
+}
+
+/// Config write (one, digest-guarded), resize, start — in that order, so
+/// the first boot sees the cloud-init data.
+async fn configure(
+    ctx: &Ctx,
+    address: &str,
+    w: &VmWork,
+    plan_digest: Option<String>,
+) -> Result<(), Outcome> {
+    let mut set = w.set.clone();
+    if let Some(reference) = &w.password {
+        let secret = read_secret(
+            reference,
+            &ctx.opts.base_dir,
+            &format!("{address}.password"),
+        )
+        .map_err(|e| Outcome::Failed {
+            step: "read password".into(),
+            error: e.to_string(),
+        })?;
+        set.insert("cipassword".into(), secret.expose().to_owned());
+    }
+    if !set.is_empty() {
+        let mut first = true;
+        ctx.step(address, "configure (cloud-init, resources, tags)", || {
+            let mut set = set.clone();
+            let planned = plan_digest.clone().filter(|_| first);
+            first = false;
+            async move {
+                let current = ctx.client.vm_config(&w.node, w.vmid, false).await?;
+                // Keep the MAC Proxmox generated at clone time.
+                if let Some(net) = set.get_mut("net0") {
+                    let mut want = Net::parse(net);
+                    if want.mac.is_none() {
+                        want.mac = current.get("net0").map(Net::parse).and_then(|n| n.mac);
+                    }
+                    *net = want.to_string();
+                }
+                // The plan-time digest guards the first write; a retry after
+                // lock contention re-reads it (the values are the same).
+                let digest = planned.unwrap_or(current.digest);
+                let update = ConfigUpdate {
+                    set,
+                    delete: Vec::new(),
+                    digest: Some(digest),
+                };
+                let upid = ctx.client.update_config(&w.node, w.vmid, &update).await?;
+                ctx.wait(&upid).await
+            }
+        })
+        .await?;
+    }
+    if let Some(size) = &w.resize {
+        ctx.step(address, &format!("grow disk to {size}"), || async {
+            match ctx
+                .client
+                .resize(&w.node, w.vmid, "scsi0", size, None)
+                .await?
+            {
+                Some(upid) => ctx.wait(&upid).await,
+                None => Ok(()),
+            }
+        })
+        .await?;
+    }
+    if w.start {
+        ctx.step(address, "start", || async {
+            match ctx.client.vm_status(&w.node, w.vmid).await {
+                Ok(s) if s.is_running() => Ok(()),
+                _ => ctx.wait(&ctx.client.start(&w.node, w.vmid).await?).await,
+            }
+        })
+        .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,457 @@
+//! `plan`, `apply` and `output`: the commands that talk to a cluster.
+//!
+//! All of them start the same way: load and validate the fleet, pin what is
+//! unpinned (refused under `--locked`), build the desired graph, connect
+//! (or start the embedded simulator with `--sim`), collect live state.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use pve_api::Client;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::{Failure, Output};
+use crate::apply::{self, ApplyOptions, Event, Outcome};
+use crate::connect::{self, Embedded};
+use crate::desired::{self, DesiredGraph};
+use crate::fleet::{Checksum, Iso, LoadedFleet};
+use crate::live::{self, LiveState};
+use crate::pin::{self, Resolver};
+use crate::plan::{self, Plan, PlanOptions};
+use crate::render;
+
+/// Exit code of `plan --detailed-exitcode` when there are changes.
+pub const EXIT_CHANGES: u8 = 2;
+
+/// Where `--sim` keeps the embedded simulator's state.
+fn sim_dir() -> PathBuf {
+    std::env::var_os("NIXGOLD_SIM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(".nixgold/sim"))
+}
+
+pub struct Connection {
+    pub client: Client,
+    /// Keeps the embedded simulator alive while connected.
+    _embedded: Option<Embedded>,
+}
+
+pub struct Session {
+    pub loaded: LoadedFleet,
+    pub lock_path: PathBuf,
+    pub desired: DesiredGraph,
+    pub conn: Connection,
+    pub live: LiveState,
+}
+
+/// Load, pin, build, connect, collect.
+pub async fn session(
+    fleet: &Path,
+    lock_path: &Path,
+    locked: bool,
+    sim: bool,
+    out: &Output,
+) -> Result<Session, Failure> {
+    let (loaded, lock) = super::load_checked(fleet, lock_path)?;
+    let mut pinned = lock.clone();
+    let resolver = if sim {
+        Resolver::Simulated
+    } else {
+        Resolver::http()
+    };
+    for (name, iso) in &loaded.fleet.isos {
+        let fixed = matches!(
+            iso,
+            Iso::Url {
+                checksum: Checksum::Sha256(_),
+                ..
+            }
+        );
+        let current = pinned
+            .isos
+            .get(name)
+            .is_some_and(|p| p.source == iso.source());
+        if fixed || current {
+            continue;
+        }
+        if locked {
+            return Err(Failure::Message(format!(
+                "iso `{name}` is not pinned in {}, but --locked was given\n  hint: run without --locked to pin it, and commit the lockfile",
+                lock_path.display()
+            )));
+        }
+        out.info(&format!("pinning iso `{name}` ({})…", iso.source()));
+        let pin = pin::resolve(&resolver, name, iso)
+            .await
+            .map_err(Failure::from)?;
+        out.info(&format!("  {} sha256 {}", pin.url, pin.sha256));
+        pinned.isos.insert(name.clone(), pin);
+    }
+    let desired = desired::build(&loaded.fleet, &pinned)?;
+    let conn = if sim {
+        let embedded = connect::embedded(&loaded.fleet, &desired.lock, &sim_dir())
+            .await
+            .map_err(Failure::from)?;
+        out.info(&format!(
+            "using the embedded Proxmox simulator (state in {})",
+            sim_dir().display()
+        ));
+        Connection {
+            client: embedded.client.clone(),
+            _embedded: Some(embedded),
+        }
+    } else {
+        let base = loaded.path.parent().unwrap_or(Path::new("."));
+        let options = connect::client_options(&loaded.fleet, base).map_err(Failure::from)?;
+        if matches!(options.tls, pve_api::Tls::Insecure) {
+            out.info("warning: TLS verification is OFF for the Proxmox API (proxmox.tls.insecure)");
+        }
+        Connection {
+            client: Client::new(options).map_err(Failure::from)?,
+            _embedded: None,
+        }
+    };
+    let live = live::collect(&conn.client, &desired, &loaded.fleet.fleet, 8)
+        .await
+        .map_err(Failure::from)?;
+    tracing::info!("live state: {} API calls", live.calls);
+    Ok(Session {
+        loaded,
+        lock_path: lock_path.to_owned(),
+        desired,
+        conn,
+        live,
+    })
+}
+
+fn compute(s: &Session, options: &PlanOptions) -> Result<Plan, Failure> {
+    let lock_text = s.desired.lock.render();
+    plan::plan(&s.loaded.fleet, &s.desired, &s.live, &lock_text, options).map_err(|errors| {
+        Failure::Message(
+            errors
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("\nerror: "),
+        )
+    })
+}
+
+/// A plan saved by `plan --out`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SavedPlan {
+    pub format: String,
+    pub fleet_path: PathBuf,
+    pub lock_path: PathBuf,
+    /// The lockfile text the plan goes with.
+    pub lock_text: String,
+    pub plan: Plan,
+}
+
+const SAVED_PLAN_FORMAT: &str = "nixgold-plan/1";
+
+#[derive(Debug, Clone, Default)]
+pub struct PlanArgs {
+    pub out: Option<PathBuf>,
+    pub detailed_exitcode: bool,
+    pub options: PlanOptions,
+}
+
+pub fn print_plan(plan: &Plan, out: &Output) {
+    if out.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(plan).expect("plans serialise")
+        );
+    } else {
+        print!("{}", render::plan_text(plan));
+        if out.verbose > 0 {
+            println!("(live state read with {} API calls)", plan.api_calls);
+        }
+    }
+}
+
+pub async fn cmd_plan(
+    fleet: &Path,
+    lock: &Path,
+    locked: bool,
+    sim: bool,
+    args: &PlanArgs,
+    out: &Output,
+) -> Result<u8, Failure> {
+    let s = session(fleet, lock, locked, sim, out).await?;
+    let plan = compute(&s, &args.options)?;
+    let changed = s.desired.lock.write(lock, locked)?;
+    if changed {
+        out.info(&format!(
+            "{}: updated (VMID allocations, ISO pins)",
+            lock.display()
+        ));
+    }
+    print_plan(&plan, out);
+    if let Some(path) = &args.out {
+        let saved = SavedPlan {
+            format: SAVED_PLAN_FORMAT.into(),
+            fleet_path: s.loaded.path.clone(),
+            lock_path: lock.to_owned(),
+            lock_text: s.desired.lock.render(),
+            plan: plan.clone(),
+        };
+        let text = serde_json::to_string_pretty(&saved).expect("plans serialise");
+        write_atomic(path, &text)
+            .map_err(|e| Failure::Message(format!("cannot write {}: {e}", path.display())))?;
+        out.info(&format!(
+            "saved the plan to {}; apply it with `nixgold apply {}`",
+            path.display(),
+            path.display()
+        ));
+    }
+    Ok(if args.detailed_exitcode && !plan.is_empty() {
+        EXIT_CHANGES
+    } else {
+        0
+    })
+}
+
+fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(text.as_bytes())?;
+    tmp.persist(path).map(|_| ()).map_err(|e| e.error)
+}
+
+/// Reads `path` as a saved plan, if it is one.
+pub fn read_saved(path: &Path) -> Option<Result<SavedPlan, Failure>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+    (value.get("format").and_then(|f| f.as_str()) == Some(SAVED_PLAN_FORMAT)).then(|| {
+        serde_json::from_value(value).map_err(|e| {
+            Failure::Message(format!("{}: not a usable saved plan: {e}", path.display()))
+        })
+    })
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ApplyArgs {
+    pub auto_approve: bool,
+    pub options: PlanOptions,
+    pub concurrency: usize,
+}
+
+pub async fn cmd_apply(
+    target: &Path,
+    lock: &Path,
+    locked: bool,
+    sim: bool,
+    args: &ApplyArgs,
+    out: &Output,
+) -> Result<u8, Failure> {
+    let (s, plan, saved) = match read_saved(target) {
+        Some(saved) => {
+            let saved = saved?;
+            let current = std::fs::read_to_string(&saved.lock_path).unwrap_or_default();
+            if current != saved.lock_text {
+                return Err(Failure::Message(format!(
+                    "{} changed since the plan was saved\n  hint: run `nixgold plan` again",
+                    saved.lock_path.display()
+                )));
+            }
+            let s = session(&saved.fleet_path, &saved.lock_path, true, sim, out).await?;
+            if s.live.fingerprint() != saved.plan.live_fingerprint {
+                return Err(Failure::Message(
+                    "the cluster changed since the plan was saved\n  hint: run `nixgold plan` again and review the new plan".into(),
+                ));
+            }
+            let plan = saved.plan.clone();
+            (s, plan, true)
+        }
+        None => {
+            let s = session(target, lock, locked, sim, out).await?;
+            let plan = compute(&s, &args.options)?;
+            (s, plan, false)
+        }
+    };
+    if !saved {
+        print_plan(&plan, out);
+    }
+    if plan.is_empty() {
+        s.desired.lock.write(&s.lock_path, locked)?;
+        return Ok(0);
+    }
+    if !args.auto_approve && !saved {
+        if !std::io::stdin().is_terminal() {
+            return Err(Failure::Message(
+                "refusing to apply without confirmation\n  hint: review the plan and pass --auto-approve (or save it with plan --out and apply the file)".into(),
+            ));
+        }
+        eprint!("\nApply these changes? Only 'yes' is accepted: ");
+        let _ = std::io::stderr().flush();
+        let mut answer = String::new();
+        let _ = std::io::stdin().read_line(&mut answer);
+        if answer.trim() != "yes" {
+            return Err(Failure::Message(
+                "apply cancelled; nothing was changed".into(),
+            ));
+        }
+    }
+    // Record allocations and pins before touching the cluster.
+    s.desired.lock.write(&s.lock_path, locked)?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let printer = tokio::spawn(print_events(rx, out.quiet));
+    let mut options = ApplyOptions {
+        base_dir: s.loaded.path.parent().unwrap_or(Path::new(".")).to_owned(),
+        ..ApplyOptions::default()
+    };
+    if args.concurrency > 0 {
+        options.concurrency = args.concurrency;
+    }
+    let report = apply::apply(&s.conn.client, &plan, options, tx).await;
+    let _ = printer.await;
+    let mut failed = 0;
+    for c in &report.changes {
+        let line = match &c.outcome {
+            Outcome::Done => format!("  {} {}: done", c.action.symbol(), c.address),
+            Outcome::Failed { step, error } => {
+                failed += 1;
+                format!(
+                    "  {} {}: FAILED at {step}: {error}",
+                    c.action.symbol(),
+                    c.address
+                )
+            }
+            Outcome::Skipped { because } => {
+                failed += 1;
+                format!("  {} {}: skipped ({because})", c.action.symbol(), c.address)
+            }
+        };
+        if out.json {
+            continue;
+        }
+        println!("{line}");
+    }
+    if out.json {
+        let items: Vec<serde_json::Value> = report
+            .changes
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "address": c.address,
+                    "action": c.action,
+                    "outcome": match &c.outcome {
+                        Outcome::Done => serde_json::json!({"done": true}),
+                        Outcome::Failed { step, error } => serde_json::json!({"failed": {"step": step, "error": error}}),
+                        Outcome::Skipped { because } => serde_json::json!({"skipped": because}),
+                    }
+                })
+            })
+            .collect();
+        println!("{}", serde_json::json!({ "changes": items }));
+    }
+    if failed > 0 {
+        return Err(Failure::Message(format!(
+            "{failed} change(s) did not complete\n  hint: fix the cause and run apply again: it finishes what is left"
+        )));
+    }
+    if !out.json {
+        println!(
+            "Apply complete: {} created, {} updated, {} replaced, {} destroyed.",
+            plan.count(plan::Action::Create),
+            plan.count(plan::Action::Update),
+            plan.count(plan::Action::Replace),
+            plan.count(plan::Action::Destroy)
+        );
+    }
+    Ok(0)
+}
+
+async fn print_events(mut rx: mpsc::UnboundedReceiver<Event>, quiet: bool) {
+    while let Some(event) = rx.recv().await {
+        if quiet {
+            continue;
+        }
+        let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        let time = now.get(11..19).unwrap_or(&now);
+        let line = match event {
+            Event::Started { address, step } => format!("{address}: {step}…"),
+            Event::Finished {
+                address,
+                step,
+                elapsed,
+            } => format!("{address}: {step} done ({:.1}s)", elapsed.as_secs_f64()),
+            Event::Retrying {
+                address,
+                step,
+                error,
+            } => format!("{address}: {step}: {error}; retrying"),
+            Event::Failed {
+                address,
+                step,
+                error,
+            } => format!("{address}: {step} FAILED: {error}"),
+        };
+        eprintln!("[{time}] {line}");
+    }
+}
+
+pub async fn cmd_output(fleet: &Path, lock: &Path, sim: bool, out: &Output) -> Result<u8, Failure> {
+    let s = session(fleet, lock, true, sim, out).await?;
+    let mut rows = Vec::new();
+    for (vm, stamp) in plan::owned(&s.live, &s.loaded.fleet.fleet) {
+        let name = stamp.get("resource").cloned().unwrap_or_default();
+        let config = vm.config.as_ref().map(|c| &c.values);
+        let mut ip = config
+            .and_then(|c| c.get("ipconfig0"))
+            .and_then(|v| pve_api::property::IpConfig::parse(v).ip)
+            .filter(|ip| ip != "dhcp")
+            .map(|ip| ip.split('/').next().unwrap_or(&ip).to_owned());
+        if ip.is_none() && vm.running == Some(true) {
+            ip = s
+                .conn
+                .client
+                .agent_interfaces(&vm.node, vm.vmid)
+                .await
+                .ok()
+                .and_then(|ifaces| {
+                    ifaces
+                        .into_iter()
+                        .filter(|i| i.name != "lo")
+                        .flat_map(|i| i.ip_addresses)
+                        .find(|a| a.kind == "ipv4" && !a.ip_address.starts_with("169.254."))
+                        .map(|a| a.ip_address)
+                });
+        }
+        rows.push(serde_json::json!({
+            "address": name,
+            "name": vm.name,
+            "vmid": vm.vmid,
+            "node": vm.node,
+            "status": if vm.running == Some(true) { "running" } else { "stopped" },
+            "ip": ip,
+            "generation": stamp.get("generation").and_then(|g| g.parse::<u32>().ok()),
+        }));
+    }
+    if out.json {
+        println!("{}", serde_json::to_string_pretty(&rows).expect("json"));
+    } else {
+        println!(
+            "{:<24} {:>9}  {:<10} {:<8} {:<16} generation",
+            "vm", "vmid", "node", "status", "ip"
+        );
+        for r in &rows {
+            println!(
+                "{:<24} {:>9}  {:<10} {:<8} {:<16} {}",
+                r["address"].as_str().unwrap_or_default(),
+                r["vmid"],
+                r["node"].as_str().unwrap_or_default(),
+                r["status"].as_str().unwrap_or_default(),
+                r["ip"].as_str().unwrap_or("-"),
+                r["generation"]
+            );
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,258 @@
+//! How nixgold reaches a cluster: the fleet's `proxmox` section, overridden
+//! by the ecosystem's environment variables, or — with `--sim` — an
+//! in-process simulator whose state lives under `.nixgold/sim/`, so a fleet
+//! can be planned and applied with no cluster at all.
+//!
+//! Secrets are read here, at run time, from the references in the fleet or
+//! the environment; they go straight into the client's `Secret` wrappers.
+
+use std::path::{Path, PathBuf};
+
+use pve_api::{Client, ClientOptions, Credentials, Secret, Tls};
+use pve_sim::cluster::{NodeSpec, StorageSpec};
+use pve_sim::{
+    ClusterSpec, Credentials as SimCredentials, RemoteFile, ServerHandle, SimOptions, Simulator,
+};
+
+use crate::fleet::{Fleet, SecretRef};
+use crate::lock::Lockfile;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("{what}: {reason}\n  hint: {hint}")]
+    Setting {
+        what: String,
+        reason: String,
+        hint: String,
+    },
+    #[error("cannot connect: {0}")]
+    Client(#[from] pve_api::ApiError),
+    #[error("cannot start the embedded simulator: {0}")]
+    Sim(String),
+}
+
+fn setting(what: &str, reason: impl Into<String>, hint: &str) -> ConnectError {
+    ConnectError::Setting {
+        what: what.to_owned(),
+        reason: reason.into(),
+        hint: hint.to_owned(),
+    }
+}
+
+/// Reads a secret from its reference; relative files start at `base`.
+pub fn read_secret(reference: &SecretRef, base: &Path, what: &str) -> Result<Secret, ConnectError> {
+    match reference {
+        SecretRef::Env { env } => std::env::var(env).map(Secret::new).map_err(|_| {
+            setting(
+                what,
+                format!("environment variable {env} is not set"),
+                &format!("export {env}=…"),
+            )
+        }),
+        SecretRef::File { file } => {
+            let path = base.join(file);
+            std::fs::read_to_string(&path)
+                .map(|s| Secret::new(s.trim_end_matches(['\n', '\r'])))
+                .map_err(|e| {
+                    setting(
+                        what,
+                        format!("cannot read {}: {e}", path.display()),
+                        "check the file reference",
+                    )
+                })
+        }
+    }
+}
+
+fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "yes"))
+}
+
+/// Client options for a real cluster, from the fleet and the environment
+/// (`PROXMOX_VE_ENDPOINT`, `PROXMOX_VE_API_TOKEN`, `PROXMOX_VE_USERNAME`,
+/// `PROXMOX_VE_PASSWORD`, `PROXMOX_VE_INSECURE`).
+pub fn client_options(fleet: &Fleet, base: &Path) -> Result<ClientOptions, ConnectError> {
+    let px = &fleet.proxmox;
+    let endpoint = std::env::var("PROXMOX_VE_ENDPOINT").unwrap_or_else(|_| px.endpoint.clone());
+    let credentials = if let Ok(token) = std::env::var("PROXMOX_VE_API_TOKEN") {
+        Credentials::token(&token)
+            .map_err(|e| setting("PROXMOX_VE_API_TOKEN", e, "write user@realm!tokenid=secret"))?
+    } else if let Some(token) = &px.token {
+        let secret = read_secret(token, base, "proxmox.token")?;
+        Credentials::token(secret.expose()).map_err(|e| {
+            setting(
+                "proxmox.token",
+                e,
+                "the secret must be user@realm!tokenid=secret",
+            )
+        })?
+    } else {
+        let username = std::env::var("PROXMOX_VE_USERNAME")
+            .ok()
+            .or_else(|| px.username.clone())
+            .ok_or_else(|| {
+                setting(
+                    "proxmox",
+                    "no credentials",
+                    "set proxmox.token (or PROXMOX_VE_API_TOKEN), or a username and password",
+                )
+            })?;
+        let password = match std::env::var("PROXMOX_VE_PASSWORD") {
+            Ok(p) => Secret::new(p),
+            Err(_) => {
+                let reference = px.password.as_ref().ok_or_else(|| {
+                    setting(
+                        "proxmox.password",
+                        "missing",
+                        "set it, or PROXMOX_VE_PASSWORD",
+                    )
+                })?;
+                read_secret(reference, base, "proxmox.password")?
+            }
+        };
+        Credentials::Password { username, password }
+    };
+    let tls = match (&px.tls.fingerprint, &px.tls.ca_file) {
+        (Some(fp), _) => Tls::fingerprint(&fp.to_string())
+            .map_err(|e| setting("proxmox.tls.fingerprint", e, "64 hex digits"))?,
+        (None, Some(ca)) => Tls::CaFile(base.join(ca)),
+        (None, None) if px.tls.insecure && px.tls.allow_insecure => Tls::Insecure,
+        (None, None) if env_flag("PROXMOX_VE_INSECURE") => {
+            if !px.tls.allow_insecure {
+                return Err(setting(
+                    "PROXMOX_VE_INSECURE",
+                    "certificate verification would be turned off without the fleet's opt-in",
+                    "pin the certificate with proxmox.tls.fingerprint, or set proxmox.tls.allow_insecure = true",
+                ));
+            }
+            Tls::Insecure
+        }
+        (None, None) => Tls::System,
+    };
+    Ok(ClientOptions::new(endpoint, credentials, tls))
+}
+
+/// A running embedded simulator and a client for it.
+pub struct Embedded {
+    pub client: Client,
+    pub handle: ServerHandle,
+    pub sim: Simulator,
+}
+
+/// The token the embedded simulator accepts (it only listens on loopback).
+const EMBEDDED_TOKEN: &str = "root@pam!nixgold=embedded-simulator";
+
+/// The simulated cluster for a fleet: its nodes with `vmbr0`, the default
+/// storages, and every storage the fleet names (shared ones as shared).
+pub fn cluster_for(fleet: &Fleet) -> ClusterSpec {
+    let mut spec = ClusterSpec::default();
+    let template = spec.nodes[0].clone();
+    spec.nodes = fleet
+        .proxmox
+        .nodes
+        .iter()
+        .map(|n| NodeSpec {
+            name: n.to_string(),
+            ..template.clone()
+        })
+        .collect();
+    let mut bridges: Vec<String> = vec!["vmbr0".into()];
+    bridges.extend(fleet.images.values().map(|i| i.hardware.bridge.clone()));
+    bridges.sort();
+    bridges.dedup();
+    for node in &mut spec.nodes {
+        node.bridges = bridges.clone();
+    }
+    let mut add = |id: &str, iso: bool| {
+        if spec.storages.iter().any(|s| s.id == id) {
+            return;
+        }
+        let shared = fleet.proxmox.is_shared(id);
+        spec.storages.push(StorageSpec {
+            id: id.to_owned(),
+            plugin: match (iso, shared) {
+                (true, true) => "cephfs",
+                (true, false) => "dir",
+                (false, true) => "rbd",
+                (false, false) => "lvmthin",
+            }
+            .to_owned(),
+            content: if iso {
+                vec!["iso".into(), "vztmpl".into()]
+            } else {
+                vec!["images".into(), "rootdir".into()]
+            },
+            shared,
+            capacity: 4 << 40,
+            nodes: None,
+        });
+    };
+    for iso in fleet.isos.values() {
+        add(iso.storage(), true);
+    }
+    for image in fleet.images.values() {
+        add(&image.hardware.storage, false);
+    }
+    for vm in fleet.vms.values() {
+        if let Some(s) = &vm.storage {
+            add(s, false);
+        }
+    }
+    spec
+}
+
+/// Starts the embedded simulator for `fleet` with its state in `dir`.
+/// Its "internet" serves exactly the ISOs the lockfile pins.
+pub async fn embedded(
+    fleet: &Fleet,
+    lock: &Lockfile,
+    dir: &Path,
+) -> Result<Embedded, ConnectError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| ConnectError::Sim(format!("{}: {e}", dir.display())))?;
+    let mut opts = SimOptions::default();
+    for pin in lock.isos.values() {
+        opts.remote_files.insert(
+            pin.url.clone(),
+            RemoteFile {
+                sha256: pin.sha256.to_string(),
+                size: 1 << 30,
+            },
+        );
+    }
+    for iso in fleet.isos.values() {
+        if let crate::fleet::Iso::Url {
+            url,
+            checksum: crate::fleet::Checksum::Sha256(sha),
+            ..
+        } = iso
+        {
+            opts.remote_files.insert(
+                url.clone(),
+                RemoteFile {
+                    sha256: sha.to_string(),
+                    size: 1 << 30,
+                },
+            );
+        }
+    }
+    let state: PathBuf = dir.join("state.json");
+    let creds = SimCredentials::token(EMBEDDED_TOKEN).map_err(ConnectError::Sim)?;
+    let sim = Simulator::persistent(&state, cluster_for(fleet), opts, creds)
+        .map_err(|e| ConnectError::Sim(e.to_string()))?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| ConnectError::Sim(e.to_string()))?;
+    let handle = sim.serve(listener);
+    let options = ClientOptions::new(
+        handle.url(),
+        Credentials::token(EMBEDDED_TOKEN).map_err(ConnectError::Sim)?,
+        Tls::System,
+    );
+    let client = Client::new(options)?;
+    Ok(Embedded {
+        client,
+        handle,
+        sim,
+    })
+}

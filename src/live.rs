@@ -1,0 +1,207 @@
+//! Live state: a read-only snapshot of the cluster, collected once per plan.
+//!
+//! One `GET /cluster/resources?type=vm` finds every VM and its node, name,
+//! tags and lock; one `type=storage` listing says which storages exist
+//! where and whether they are shared; one content listing per (node,
+//! storage) that holds a desired ISO; and a config read (plus a status read
+//! for running state) only for the VMs the fleet manages — by VMID, or by
+//! this fleet's ownership tag. The number of calls does not grow with VMs
+//! the fleet does not manage; it is reported with the plan.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use pve_api::types::{ClusterResource, VmConfig, Volume};
+use pve_api::{ApiError, Client};
+use sha2::Digest;
+
+use crate::desired::{DesiredGraph, DesiredNode};
+
+/// Tags every VM nixgold creates carries: `nixgold` and `nixgold.<fleet>`.
+pub fn fleet_tag(fleet: &str) -> String {
+    format!("nixgold.{}", fleet.to_ascii_lowercase())
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveVm {
+    pub vmid: u32,
+    pub node: String,
+    pub name: Option<String>,
+    pub template: bool,
+    pub tags: BTreeSet<String>,
+    pub lock: Option<String>,
+    /// Read only for managed VMs.
+    pub config: Option<LiveConfig>,
+    pub running: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveConfig {
+    pub values: BTreeMap<String, String>,
+    pub digest: String,
+}
+
+impl From<VmConfig> for LiveConfig {
+    fn from(c: VmConfig) -> Self {
+        LiveConfig {
+            values: c.values,
+            digest: c.digest,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveStorage {
+    pub shared: bool,
+    pub content: BTreeSet<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LiveState {
+    pub vms: BTreeMap<u32, LiveVm>,
+    /// (node, storage) → storage.
+    pub storages: BTreeMap<(String, String), LiveStorage>,
+    /// ISO volumes by (node, storage).
+    pub isos: BTreeMap<(String, String), Vec<Volume>>,
+    /// API calls it took.
+    pub calls: u64,
+}
+
+impl LiveState {
+    /// A fingerprint of everything the plan depends on; a saved plan is
+    /// refused when it changed.
+    pub fn fingerprint(&self) -> String {
+        let mut h = sha2::Sha256::new();
+        for (id, vm) in &self.vms {
+            h.update(
+                format!(
+                    "{id}|{}|{:?}|{:?}|{:?}|{:?}\n",
+                    vm.node, vm.name, vm.lock, vm.running, vm.tags
+                )
+                .as_bytes(),
+            );
+            if let Some(c) = &vm.config {
+                h.update(c.digest.as_bytes());
+            }
+        }
+        for ((node, storage), vols) in &self.isos {
+            for v in vols {
+                h.update(format!("{node}|{storage}|{}\n", v.volid).as_bytes());
+            }
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// Collects the live state the desired graph needs.
+pub async fn collect(
+    client: &Client,
+    desired: &DesiredGraph,
+    fleet: &str,
+    concurrency: usize,
+) -> Result<LiveState, ApiError> {
+    let start = client.calls();
+    let mut live = LiveState::default();
+    let resources: Vec<ClusterResource> = client.cluster_resources(Some("vm")).await?;
+    for r in resources.into_iter().filter(|r| r.kind == "qemu") {
+        let Some(vmid) = r.vmid else { continue };
+        let tags = r
+            .tags
+            .as_deref()
+            .unwrap_or_default()
+            .split([';', ',', ' '])
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect();
+        live.vms.insert(
+            vmid,
+            LiveVm {
+                vmid,
+                node: r.node.unwrap_or_default(),
+                name: r.name,
+                template: r.template,
+                tags,
+                lock: r.lock,
+                config: None,
+                running: None,
+            },
+        );
+    }
+    for r in client.cluster_resources(Some("storage")).await? {
+        let (Some(node), Some(storage)) = (r.node, r.storage) else {
+            continue;
+        };
+        let content = r
+            .content
+            .unwrap_or_default()
+            .split(',')
+            .map(str::to_owned)
+            .collect();
+        live.storages.insert(
+            (node, storage),
+            LiveStorage {
+                shared: r.shared,
+                content,
+            },
+        );
+    }
+
+    // ISO listings, once per (node, storage).
+    let mut iso_places = BTreeSet::new();
+    let mut managed: BTreeSet<u32> = BTreeSet::new();
+    for node in desired.graph.node_weights() {
+        match node {
+            DesiredNode::Iso(iso) => {
+                iso_places.insert((iso.node.to_string(), iso.storage.clone()));
+            }
+            DesiredNode::Template(t) => {
+                managed.insert(t.vmid.get());
+            }
+            DesiredNode::Vm(vm) => {
+                managed.insert(vm.vmid.get());
+            }
+        }
+    }
+    let tag = fleet_tag(fleet);
+    managed.extend(
+        live.vms
+            .values()
+            .filter(|v| v.tags.contains(&tag))
+            .map(|v| v.vmid),
+    );
+    for (node, storage) in iso_places {
+        if !live.storages.contains_key(&(node.clone(), storage.clone())) {
+            continue; // planned as an error: the storage does not exist there
+        }
+        let vols = client
+            .storage_content(&node, &storage, Some("iso"), None)
+            .await?;
+        live.isos.insert((node, storage), vols);
+    }
+
+    // Config (and status) of managed VMs that exist, bounded concurrency.
+    let targets: Vec<(u32, String)> = managed
+        .into_iter()
+        .filter_map(|id| live.vms.get(&id).map(|v| (id, v.node.clone())))
+        .collect();
+    let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (vmid, node) in targets {
+        let client = client.clone();
+        let semaphore = semaphore.clone();
+        tasks.spawn(async move {
+            let _permit = semaphore.acquire_owned().await.expect("open semaphore");
+            let config = client.vm_config(&node, vmid, false).await?;
+            let status = client.vm_status(&node, vmid).await?;
+            Ok::<_, ApiError>((vmid, config, status.is_running()))
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        let (vmid, config, running) = joined.expect("config reads do not panic")?;
+        if let Some(vm) = live.vms.get_mut(&vmid) {
+            vm.config = Some(config.into());
+            vm.running = Some(running);
+        }
+    }
+    live.calls = client.calls() - start;
+    Ok(live)
+}

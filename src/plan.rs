@@ -1,0 +1,976 @@
+//! The plan: desired graph against live state, as ordered changes.
+//!
+//! The planner decides everything — VMIDs, nodes, the exact config each
+//! write carries, the digest it must match — so apply only executes (STYLE:
+//! the planner decides, the executor obeys). Diffs compare canonical forms
+//! (MACs, key order, tag order and case, sizes), so a freshly applied fleet
+//! plans empty. Identity is checked before anything is touched: a VMID held
+//! by a VM without this fleet's stamp is an error, never adopted.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use pve_api::property::{
+    Drive, IpConfig, Net, agent_enabled, decode_sshkeys, encode_sshkeys, normalise_tags,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::desired::{
+    DesiredGraph, DesiredNode, DesiredTemplate, DesiredVm, GenerationRef, IsoPinState, iso_filename,
+};
+use crate::fleet::{CloneMode, Fleet, OnNewGeneration, SecretRef, VmNetwork};
+use crate::live::{LiveState, LiveVm, fleet_tag};
+use crate::lock::Lockfile;
+
+/// The kind of a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Create,
+    Update,
+    Replace,
+    Destroy,
+}
+
+impl Action {
+    pub fn symbol(self) -> &'static str {
+        match self {
+            Action::Create => "+",
+            Action::Update => "~",
+            Action::Replace => "-/+",
+            Action::Destroy => "-",
+        }
+    }
+
+    pub fn is_destructive(self) -> bool {
+        matches!(self, Action::Replace | Action::Destroy)
+    }
+}
+
+/// What a change does to a running system, worst first when combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Impact {
+    None,
+    Hotplug,
+    NeedsReboot,
+    Replace,
+    DataLoss,
+}
+
+impl Impact {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Impact::None => "no impact",
+            Impact::Hotplug => "applied live",
+            Impact::NeedsReboot => "needs a reboot to take effect",
+            Impact::Replace => "replaces the VM",
+            Impact::DataLoss => "destroys data",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldDiff {
+    pub field: String,
+    pub before: Option<String>,
+    pub after: Option<String>,
+    /// Rendered as `(sensitive)`; the value is never in the plan.
+    pub sensitive: bool,
+}
+
+/// What apply must do, completely decided.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Work {
+    DownloadIso {
+        node: String,
+        storage: String,
+        url: String,
+        filename: String,
+        sha256: String,
+    },
+    CreateVm(VmWork),
+    UpdateVm(VmWork),
+    ReplaceVm {
+        old_node: String,
+        new: VmWork,
+    },
+    DestroyVm {
+        vmid: u32,
+        node: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmWork {
+    pub vmid: u32,
+    pub node: String,
+    pub name: String,
+    pub template_vmid: u32,
+    pub template_node: String,
+    pub full_clone: bool,
+    /// Target storage of a full clone.
+    pub storage: Option<String>,
+    /// Config keys to write (all on create; the changed ones on update).
+    pub set: BTreeMap<String, String>,
+    /// The password reference to resolve at apply time, when it must be set.
+    pub password: Option<SecretRef>,
+    /// Grow `scsi0` to this size (`40G`).
+    pub resize: Option<String>,
+    pub start: bool,
+    /// The digest the update was planned against.
+    pub digest: Option<String>,
+    /// Addresses of changes this one waits for (ISO, template).
+    pub after: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub address: String,
+    pub action: Action,
+    pub fields: Vec<FieldDiff>,
+    pub reason: String,
+    pub impact: Impact,
+    pub work: Work,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub fleet: String,
+    pub changes: Vec<Change>,
+    /// Stamped VMs no longer in the fleet, kept because `--allow-destroy`
+    /// was not given (address, VMID).
+    pub kept: Vec<(String, u32)>,
+    /// Fingerprint of the live state the plan was computed from.
+    pub live_fingerprint: String,
+    /// sha256 of the lockfile text the plan was computed from.
+    pub lock_fingerprint: String,
+    /// The lockfile after this plan (new allocations and pins).
+    #[serde(skip)]
+    pub lock: Lockfile,
+    /// API calls the live state took.
+    pub api_calls: u64,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+
+    pub fn count(&self, action: Action) -> usize {
+        self.changes.iter().filter(|c| c.action == action).count()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error(
+        "{address}: VMID {vmid} is taken by a VM nixgold does not own (`{name}` on {node})\n  hint: give {address} another VMID, or remove that VM; nixgold never adopts a VM silently"
+    )]
+    Foreign {
+        address: String,
+        vmid: u32,
+        name: String,
+        node: String,
+    },
+    #[error(
+        "{address}: VMID {vmid} is stamped as {stamp}, not as {address} of fleet `{fleet}`\n  hint: the VMID belongs to another resource or fleet; choose another VMID"
+    )]
+    OtherOwner {
+        address: String,
+        vmid: u32,
+        stamp: String,
+        fleet: String,
+    },
+    #[error(
+        "image `{image}` has no built generation on {node} yet\n  hint: nixgold cannot build generations yet (template builds are the next capability); until then target only VMs of images with a generation in nixgold.lock"
+    )]
+    NeedsBuild { image: String, node: String },
+    #[error(
+        "image `{image}` generation {generation}: its template (VMID {vmid} on {node}) is missing from the cluster\n  hint: roll back to a kept generation, or rebuild"
+    )]
+    MissingTemplate {
+        image: String,
+        generation: u32,
+        vmid: u32,
+        node: String,
+    },
+    #[error(
+        "storage `{storage}` does not exist on node `{node}` (needed by {address})\n  hint: fix the fleet's storage names, or add the storage in Proxmox"
+    )]
+    NoStorage {
+        storage: String,
+        node: String,
+        address: String,
+    },
+    #[error(
+        "{address}: VM {vmid} is locked ({lock})\n  hint: wait for the operation holding it to finish, then plan again"
+    )]
+    Locked {
+        address: String,
+        vmid: u32,
+        lock: String,
+    },
+    #[error(
+        "{address} must be replaced ({reason}), but the fleet marks it prevent_destroy\n  hint: remove prevent_destroy to allow it, or undo the change"
+    )]
+    PreventDestroy { address: String, reason: String },
+}
+
+/// Options of one planning run.
+#[derive(Debug, Clone, Default)]
+pub struct PlanOptions {
+    pub allow_destroy: bool,
+    /// Limit to these addresses (`vm.NAME`, `iso.NAME`); empty: everything.
+    pub targets: Vec<String>,
+}
+
+/// The ownership stamp written into every VM's description.
+pub fn stamp(fleet: &str, address: &str, image: &str, generation: u32) -> String {
+    format!("nixgold: fleet={fleet} resource={address} image={image} generation={generation}")
+}
+
+/// Parses a stamp line from a description: (fleet, resource, image, generation).
+pub fn read_stamp(description: &str) -> Option<BTreeMap<String, String>> {
+    let line = description
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with("nixgold: "))?;
+    Some(
+        line.trim_start()
+            .trim_start_matches("nixgold: ")
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+    )
+}
+
+fn targeted(options: &PlanOptions, address: &str) -> bool {
+    options.targets.is_empty() || options.targets.iter().any(|t| t == address)
+}
+
+/// Computes the plan. `lock` is the lockfile the desired graph came from.
+pub fn plan(
+    fleet: &Fleet,
+    desired: &DesiredGraph,
+    live: &LiveState,
+    lock_text: &str,
+    options: &PlanOptions,
+) -> Result<Plan, Vec<PlanError>> {
+    let mut errors = Vec::new();
+    let mut changes = Vec::new();
+    let tag = fleet_tag(&fleet.fleet);
+
+    // Which ISOs and templates targeted VMs need.
+    let targeted_vms: Vec<&DesiredVm> = desired
+        .graph
+        .node_weights()
+        .filter_map(|n| match n {
+            DesiredNode::Vm(vm) if targeted(options, &format!("vm.{}", vm.name)) => {
+                Some(vm.as_ref())
+            }
+            _ => None,
+        })
+        .collect();
+    let needed_images: BTreeSet<&str> = targeted_vms.iter().map(|v| v.image.as_str()).collect();
+
+    for node in desired.graph.node_weights() {
+        let DesiredNode::Iso(iso) = node else {
+            continue;
+        };
+        let users: Vec<&str> = fleet
+            .images
+            .iter()
+            .filter(|(_, i)| i.iso == iso.name)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        let address = format!("iso.{}", iso.name);
+        let wanted = targeted(options, &address) || users.iter().any(|u| needed_images.contains(u));
+        if !wanted {
+            continue;
+        }
+        let node_name = iso.node.to_string();
+        let place = (node_name.clone(), iso.storage.clone());
+        if !live.storages.contains_key(&place) {
+            errors.push(PlanError::NoStorage {
+                storage: iso.storage.clone(),
+                node: node_name,
+                address: address.clone(),
+            });
+            continue;
+        }
+        let IsoPinState::Pinned { url, sha256 } = &iso.pin else {
+            // Pins are resolved before planning; an unresolved one here
+            // matters only if a build would need it.
+            continue;
+        };
+        let filename = iso_filename(url);
+        let volid = format!("{}:iso/{filename}", iso.storage);
+        let present = live
+            .isos
+            .get(&place)
+            .is_some_and(|v| v.iter().any(|vol| vol.volid == volid));
+        if !present {
+            changes.push(Change {
+                address: format!("{address}[{}]", iso.node),
+                action: Action::Create,
+                fields: vec![
+                    FieldDiff {
+                        field: "volume".into(),
+                        before: None,
+                        after: Some(volid),
+                        sensitive: false,
+                    },
+                    FieldDiff {
+                        field: "sha256".into(),
+                        before: None,
+                        after: Some(sha256.to_string()),
+                        sensitive: false,
+                    },
+                ],
+                reason: format!("not in storage `{}` on {}", iso.storage, iso.node),
+                impact: Impact::None,
+                work: Work::DownloadIso {
+                    node: iso.node.to_string(),
+                    storage: iso.storage.clone(),
+                    url: url.clone(),
+                    filename,
+                    sha256: sha256.to_string(),
+                },
+            });
+        }
+    }
+
+    // Templates the targeted VMs clone from must exist.
+    let mut template_ok: BTreeSet<u32> = BTreeSet::new();
+    for node in desired.graph.node_weights() {
+        let DesiredNode::Template(t) = node else {
+            continue;
+        };
+        if !needed_images.contains(t.image.as_str()) {
+            continue;
+        }
+        match check_template(t, live) {
+            Ok(()) => {
+                template_ok.insert(t.vmid.get());
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+
+    let desired_ids: BTreeSet<u32> = targeted_vms.iter().map(|v| v.vmid.get()).collect();
+    for vm in &targeted_vms {
+        if !template_ok.contains(&vm.template_vmid.get()) {
+            continue;
+        }
+        let image = &fleet.images[&vm.image];
+        match plan_vm(fleet, vm, image, live, &tag) {
+            Ok(Some(change)) => changes.push(change),
+            Ok(None) => {}
+            Err(e) => errors.push(e),
+        }
+    }
+
+    // Stamped VMs the fleet no longer has (or that moved to another VMID).
+    let mut kept = Vec::new();
+    let fleet_addresses: BTreeMap<String, u32> = targeted_vms
+        .iter()
+        .map(|v| (format!("vm.{}", v.name), v.vmid.get()))
+        .collect();
+    for vm in live
+        .vms
+        .values()
+        .filter(|v| v.tags.contains(&tag) && !v.template)
+    {
+        let stamp = vm
+            .config
+            .as_ref()
+            .and_then(|c| c.values.get("description"))
+            .and_then(|d| read_stamp(d));
+        let Some(stamp) = stamp else { continue };
+        if stamp.get("fleet") != Some(&fleet.fleet) {
+            continue;
+        }
+        let address = stamp.get("resource").cloned().unwrap_or_default();
+        let still_wanted =
+            fleet_addresses.get(&address) == Some(&vm.vmid) || desired_ids.contains(&vm.vmid);
+        let in_fleet = fleet.vms.contains_key(address.trim_start_matches("vm."));
+        if still_wanted
+            || !targeted(options, &address)
+            || (in_fleet && !options.targets.is_empty() && !fleet_addresses.contains_key(&address))
+        {
+            continue;
+        }
+        if !options.allow_destroy {
+            kept.push((address, vm.vmid));
+            continue;
+        }
+        changes.push(Change {
+            address: address.clone(),
+            action: Action::Destroy,
+            fields: vec![FieldDiff {
+                field: "vmid".into(),
+                before: Some(vm.vmid.to_string()),
+                after: None,
+                sensitive: false,
+            }],
+            reason: if in_fleet {
+                "the fleet gives it another VMID".into()
+            } else {
+                "no longer in the fleet".into()
+            },
+            impact: Impact::DataLoss,
+            work: Work::DestroyVm {
+                vmid: vm.vmid,
+                node: vm.node.clone(),
+            },
+        });
+    }
+
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    changes.sort_by_key(order_key);
+    Ok(Plan {
+        fleet: fleet.fleet.clone(),
+        changes,
+        kept,
+        live_fingerprint: live.fingerprint(),
+        lock_fingerprint: lock_fingerprint(lock_text),
+        lock: desired.lock.clone(),
+        api_calls: live.calls,
+    })
+}
+
+pub fn lock_fingerprint(lock_text: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(lock_text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Destroys first (they free VMIDs and storage), then ISOs, then VMs.
+fn order_key(c: &Change) -> (u8, String) {
+    let rank = match (&c.work, c.action) {
+        (_, Action::Destroy) => 0,
+        (Work::DownloadIso { .. }, _) => 1,
+        _ => 2,
+    };
+    (rank, c.address.clone())
+}
+
+fn check_template(t: &DesiredTemplate, live: &LiveState) -> Result<(), PlanError> {
+    let generation = match t.generation {
+        GenerationRef::ToBuild(_) => {
+            return Err(PlanError::NeedsBuild {
+                image: t.image.clone(),
+                node: t.node.to_string(),
+            });
+        }
+        GenerationRef::Pinned(n) => n,
+    };
+    let missing = || PlanError::MissingTemplate {
+        image: t.image.clone(),
+        generation,
+        vmid: t.vmid.get(),
+        node: t.node.to_string(),
+    };
+    let vm = live.vms.get(&t.vmid.get()).ok_or_else(missing)?;
+    if !vm.template || vm.node != t.node.as_str() {
+        return Err(missing());
+    }
+    Ok(())
+}
+
+/// The config keys nixgold owns on a VM, in canonical form (secrets and
+/// the MAC excluded: the MAC is whatever Proxmox generated at clone time).
+pub fn desired_config(
+    fleet: &Fleet,
+    vm: &DesiredVm,
+    guest_agent: bool,
+) -> BTreeMap<String, String> {
+    let mut c = BTreeMap::new();
+    c.insert("name".into(), vm.name.clone());
+    c.insert("cores".into(), vm.cores.to_string());
+    c.insert("sockets".into(), vm.sockets.to_string());
+    c.insert("memory".into(), vm.memory.to_string());
+    c.insert("onboot".into(), u8::from(vm.onboot).to_string());
+    if guest_agent {
+        c.insert("agent".into(), "1".into());
+    }
+    let mut net = format!("virtio,bridge={}", vm.bridge);
+    if let Some(tag) = vm.vlan {
+        net.push_str(&format!(",tag={tag}"));
+    }
+    c.insert("net0".into(), net);
+    match &vm.network {
+        VmNetwork::Dhcp { .. } => {
+            c.insert("ipconfig0".into(), "ip=dhcp".into());
+        }
+        VmNetwork::Static {
+            ip,
+            gateway,
+            dns,
+            search_domain,
+            ..
+        } => {
+            let ipc = IpConfig {
+                ip: Some(ip.to_string()),
+                gw: gateway.map(|g| g.to_string()),
+                ..Default::default()
+            };
+            c.insert("ipconfig0".into(), ipc.to_string());
+            if !dns.is_empty() {
+                c.insert(
+                    "nameserver".into(),
+                    dns.iter()
+                        .map(|d| d.to_string())
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                );
+            }
+            if let Some(sd) = search_domain {
+                c.insert("searchdomain".into(), sd.clone());
+            }
+        }
+    }
+    if let Some(user) = &vm.user {
+        c.insert("ciuser".into(), user.clone());
+    }
+    if !vm.ssh_keys.is_empty() {
+        c.insert(
+            "sshkeys".into(),
+            encode_sshkeys(vm.ssh_keys.iter().map(String::as_str)),
+        );
+    }
+    let own_tag = fleet_tag(&fleet.fleet);
+    let tags: Vec<&str> = vm
+        .tags
+        .iter()
+        .map(String::as_str)
+        .chain(["nixgold", own_tag.as_str()])
+        .collect();
+    c.insert("tags".into(), normalise_tags(tags));
+    let stamp = stamp(
+        &fleet.fleet,
+        &format!("vm.{}", vm.name),
+        &vm.image,
+        vm.generation.number(),
+    );
+    let description = if vm.description.trim().is_empty() {
+        stamp
+    } else {
+        format!("{}\n\n{stamp}", vm.description.trim_end())
+    };
+    c.insert("description".into(), description);
+    c
+}
+
+/// Compares one key canonically; returns the live value when it differs.
+fn differs(key: &str, want: &str, have: Option<&str>) -> bool {
+    let Some(have) = have else { return true };
+    match key {
+        "net0" => {
+            let (w, h) = (Net::parse(want), Net::parse(have));
+            w.model != h.model
+                || w.bridge() != h.bridge()
+                || w.options.get("tag") != h.options.get("tag")
+        }
+        "ipconfig0" => IpConfig::parse(want) != IpConfig::parse(have),
+        "sshkeys" => decode_sshkeys(want) != decode_sshkeys(have),
+        "tags" => normalise_tags([want]) != normalise_tags([have]),
+        "nameserver" => {
+            let split = |s: &str| {
+                s.split([' ', ',', ';'])
+                    .filter(|x| !x.is_empty())
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            };
+            split(want) != split(have)
+        }
+        "memory" => {
+            let mib = |s: &str| {
+                s.split(',')
+                    .find_map(|p| {
+                        p.strip_prefix("current=")
+                            .or((!p.contains('=')).then_some(p))
+                    })
+                    .and_then(|v| v.parse::<u64>().ok())
+            };
+            mib(want) != mib(have)
+        }
+        "agent" => agent_enabled(want) != agent_enabled(have),
+        "description" => want.trim_end() != have.trim_end(),
+        _ => want != have,
+    }
+}
+
+fn field_impact(key: &str, running: bool) -> Impact {
+    match key {
+        "cores" | "sockets" | "memory" | "agent" if running => Impact::NeedsReboot,
+        "ipconfig0" | "nameserver" | "searchdomain" | "ciuser" | "sshkeys" if running => {
+            Impact::NeedsReboot
+        }
+        "cores" | "sockets" | "memory" | "agent" | "ipconfig0" | "nameserver" | "searchdomain"
+        | "ciuser" | "sshkeys" => Impact::None,
+        _ => Impact::Hotplug,
+    }
+}
+
+fn show(key: &str, value: &str) -> String {
+    match key {
+        "sshkeys" => decode_sshkeys(value).join("\n"),
+        _ => value.to_owned(),
+    }
+}
+
+fn plan_vm(
+    fleet: &Fleet,
+    vm: &DesiredVm,
+    image: &crate::fleet::Image,
+    live: &LiveState,
+    tag: &str,
+) -> Result<Option<Change>, PlanError> {
+    let address = format!("vm.{}", vm.name);
+    let spec = &fleet.vms[&vm.name];
+    let want = desired_config(fleet, vm, image.nixos.guest_agent);
+    let template_node = if fleet.proxmox.is_shared(&image.hardware.storage) {
+        image
+            .build_node
+            .clone()
+            .unwrap_or_else(|| fleet.proxmox.default_node().clone())
+            .to_string()
+    } else {
+        vm.node.to_string()
+    };
+    let work = |set: BTreeMap<String, String>,
+                password: bool,
+                resize: Option<String>,
+                start: bool,
+                digest: Option<String>| VmWork {
+        vmid: vm.vmid.get(),
+        node: vm.node.to_string(),
+        name: vm.name.clone(),
+        template_vmid: vm.template_vmid.get(),
+        template_node: template_node.clone(),
+        full_clone: vm.clone == CloneMode::Full,
+        storage: (vm.clone == CloneMode::Full).then(|| vm.storage.clone()),
+        set,
+        password: if password { vm.password.clone() } else { None },
+        resize,
+        start,
+        digest,
+        after: Vec::new(),
+    };
+    let create_fields = |want: &BTreeMap<String, String>| -> Vec<FieldDiff> {
+        let mut fields: Vec<FieldDiff> = want
+            .iter()
+            .map(|(k, v)| FieldDiff {
+                field: k.clone(),
+                before: None,
+                after: Some(show(k, v)),
+                sensitive: false,
+            })
+            .collect();
+        fields.push(FieldDiff {
+            field: "vmid".into(),
+            before: None,
+            after: Some(format!(
+                "{}{}",
+                vm.vmid,
+                if vm.allocated { " (allocated)" } else { "" }
+            )),
+            sensitive: false,
+        });
+        fields.push(FieldDiff {
+            field: "node".into(),
+            before: None,
+            after: Some(vm.node.to_string()),
+            sensitive: false,
+        });
+        fields.push(FieldDiff {
+            field: "clone".into(),
+            before: None,
+            after: Some(format!(
+                "{} of image.{} {} (VMID {})",
+                if vm.clone == CloneMode::Full {
+                    "full"
+                } else {
+                    "linked"
+                },
+                vm.image,
+                vm.generation,
+                vm.template_vmid
+            )),
+            sensitive: false,
+        });
+        fields.push(FieldDiff {
+            field: "disk".into(),
+            before: None,
+            after: Some(vm.disk.to_string()),
+            sensitive: false,
+        });
+        if vm.password.is_some() {
+            fields.push(FieldDiff {
+                field: "cipassword".into(),
+                before: None,
+                after: None,
+                sensitive: true,
+            });
+        }
+        fields.sort_by(|a, b| a.field.cmp(&b.field));
+        fields
+    };
+    let resize_for_create =
+        (vm.disk.mib() > image.hardware.disk.mib()).then(|| vm.disk.to_string());
+
+    let Some(existing) = live.vms.get(&vm.vmid.get()) else {
+        return Ok(Some(Change {
+            address,
+            action: Action::Create,
+            fields: create_fields(&want),
+            reason: "not in the cluster".into(),
+            impact: Impact::None,
+            work: Work::CreateVm(work(want.clone(), true, resize_for_create, vm.start, None)),
+        }));
+    };
+    let config = existing.config.as_ref();
+    let stamp = config
+        .and_then(|c| c.values.get("description"))
+        .and_then(|d| read_stamp(d));
+    match &stamp {
+        None => {
+            return Err(PlanError::Foreign {
+                address,
+                vmid: vm.vmid.get(),
+                name: existing.name.clone().unwrap_or_default(),
+                node: existing.node.clone(),
+            });
+        }
+        Some(s) if s.get("fleet") != Some(&fleet.fleet) || s.get("resource") != Some(&address) => {
+            return Err(PlanError::OtherOwner {
+                address,
+                vmid: vm.vmid.get(),
+                stamp: format!(
+                    "{} of fleet `{}`",
+                    s.get("resource").map_or("?", String::as_str),
+                    s.get("fleet").map_or("?", String::as_str)
+                ),
+                fleet: fleet.fleet.clone(),
+            });
+        }
+        Some(_) => {}
+    }
+    if !existing.tags.contains(tag) && !existing.tags.contains("nixgold") {
+        tracing::debug!("{address}: stamped but untagged; the update restores the tags");
+    }
+    if let Some(lock) = &existing.lock {
+        return Err(PlanError::Locked {
+            address,
+            vmid: vm.vmid.get(),
+            lock: lock.clone(),
+        });
+    }
+    let stamp = stamp.expect("checked above");
+    let live_generation: Option<u32> = stamp.get("generation").and_then(|g| g.parse().ok());
+
+    // Reasons to replace.
+    let mut replace = Vec::new();
+    if existing.node != vm.node.as_str() {
+        replace.push(format!(
+            "it is on node {}, the fleet wants {}",
+            existing.node, vm.node
+        ));
+    }
+    if existing.template {
+        replace.push("it was converted to a template".to_owned());
+    }
+    if stamp.get("image") != Some(&vm.image) {
+        replace.push(format!(
+            "its image changed from {} to {}",
+            stamp.get("image").map_or("?", String::as_str),
+            vm.image
+        ));
+    } else if spec.on_new_generation == OnNewGeneration::Replace
+        && live_generation != Some(vm.generation.number())
+    {
+        replace.push(format!(
+            "image.{} has generation {}, it runs generation {}",
+            vm.image,
+            vm.generation.number(),
+            live_generation.map_or("?".to_owned(), |g| g.to_string())
+        ));
+    }
+    let live_disk = config
+        .and_then(|c| c.values.get("scsi0"))
+        .map(|v| Drive::parse(v))
+        .and_then(|d| d.size());
+    let want_disk = vm.disk.mib() << 20;
+    if let Some(have) = live_disk
+        && have > want_disk
+    {
+        replace.push(format!(
+            "its disk is {} and disks cannot shrink to {}",
+            pve_api::property::format_size(have),
+            vm.disk
+        ));
+    }
+    if !replace.is_empty() {
+        let reason = replace.join("; ");
+        if spec.prevent_destroy {
+            return Err(PlanError::PreventDestroy { address, reason });
+        }
+        let mut new = work(want.clone(), true, resize_for_create, vm.start, None);
+        new.after.push(format!("destroy {address}"));
+        return Ok(Some(Change {
+            address,
+            action: Action::Replace,
+            fields: create_fields(&want),
+            reason,
+            impact: Impact::DataLoss,
+            work: Work::ReplaceVm {
+                old_node: existing.node.clone(),
+                new,
+            },
+        }));
+    }
+
+    // In-place updates.
+    let running = existing.running.unwrap_or(false);
+    let values = config.map(|c| c.values.clone()).unwrap_or_default();
+    let mut set = BTreeMap::new();
+    let mut fields = Vec::new();
+    let mut impact = Impact::None;
+    for (k, v) in &want {
+        let have = values.get(k).map(String::as_str);
+        if differs(k, v, have) {
+            let value = if k == "net0" {
+                // Keep the MAC Proxmox generated; change only what we own.
+                let mut net = Net::parse(v);
+                net.mac = have.map(Net::parse).and_then(|n| n.mac);
+                net.to_string()
+            } else {
+                v.clone()
+            };
+            set.insert(k.clone(), value);
+            fields.push(FieldDiff {
+                field: k.clone(),
+                before: have.map(|h| show(k, h)),
+                after: Some(show(k, v)),
+                sensitive: false,
+            });
+            impact = impact.max(field_impact(k, running));
+        }
+    }
+    let resize = match live_disk {
+        Some(have) if have < want_disk => {
+            fields.push(FieldDiff {
+                field: "disk".into(),
+                before: Some(pve_api::property::format_size(have)),
+                after: Some(vm.disk.to_string()),
+                sensitive: false,
+            });
+            impact = impact.max(Impact::Hotplug);
+            Some(vm.disk.to_string())
+        }
+        _ => None,
+    };
+    let start = vm.start && !running;
+    if start {
+        fields.push(FieldDiff {
+            field: "state".into(),
+            before: Some("stopped".into()),
+            after: Some("running".into()),
+            sensitive: false,
+        });
+    }
+    if fields.is_empty() {
+        return Ok(None);
+    }
+    fields.sort_by(|a, b| a.field.cmp(&b.field));
+    let reason = if !values.contains_key("ciuser") && want.contains_key("ciuser") && !running {
+        "finishing a create that was interrupted".to_owned()
+    } else {
+        "its configuration differs from the fleet".to_owned()
+    };
+    let password = !values.contains_key("cipassword") && vm.password.is_some();
+    if password {
+        fields.push(FieldDiff {
+            field: "cipassword".into(),
+            before: None,
+            after: None,
+            sensitive: true,
+        });
+    }
+    Ok(Some(Change {
+        address,
+        action: Action::Update,
+        fields,
+        reason,
+        impact,
+        work: Work::UpdateVm(work(
+            set,
+            password,
+            resize,
+            start,
+            config.map(|c| c.digest.clone()),
+        )),
+    }))
+}
+
+/// Stamped VMs as the fleet knows them, for `nixgold output`.
+pub fn owned<'a>(
+    live: &'a LiveState,
+    fleet: &str,
+) -> impl Iterator<Item = (&'a LiveVm, BTreeMap<String, String>)> + 'a {
+    let tag = fleet_tag(fleet);
+    let fleet = fleet.to_owned();
+    live.vms
+        .values()
+        .filter(move |v| v.tags.contains(&tag))
+        .filter_map(move |v| {
+            let stamp = read_stamp(v.config.as_ref()?.values.get("description")?)?;
+            (stamp.get("fleet") == Some(&fleet)).then_some((v, stamp))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_round_trip_through_a_description() {
+        let s = stamp("homelab", "vm.web", "golden", 3);
+        let desc = format!("my notes\n\n{s}");
+        let parsed = read_stamp(&desc).unwrap();
+        assert_eq!(parsed["fleet"], "homelab");
+        assert_eq!(parsed["resource"], "vm.web");
+        assert_eq!(parsed["generation"], "3");
+        assert!(read_stamp("just notes").is_none());
+    }
+
+    #[test]
+    fn canonical_comparison_ignores_spelling() {
+        assert!(!differs(
+            "net0",
+            "virtio,bridge=vmbr0",
+            Some("virtio=BC:24:11:00:00:01,bridge=vmbr0,firewall=0")
+        ));
+        assert!(differs(
+            "net0",
+            "virtio,bridge=vmbr1",
+            Some("virtio=BC:24:11:00:00:01,bridge=vmbr0")
+        ));
+        assert!(!differs("memory", "2048", Some("current=2048")));
+        assert!(!differs("tags", "nixgold;prod", Some("prod;nixgold")));
+        assert!(!differs(
+            "ipconfig0",
+            "ip=10.0.0.5/24,gw=10.0.0.1",
+            Some("gw=10.0.0.1,ip=10.0.0.5/24")
+        ));
+        assert!(!differs("agent", "1", Some("enabled=1")));
+        assert!(!differs("description", "x", Some("x\n")));
+    }
+}

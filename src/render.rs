@@ -1,0 +1,180 @@
+//! Plans for people: terraform's grammar (`+`, `~`, `-/+`, `-`), a legend
+//! of the symbols used, per-resource headers with the reason and impact,
+//! field diffs (`similar` line diffs for multi-line values), `(sensitive)`
+//! for secrets, a summary line, "No changes." when there are none. Pure:
+//! returns strings. `--json` serialises the same `Plan`.
+
+use std::fmt::Write as _;
+
+use similar::{ChangeTag, TextDiff};
+
+use crate::plan::{Action, Change, FieldDiff, Plan};
+
+/// The human rendering of `plan`.
+pub fn plan_text(plan: &Plan) -> String {
+    let mut out = String::new();
+    if plan.is_empty() {
+        out.push_str("No changes. The cluster matches the fleet.\n");
+        write_kept(plan, &mut out);
+        return out;
+    }
+    let used: Vec<Action> = [
+        Action::Create,
+        Action::Update,
+        Action::Replace,
+        Action::Destroy,
+    ]
+    .into_iter()
+    .filter(|a| plan.count(*a) > 0)
+    .collect();
+    out.push_str("nixgold will perform these actions (symbols:");
+    for a in &used {
+        let word = match a {
+            Action::Create => "create",
+            Action::Update => "update in place",
+            Action::Replace => "destroy and then create",
+            Action::Destroy => "destroy",
+        };
+        let _ = write!(out, " {} {word};", a.symbol());
+    }
+    out.pop();
+    out.push_str("):\n");
+    for change in &plan.changes {
+        write_change(change, &mut out);
+    }
+    let _ = writeln!(
+        out,
+        "\nPlan: {} to create, {} to update, {} to replace, {} to destroy.",
+        plan.count(Action::Create),
+        plan.count(Action::Update),
+        plan.count(Action::Replace),
+        plan.count(Action::Destroy)
+    );
+    write_kept(plan, &mut out);
+    out
+}
+
+fn write_kept(plan: &Plan, out: &mut String) {
+    for (address, vmid) in &plan.kept {
+        let _ = writeln!(
+            out,
+            "Note: {address} (VMID {vmid}) is no longer in the fleet; it is kept. Pass --allow-destroy to destroy it."
+        );
+    }
+}
+
+fn write_change(change: &Change, out: &mut String) {
+    let Change {
+        address,
+        action,
+        fields,
+        reason,
+        impact,
+        work: _,
+    } = change;
+    let verb = match action {
+        Action::Create => "will be created",
+        Action::Update => "will be updated in place",
+        Action::Replace => "must be replaced",
+        Action::Destroy => "will be destroyed",
+    };
+    let _ = writeln!(out, "\n  # {address} {verb}");
+    let _ = writeln!(out, "  # (because {reason}; {})", impact.describe());
+    let _ = writeln!(out, "{:>3} {address} {{", action.symbol());
+    let width = fields.iter().map(|f| f.field.len()).max().unwrap_or(0);
+    for field in fields {
+        write_field(field, *action, width, out);
+    }
+    out.push_str("    }\n");
+}
+
+fn write_field(field: &FieldDiff, action: Action, width: usize, out: &mut String) {
+    let FieldDiff {
+        field: name,
+        before,
+        after,
+        sensitive,
+    } = field;
+    let pad = width - name.len();
+    if *sensitive {
+        let _ = writeln!(out, "      {name}{:pad$} = (sensitive)", "");
+        return;
+    }
+    let multiline = before.as_deref().is_some_and(|b| b.contains('\n'))
+        || after.as_deref().is_some_and(|a| a.contains('\n'));
+    match (before, after) {
+        (Some(b), Some(a)) if multiline => {
+            let _ = writeln!(out, "    ~ {name} =");
+            for op in TextDiff::from_lines(b.as_str(), a.as_str()).iter_all_changes() {
+                let sign = match op.tag() {
+                    ChangeTag::Delete => "-",
+                    ChangeTag::Insert => "+",
+                    ChangeTag::Equal => " ",
+                };
+                let _ = write!(out, "        {sign} {}", op.value());
+                if !op.value().ends_with('\n') {
+                    out.push('\n');
+                }
+            }
+        }
+        (Some(b), Some(a)) => {
+            let _ = writeln!(
+                out,
+                "    ~ {name}{:pad$} = {} -> {}",
+                "",
+                quote(b),
+                quote(a)
+            );
+        }
+        (None, Some(a)) if multiline => {
+            let sign = if action == Action::Update { "+" } else { " " };
+            let _ = writeln!(out, "    {sign} {name}{:pad$} =", "");
+            for line in a.lines() {
+                let _ = writeln!(out, "          {line}");
+            }
+        }
+        (None, Some(a)) => {
+            let sign = if action == Action::Update { "+" } else { " " };
+            let _ = writeln!(out, "    {sign} {name}{:pad$} = {}", "", quote(a));
+        }
+        (Some(b), None) => {
+            let _ = writeln!(out, "    - {name}{:pad$} = {}", "", quote(b));
+        }
+        (None, None) => {}
+    }
+}
+
+fn quote(v: &str) -> String {
+    if v.parse::<i64>().is_ok() {
+        v.to_owned()
+    } else {
+        format!("{v:?}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_line_values_get_a_line_diff() {
+        let mut out = String::new();
+        write_field(
+            &FieldDiff {
+                field: "sshkeys".into(),
+                before: Some("a\nb".into()),
+                after: Some("a\nc".into()),
+                sensitive: false,
+            },
+            Action::Update,
+            7,
+            &mut out,
+        );
+        assert!(
+            out.contains("        - b")
+                && out.contains("        + c")
+                && out.contains("          a"),
+            "{out}"
+        );
+    }
+}

@@ -1,0 +1,647 @@
+//! Scenario tests of plan and apply: a fleet, a starting simulator state
+//! and a lockfile in, the expected plan out — then apply, and planning
+//! again must be empty. The real binary runs against the simulator on
+//! 127.0.0.1 over HTTP, as it would against Proxmox.
+//!
+//! The starting state holds a built generation 1 of image `golden`
+//! (template VMID 9400, stamped), as a template build leaves it.
+
+use std::process::Command;
+use std::time::Duration;
+
+use pve_sim::cluster::VmSpec;
+use pve_sim::{ClusterSpec, Credentials, RemoteFile, ServerHandle, SimOptions, Simulator};
+
+const TOKEN: &str = "root@pam!nixgold=scenario-token-0001";
+const PASSWORD: &str = "correct-horse-battery";
+const ISO_URL: &str = "https://releases.example.org/nixos-minimal-24.05-x86_64-linux.iso";
+const ISO_SHA: &str = "3c5f7a9e1b2d4f6a8c0e2b4d6f8a0c2e4b6d8f0a2c4e6b8d0f2a4c6e8b0d2f4a";
+
+struct Scenario {
+    rt: tokio::runtime::Runtime,
+    sim: Simulator,
+    handle: Option<ServerHandle>,
+    dir: tempfile::TempDir,
+}
+
+fn template(vmid: u32, node: &str, image: &str, generation: u32, storage: &str) -> VmSpec {
+    let config = [
+        ("name", format!("{image}-g{generation}")),
+        ("memory", "2048".into()),
+        ("cores", "2".into()),
+        ("scsi0", format!("{storage}:30")),
+        ("ide2", format!("{storage}:cloudinit")),
+        ("net0", "virtio,bridge=vmbr0".into()),
+        ("agent", "1".into()),
+        ("boot", "order=scsi0".into()),
+        (
+            "description",
+            format!("nixgold: fleet=homelab resource=image.{image} generation={generation}"),
+        ),
+    ];
+    VmSpec {
+        vmid,
+        node: node.into(),
+        config: config.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        template: true,
+        running: false,
+    }
+}
+
+/// (image, generation, [(node, template VMID)]).
+type LockedGeneration<'a> = (&'a str, u32, &'a [(&'a str, u32)]);
+
+fn lock_with(generations: &[LockedGeneration]) -> String {
+    let mut out = String::from("version = 1\nfleet = \"homelab\"\n");
+    for (image, generation, replicas) in generations {
+        let sha = "ab".repeat(32);
+        let templates: Vec<String> = replicas
+            .iter()
+            .map(|(node, vmid)| format!("{{ node = \"{node}\", vmid = {vmid} }}"))
+            .collect();
+        out.push_str(&format!(
+            "\n[image.{image}]\ncurrent = {generation}\n\n[[image.{image}.generation]]\nnumber = {generation}\ninput_hash = \"{sha}\"\niso_sha256 = \"{ISO_SHA}\"\nbuilt_at = \"2026-11-01T10:00:00Z\"\nnixos_version = \"24.05\"\nsystem_path = \"/nix/store/x\"\ntemplates = [{}]\n",
+            templates.join(", ")
+        ));
+    }
+    out
+}
+
+fn base_fleet(vms: &str) -> String {
+    format!(
+        r#"fleet: homelab
+proxmox:
+  endpoint: https://pve.example.invalid:8006
+  nodes: [pve]
+  token: {{ env: PROXMOX_VE_API_TOKEN }}
+vm_vmid_range: {{ first: 1000, last: 1099 }}
+isos:
+  nixos: {{ url: "{ISO_URL}", checksum: "sha256:{ISO_SHA}" }}
+images:
+  golden:
+    iso: nixos
+    vmid_range: {{ first: 9400, last: 9409 }}
+    hardware: {{ disk: 30G, storage: tank }}
+    nixos: {{ state_version: "24.05" }}
+vms:
+{vms}"#
+    )
+}
+
+const WEB_01: &str = r#"  web-01:
+    image: golden
+    vmid: 400
+    cores: 2
+    memory: 2048
+    network: { ip: 192.168.1.130/24, gateway: 192.168.1.1, dns: [8.8.8.8, 1.1.1.1] }
+    user: ops
+    ssh_keys: ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBv1gqDtmCvSeHXJbcQDJpVzRo3CqIxmg5iwJe2KsF1a ops@example"]
+    password: { env: WEB_PASSWORD }
+    tags: [prod]
+    onboot: true
+"#;
+
+fn options() -> SimOptions {
+    let mut o = SimOptions::fast(Duration::from_millis(20));
+    o.remote_files.insert(
+        ISO_URL.into(),
+        RemoteFile {
+            sha256: ISO_SHA.into(),
+            size: 1 << 30,
+        },
+    );
+    o
+}
+
+impl Scenario {
+    fn new(cluster: ClusterSpec, fleet: &str, lock: &str) -> Self {
+        Self::with_options(cluster, fleet, lock, options())
+    }
+
+    fn with_options(cluster: ClusterSpec, fleet: &str, lock: &str, opts: SimOptions) -> Self {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let sim = Simulator::new(cluster, opts, Credentials::token(TOKEN).unwrap());
+        let handle = rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            sim.serve(listener)
+        });
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("fleet.yaml"), fleet).unwrap();
+        std::fs::write(dir.path().join("nixgold.lock"), lock).unwrap();
+        Scenario {
+            rt,
+            sim,
+            handle: Some(handle),
+            dir,
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixgold"));
+        cmd.args(args)
+            .current_dir(self.dir.path())
+            .env("PROXMOX_VE_ENDPOINT", self.handle.as_ref().unwrap().url())
+            .env("PROXMOX_VE_API_TOKEN", TOKEN)
+            .env("WEB_PASSWORD", PASSWORD)
+            .env("NO_COLOR", "1")
+            .env_remove("NIXGOLD_SIM")
+            .env_remove("NIXGOLD_LOG");
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> (i32, String, String) {
+        let out = self.command(args).output().unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+        for text in [&stdout, &stderr] {
+            assert!(!text.contains(PASSWORD), "the password leaked:\n{text}");
+            assert!(
+                !text.contains("scenario-token-0001"),
+                "the token leaked:\n{text}"
+            );
+        }
+        (out.status.code().unwrap_or(-1), stdout, stderr)
+    }
+
+    fn plan(&self) -> (i32, String) {
+        let (code, stdout, stderr) = self.run(&["plan", "fleet.yaml", "--detailed-exitcode"]);
+        assert!(
+            code == 0 || code == 2,
+            "plan failed ({code}):\n{stdout}\n{stderr}"
+        );
+        (code, stdout)
+    }
+
+    fn apply(&self) -> String {
+        let (code, stdout, stderr) = self.run(&["apply", "fleet.yaml", "--auto-approve"]);
+        assert_eq!(code, 0, "apply failed:\n{stdout}\n{stderr}");
+        stdout
+    }
+
+    /// Apply, then assert that planning again changes nothing.
+    fn converge(&self) {
+        self.apply();
+        let (code, text) = self.plan();
+        assert_eq!(code, 0, "not converged after apply:\n{text}");
+        assert!(text.starts_with("No changes."), "{text}");
+    }
+
+    fn set_fleet(&self, text: &str) {
+        std::fs::write(self.dir.path().join("fleet.yaml"), text).unwrap();
+    }
+
+    fn config(&self, vmid: u32) -> std::collections::BTreeMap<String, String> {
+        self.sim.inspect(|s| s.vms[&vmid].config.values.clone())
+    }
+
+    fn api(&self, method: &str, path: &str, form: &[(&str, &str)]) {
+        let url = format!("{}/api2/json{path}", self.handle.as_ref().unwrap().url());
+        self.rt.block_on(async {
+            let c = reqwest::Client::new();
+            let req = match method {
+                "PUT" => c.put(url).form(form),
+                _ => c.post(url).form(form),
+            };
+            let r = req
+                .header("Authorization", format!("PVEAPIToken={TOKEN}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        });
+    }
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            self.rt.block_on(h.shutdown());
+        }
+    }
+}
+
+fn single_node() -> ClusterSpec {
+    let mut spec = ClusterSpec::default();
+    spec.vms.push(template(9400, "pve", "golden", 1, "tank"));
+    spec
+}
+
+fn golden_lock() -> String {
+    lock_with(&[("golden", 1, &[("pve", 9400)])])
+}
+
+#[test]
+fn an_empty_cluster_gets_the_iso_and_the_vm_and_then_plans_empty() {
+    let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    insta::assert_snapshot!("empty_cluster_plan", text);
+    assert!(
+        text.contains("+ iso.nixos[pve]") && text.contains("+ vm.web-01"),
+        "{text}"
+    );
+    assert!(
+        text.contains("cipassword") && text.contains("(sensitive)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Plan: 2 to create, 0 to update, 0 to replace, 0 to destroy."),
+        "{text}"
+    );
+    s.converge();
+    let c = s.config(400);
+    assert_eq!(c["ipconfig0"], "ip=192.168.1.130/24,gw=192.168.1.1");
+    assert_eq!(c["tags"], "nixgold;nixgold.homelab;prod");
+    assert_eq!(c["cipassword"], PASSWORD, "the password reached Proxmox");
+    assert!(c["description"].ends_with("resource=vm.web-01 image=golden generation=1"));
+    assert!(s.sim.inspect(|st| st.vms[&400].running));
+    // Apply on a converged fleet: nothing to do.
+    let out = s.apply();
+    assert!(out.starts_with("No changes."), "{out}");
+}
+
+#[test]
+fn in_place_updates_memory_disk_and_cloud_init_address() {
+    let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
+    s.converge();
+    let changed = WEB_01
+        .replace("memory: 2048", "memory: 4096\n    disk: 40G")
+        .replace("192.168.1.130/24", "192.168.1.131/24");
+    s.set_fleet(&base_fleet(&changed));
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    insta::assert_snapshot!("update_in_place_plan", text);
+    assert!(text.contains("~ vm.web-01"), "{text}");
+    assert!(text.contains("~ memory    = 2048 -> 4096"), "{text}");
+    assert!(
+        text.contains("~ disk") && text.contains("\"30G\" -> \"40G\""),
+        "{text}"
+    );
+    assert!(text.contains("needs a reboot"), "{text}");
+    s.converge();
+    let c = s.config(400);
+    // Running: memory waits in [PENDING] for the next cold start.
+    assert_eq!(c["memory"], "2048");
+    let pending = s.sim.inspect(|st| st.vms[&400].config.pending.get("memory").cloned());
+    assert_eq!(pending.as_deref(), Some("4096"));
+    assert!(c["scsi0"].contains("size=40G"), "{}", c["scsi0"]);
+    assert!(
+        c["net0"].starts_with("virtio=BC:24:11:"),
+        "the MAC survives: {}",
+        c["net0"]
+    );
+}
+
+#[test]
+fn removed_vms_are_kept_unless_destroy_is_allowed() {
+    let two = format!("{WEB_01}  web-02:\n    image: golden\n    network: {{ dhcp: true }}\n");
+    let s = Scenario::new(single_node(), &base_fleet(&two), &golden_lock());
+    s.converge();
+    let web02 = s.sim.inspect(|st| {
+        st.vms
+            .iter()
+            .find(|(_, v)| v.config.values.get("name").map(String::as_str) == Some("web-02"))
+            .map(|(id, _)| *id)
+    });
+    assert_eq!(web02, Some(1000), "allocated from vm_vmid_range");
+    s.set_fleet(&base_fleet(WEB_01));
+    let (code, text) = s.plan();
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("Note: vm.web-02 (VMID 1000) is no longer in the fleet; it is kept."),
+        "{text}"
+    );
+    let (code, text, _) = s.run(&["plan", "fleet.yaml", "--allow-destroy"]);
+    assert_eq!(code, 0);
+    insta::assert_snapshot!("destroy_plan", text);
+    assert!(text.contains("- vm.web-02"), "{text}");
+    let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve", "--allow-destroy"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(s.sim.inspect(|st| !st.vms.contains_key(&1000)));
+    let (code, text) = s.plan();
+    assert_eq!(code, 0, "{text}");
+}
+
+#[test]
+fn a_vmid_taken_by_a_foreign_vm_is_an_error_not_an_adoption() {
+    let mut cluster = single_node();
+    cluster.vms.push(VmSpec {
+        vmid: 400,
+        node: "pve".into(),
+        config: [("name".to_owned(), "someone-elses".to_owned())]
+            .into_iter()
+            .collect(),
+        template: false,
+        running: true,
+    });
+    let s = Scenario::new(cluster, &base_fleet(WEB_01), &golden_lock());
+    let (code, _, stderr) = s.run(&["plan", "fleet.yaml"]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains(
+            "vm.web-01: VMID 400 is taken by a VM nixgold does not own (`someone-elses` on pve)"
+        ),
+        "{stderr}"
+    );
+    let (code, _, _) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        s.config(400).get("name").map(String::as_str),
+        Some("someone-elses"),
+        "untouched"
+    );
+}
+
+#[test]
+fn drift_made_behind_nixgolds_back_is_planned_back() {
+    let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
+    s.converge();
+    s.api(
+        "PUT",
+        "/nodes/pve/qemu/400/config",
+        &[
+            ("cores", "8"),
+            ("tags", "prod;nixgold;nixgold.homelab;extra"),
+        ],
+    );
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    insta::assert_snapshot!("drift_plan", text);
+    assert!(
+        text.contains("~ cores") && text.contains("8 -> 2"),
+        "{text}"
+    );
+    s.converge();
+}
+
+#[test]
+fn multi_node_placement_clones_locally_or_from_shared_storage() {
+    let mut cluster = ClusterSpec::with_nodes(2);
+    cluster.vms.push(template(9000, "pve1", "base", 1, "ceph"));
+    cluster
+        .vms
+        .push(template(9100, "pve1", "local", 1, "local-lvm"));
+    cluster
+        .vms
+        .push(template(9101, "pve2", "local", 1, "local-lvm"));
+    let fleet = format!(
+        r#"fleet: homelab
+proxmox:
+  endpoint: https://pve1.example.invalid:8006
+  nodes: [pve1, pve2]
+  shared_storages: [ceph]
+  token: {{ env: PROXMOX_VE_API_TOKEN }}
+vm_vmid_range: {{ first: 1000, last: 1099 }}
+isos:
+  nixos: {{ url: "{ISO_URL}", checksum: "sha256:{ISO_SHA}" }}
+images:
+  base:
+    iso: nixos
+    build_node: pve1
+    vmid_range: {{ first: 9000, last: 9009 }}
+    hardware: {{ disk: 30G, storage: ceph }}
+    nixos: {{ state_version: "24.05" }}
+  local:
+    iso: nixos
+    build_node: pve1
+    vmid_range: {{ first: 9100, last: 9109 }}
+    hardware: {{ disk: 30G, storage: local-lvm }}
+    nixos: {{ state_version: "24.05" }}
+vms:
+  a: {{ image: base, node: pve1, clone: linked }}
+  b: {{ image: base, node: pve2 }}
+  c: {{ image: local, node: pve1, clone: linked }}
+  d: {{ image: local, node: pve2, clone: linked }}
+"#
+    );
+    let lock = lock_with(&[
+        ("base", 1, &[("pve1", 9000)]),
+        ("local", 1, &[("pve1", 9100), ("pve2", 9101)]),
+    ]);
+    let s = Scenario::new(cluster, &fleet, &lock);
+    let (code, text) = s.plan();
+    assert_eq!(code, 2, "{text}");
+    insta::assert_snapshot!("multi_node_plan", text);
+    s.converge();
+    let placed: Vec<(String, String)> = s.sim.inspect(|st| {
+        st.vms
+            .values()
+            .filter(|v| !v.config.is_template())
+            .map(|v| (v.config.values["name"].clone(), v.node.clone()))
+            .collect()
+    });
+    for (name, node) in [("a", "pve1"), ("b", "pve2"), ("c", "pve1"), ("d", "pve2")] {
+        assert!(
+            placed.contains(&(name.to_owned(), node.to_owned())),
+            "{name} on {node}: {placed:?}"
+        );
+    }
+}
+
+#[test]
+fn locked_refuses_to_plan_with_a_lockfile_that_must_change() {
+    let two = format!("{WEB_01}  web-02:\n    image: golden\n");
+    let s = Scenario::new(single_node(), &base_fleet(&two), &golden_lock());
+    let (code, _, stderr) = s.run(&["--locked", "plan", "fleet.yaml"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("--locked"), "{stderr}");
+}
+
+#[test]
+fn saved_plans_apply_only_while_nothing_moved() {
+    let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
+    let (code, _, err) = s.run(&["plan", "fleet.yaml", "--out", "web.plan"]);
+    assert_eq!(code, 0, "{err}");
+    // Someone changes the cluster in between: refused.
+    s.api(
+        "PUT",
+        "/nodes/pve/qemu/9400/config",
+        &[(
+            "description",
+            "nixgold: fleet=homelab resource=image.golden generation=1\nnote",
+        )],
+    );
+    let (code, _, err) = s.run(&["apply", "web.plan"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("the cluster changed since the plan was saved"),
+        "{err}"
+    );
+    let (code, _, err) = s.run(&["plan", "fleet.yaml", "--out", "web.plan"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = s.run(&["apply", "web.plan"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, text) = s.plan();
+    assert_eq!(code, 0, "{text}");
+}
+
+#[test]
+fn apply_without_a_terminal_needs_auto_approve() {
+    let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
+    let (code, _, err) = s.run(&["apply", "fleet.yaml"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("refusing to apply without confirmation"),
+        "{err}"
+    );
+    assert!(s.sim.inspect(|st| !st.vms.contains_key(&400)));
+}
+
+#[test]
+fn targets_limit_a_run() {
+    let two = format!("{WEB_01}  web-02:\n    image: golden\n");
+    let s = Scenario::new(single_node(), &base_fleet(&two), &golden_lock());
+    let (code, text, _) = s.run(&["plan", "fleet.yaml", "--target", "vm.web-02"]);
+    assert_eq!(code, 0);
+    assert!(
+        text.contains("+ vm.web-02") && !text.contains("vm.web-01"),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_api_call_count_does_not_grow_with_unmanaged_vms() {
+    let count = |extra: u32| {
+        let mut cluster = single_node();
+        cluster.vms.extend((0..extra).map(|i| VmSpec {
+            vmid: 5000 + i,
+            node: "pve".into(),
+            config: Default::default(),
+            template: false,
+            running: false,
+        }));
+        let s = Scenario::new(cluster, &base_fleet(WEB_01), &golden_lock());
+        s.converge();
+        let (_, out, _) = s.run(&["--json", "plan", "fleet.yaml"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["api_calls"].as_u64().unwrap()
+    };
+    let small = count(0);
+    assert_eq!(small, count(300), "unmanaged VMs cost no API calls");
+    // resources(vm) + resources(storage) + ISO listing + config and status
+    // of the template and of the VM.
+    assert_eq!(small, 7);
+}
+
+#[test]
+fn apply_survives_faults_and_finishes_on_rerun_without_duplicates() {
+    let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
+    let faults = &s.sim.options().faults;
+    // Lock contention and a 595 on the config write are retried.
+    faults.add(
+        "POST /nodes/*/qemu/*/config => lock-timeout*1"
+            .parse()
+            .unwrap(),
+    );
+    faults.add("POST /nodes/*/qemu/*/config => 595*1".parse().unwrap());
+    s.converge();
+    // A failed clone task: apply fails, the re-run finishes.
+    let two = format!("{WEB_01}  web-02:\n    image: golden\n");
+    s.set_fleet(&base_fleet(&two));
+    faults.add(
+        "POST /nodes/*/qemu/*/clone => task-fail:storage went away*1"
+            .parse()
+            .unwrap(),
+    );
+    let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("vm.web-02: FAILED at linked clone") || out.contains("FAILED"),
+        "{out}"
+    );
+    // A dropped connection mid-apply (the start call).
+    faults.add(
+        "POST /nodes/*/qemu/*/status/start => drop*1"
+            .parse()
+            .unwrap(),
+    );
+    let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert!(code == 0 || code == 1, "{out}{err}");
+    s.converge();
+    let names: Vec<String> = s.sim.inspect(|st| {
+        st.vms
+            .values()
+            .filter_map(|v| v.config.values.get("name").cloned())
+            .collect()
+    });
+    assert_eq!(
+        names.iter().filter(|n| *n == "web-02").count(),
+        1,
+        "no duplicate: {names:?}"
+    );
+}
+
+#[test]
+fn a_kill_between_clone_and_start_is_finished_by_the_next_apply() {
+    let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
+    // The start task hangs; kill nixgold while it waits for it.
+    s.sim.options().faults.add(
+        "POST /nodes/*/qemu/*/status/start => task-hang*1"
+            .parse()
+            .unwrap(),
+    );
+    let mut child = s
+        .command(&["apply", "fleet.yaml", "--auto-approve"])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !s
+        .sim
+        .journal()
+        .iter()
+        .any(|e| e.route.ends_with("/status/start"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "apply never reached start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    // Stop the hung start task (as an operator would), then re-plan.
+    let upid = s.sim.inspect(|st| {
+        st.tasks
+            .values()
+            .find(|t| t.kind == "qmstart" && t.exitstatus.is_none())
+            .map(|t| t.upid.clone())
+    });
+    if let Some(upid) = upid {
+        let path = format!("/nodes/pve/tasks/{}", percent(&upid));
+        let url = format!("{}/api2/json{path}", s.handle.as_ref().unwrap().url());
+        s.rt.block_on(async {
+            reqwest::Client::new()
+                .delete(url)
+                .header("Authorization", format!("PVEAPIToken={TOKEN}"))
+                .send()
+                .await
+                .unwrap();
+        });
+    }
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    assert!(
+        text.contains("~ vm.web-01") && text.contains("\"stopped\" -> \"running\""),
+        "{text}"
+    );
+    s.converge();
+    assert_eq!(
+        s.sim.inspect(|st| st.vms.len()),
+        2,
+        "the template and one VM"
+    );
+}
+
+fn percent(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
