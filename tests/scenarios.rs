@@ -284,7 +284,9 @@ fn in_place_updates_memory_disk_and_cloud_init_address() {
     let c = s.config(400);
     // Running: memory waits in [PENDING] for the next cold start.
     assert_eq!(c["memory"], "2048");
-    let pending = s.sim.inspect(|st| st.vms[&400].config.pending.get("memory").cloned());
+    let pending = s
+        .sim
+        .inspect(|st| st.vms[&400].config.pending.get("memory").cloned());
     assert_eq!(pending.as_deref(), Some("4096"));
     assert!(c["scsi0"].contains("size=40G"), "{}", c["scsi0"]);
     assert!(
