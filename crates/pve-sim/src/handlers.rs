@@ -499,6 +499,7 @@ fn create(state: &mut State, opts: &SimOptions, call: &Call) -> ApiResult {
             started_ms: 0,
             created_ms: now_ms(),
             console: Vec::new(),
+            installed: None,
         },
     );
     let work = Work::Create {
@@ -852,6 +853,7 @@ fn clone(state: &mut State, opts: &SimOptions, call: &Call) -> ApiResult {
                 started_ms: 0,
                 created_ms: now_ms(),
                 console: Vec::new(),
+                installed: None,
             },
         );
     }

@@ -16,6 +16,7 @@
 mod auth;
 pub mod cluster;
 mod config;
+pub mod guest;
 mod handlers;
 pub mod options;
 pub mod params;
@@ -59,6 +60,7 @@ pub struct JournalEntry {
 const JOURNAL_LIMIT: usize = 100_000;
 
 pub(crate) struct Inner {
+    pub(crate) guests: guest::Guests,
     pub(crate) journal: Mutex<std::collections::VecDeque<JournalEntry>>,
     pub(crate) state: Mutex<State>,
     pub(crate) opts: SimOptions,
@@ -163,6 +165,7 @@ impl Simulator {
         let workers = tokio::sync::Semaphore::new(opts.workers.max(1));
         Simulator {
             inner: Arc::new(Inner {
+                guests: guest::Guests::default(),
                 journal: Mutex::new(std::collections::VecDeque::new()),
                 state: Mutex::new(state),
                 opts,
@@ -193,6 +196,11 @@ impl Simulator {
             .iter()
             .cloned()
             .collect()
+    }
+
+    /// The guests of running VMs (console history, SSH port).
+    pub fn guests(&self) -> &guest::Guests {
+        &self.inner.guests
     }
 
     /// Serves plain HTTP on `listener` until the handle is shut down.

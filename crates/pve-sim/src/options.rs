@@ -43,6 +43,9 @@ pub struct SimOptions {
     pub resources_lag: Duration,
     /// How long after start the guest agent answers.
     pub agent_delay: Duration,
+    /// How long an installer ISO takes to boot to its console; keys typed
+    /// earlier are lost.
+    pub guest_boot: Duration,
     /// What `download-url` can reach.
     pub remote_files: BTreeMap<String, RemoteFile>,
     pub faults: Faults,
@@ -79,6 +82,7 @@ impl Default for SimOptions {
             auth_failure_delay: Duration::from_secs(3),
             resources_lag: Duration::from_secs(2),
             agent_delay: Duration::from_secs(3),
+            guest_boot: Duration::from_secs(8),
             remote_files: BTreeMap::new(),
             faults: Faults::default(),
         }
@@ -98,6 +102,7 @@ impl SimOptions {
             auth_failure_delay: Duration::ZERO,
             resources_lag: Duration::ZERO,
             agent_delay: Duration::ZERO,
+            guest_boot: Duration::ZERO,
             ..SimOptions::default()
         }
     }

@@ -189,6 +189,8 @@ async fn respond(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Reply, Dro
         agent_down,
     )
     .await;
+    // The guests see power changes and typed keys after each request.
+    crate::guest::sync(&inner).await;
     tokio::time::sleep(opts.latency).await;
     Ok(result)
 }

@@ -70,9 +70,12 @@ pub struct Vm {
     /// When the config first existed; `/cluster/resources` lags behind it.
     #[serde(default)]
     pub created_ms: u64,
-    /// Keys typed on the console since the last start (`sendkey`).
+    /// Keys typed on the console, not yet read by the guest (`sendkey`).
     #[serde(default)]
     pub console: Vec<String>,
+    /// The NixOS system on the VM's disk, once a guest installed one.
+    #[serde(default)]
+    pub installed: Option<crate::guest::Installed>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -273,6 +276,7 @@ impl State {
                     started_ms: now,
                     created_ms: 0,
                     console: Vec::new(),
+                    installed: None,
                 },
             );
         }

@@ -1,0 +1,785 @@
+//! The guest model: what runs inside a simulated VM, for template builds.
+//!
+//! A VM that boots the NixOS installer ISO (its disk holds no system yet)
+//! gets a console that autologs in as `nixos` after a boot delay. Keys sent
+//! with `sendkey` are decoded the way a US keyboard would produce them
+//! (shift chords included) into lines; keys sent before the console is up
+//! are lost, as on the real thing. A tiny shell runs the access sequence a
+//! build types: `sudo -i`, and a `curl … | sh` call-home that really POSTs
+//! to the given URL and runs the returned script (which may only make
+//! directories and append to files — enough to install an SSH key).
+//!
+//! Each booted guest runs an SSH server (russh) on 127.0.0.1 that accepts
+//! only public keys listed in root's `authorized_keys` as the typed commands
+//! left it, and checks what it is asked to run: uploads with `cat > FILE`,
+//! the install script (partition → format → mount → nixos-generate-config
+//! → nixos-install, in that order) against a `configuration.nix` that must
+//! parse, then — after `reboot` into the installed system — verification,
+//! clean-up and `poweroff`. Anything else is "command not found".
+//!
+//! Deliberately an approximation of a shell: it accepts the forms nixgold
+//! and the README document, and rejects the rest loudly.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use russh::server::{Auth, Handler, Msg, Server as _, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelId};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::Inner;
+
+/// The environment variable the simulated installer shell sets to its SSH
+/// server's port. A real installer does not set it, so `${NIXGOLD_SSH_PORT:-22}`
+/// in a typed command means port 22 there.
+pub const SSH_PORT_VARIABLE: &str = "NIXGOLD_SSH_PORT";
+
+/// A NixOS system installed on a VM's disk (persisted with the VM).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Installed {
+    pub nixos_version: String,
+    pub system_path: String,
+    /// Keys in /root/.ssh/authorized_keys of the installed system.
+    pub root_keys: Vec<String>,
+    pub machine_id_empty: bool,
+    pub host_keys: bool,
+    pub cloud_init_clean: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Installer,
+    Installed,
+}
+
+/// A running guest (not persisted: a reboot starts afresh).
+#[derive(Debug)]
+pub struct Runtime {
+    pub mode: Mode,
+    pub ssh_port: u16,
+    /// When the console starts reading keys (ms since the epoch).
+    pub ready_ms: u64,
+    line: String,
+    root: bool,
+    /// Files of the live system (installer mode), by path.
+    files: BTreeMap<String, String>,
+    /// Keys that arrived before the console was up.
+    pub lost_keys: usize,
+    /// What the guest executed, in order: typed lines (`console$ …`) and
+    /// SSH commands (`ssh$ …`).
+    pub history: Vec<String>,
+    /// ISO the installer booted from (names the NixOS version).
+    iso: String,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// The NixOS version an installer ISO's file name carries.
+fn version_from_iso(iso: &str) -> String {
+    let file = iso.rsplit('/').next().unwrap_or(iso);
+    file.trim_start_matches("nixos-minimal-")
+        .trim_end_matches(".iso")
+        .trim_end_matches("-x86_64-linux")
+        .trim_end_matches("-aarch64-linux")
+        .to_owned()
+}
+
+/// Decodes one QEMU key (`a`, `shift-a`, `ret`, `shift-semicolon`) as a US
+/// keyboard would type it. `None` for keys that type nothing.
+pub fn decode_key(key: &str) -> Option<Typed> {
+    let shift = key.contains("shift");
+    let base = key.rsplit('-').next().unwrap_or(key);
+    let pair = |plain: char, shifted: char| Some(Typed::Char(if shift { shifted } else { plain }));
+    match base {
+        "ret" | "kp_enter" => Some(Typed::Enter),
+        "backspace" => Some(Typed::Backspace),
+        "spc" => Some(Typed::Char(' ')),
+        "tab" => Some(Typed::Char('\t')),
+        "minus" => pair('-', '_'),
+        "equal" => pair('=', '+'),
+        "bracket_left" => pair('[', '{'),
+        "bracket_right" => pair(']', '}'),
+        "semicolon" => pair(';', ':'),
+        "apostrophe" => pair('\'', '"'),
+        "grave_accent" => pair('`', '~'),
+        "backslash" => pair('\\', '|'),
+        "comma" => pair(',', '<'),
+        "dot" => pair('.', '>'),
+        "slash" => pair('/', '?'),
+        b if b.len() == 1 => {
+            let c = b.chars().next()?;
+            if c.is_ascii_lowercase() {
+                pair(c, c.to_ascii_uppercase())
+            } else if c.is_ascii_digit() {
+                let shifted = b")!@#$%^&*("[c as usize - '0' as usize] as char;
+                pair(c, shifted)
+            } else {
+                None
+            }
+        }
+        _ => None,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Typed {
+    Char(char),
+    Enter,
+    Backspace,
+}
+
+/// The simulator's guests, by VMID.
+#[derive(Debug, Default)]
+pub struct Guests {
+    running: Mutex<BTreeMap<u32, Runtime>>,
+}
+
+impl Guests {
+    /// The executed history of a running guest (for tests and snapshots).
+    pub fn history(&self, vmid: u32) -> Vec<String> {
+        self.running
+            .lock()
+            .expect("guests")
+            .get(&vmid)
+            .map(|r| r.history.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn ssh_port(&self, vmid: u32) -> Option<u16> {
+        self.running
+            .lock()
+            .expect("guests")
+            .get(&vmid)
+            .map(|r| r.ssh_port)
+    }
+
+    pub fn lost_keys(&self, vmid: u32) -> usize {
+        self.running
+            .lock()
+            .expect("guests")
+            .get(&vmid)
+            .map_or(0, |r| r.lost_keys)
+    }
+}
+
+/// What booting a VM finds: the installed system, or the installer ISO.
+fn boot_mode(vm: &crate::state::Vm) -> Option<(Mode, String)> {
+    if vm.installed.is_some() {
+        return Some((Mode::Installed, String::new()));
+    }
+    vm.config
+        .drives()
+        .filter(|(_, v)| v.contains("media=cdrom"))
+        .filter_map(|(_, v)| v.split(',').next())
+        .find(|f| f.contains(":iso/") && f.to_ascii_lowercase().contains("nixos"))
+        .map(|iso| (Mode::Installer, iso.to_owned()))
+}
+
+/// Brings guests in line with the VMs' power state and feeds typed keys
+/// to the consoles. Called after every request.
+pub(crate) async fn sync(inner: &Arc<Inner>) {
+    let now = crate::state::now_ms();
+    let mut to_boot = Vec::new();
+    let mut lines: Vec<(u32, String)> = Vec::new();
+    {
+        let mut state = inner.state.lock().expect("state");
+        state.advance(&inner.opts);
+        let mut guests = inner.guests.running.lock().expect("guests");
+        guests.retain(|vmid, _| state.vms.get(vmid).is_some_and(|vm| vm.running));
+        for (vmid, vm) in state.vms.iter_mut().filter(|(_, vm)| vm.running) {
+            let Some(runtime) = guests.get_mut(vmid) else {
+                if let Some((mode, iso)) = boot_mode(vm) {
+                    to_boot.push((*vmid, mode, iso, vm.started_ms));
+                }
+                continue;
+            };
+            for key in vm.console.drain(..) {
+                if runtime.mode != Mode::Installer || now < runtime.ready_ms {
+                    runtime.lost_keys += 1;
+                    continue;
+                }
+                match decode_key(&key) {
+                    Some(Typed::Char(c)) => runtime.line.push(c),
+                    Some(Typed::Backspace) => {
+                        runtime.line.pop();
+                    }
+                    Some(Typed::Enter) => lines.push((*vmid, std::mem::take(&mut runtime.line))),
+                    None => {}
+                }
+            }
+        }
+    }
+    for (vmid, mode, iso, started) in to_boot {
+        boot(inner, vmid, mode, iso, started).await;
+    }
+    for (vmid, line) in lines {
+        run_line(inner, vmid, &line).await;
+    }
+}
+
+async fn boot(inner: &Arc<Inner>, vmid: u32, mode: Mode, iso: String, started_ms: u64) {
+    let Ok(listener) = tokio::net::TcpListener::bind("127.0.0.1:0").await else {
+        tracing::error!("guest {vmid}: cannot bind its SSH server");
+        return;
+    };
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    let config = Arc::new(russh::server::Config {
+        keys: vec![
+            russh::keys::PrivateKey::random(&mut rand10::rng(), russh::keys::Algorithm::Ed25519)
+                .expect("ed25519 key"),
+        ],
+        auth_rejection_time: std::time::Duration::from_millis(50),
+        auth_rejection_time_initial: Some(std::time::Duration::ZERO),
+        inactivity_timeout: Some(std::time::Duration::from_secs(3600)),
+        ..Default::default()
+    });
+    let mut sshd = Sshd {
+        inner: Arc::downgrade(inner),
+        vmid,
+    };
+    let server = tokio::spawn(async move {
+        let _ = sshd.run_on_socket(config, &listener).await;
+    });
+    let ready_ms = started_ms + inner.opts.guest_boot.as_millis() as u64;
+    let runtime = Runtime {
+        mode,
+        ssh_port: port,
+        ready_ms,
+        line: String::new(),
+        root: false,
+        files: BTreeMap::new(),
+        lost_keys: 0,
+        history: Vec::new(),
+        iso,
+        server,
+    };
+    inner
+        .guests
+        .running
+        .lock()
+        .expect("guests")
+        .insert(vmid, runtime);
+}
+
+/// Runs a line typed on the installer console.
+async fn run_line(inner: &Arc<Inner>, vmid: u32, line: &str) {
+    let (root, port) = {
+        let mut guests = inner.guests.running.lock().expect("guests");
+        let Some(g) = guests.get_mut(&vmid) else {
+            return;
+        };
+        g.history.push(format!("console$ {line}"));
+        (g.root, g.ssh_port)
+    };
+    let trimmed = line.trim();
+    if trimmed == "sudo -i" || trimmed == "sudo su -" {
+        if let Some(g) = inner.guests.running.lock().expect("guests").get_mut(&vmid) {
+            g.root = true;
+        }
+        return;
+    }
+    let Some((data, url)) = parse_call_home(trimmed) else {
+        note(inner, vmid, "console: command not understood");
+        return;
+    };
+    let data = data
+        .replace("$(hostname -I)", "127.0.0.1 ")
+        .replace(&format!("${{{SSH_PORT_VARIABLE}:-22}}"), &port.to_string());
+    match http_post(&url, &data).await {
+        Ok(script) => {
+            for cmd in script
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            {
+                if let Err(e) = script_line(inner, vmid, cmd, root) {
+                    note(inner, vmid, &format!("console: {e}"));
+                    break;
+                }
+            }
+        }
+        Err(e) => note(inner, vmid, &format!("console: curl: {e}")),
+    }
+}
+
+fn note(inner: &Arc<Inner>, vmid: u32, text: &str) {
+    if let Some(g) = inner.guests.running.lock().expect("guests").get_mut(&vmid) {
+        g.history.push(text.to_owned());
+    }
+}
+
+/// `curl -fsS -d "DATA" URL | sh` → (DATA, URL).
+fn parse_call_home(line: &str) -> Option<(String, String)> {
+    let cmd = line.strip_suffix("| sh")?.trim();
+    let rest = cmd.strip_prefix("curl ")?;
+    let (_, after_d) = rest.split_once("-d \"")?;
+    let (data, after) = after_d.split_once('"')?;
+    let url = after
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))?;
+    Some((data.to_owned(), url.to_owned()))
+}
+
+/// A POST over a plain HTTP/1.1 connection; returns the body.
+async fn http_post(url: &str, body: &str) -> Result<String, String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or("only http:// is supported")?;
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+    let mut stream = tokio::net::TcpStream::connect(host)
+        .await
+        .map_err(|e| format!("{host}: {e}"))?;
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .await
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("malformed HTTP answer")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(head.lines().next().unwrap_or_default().to_owned());
+    }
+    Ok(body.to_owned())
+}
+
+/// One line of a script the call-home returned.
+fn script_line(inner: &Arc<Inner>, vmid: u32, cmd: &str, root: bool) -> Result<(), String> {
+    let mut guests = inner.guests.running.lock().expect("guests");
+    let g = guests.get_mut(&vmid).ok_or("guest gone")?;
+    g.history.push(format!("script$ {cmd}"));
+    let needs_root = |path: &str| path.starts_with("/root") && !root;
+    if let Some(dir) = cmd.strip_prefix("mkdir -p ") {
+        return if needs_root(dir) {
+            Err(format!(
+                "mkdir: cannot create directory '{dir}': Permission denied"
+            ))
+        } else {
+            Ok(())
+        };
+    }
+    if cmd.starts_with("chmod ") {
+        return Ok(());
+    }
+    if let Some((text, path)) = parse_append(cmd) {
+        if needs_root(&path) {
+            return Err(format!("{path}: Permission denied"));
+        }
+        let file = g.files.entry(path).or_default();
+        file.push_str(&text);
+        file.push('\n');
+        return Ok(());
+    }
+    Err(format!("{cmd}: not supported by the simulated shell"))
+}
+
+/// `echo 'TEXT' >> PATH` or `printf '%s\n' 'TEXT' >> PATH`.
+fn parse_append(cmd: &str) -> Option<(String, String)> {
+    let (lhs, path) = cmd.split_once(">>")?;
+    let lhs = lhs.trim();
+    let quoted = lhs
+        .strip_prefix("echo ")
+        .or_else(|| lhs.strip_prefix("printf '%s\\n' "))?
+        .trim();
+    let text = quoted.strip_prefix('\'')?.strip_suffix('\'')?;
+    Some((text.to_owned(), path.trim().to_owned()))
+}
+
+/// The SSH server of one guest.
+#[derive(Clone)]
+struct Sshd {
+    inner: std::sync::Weak<Inner>,
+    vmid: u32,
+}
+
+impl russh::server::Server for Sshd {
+    type Handler = Connection;
+    fn new_client(&mut self, _: Option<std::net::SocketAddr>) -> Connection {
+        Connection {
+            inner: self.inner.clone(),
+            vmid: self.vmid,
+            commands: BTreeMap::new(),
+        }
+    }
+}
+
+struct Connection {
+    inner: std::sync::Weak<Inner>,
+    vmid: u32,
+    /// Per channel: the exec command and the stdin received so far.
+    commands: BTreeMap<ChannelId, (String, Vec<u8>)>,
+}
+
+impl Connection {
+    fn authorized(&self) -> Vec<String> {
+        let Some(inner) = self.inner.upgrade() else {
+            return Vec::new();
+        };
+        let guests = inner.guests.running.lock().expect("guests");
+        let Some(g) = guests.get(&self.vmid) else {
+            return Vec::new();
+        };
+        match g.mode {
+            Mode::Installer => g
+                .files
+                .get("/root/.ssh/authorized_keys")
+                .map(|f| f.lines().map(str::to_owned).collect())
+                .unwrap_or_default(),
+            Mode::Installed => {
+                let state = inner.state.lock().expect("state");
+                state
+                    .vms
+                    .get(&self.vmid)
+                    .and_then(|vm| vm.installed.as_ref())
+                    .map(|i| i.root_keys.clone())
+                    .unwrap_or_default()
+            }
+        }
+    }
+}
+
+/// `ssh-ed25519 AAAA…` without the comment.
+fn key_body(line: &str) -> String {
+    line.split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl Handler for Connection {
+    type Error = russh::Error;
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        let offered = key
+            .public_key
+            .to_openssh()
+            .map(|k| key_body(&k))
+            .unwrap_or_default();
+        let ok = user == "root"
+            && self
+                .authorized()
+                .iter()
+                .any(|line| key_body(line) == offered);
+        Ok(if ok { Auth::Accept } else { Auth::reject() })
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        _channel: Channel<Msg>,
+        reply: russh::server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.commands.insert(
+            channel,
+            (String::from_utf8_lossy(data).into_owned(), Vec::new()),
+        );
+        session.channel_success(channel)?;
+        Ok(())
+    }
+
+    async fn data(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some((_, stdin)) = self.commands.get_mut(&channel) {
+            stdin.extend_from_slice(data);
+        }
+        Ok(())
+    }
+
+    async fn channel_eof(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some((command, stdin)) = self.commands.remove(&channel) else {
+            return Ok(());
+        };
+        let Some(inner) = self.inner.upgrade() else {
+            return Ok(());
+        };
+        let (code, output, after) = execute(
+            &inner,
+            self.vmid,
+            &command,
+            &String::from_utf8_lossy(&stdin),
+        );
+        if !output.is_empty() {
+            session.data(channel, output.into_bytes())?;
+        }
+        session.exit_status_request(channel, code)?;
+        session.eof(channel)?;
+        session.close(channel)?;
+        match after {
+            After::Nothing => {}
+            After::Reboot => reboot(&inner, self.vmid),
+            After::PowerOff => power_off(&inner, self.vmid),
+        }
+        Ok(())
+    }
+}
+
+enum After {
+    Nothing,
+    Reboot,
+    PowerOff,
+}
+
+/// A guest reboot: the runtime ends; the next sync boots the disk.
+fn reboot(inner: &Arc<Inner>, vmid: u32) {
+    let runtime = inner.guests.running.lock().expect("guests").remove(&vmid);
+    if let Some(vm) = inner.state.lock().expect("state").vms.get_mut(&vmid) {
+        vm.started_ms = crate::state::now_ms();
+    }
+    drop(runtime);
+}
+
+fn power_off(inner: &Arc<Inner>, vmid: u32) {
+    let runtime = inner.guests.running.lock().expect("guests").remove(&vmid);
+    if let Some(vm) = inner.state.lock().expect("state").vms.get_mut(&vmid) {
+        vm.running = false;
+    }
+    drop(runtime);
+}
+
+/// The install script's steps, in the order they must run.
+const INSTALL_STEPS: &[(&str, &str)] = &[
+    ("partition", "mklabel"),
+    ("format", "mkfs."),
+    ("mount", "mount "),
+    (
+        "generate the hardware configuration",
+        "nixos-generate-config",
+    ),
+    ("install", "nixos-install"),
+];
+
+/// Runs one SSH command: (exit code, output, what happens after).
+fn execute(inner: &Arc<Inner>, vmid: u32, command: &str, stdin: &str) -> (u32, String, After) {
+    let mut output = String::new();
+    let mut after = After::Nothing;
+    for part in command
+        .split("&&")
+        .flat_map(|p| p.split(';'))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        let code = execute_one(inner, vmid, part, stdin, &mut output, &mut after);
+        if code != 0 {
+            return (code, output, After::Nothing);
+        }
+    }
+    (0, output, after)
+}
+
+fn execute_one(
+    inner: &Arc<Inner>,
+    vmid: u32,
+    cmd: &str,
+    stdin: &str,
+    out: &mut String,
+    after: &mut After,
+) -> u32 {
+    let mut guests = inner.guests.running.lock().expect("guests");
+    let Some(g) = guests.get_mut(&vmid) else {
+        return 255;
+    };
+    g.history.push(format!("ssh$ {cmd}"));
+    let mode = g.mode;
+    if let Some(path) = cmd.strip_prefix("cat > ") {
+        g.files.insert(path.trim().to_owned(), stdin.to_owned());
+        return 0;
+    }
+    if cmd.starts_with("mkdir -p ") || cmd.starts_with("chmod ") {
+        return 0;
+    }
+    match (mode, cmd) {
+        (Mode::Installer, c) if c.starts_with("bash ") => {
+            let args: Vec<&str> = c.split_whitespace().collect();
+            let (Some(script), Some(config)) = (args.get(1), args.get(2)) else {
+                out.push_str("usage: bash SCRIPT CONFIGURATION_NIX\n");
+                return 2;
+            };
+            let (Some(script), Some(config)) =
+                (g.files.get(*script).cloned(), g.files.get(*config).cloned())
+            else {
+                out.push_str("bash: no such file\n");
+                return 127;
+            };
+            let mut last = 0;
+            for (step, marker) in INSTALL_STEPS {
+                match script.find(marker) {
+                    Some(at) if at >= last => {
+                        last = at;
+                        out.push_str(&format!("[nixgold] {step}\n"));
+                    }
+                    _ => {
+                        out.push_str(&format!(
+                            "install script: step `{step}` ({marker}) is missing or out of order\n"
+                        ));
+                        return 1;
+                    }
+                }
+            }
+            let errors = rnix::Root::parse(&config).errors().to_vec();
+            if let Some(e) = errors.first() {
+                out.push_str(&format!("error: syntax error in configuration.nix: {e}\n"));
+                return 1;
+            }
+            let version = version_from_iso(&g.iso);
+            let digest: String = Sha256::digest(config.as_bytes())
+                .iter()
+                .take(16)
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let keys: Vec<String> = if script.contains("/mnt/root/.ssh") {
+                g.files
+                    .get("/root/.ssh/authorized_keys")
+                    .map(|f| f.lines().map(str::to_owned).collect())
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            drop(guests);
+            let installed = Installed {
+                nixos_version: version.clone(),
+                system_path: format!("/nix/store/{digest}-nixos-system-nixos-{version}"),
+                root_keys: keys,
+                machine_id_empty: false,
+                host_keys: true,
+                cloud_init_clean: false,
+            };
+            if let Some(vm) = inner.state.lock().expect("state").vms.get_mut(&vmid) {
+                vm.installed = Some(installed);
+            }
+            out.push_str("installation finished!\n");
+            0
+        }
+        (_, "reboot") => {
+            *after = After::Reboot;
+            0
+        }
+        (_, "poweroff") => {
+            *after = After::PowerOff;
+            0
+        }
+        (Mode::Installed, c) => {
+            drop(guests);
+            let mut state = inner.state.lock().expect("state");
+            let Some(installed) = state
+                .vms
+                .get_mut(&vmid)
+                .and_then(|vm| vm.installed.as_mut())
+            else {
+                return 255;
+            };
+            match c {
+                "nixos-version" => {
+                    out.push_str(&format!("{} (Simulated)\n", installed.nixos_version))
+                }
+                "readlink -f /run/current-system" => {
+                    out.push_str(&format!("{}\n", installed.system_path))
+                }
+                c if c.starts_with("systemctl is-active") => {
+                    for _ in c.split_whitespace().skip(2) {
+                        out.push_str("active\n");
+                    }
+                }
+                "truncate -s 0 /etc/machine-id" => installed.machine_id_empty = true,
+                "rm -f /etc/ssh/ssh_host_*" => installed.host_keys = false,
+                "cloud-init clean --logs" => installed.cloud_init_clean = true,
+                "rm -f /root/.ssh/authorized_keys" => installed.root_keys.clear(),
+                other => {
+                    out.push_str(&format!("{other}: command not found\n"));
+                    return 127;
+                }
+            }
+            0
+        }
+        (Mode::Installer, other) => {
+            out.push_str(&format!("{other}: command not found\n"));
+            127
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_decode_like_a_us_keyboard() {
+        let typed: String = [
+            "shift-n",
+            "i",
+            "x",
+            "shift-semicolon",
+            "spc",
+            "shift-4",
+            "shift-9",
+            "slash",
+            "shift-slash",
+            "shift-apostrophe",
+        ]
+        .iter()
+        .filter_map(|k| match decode_key(k) {
+            Some(Typed::Char(c)) => Some(c),
+            _ => None,
+        })
+        .collect();
+        assert_eq!(typed, "Nix: $(/?\"");
+        assert_eq!(decode_key("ret"), Some(Typed::Enter));
+        assert_eq!(decode_key("f5"), None);
+    }
+
+    #[test]
+    fn the_call_home_line_is_recognised() {
+        let line = "curl -fsS -d \"ip=$(hostname -I) port=${NIXGOLD_SSH_PORT:-22}\" http://127.0.0.1:4242/t0k | sh";
+        let (data, url) = parse_call_home(line).unwrap();
+        assert_eq!(url, "http://127.0.0.1:4242/t0k");
+        assert!(data.starts_with("ip=$(hostname -I)"));
+        assert_eq!(
+            parse_append("echo 'ssh-ed25519 AAAA k' >> /root/.ssh/authorized_keys"),
+            Some((
+                "ssh-ed25519 AAAA k".into(),
+                "/root/.ssh/authorized_keys".into()
+            ))
+        );
+        assert_eq!(
+            version_from_iso("local:iso/nixos-minimal-24.05.1234.abcd-x86_64-linux.iso"),
+            "24.05.1234.abcd"
+        );
+    }
+}

@@ -1,0 +1,377 @@
+//! The guest model: an installer VM reads typed keys, the call-home really
+//! reaches a listener, its SSH server accepts only the key the keystrokes
+//! installed, checks the install commands, reboots into the installed
+//! system and powers off.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Sim, fast, start};
+use pve_sim::{ClusterSpec, RemoteFile, SimOptions};
+use russh::keys::{PrivateKey, PrivateKeyWithHashAlg};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const ISO: &str = "https://releases.example.org/nixos-minimal-24.05.4242.abcdef-x86_64-linux.iso";
+
+fn options(boot: Duration) -> SimOptions {
+    let mut o = fast();
+    o.guest_boot = boot;
+    o.remote_files.insert(
+        ISO.into(),
+        RemoteFile {
+            sha256: "e".repeat(64),
+            size: 1 << 30,
+        },
+    );
+    o
+}
+
+/// An installer VM 9400, started.
+async fn installer(boot: Duration) -> Sim {
+    let s = start(ClusterSpec::default(), options(boot)).await;
+    let form = [
+        ("url", ISO),
+        ("content", "iso"),
+        (
+            "filename",
+            "nixos-minimal-24.05.4242.abcdef-x86_64-linux.iso",
+        ),
+    ];
+    assert_eq!(
+        s.run("/nodes/pve/storage/local/download-url", &form).await,
+        "OK"
+    );
+    s.create_vm(
+        9400,
+        &[
+            (
+                "ide2",
+                "local:iso/nixos-minimal-24.05.4242.abcdef-x86_64-linux.iso,media=cdrom",
+            ),
+            ("boot", "order=scsi0;ide2"),
+        ],
+    )
+    .await;
+    assert_eq!(s.run("/nodes/pve/qemu/9400/status/start", &[]).await, "OK");
+    s
+}
+
+/// This test's own US-keyboard encoder (deliberately not the simulator's).
+fn keys(text: &str) -> Vec<String> {
+    let shifted = |c: char| -> Option<&'static str> {
+        Some(match c {
+            '!' => "1",
+            '@' => "2",
+            '#' => "3",
+            '$' => "4",
+            '%' => "5",
+            '^' => "6",
+            '&' => "7",
+            '*' => "8",
+            '(' => "9",
+            ')' => "0",
+            '_' => "minus",
+            '+' => "equal",
+            '{' => "bracket_left",
+            '}' => "bracket_right",
+            ':' => "semicolon",
+            '"' => "apostrophe",
+            '~' => "grave_accent",
+            '|' => "backslash",
+            '<' => "comma",
+            '>' => "dot",
+            '?' => "slash",
+            _ => return None,
+        })
+    };
+    text.chars()
+        .map(|c| match c {
+            'a'..='z' | '0'..='9' => c.to_string(),
+            'A'..='Z' => format!("shift-{}", c.to_ascii_lowercase()),
+            ' ' => "spc".into(),
+            '-' => "minus".into(),
+            '=' => "equal".into(),
+            '/' => "slash".into(),
+            '.' => "dot".into(),
+            ',' => "comma".into(),
+            ';' => "semicolon".into(),
+            '\'' => "apostrophe".into(),
+            '[' => "bracket_left".into(),
+            ']' => "bracket_right".into(),
+            '\\' => "backslash".into(),
+            '`' => "grave_accent".into(),
+            '\n' => "ret".into(),
+            c => format!(
+                "shift-{}",
+                shifted(c).unwrap_or_else(|| panic!("no key for {c:?}"))
+            ),
+        })
+        .collect()
+}
+
+async fn type_text(s: &Sim, text: &str) {
+    for key in keys(text) {
+        let r = s
+            .put("/nodes/pve/qemu/9400/sendkey", &[("key", key.as_str())])
+            .await;
+        assert_eq!(r.status, 200, "{key}: {}", r.raw);
+    }
+}
+
+/// A one-shot call-home listener answering with `script`; returns its URL
+/// and a receiver for the body the guest posted.
+async fn call_home(script: String) -> (String, tokio::sync::oneshot::Receiver<String>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/t0k3n", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 8192];
+        let n = stream.read(&mut buf).await.unwrap();
+        let req = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let body = req
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{script}",
+            script.len()
+        );
+        stream.write_all(resp.as_bytes()).await.unwrap();
+        let _ = tx.send(body);
+    });
+    (url, rx)
+}
+
+fn key() -> PrivateKey {
+    PrivateKey::random(&mut rand10::rng(), russh::keys::Algorithm::Ed25519).unwrap()
+}
+
+fn public(k: &PrivateKey) -> String {
+    k.public_key().to_openssh().unwrap()
+}
+
+struct Accept;
+impl russh::client::Handler for Accept {
+    type Error = russh::Error;
+    async fn check_server_key(
+        &mut self,
+        _: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+async fn ssh(port: u16, k: &PrivateKey) -> Option<russh::client::Handle<Accept>> {
+    let config = Arc::new(russh::client::Config::default());
+    let mut handle = russh::client::connect(config, ("127.0.0.1", port), Accept)
+        .await
+        .ok()?;
+    let auth = handle
+        .authenticate_publickey(
+            "root",
+            PrivateKeyWithHashAlg::new(Arc::new(k.clone()), None),
+        )
+        .await
+        .ok()?;
+    auth.success().then_some(handle)
+}
+
+async fn exec(h: &russh::client::Handle<Accept>, command: &str, stdin: &str) -> (u32, String) {
+    let mut ch = h.channel_open_session().await.unwrap();
+    ch.exec(true, command).await.unwrap();
+    if !stdin.is_empty() {
+        ch.data(stdin.as_bytes()).await.unwrap();
+    }
+    ch.eof().await.unwrap();
+    let mut out = Vec::new();
+    let mut code = None;
+    while let Some(msg) = ch.wait().await {
+        match msg {
+            russh::ChannelMsg::Data { data } => out.extend_from_slice(&data),
+            russh::ChannelMsg::ExitStatus { exit_status } => code = Some(exit_status),
+            _ => {}
+        }
+    }
+    (
+        code.expect("an exit status"),
+        String::from_utf8_lossy(&out).into_owned(),
+    )
+}
+
+async fn port(s: &Sim) -> u16 {
+    for _ in 0..200 {
+        s.get("/nodes/pve/qemu/9400/status/current").await;
+        if let Some(p) = s.sim.guests().ssh_port(9400) {
+            return p;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the guest never booted");
+}
+
+const SCRIPT: &str = "#!/usr/bin/env bash\nparted -s \"$DISK\" -- mklabel gpt\nmkfs.ext4 -L nixos x\nmount /dev/disk/by-label/nixos /mnt\nnixos-generate-config --root /mnt\nmkdir -p /mnt/root/.ssh && cp /root/.ssh/authorized_keys /mnt/root/.ssh/\nnixos-install --no-root-passwd\n";
+const CONFIG: &str =
+    "{ config, pkgs, ... }: { services.openssh.enable = true; system.stateVersion = \"24.05\"; }\n";
+
+async fn access(s: &Sim, k: &PrivateKey, sudo: bool) -> String {
+    let script = format!(
+        "mkdir -p /root/.ssh\necho '{}' >> /root/.ssh/authorized_keys\nchmod 600 /root/.ssh/authorized_keys\n",
+        public(k)
+    );
+    let (url, rx) = call_home(script).await;
+    if sudo {
+        type_text(s, "sudo -i\n").await;
+    }
+    type_text(
+        s,
+        &format!("curl -fsS -d \"ip=$(hostname -I) port=${{NIXGOLD_SSH_PORT:-22}}\" {url} | sh\n"),
+    )
+    .await;
+    tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .expect("the guest called home")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_build_runs_end_to_end_inside_the_guest() {
+    let s = installer(Duration::ZERO).await;
+    let k = key();
+    let posted = access(&s, &k, true).await;
+    let p = port(&s).await;
+    assert_eq!(
+        posted,
+        format!("ip=127.0.0.1  port={p}"),
+        "the guest reports its address and SSH port"
+    );
+    assert!(
+        ssh(p, &key()).await.is_none(),
+        "only the installed key is accepted"
+    );
+    let h = ssh(p, &k).await.expect("the typed key works");
+    assert_eq!(
+        exec(
+            &h,
+            "mkdir -p /tmp/nixgold && cat > /tmp/nixgold/configuration.nix",
+            CONFIG
+        )
+        .await
+        .0,
+        0
+    );
+    assert_eq!(exec(&h, "cat > /tmp/nixgold/install.sh", SCRIPT).await.0, 0);
+    let (code, out) = exec(
+        &h,
+        "bash /tmp/nixgold/install.sh /tmp/nixgold/configuration.nix",
+        "",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("[nixgold] partition\n[nixgold] format\n[nixgold] mount\n"),
+        "{out}"
+    );
+    exec(&h, "reboot", "").await;
+    drop(h);
+    // The installed system: a new SSH server, the copied key.
+    let mut p2 = port(&s).await;
+    for _ in 0..100 {
+        if p2 != p {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        p2 = port(&s).await;
+    }
+    let h = ssh(p2, &k)
+        .await
+        .expect("the installed system accepts the build key");
+    let (_, version) = exec(&h, "nixos-version", "").await;
+    assert_eq!(version, "24.05.4242.abcdef (Simulated)\n");
+    let (_, path) = exec(&h, "readlink -f /run/current-system", "").await;
+    assert!(
+        path.starts_with("/nix/store/")
+            && path
+                .trim_end()
+                .ends_with("-nixos-system-nixos-24.05.4242.abcdef"),
+        "{path}"
+    );
+    let (code, _) = exec(&h, "truncate -s 0 /etc/machine-id && rm -f /etc/ssh/ssh_host_* && cloud-init clean --logs && rm -f /root/.ssh/authorized_keys", "").await;
+    assert_eq!(code, 0);
+    exec(&h, "poweroff", "").await;
+    let st = s.get("/nodes/pve/qemu/9400/status/current").await;
+    assert_eq!(st.data()["status"], "stopped");
+    let installed = s.sim.inspect(|st| st.vms[&9400].installed.clone()).unwrap();
+    assert!(
+        installed.machine_id_empty
+            && !installed.host_keys
+            && installed.cloud_init_clean
+            && installed.root_keys.is_empty()
+    );
+}
+
+#[tokio::test]
+async fn without_sudo_the_key_is_not_installed() {
+    let s = installer(Duration::ZERO).await;
+    let k = key();
+    access(&s, &k, false).await;
+    let p = port(&s).await;
+    assert!(ssh(p, &k).await.is_none());
+    let history = s.sim.guests().history(9400);
+    assert!(
+        history.iter().any(|l| l.contains("Permission denied")),
+        "{history:?}"
+    );
+}
+
+#[tokio::test]
+async fn keys_typed_before_the_console_is_up_are_lost() {
+    let s = installer(Duration::from_secs(30)).await;
+    type_text(&s, "sudo -i\n").await;
+    assert_eq!(s.sim.guests().lost_keys(9400), 8);
+    assert!(s.sim.guests().history(9400).is_empty());
+}
+
+#[tokio::test]
+async fn broken_configurations_and_scripts_out_of_order_fail_the_install() {
+    let s = installer(Duration::ZERO).await;
+    let k = key();
+    access(&s, &k, true).await;
+    let h = ssh(port(&s).await, &k).await.unwrap();
+    exec(
+        &h,
+        "mkdir -p /tmp/nixgold && cat > /tmp/nixgold/configuration.nix",
+        "{ services.openssh.enable = true }",
+    )
+    .await;
+    exec(&h, "cat > /tmp/nixgold/install.sh", SCRIPT).await;
+    let (code, out) = exec(
+        &h,
+        "bash /tmp/nixgold/install.sh /tmp/nixgold/configuration.nix",
+        "",
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(out.contains("syntax error in configuration.nix"), "{out}");
+    exec(&h, "cat > /tmp/nixgold/configuration.nix", CONFIG).await;
+    let swapped = SCRIPT
+        .replace("mount /dev", "XX")
+        .replace("nixos-install", "mount /dev/x /mnt\nnixos-install");
+    exec(&h, "cat > /tmp/nixgold/install.sh", &swapped).await;
+    let (code, out) = exec(
+        &h,
+        "bash /tmp/nixgold/install.sh /tmp/nixgold/configuration.nix",
+        "",
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("step `generate the hardware configuration`"),
+        "{out}"
+    );
+    let (code, out) = exec(&h, "rm -rf /", "").await;
+    assert_eq!((code, out.as_str()), (127, "rm -rf /: command not found\n"));
+    assert!(s.sim.inspect(|st| st.vms[&9400].installed.is_none()));
+}
