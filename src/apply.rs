@@ -39,6 +39,11 @@ pub struct ApplyOptions {
     pub task_timeout: Duration,
     /// Where relative secret files are found (the fleet's directory).
     pub base_dir: PathBuf,
+    /// Keep the VM of a failed build (renamed in the report) for debugging.
+    pub keep_failed_build: bool,
+    /// Host of the Proxmox endpoint: the call-home address is the local
+    /// address that routes there.
+    pub endpoint_host: String,
 }
 
 impl Default for ApplyOptions {
@@ -51,6 +56,8 @@ impl Default for ApplyOptions {
             retry_base: Duration::from_millis(500),
             task_timeout: Duration::from_secs(30 * 60),
             base_dir: PathBuf::from("."),
+            keep_failed_build: false,
+            endpoint_host: "127.0.0.1".to_owned(),
         }
     }
 }
@@ -77,6 +84,11 @@ pub enum Event {
         step: String,
         error: String,
     },
+    /// A line of a long step's progress (a build's steps and output).
+    Progress {
+        address: String,
+        line: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +109,8 @@ pub struct ChangeReport {
     pub address: String,
     pub action: Action,
     pub outcome: Outcome,
+    /// What a successful build produced, for the lockfile.
+    pub built: Option<crate::build::BuildResult>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -208,9 +222,10 @@ pub async fn apply(
         storages: Default::default(),
     });
     let mut report = Report::default();
-    let phases: [fn(&Change) -> bool; 3] = [
+    let phases: [fn(&Change) -> bool; 4] = [
         |c| c.action == Action::Destroy,
         |c| matches!(c.work, Work::DownloadIso { .. }),
+        |c| matches!(c.work, Work::BuildTemplate { .. }),
         |c| {
             matches!(
                 c.work,
@@ -218,27 +233,38 @@ pub async fn apply(
             )
         },
     ];
+    let mut failed: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
     for in_phase in phases {
         let global = Arc::new(Semaphore::new(ctx.opts.concurrency.max(1)));
         let mut set = tokio::task::JoinSet::new();
         for (i, change) in plan.changes.iter().enumerate().filter(|(_, c)| in_phase(c)) {
+            if let Some(dep) = depends_on(change).into_iter().find(|d| failed.contains(d)) {
+                report.changes.push(ChangeReport {
+                    address: change.address.clone(),
+                    action: change.action,
+                    outcome: Outcome::Skipped {
+                        because: format!("{dep} failed"),
+                    },
+                    built: None,
+                });
+                continue;
+            }
             let ctx = ctx.clone();
             let change = change.clone();
             let global = global.clone();
             set.spawn(async move {
                 let _permit = global.acquire_owned().await.expect("open semaphore");
-                let outcome = match run_change(&ctx, &change).await {
-                    Ok(()) => Outcome::Done,
-                    Err(o) => o,
+                let (outcome, built) = match run_change(&ctx, &change).await {
+                    Ok(built) => (Outcome::Done, built),
+                    Err(o) => (o, None),
                 };
-                (
-                    i,
-                    ChangeReport {
-                        address: change.address.clone(),
-                        action: change.action,
-                        outcome,
-                    },
-                )
+                let r = ChangeReport {
+                    address: change.address.clone(),
+                    action: change.action,
+                    outcome,
+                    built,
+                };
+                (i, r)
             });
         }
         let mut done = Vec::new();
@@ -246,12 +272,94 @@ pub async fn apply(
             done.push(r.expect("a change task does not panic"));
         }
         done.sort_by_key(|(i, _)| *i);
+        failed.extend(
+            done.iter()
+                .filter(|(_, r)| r.outcome != Outcome::Done)
+                .map(|(_, r)| r.address.clone()),
+        );
         report.changes.extend(done.into_iter().map(|(_, r)| r));
     }
     report
 }
 
-async fn run_change(ctx: &Ctx, change: &Change) -> Result<(), Outcome> {
+/// Addresses a change waits for.
+fn depends_on(change: &Change) -> Vec<String> {
+    match &change.work {
+        Work::CreateVm(w) | Work::UpdateVm(w) | Work::ReplaceVm { new: w, .. } => w.after.clone(),
+        _ => Vec::new(),
+    }
+}
+
+async fn run_change(
+    ctx: &Ctx,
+    change: &Change,
+) -> Result<Option<crate::build::BuildResult>, Outcome> {
+    let address = change.address.as_str();
+    if let Work::BuildTemplate {
+        build,
+        cleanup_first,
+    } = &change.work
+    {
+        return build_template(ctx, address, build, *cleanup_first)
+            .await
+            .map(Some);
+    }
+    run_vm_change(ctx, change).await.map(|()| None)
+}
+
+async fn build_template(
+    ctx: &Ctx,
+    address: &str,
+    w: &crate::build::BuildWork,
+    cleanup_first: bool,
+) -> Result<crate::build::BuildResult, Outcome> {
+    if cleanup_first {
+        destroy_vm(ctx, address, w.vmid, &w.node).await?;
+    }
+    let step = format!("build generation {} (VMID {})", w.generation, w.vmid);
+    ctx.emit(Event::Started {
+        address: address.to_owned(),
+        step: step.clone(),
+    });
+    let started = Instant::now();
+    let progress = |line: &str| {
+        ctx.emit(Event::Progress {
+            address: address.to_owned(),
+            line: line.to_owned(),
+        })
+    };
+    match crate::build::run(&ctx.client, &ctx.opts.endpoint_host, w, &progress).await {
+        Ok(result) => {
+            ctx.emit(Event::Finished {
+                address: address.to_owned(),
+                step,
+                elapsed: started.elapsed(),
+            });
+            Ok(result)
+        }
+        Err(e) => {
+            ctx.emit(Event::Failed {
+                address: address.to_owned(),
+                step: step.clone(),
+                error: e.to_string(),
+            });
+            if ctx.opts.keep_failed_build {
+                progress(&format!(
+                    "kept the failed build VM {} on {} for debugging",
+                    w.vmid, w.node
+                ));
+            } else {
+                let _ = destroy_vm(ctx, address, w.vmid, &w.node).await;
+            }
+            Err(Outcome::Failed {
+                step,
+                error: e.to_string(),
+            })
+        }
+    }
+}
+
+async fn run_vm_change(ctx: &Ctx, change: &Change) -> Result<(), Outcome> {
     let address = change.address.as_str();
     match &change.work {
         Work::DownloadIso {
@@ -281,6 +389,7 @@ async fn run_change(ctx: &Ctx, change: &Change) -> Result<(), Outcome> {
             create_vm(ctx, address, new).await
         }
         Work::DestroyVm { vmid, node } => destroy_vm(ctx, address, *vmid, node).await,
+        Work::BuildTemplate { .. } => unreachable!("builds run in build_template"),
     }
 }
 

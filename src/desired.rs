@@ -94,6 +94,66 @@ pub struct DesiredTemplate {
     pub node: NodeName,
     pub vmid: Vmid,
     pub storage: String,
+    /// Identity of the generation this node should have: the hash of the
+    /// ISO sha256, configuration.nix, install script and hardware.
+    pub input_hash: String,
+    /// Why a build is needed (for `ToBuild`).
+    pub build_reason: Option<String>,
+}
+
+/// The inputs a generation is built from, and their hash.
+pub fn input_hash(
+    image_name: &str,
+    image: &crate::fleet::Image,
+    iso_sha256: Option<&Sha256>,
+) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(
+        iso_sha256
+            .map(|s| s.to_string())
+            .unwrap_or_default()
+            .as_bytes(),
+    );
+    h.update(b"\0");
+    h.update(crate::nixos::configuration_nix(image_name, image).as_bytes());
+    h.update(b"\0");
+    h.update(crate::nixos::install_script(image_name, image).as_bytes());
+    h.update(b"\0");
+    h.update(
+        serde_json::to_string(&image.hardware)
+            .unwrap_or_default()
+            .as_bytes(),
+    );
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether the current generation still matches the image: `None` if it
+/// does, else why a new one is needed.
+fn rebuild_reason(
+    image: &crate::fleet::Image,
+    current: Option<&crate::lock::Generation>,
+    hash: &str,
+    iso_sha256: Option<&Sha256>,
+) -> Option<String> {
+    let Some(g) = current else {
+        return Some("the image has no generation yet".to_owned());
+    };
+    if iso_sha256.is_some_and(|s| *s != g.iso_sha256) {
+        return Some("the pinned ISO changed".to_owned());
+    }
+    if g.input_hash.to_string() != hash {
+        return Some("its configuration, install script or hardware changed".to_owned());
+    }
+    let days = image.rebuild.every_days?;
+    let built = humantime::parse_rfc3339(&g.built_at).ok()?;
+    let age = std::time::SystemTime::now().duration_since(built).ok()?;
+    (age > std::time::Duration::from_secs(u64::from(days) * 86_400)).then(|| {
+        format!(
+            "the rebuild policy is due (built {} days ago)",
+            age.as_secs() / 86_400
+        )
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -205,7 +265,26 @@ pub fn build(fleet: &Fleet, lock: &Lockfile) -> Result<DesiredGraph, DesiredErro
 
     for (name, image) in &fleet.images {
         let locked = lock.images.get(name);
-        let pinned = locked.and_then(|l| l.current_generation());
+        let iso_sha = match fleet
+            .isos
+            .get(&image.iso)
+            .map(|iso| iso_pin(&image.iso, iso, &lock))
+        {
+            Some(IsoPinState::Pinned { sha256, .. }) => Some(sha256),
+            _ => None,
+        };
+        let hash = input_hash(name, image, iso_sha.as_ref());
+        let reason = rebuild_reason(
+            image,
+            locked.and_then(|l| l.current_generation()),
+            &hash,
+            iso_sha.as_ref(),
+        );
+        // A generation whose inputs no longer match is not used for new
+        // clones: a new one is built.
+        let pinned = locked
+            .and_then(|l| l.current_generation())
+            .filter(|_| reason.is_none());
         let used: BTreeSet<Vmid> = locked
             .map(|l| {
                 l.generations
@@ -226,7 +305,7 @@ pub fn build(fleet: &Fleet, lock: &Lockfile) -> Result<DesiredGraph, DesiredErro
                 Some((g, t)) => (GenerationRef::Pinned(g.number), t.vmid),
                 None => {
                     // A node without a replica of the current generation
-                    // (or an image without any) needs a build there.
+                    // (or an image that needs a new one) gets a build.
                     let generation = pinned.map_or(next_number, |g| g.number);
                     let vmid = free.next().ok_or_else(|| DesiredError::ImageRangeFull {
                         image: name.clone(),
@@ -236,12 +315,22 @@ pub fn build(fleet: &Fleet, lock: &Lockfile) -> Result<DesiredGraph, DesiredErro
                     (GenerationRef::ToBuild(generation), vmid)
                 }
             };
+            let build_reason = match generation {
+                GenerationRef::ToBuild(_) => Some(
+                    reason
+                        .clone()
+                        .unwrap_or_else(|| format!("node {node} has no replica yet")),
+                ),
+                GenerationRef::Pinned(_) => None,
+            };
             let idx = graph.add_node(DesiredNode::Template(DesiredTemplate {
                 image: name.clone(),
                 generation,
                 node: node.clone(),
                 vmid,
                 storage: image.hardware.storage.clone(),
+                input_hash: hash.clone(),
+                build_reason,
             }));
             let iso_node = if fleet
                 .proxmox

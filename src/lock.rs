@@ -267,6 +267,37 @@ impl Lockfile {
         out
     }
 
+    /// Records one built replica of a generation; the image's `current`
+    /// moves to it once all `replicas` nodes have theirs.
+    pub fn record_generation(&mut self, image: &str, built: Generation, replicas: usize) {
+        let number = built.number;
+        let entry = self
+            .images
+            .entry(image.to_owned())
+            .or_insert_with(|| ImageLock {
+                current: number,
+                generations: Vec::new(),
+            });
+        match entry.generations.iter_mut().find(|g| g.number == number) {
+            Some(g) => {
+                for t in built.templates {
+                    g.templates.retain(|x| x.node != t.node);
+                    g.templates.push(t);
+                }
+                g.templates.sort_by(|a, b| a.node.cmp(&b.node));
+            }
+            None => entry.generations.push(built),
+        }
+        let complete = entry
+            .generations
+            .iter()
+            .find(|g| g.number == number)
+            .is_some_and(|g| g.templates.len() >= replicas);
+        if complete || entry.current_generation().is_none() {
+            entry.current = number;
+        }
+    }
+
     /// Writes the lockfile if its text changed; returns whether it did.
     /// Under `locked`, a change is an error and nothing is written. The
     /// replacement is atomic: a temp file in the same directory, renamed.

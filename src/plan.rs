@@ -99,6 +99,13 @@ pub enum Work {
         vmid: u32,
         node: String,
     },
+    /// Build one generation of an image on one node.
+    BuildTemplate {
+        build: crate::build::BuildWork,
+        /// A leftover build VM of an interrupted or failed build holds the
+        /// VMID: destroy it first.
+        cleanup_first: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,6 +152,9 @@ pub struct Plan {
     pub live_fingerprint: String,
     /// sha256 of the lockfile text the plan was computed from.
     pub lock_fingerprint: String,
+    /// Templates found built and stamped but missing from the lockfile (an
+    /// apply interrupted after the build): recorded by the next apply.
+    pub adopted: Vec<crate::build::BuildResult>,
     /// The lockfile after this plan (new allocations and pins).
     #[serde(skip)]
     pub lock: Lockfile,
@@ -215,6 +225,18 @@ pub enum PlanError {
         "{address} must be replaced ({reason}), but the fleet marks it prevent_destroy\n  hint: remove prevent_destroy to allow it, or undo the change"
     )]
     PreventDestroy { address: String, reason: String },
+    #[error(
+        "{address}: build.address.static is not supported by the build yet\n  hint: use build.address.call_home (the default)"
+    )]
+    StaticBuildAddress { address: String },
+    #[error(
+        "{address}: the ISO `{iso}` is not pinned or not on {node}\n  hint: plan without --locked to pin it"
+    )]
+    IsoMissing {
+        address: String,
+        iso: String,
+        node: String,
+    },
 }
 
 /// Options of one planning run.
@@ -342,20 +364,74 @@ pub fn plan(
         }
     }
 
-    // Templates the targeted VMs clone from must exist.
+    // Templates the targeted VMs clone from: built (checked), or to build.
     let mut template_ok: BTreeSet<u32> = BTreeSet::new();
+    let mut building: BTreeMap<u32, String> = BTreeMap::new();
+    let mut adopted = Vec::new();
     for node in desired.graph.node_weights() {
         let DesiredNode::Template(t) = node else {
             continue;
         };
-        if !needed_images.contains(t.image.as_str()) {
+        let address = format!("image.{}[{}]", t.image, t.node);
+        let wanted = needed_images.contains(t.image.as_str())
+            || targeted(options, &format!("image.{}", t.image));
+        if !wanted {
             continue;
         }
-        match check_template(t, live) {
-            Ok(()) => {
-                template_ok.insert(t.vmid.get());
+        match t.generation {
+            GenerationRef::Pinned(_) => match check_template(t, live) {
+                Ok(()) => {
+                    template_ok.insert(t.vmid.get());
+                }
+                Err(e) => errors.push(e),
+            },
+            GenerationRef::ToBuild(n) => {
+                let existing = live.vms.get(&t.vmid.get());
+                let stamp = existing
+                    .and_then(|v| v.config.as_ref())
+                    .and_then(|c| c.values.get("description"))
+                    .and_then(|d| read_stamp(d));
+                let ours = stamp.as_ref().is_some_and(|s| {
+                    s.get("fleet") == Some(&fleet.fleet)
+                        && s.get("resource") == Some(&format!("image.{}", t.image))
+                });
+                match (existing, ours) {
+                    (Some(vm), true)
+                        if vm.template
+                            && stamp.as_ref().is_some_and(|s| {
+                                s.get("generation") == Some(&n.to_string())
+                                    && s.get("inputs") == Some(&t.input_hash)
+                            }) =>
+                    {
+                        let description = vm
+                            .config
+                            .as_ref()
+                            .and_then(|c| c.values.get("description"))
+                            .cloned()
+                            .unwrap_or_default();
+                        if let Some(result) =
+                            crate::build::result_from_stamp(&description, &vm.node, vm.vmid)
+                        {
+                            adopted.push(result);
+                        }
+                        template_ok.insert(t.vmid.get());
+                    }
+                    (Some(vm), false) => errors.push(PlanError::Foreign {
+                        address,
+                        vmid: vm.vmid,
+                        name: vm.name.clone().unwrap_or_default(),
+                        node: vm.node.clone(),
+                    }),
+                    (existing, _) => match build_change(fleet, desired, t, n, existing.is_some()) {
+                        Ok(change) => {
+                            building.insert(t.vmid.get(), change.address.clone());
+                            template_ok.insert(t.vmid.get());
+                            changes.push(change);
+                        }
+                        Err(e) => errors.push(e),
+                    },
+                }
             }
-            Err(e) => errors.push(e),
         }
     }
 
@@ -366,7 +442,17 @@ pub fn plan(
         }
         let image = &fleet.images[&vm.image];
         match plan_vm(fleet, vm, image, live, &tag) {
-            Ok(Some(change)) => changes.push(change),
+            Ok(Some(mut change)) => {
+                if let Some(build) = building.get(&vm.template_vmid.get()) {
+                    match &mut change.work {
+                        Work::CreateVm(w) | Work::UpdateVm(w) | Work::ReplaceVm { new: w, .. } => {
+                            w.after.push(build.clone())
+                        }
+                        _ => {}
+                    }
+                }
+                changes.push(change)
+            }
             Ok(None) => {}
             Err(e) => errors.push(e),
         }
@@ -436,6 +522,7 @@ pub fn plan(
         fleet: fleet.fleet.clone(),
         changes,
         kept,
+        adopted,
         live_fingerprint: live.fingerprint(),
         lock_fingerprint: lock_fingerprint(lock_text),
         lock: desired.lock.clone(),
@@ -451,26 +538,137 @@ pub fn lock_fingerprint(lock_text: &str) -> String {
         .collect()
 }
 
-/// Destroys first (they free VMIDs and storage), then ISOs, then VMs.
+/// Destroys first (they free VMIDs and storage), then ISOs, builds, VMs.
 fn order_key(c: &Change) -> (u8, String) {
     let rank = match (&c.work, c.action) {
         (_, Action::Destroy) => 0,
         (Work::DownloadIso { .. }, _) => 1,
-        _ => 2,
+        (Work::BuildTemplate { .. }, _) => 2,
+        _ => 3,
     };
     (rank, c.address.clone())
 }
 
-fn check_template(t: &DesiredTemplate, live: &LiveState) -> Result<(), PlanError> {
-    let generation = match t.generation {
-        GenerationRef::ToBuild(_) => {
-            return Err(PlanError::NeedsBuild {
-                image: t.image.clone(),
-                node: t.node.to_string(),
-            });
-        }
-        GenerationRef::Pinned(n) => n,
+/// The change that builds generation `n` of `t.image` on `t.node`.
+fn build_change(
+    fleet: &Fleet,
+    desired: &DesiredGraph,
+    t: &DesiredTemplate,
+    n: u32,
+    leftover: bool,
+) -> Result<Change, PlanError> {
+    let address = format!("image.{}[{}]", t.image, t.node);
+    let image = &fleet.images[&t.image];
+    let crate::fleet::BuildAddress::CallHome { call_home } = &image.build.address else {
+        return Err(PlanError::StaticBuildAddress { address });
     };
+    let shared = fleet
+        .proxmox
+        .is_shared(fleet.isos.get(&image.iso).map_or("", |i| i.storage()));
+    let iso = desired.graph.node_weights().find_map(|node| match node {
+        DesiredNode::Iso(iso) if iso.name == image.iso && (shared || iso.node == t.node) => {
+            Some(iso)
+        }
+        _ => None,
+    });
+    let (Some(iso), Some(volid)) = (iso, iso.and_then(|i| i.volid.clone())) else {
+        return Err(PlanError::IsoMissing {
+            address,
+            iso: image.iso.clone(),
+            node: t.node.to_string(),
+        });
+    };
+    let IsoPinState::Pinned { sha256, .. } = &iso.pin else {
+        return Err(PlanError::IsoMissing {
+            address,
+            iso: image.iso.clone(),
+            node: t.node.to_string(),
+        });
+    };
+    let nixos = &image.nixos;
+    let services: Vec<String> = [
+        (nixos.openssh.enable, "sshd"),
+        (nixos.guest_agent, "qemu-guest-agent"),
+        (nixos.cloud_init, "cloud-init"),
+    ]
+    .into_iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, s)| s.to_owned())
+    .collect();
+    let build = crate::build::BuildWork {
+        image: t.image.clone(),
+        generation: n,
+        node: t.node.to_string(),
+        vmid: t.vmid.get(),
+        iso_volid: volid.clone(),
+        iso_sha256: sha256.to_string(),
+        input_hash: t.input_hash.clone(),
+        vm_config: crate::build::build_vm_config(
+            &image.hardware,
+            &format!("{}-g{n}", t.image),
+            &volid,
+        ),
+        storage: image.hardware.storage.clone(),
+        configuration_nix: crate::nixos::configuration_nix(&t.image, image),
+        install_script: crate::nixos::install_script(&t.image, image),
+        services,
+        boot_wait_secs: image.build.boot_wait.get().as_secs(),
+        timeout_secs: image.build.timeout.get().as_secs(),
+        ssh_timeout_secs: image.build.ssh_timeout.get().as_secs(),
+        key_interval_ms: u64::from(image.build.key_interval_ms),
+        listen: call_home.listen.clone(),
+        advertise: call_home.advertise.clone(),
+        fleet: fleet.fleet.clone(),
+    };
+    let field = |f: &str, v: String| FieldDiff {
+        field: f.to_owned(),
+        before: None,
+        after: Some(v),
+        sensitive: false,
+    };
+    let mut fields = vec![
+        field("generation", n.to_string()),
+        field("vmid", t.vmid.to_string()),
+        field("iso", volid),
+        field(
+            "inputs",
+            t.input_hash[..12.min(t.input_hash.len())].to_owned(),
+        ),
+        field(
+            "system",
+            format!(
+                "{} cores, {} MiB, {} on {}",
+                image.hardware.cores,
+                image.hardware.memory,
+                image.hardware.disk,
+                image.hardware.storage
+            ),
+        ),
+    ];
+    if leftover {
+        fields.push(field(
+            "cleanup",
+            format!("destroy the leftover build VM {}", t.vmid),
+        ));
+    }
+    Ok(Change {
+        address,
+        action: Action::Create,
+        fields,
+        reason: format!(
+            "build generation {n}: {}",
+            t.build_reason.clone().unwrap_or_default()
+        ),
+        impact: Impact::None,
+        work: Work::BuildTemplate {
+            build,
+            cleanup_first: leftover,
+        },
+    })
+}
+
+fn check_template(t: &DesiredTemplate, live: &LiveState) -> Result<(), PlanError> {
+    let generation = t.generation.number();
     let missing = || PlanError::MissingTemplate {
         image: t.image.clone(),
         generation,
@@ -490,6 +688,7 @@ pub fn desired_config(
     fleet: &Fleet,
     vm: &DesiredVm,
     guest_agent: bool,
+    generation: u32,
 ) -> BTreeMap<String, String> {
     let mut c = BTreeMap::new();
     c.insert("name".into(), vm.name.clone());
@@ -557,7 +756,7 @@ pub fn desired_config(
         &fleet.fleet,
         &format!("vm.{}", vm.name),
         &vm.image,
-        vm.generation.number(),
+        generation,
     );
     let description = if vm.description.trim().is_empty() {
         stamp
@@ -635,7 +834,7 @@ fn plan_vm(
 ) -> Result<Option<Change>, PlanError> {
     let address = format!("vm.{}", vm.name);
     let spec = &fleet.vms[&vm.name];
-    let want = desired_config(fleet, vm, image.nixos.guest_agent);
+    let want = desired_config(fleet, vm, image.nixos.guest_agent, vm.generation.number());
     let template_node = if fleet.proxmox.is_shared(&image.hardware.storage) {
         image
             .build_node
@@ -837,7 +1036,13 @@ fn plan_vm(
         }));
     }
 
-    // In-place updates.
+    // In-place updates. A VM that keeps its generation keeps it in its stamp.
+    let want = match live_generation {
+        Some(g) if spec.on_new_generation == OnNewGeneration::Keep => {
+            desired_config(fleet, vm, image.nixos.guest_agent, g)
+        }
+        _ => want,
+    };
     let running = existing.running.unwrap_or(false);
     let values = config.map(|c| c.values.clone()).unwrap_or_default();
     let mut set = BTreeMap::new();

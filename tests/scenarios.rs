@@ -51,10 +51,17 @@ fn template(vmid: u32, node: &str, image: &str, generation: u32, storage: &str) 
 /// (image, generation, [(node, template VMID)]).
 type LockedGeneration<'a> = (&'a str, u32, &'a [(&'a str, u32)]);
 
-fn lock_with(generations: &[LockedGeneration]) -> String {
+/// A lockfile naming built generations of `fleet`'s images, with the input
+/// hashes those images really have (as a build would have recorded them).
+fn lock_with(fleet: &str, generations: &[LockedGeneration]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.yaml");
+    std::fs::write(&path, fleet).unwrap();
+    let loaded = nixgold::fleet::load(&path).unwrap();
+    let iso: nixgold::ids::Sha256 = ISO_SHA.parse().unwrap();
     let mut out = String::from("version = 1\nfleet = \"homelab\"\n");
     for (image, generation, replicas) in generations {
-        let sha = "ab".repeat(32);
+        let sha = nixgold::desired::input_hash(image, &loaded.fleet.images[*image], Some(&iso));
         let templates: Vec<String> = replicas
             .iter()
             .map(|(node, vmid)| format!("{{ node = \"{node}\", vmid = {vmid} }}"))
@@ -229,7 +236,7 @@ fn single_node() -> ClusterSpec {
 }
 
 fn golden_lock() -> String {
-    lock_with(&[("golden", 1, &[("pve", 9400)])])
+    lock_with(&base_fleet(WEB_01), &[("golden", 1, &[("pve", 9400)])])
 }
 
 #[test]
@@ -418,10 +425,13 @@ vms:
   d: {{ image: local, node: pve2, clone: linked }}
 "#
     );
-    let lock = lock_with(&[
-        ("base", 1, &[("pve1", 9000)]),
-        ("local", 1, &[("pve1", 9100), ("pve2", 9101)]),
-    ]);
+    let lock = lock_with(
+        &fleet,
+        &[
+            ("base", 1, &[("pve1", 9000)]),
+            ("local", 1, &[("pve1", 9100), ("pve2", 9101)]),
+        ],
+    );
     let s = Scenario::new(cluster, &fleet, &lock);
     let (code, text) = s.plan();
     assert_eq!(code, 2, "{text}");
@@ -646,4 +656,194 @@ fn percent(s: &str) -> String {
             }
         })
         .collect()
+}
+
+// ----- template builds ---------------------------------------------------
+
+const BUILD: &str = "    build: { boot_wait: 1s, ssh_timeout: 20s, timeout: 2m, key_interval_ms: 0, address: { call_home: { listen: \"127.0.0.1:0\" } } }\n";
+
+/// The base fleet with fast build settings and `packages` in the image.
+fn build_fleet(packages: &str) -> String {
+    base_fleet(WEB_01).replace(
+        "    nixos: { state_version: \"24.05\" }\n",
+        &format!("    nixos: {{ state_version: \"24.05\", packages: [{packages}] }}\n{BUILD}"),
+    )
+}
+
+const EMPTY_LOCK: &str = "version = 1\nfleet = \"homelab\"\n";
+
+fn read_lock(s: &Scenario) -> nixgold::lock::Lockfile {
+    nixgold::lock::Lockfile::read(&s.dir.path().join("nixgold.lock")).unwrap()
+}
+
+/// The guest's command history with the per-build secrets (token, port,
+/// key) replaced, for a stable snapshot.
+fn redacted_history(s: &Scenario, vmid: u32) -> String {
+    s.sim
+        .guests()
+        .history(vmid)
+        .iter()
+        .map(|line| {
+            let mut l = line.clone();
+            if let Some(at) = l.find("http://127.0.0.1:") {
+                let end = l[at..].find(' ').map_or(l.len(), |e| at + e);
+                l.replace_range(at..end, "http://127.0.0.1:PORT/TOKEN");
+            }
+            if let Some(at) = l.find("ssh-ed25519 ") {
+                let end = l[at + 12..].find(' ').map_or(l.len(), |e| at + 12 + e);
+                l.replace_range(at..end, "ssh-ed25519 BUILD-KEY");
+            }
+            l
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn builds_generation_1_from_an_empty_cluster_and_clones_from_it() {
+    let s = Scenario::new(ClusterSpec::default(), &build_fleet("\"vim\""), EMPTY_LOCK);
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    assert!(
+        text.contains("+ image.golden[pve]") && text.contains("the image has no generation yet"),
+        "{text}"
+    );
+    assert!(
+        text.contains("clone       = \"full of image.golden generation 1 (to build) (VMID 9400)\""),
+        "{text}"
+    );
+    s.converge();
+    let lock = read_lock(&s);
+    let generation = lock.images["golden"].current_generation().unwrap();
+    assert_eq!(
+        (generation.number, generation.templates[0].vmid.get()),
+        (1, 9400)
+    );
+    assert!(
+        generation
+            .system_path
+            .contains("-nixos-system-nixos-24.05-x86_64-linux")
+            || generation.system_path.starts_with("/nix/store/")
+    );
+    let template = s.config(9400);
+    assert_eq!(template["template"], "1");
+    assert!(
+        template["ide2"].contains("cloudinit"),
+        "the ISO was replaced by a cloud-init drive: {template:?}"
+    );
+    assert!(s.sim.inspect(|st| st.vms[&400].running));
+    // The exact sequence the guest received, secrets redacted.
+    let history = redacted_history(&s, 9400);
+    insta::assert_snapshot!("build_guest_history", history);
+    assert!(
+        history.starts_with("console$ sudo -i\nconsole$ curl -fsS"),
+        "{history}"
+    );
+    assert!(history.contains("ssh$ bash /tmp/nixgold/install.sh /tmp/nixgold/configuration.nix"));
+    assert!(history.ends_with("ssh$ poweroff"), "{history}");
+}
+
+#[test]
+fn a_changed_package_builds_generation_2_while_the_vm_keeps_running_and_rollback_returns() {
+    let s = Scenario::new(ClusterSpec::default(), &build_fleet("\"vim\""), EMPTY_LOCK);
+    s.converge();
+    s.set_fleet(&build_fleet("\"vim\", \"htop\""));
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    assert!(
+        text.contains("+ image.golden[pve]") && text.contains("build generation 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("vmid       = 9401"),
+        "a new generation gets a new VMID: {text}"
+    );
+    assert!(
+        !text.contains("vm.web-01"),
+        "the VM keeps its generation (on_new_generation = keep): {text}"
+    );
+    s.converge();
+    let lock = read_lock(&s);
+    assert_eq!(lock.images["golden"].current, 2);
+    assert_eq!(
+        lock.images["golden"].generations.len(),
+        2,
+        "generation 1 is kept"
+    );
+    assert!(s.sim.inspect(|st| st.vms[&400].running
+        && st.vms.contains_key(&9400)
+        && st.vms.contains_key(&9401)));
+    // Back to the old package list and generation 1.
+    s.set_fleet(&build_fleet("\"vim\""));
+    let (code, out, err) = s.run(&["rollback", "fleet.yaml", "--image", "golden"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(read_lock(&s).images["golden"].current, 1);
+    let (code, text) = s.plan();
+    assert_eq!(code, 0, "{text}");
+}
+
+#[test]
+fn a_failed_template_conversion_leaves_no_half_generation() {
+    let s = Scenario::new(ClusterSpec::default(), &build_fleet("\"vim\""), EMPTY_LOCK);
+    s.sim.options().faults.add(
+        "POST /nodes/*/qemu/*/template => task-fail:storage error*1"
+            .parse()
+            .unwrap(),
+    );
+    let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("image.golden[pve]: FAILED") && out.contains("storage error"),
+        "{out}"
+    );
+    assert!(
+        out.contains("vm.web-01: skipped (image.golden[pve] failed)"),
+        "{out}"
+    );
+    assert!(
+        read_lock(&s).images.is_empty(),
+        "no half-registered generation"
+    );
+    assert!(
+        s.sim.inspect(|st| !st.vms.contains_key(&9400)),
+        "the build VM was destroyed"
+    );
+    s.converge();
+}
+
+#[test]
+fn keep_failed_build_keeps_the_vm_and_the_next_apply_cleans_it_up() {
+    let s = Scenario::new(ClusterSpec::default(), &build_fleet("\"vim\""), EMPTY_LOCK);
+    s.sim.options().faults.add(
+        "POST /nodes/*/qemu/*/template => task-fail:storage error*1"
+            .parse()
+            .unwrap(),
+    );
+    let (code, _, err) = s.run(&[
+        "apply",
+        "fleet.yaml",
+        "--auto-approve",
+        "--keep-failed-build",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("kept the failed build VM 9400"), "{err}");
+    assert!(s.sim.inspect(|st| st.vms.contains_key(&9400)));
+    let (_, text) = s.plan();
+    assert!(
+        text.contains("destroy the leftover build VM 9400"),
+        "{text}"
+    );
+    s.converge();
+}
+
+#[test]
+fn keys_typed_before_the_installer_is_up_end_in_a_clear_error() {
+    let mut opts = options();
+    opts.guest_boot = Duration::from_secs(60);
+    let fleet = build_fleet("\"vim\"").replace("ssh_timeout: 20s", "ssh_timeout: 2s");
+    let s = Scenario::with_options(ClusterSpec::default(), &fleet, EMPTY_LOCK, opts);
+    let (code, out, _) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 1);
+    assert!(out.contains("did not call home within 2s"), "{out}");
+    assert!(s.sim.inspect(|st| !st.vms.contains_key(&9400)));
 }

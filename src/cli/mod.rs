@@ -42,15 +42,10 @@ struct Global {
     /// Fleet file (.ncl, .yaml, .yml or .json).
     #[arg(long, global = true, env = "NIXGOLD_FLEET", value_name = "FILE")]
     fleet: Option<PathBuf>,
-    /// Lockfile to read and update.
-    #[arg(
-        long,
-        global = true,
-        env = "NIXGOLD_LOCK",
-        value_name = "FILE",
-        default_value = "nixgold.lock"
-    )]
-    lock: PathBuf,
+    /// Lockfile to read and update [default: nixgold.lock; with --sim:
+    /// .nixgold/sim/nixgold.lock, beside the simulated cluster].
+    #[arg(long, global = true, env = "NIXGOLD_LOCK", value_name = "FILE")]
+    lock: Option<PathBuf>,
     /// Refuse to change the lockfile (for CI): fail if it is out of date.
     #[arg(long, global = true)]
     locked: bool,
@@ -122,6 +117,9 @@ enum Command {
         /// Do not ask for confirmation.
         #[arg(long)]
         auto_approve: bool,
+        /// Keep the VM of a failed template build for debugging.
+        #[arg(long)]
+        keep_failed_build: bool,
         /// Changes in flight at once.
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
@@ -130,6 +128,17 @@ enum Command {
     },
     /// Show the fleet's VMs: address, VMID, node, status, IP.
     Output(FleetArg),
+    /// Point an image back at an older kept generation (lockfile only).
+    Rollback {
+        #[command(flatten)]
+        fleet: FleetArg,
+        /// The image (key in `images`).
+        #[arg(long, value_name = "NAME")]
+        image: String,
+        /// The generation to return to (default: the one before current).
+        #[arg(long, value_name = "N")]
+        to: Option<u32>,
+    },
     /// Print the fleet file's JSON Schema (for YAML editors).
     Schema,
     /// The built-in Proxmox VE simulator.
@@ -302,8 +311,22 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Runtime::new().map_err(Failure::from)
 }
 
+impl Global {
+    /// The lockfile: given, or the default for a real or simulated cluster.
+    fn lock_path(&self) -> PathBuf {
+        self.lock.clone().unwrap_or_else(|| {
+            if self.sim {
+                run::sim_dir().join("nixgold.lock")
+            } else {
+                PathBuf::from("nixgold.lock")
+            }
+        })
+    }
+}
+
 fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
     let g = &cli.global;
+    let lock = g.lock_path();
     match &cli.command {
         Command::Plan {
             fleet,
@@ -317,11 +340,12 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
                 detailed_exitcode: *detailed_exitcode,
                 options: scope.options(),
             };
-            runtime()?.block_on(run::cmd_plan(&path, &g.lock, g.locked, g.sim, &args, out))
+            runtime()?.block_on(run::cmd_plan(&path, &lock, g.locked, g.sim, &args, out))
         }
         Command::Apply {
             path,
             auto_approve,
+            keep_failed_build,
             concurrency,
             scope,
         } => {
@@ -330,17 +354,18 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
             })?;
             let args = run::ApplyArgs {
                 auto_approve: *auto_approve,
+                keep_failed_build: *keep_failed_build,
                 options: scope.options(),
                 concurrency: *concurrency,
             };
-            runtime()?.block_on(run::cmd_apply(&path, &g.lock, g.locked, g.sim, &args, out))
+            runtime()?.block_on(run::cmd_apply(&path, &lock, g.locked, g.sim, &args, out))
         }
         Command::Output(arg) => {
             let path = fleet_path(g, arg)?;
-            runtime()?.block_on(run::cmd_output(&path, &g.lock, g.sim, out))
+            runtime()?.block_on(run::cmd_output(&path, &lock, g.sim, out))
         }
         Command::Validate(arg) => {
-            let (loaded, lock) = load_checked(&fleet_path(g, arg)?, &g.lock)?;
+            let (loaded, lock) = load_checked(&fleet_path(g, arg)?, &lock)?;
             let f = &loaded.fleet;
             if out.json {
                 println!(
@@ -371,7 +396,7 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Graph { fleet, format } => {
-            let (loaded, lock) = load_checked(&fleet_path(g, fleet)?, &g.lock)?;
+            let (loaded, lock) = load_checked(&fleet_path(g, fleet)?, &lock)?;
             let desired = desired::build(&loaded.fleet, &lock)?;
             note_lock_drift(&desired, &lock, out);
             if out.json {
@@ -385,7 +410,7 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Render { fleet, image } => {
-            let (loaded, _lock) = load_checked(&fleet_path(g, fleet)?, &g.lock)?;
+            let (loaded, _lock) = load_checked(&fleet_path(g, fleet)?, &lock)?;
             let Some(spec) = loaded.fleet.images.get(image) else {
                 let known: Vec<&str> = loaded.fleet.images.keys().map(String::as_str).collect();
                 return Err(Failure::Message(format!(
@@ -413,19 +438,19 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Lock(arg) => {
-            let (loaded, lock) = load_checked(&fleet_path(g, arg)?, &g.lock)?;
-            let desired = desired::build(&loaded.fleet, &lock)?;
-            let changed = desired.lock.write(&g.lock, g.locked)?;
+            let (loaded, current) = load_checked(&fleet_path(g, arg)?, &lock)?;
+            let desired = desired::build(&loaded.fleet, &current)?;
+            let changed = desired.lock.write(&lock, g.locked)?;
             let unresolved = unresolved_isos(&desired);
             if out.json {
                 println!(
                     "{:#}",
-                    serde_json::json!({ "ok": true, "changed": changed, "lockfile": g.lock, "unpinned_isos": unresolved })
+                    serde_json::json!({ "ok": true, "changed": changed, "lockfile": lock, "unpinned_isos": unresolved })
                 );
             } else {
                 out.info(&format!(
                     "{}: {}",
-                    g.lock.display(),
+                    lock.display(),
                     if changed { "updated" } else { "up to date" }
                 ));
                 for iso in unresolved {
@@ -436,6 +461,43 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
         }
         Command::Schema => {
             print!("{}", fleet::load::json_schema());
+            Ok(0)
+        }
+        Command::Rollback { fleet, image, to } => {
+            let (_loaded, mut current) = load_checked(&fleet_path(g, fleet)?, &lock)?;
+            let entry = current.images.get_mut(image).ok_or_else(|| {
+                Failure::Message(format!(
+                    "image `{image}` has no generations in {}",
+                    lock.display()
+                ))
+            })?;
+            let mut numbers: Vec<u32> = entry.generations.iter().map(|g| g.number).collect();
+            numbers.sort_unstable();
+            let target = match to {
+                Some(n) => *n,
+                None => numbers
+                    .iter()
+                    .rev()
+                    .copied()
+                    .find(|n| *n < entry.current)
+                    .ok_or_else(|| {
+                        Failure::Message(format!(
+                            "image `{image}` has no generation older than {}",
+                            entry.current
+                        ))
+                    })?,
+            };
+            if !numbers.contains(&target) {
+                return Err(Failure::Message(format!(
+                    "image `{image}` has no kept generation {target}\n  hint: kept generations: {numbers:?}"
+                )));
+            }
+            let from = entry.current;
+            entry.current = target;
+            current.write(&lock, g.locked)?;
+            out.info(&format!(
+                "image.{image}: generation {from} -> {target}; new clones use it. Revert the fleet's image changes too, or the next plan builds a new generation from the current fleet."
+            ));
             Ok(0)
         }
         Command::Sim { command } => sim::run(command).map(|()| 0),

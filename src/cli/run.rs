@@ -24,8 +24,8 @@ use crate::render;
 /// Exit code of `plan --detailed-exitcode` when there are changes.
 pub const EXIT_CHANGES: u8 = 2;
 
-/// Where `--sim` keeps the embedded simulator's state.
-fn sim_dir() -> PathBuf {
+/// Where `--sim` keeps the embedded simulator's state (and lockfile).
+pub fn sim_dir() -> PathBuf {
     std::env::var_os("NIXGOLD_SIM_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(".nixgold/sim"))
@@ -238,6 +238,7 @@ pub fn read_saved(path: &Path) -> Option<Result<SavedPlan, Failure>> {
 #[derive(Debug, Clone, Default)]
 pub struct ApplyArgs {
     pub auto_approve: bool,
+    pub keep_failed_build: bool,
     pub options: PlanOptions,
     pub concurrency: usize,
 }
@@ -275,6 +276,16 @@ pub async fn cmd_apply(
             (s, plan, false)
         }
     };
+    let mut plan = plan;
+    if sim {
+        // The embedded simulator's guests live on this machine.
+        for change in &mut plan.changes {
+            if let crate::plan::Work::BuildTemplate { build, .. } = &mut change.work {
+                build.listen = "127.0.0.1:0".to_owned();
+                build.advertise = Some("127.0.0.1".to_owned());
+            }
+        }
+    }
     if !saved {
         print_plan(&plan, out);
     }
@@ -304,6 +315,8 @@ pub async fn cmd_apply(
     let printer = tokio::spawn(print_events(rx, out.quiet));
     let mut options = ApplyOptions {
         base_dir: s.loaded.path.parent().unwrap_or(Path::new(".")).to_owned(),
+        keep_failed_build: args.keep_failed_build,
+        endpoint_host: s.conn.client.endpoint_host(),
         ..ApplyOptions::default()
     };
     if args.concurrency > 0 {
@@ -311,6 +324,27 @@ pub async fn cmd_apply(
     }
     let report = apply::apply(&s.conn.client, &plan, options, tx).await;
     let _ = printer.await;
+    // Generations are recorded only once built (or found built and stamped).
+    let built: Vec<&crate::build::BuildResult> = plan
+        .adopted
+        .iter()
+        .chain(report.changes.iter().filter_map(|c| c.built.as_ref()))
+        .collect();
+    if !built.is_empty() {
+        let mut lock = s.desired.lock.clone();
+        for r in built {
+            let replicas = replicas_of(&s.desired, &r.image, r.generation);
+            record_build(&mut lock, r, replicas);
+            out.info(&format!(
+                "recorded image.{} generation {} on {} in {}",
+                r.image,
+                r.generation,
+                r.node,
+                s.lock_path.display()
+            ));
+        }
+        lock.write(&s.lock_path, locked)?;
+    }
     let mut failed = 0;
     for c in &report.changes {
         let line = match &c.outcome {
@@ -376,6 +410,7 @@ async fn print_events(mut rx: mpsc::UnboundedReceiver<Event>, quiet: bool) {
         let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
         let time = now.get(11..19).unwrap_or(&now);
         let line = match event {
+            Event::Progress { address, line } => format!("{address}: {line}"),
             Event::Started { address, step } => format!("{address}: {step}…"),
             Event::Finished {
                 address,
@@ -454,4 +489,38 @@ pub async fn cmd_output(fleet: &Path, lock: &Path, sim: bool, out: &Output) -> R
         }
     }
     Ok(0)
+}
+
+/// Nodes that must hold a replica of `image`'s generation `generation`.
+fn replicas_of(desired: &DesiredGraph, image: &str, generation: u32) -> usize {
+    desired
+        .graph
+        .node_weights()
+        .filter(|n| matches!(n, crate::desired::DesiredNode::Template(t) if t.image == image && t.generation.number() == generation))
+        .count()
+}
+
+fn record_build(lock: &mut crate::lock::Lockfile, r: &crate::build::BuildResult, replicas: usize) {
+    let parse = |hex: &str| hex.parse::<crate::ids::Sha256>().ok();
+    let (Some(input_hash), Some(iso_sha256), Ok(node), Ok(vmid)) = (
+        parse(&r.input_hash),
+        parse(&r.iso_sha256),
+        r.node.parse::<crate::ids::NodeName>(),
+        crate::ids::Vmid::new(u64::from(r.vmid)),
+    ) else {
+        return;
+    };
+    lock.record_generation(
+        &r.image,
+        crate::lock::Generation {
+            number: r.generation,
+            input_hash,
+            iso_sha256,
+            built_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            nixos_version: r.nixos_version.clone(),
+            system_path: r.system_path.clone(),
+            templates: vec![crate::lock::TemplateReplica { node, vmid }],
+        },
+        replicas,
+    );
 }

@@ -85,6 +85,10 @@ nixos-generate-config --root /mnt --no-filesystems
 install -m 0644 "$CONFIG" /mnt/etc/nixos/configuration.nix
 step "nixos-install"
 nixos-install --no-root-passwd
+step "keep the build key for verification (removed when sealing)"
+mkdir -p /mnt/root/.ssh
+cp /root/.ssh/authorized_keys /mnt/root/.ssh/authorized_keys
+chmod 700 /mnt/root/.ssh
 sync
 step "installed"
 "#

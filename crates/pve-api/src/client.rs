@@ -136,6 +136,24 @@ impl Client {
         })
     }
 
+    /// The host (or `[v6]`) of the endpoint, e.g. to find the local address
+    /// that routes to it.
+    pub fn endpoint_host(&self) -> String {
+        let rest = self.inner.base.split("://").nth(1).unwrap_or_default();
+        let authority = rest.split('/').next().unwrap_or_default();
+        match authority.rsplit_once(':') {
+            Some((host, port))
+                if port.bytes().all(|b| b.is_ascii_digit()) && !host.ends_with(':') =>
+            {
+                host.to_owned()
+            }
+            _ => authority.to_owned(),
+        }
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned()
+    }
+
     /// API requests sent so far (retries included).
     pub fn calls(&self) -> u64 {
         self.inner.calls.load(Ordering::Relaxed)

@@ -67,9 +67,6 @@ pub struct Runtime {
     files: BTreeMap<String, String>,
     /// Keys that arrived before the console was up.
     pub lost_keys: usize,
-    /// What the guest executed, in order: typed lines (`console$ …`) and
-    /// SSH commands (`ssh$ …`).
-    pub history: Vec<String>,
     /// ISO the installer booted from (names the NixOS version).
     iso: String,
     server: tokio::task::JoinHandle<()>,
@@ -139,17 +136,32 @@ pub enum Typed {
 #[derive(Debug, Default)]
 pub struct Guests {
     running: Mutex<BTreeMap<u32, Runtime>>,
+    /// Each VM's SSH port, kept across reboots (as port 22 is on a host).
+    ports: Mutex<BTreeMap<u32, u16>>,
+    /// What each VM's guest executed, across reboots and power-offs.
+    histories: Mutex<BTreeMap<u32, Vec<String>>>,
 }
 
 impl Guests {
-    /// The executed history of a running guest (for tests and snapshots).
+    /// Everything VM `vmid`'s guests executed, in order, across reboots:
+    /// typed lines (`console$ …`), call-home script lines (`script$ …`),
+    /// SSH commands (`ssh$ …`) and notes (for tests and snapshots).
     pub fn history(&self, vmid: u32) -> Vec<String> {
-        self.running
+        self.histories
             .lock()
             .expect("guests")
             .get(&vmid)
-            .map(|r| r.history.clone())
+            .cloned()
             .unwrap_or_default()
+    }
+
+    fn record(&self, vmid: u32, line: String) {
+        self.histories
+            .lock()
+            .expect("guests")
+            .entry(vmid)
+            .or_default()
+            .push(line);
     }
 
     pub fn ssh_port(&self, vmid: u32) -> Option<u16> {
@@ -225,11 +237,28 @@ pub(crate) async fn sync(inner: &Arc<Inner>) {
 }
 
 async fn boot(inner: &Arc<Inner>, vmid: u32, mode: Mode, iso: String, started_ms: u64) {
-    let Ok(listener) = tokio::net::TcpListener::bind("127.0.0.1:0").await else {
+    let known = inner
+        .guests
+        .ports
+        .lock()
+        .expect("guests")
+        .get(&vmid)
+        .copied();
+    let listener = match known {
+        Some(p) => tokio::net::TcpListener::bind(("127.0.0.1", p)).await,
+        None => tokio::net::TcpListener::bind("127.0.0.1:0").await,
+    };
+    let Ok(listener) = listener else {
         tracing::error!("guest {vmid}: cannot bind its SSH server");
         return;
     };
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    inner
+        .guests
+        .ports
+        .lock()
+        .expect("guests")
+        .insert(vmid, port);
     let config = Arc::new(russh::server::Config {
         keys: vec![
             russh::keys::PrivateKey::random(&mut rand10::rng(), russh::keys::Algorithm::Ed25519)
@@ -256,7 +285,6 @@ async fn boot(inner: &Arc<Inner>, vmid: u32, mode: Mode, iso: String, started_ms
         root: false,
         files: BTreeMap::new(),
         lost_keys: 0,
-        history: Vec::new(),
         iso,
         server,
     };
@@ -271,13 +299,13 @@ async fn boot(inner: &Arc<Inner>, vmid: u32, mode: Mode, iso: String, started_ms
 /// Runs a line typed on the installer console.
 async fn run_line(inner: &Arc<Inner>, vmid: u32, line: &str) {
     let (root, port) = {
-        let mut guests = inner.guests.running.lock().expect("guests");
-        let Some(g) = guests.get_mut(&vmid) else {
+        let guests = inner.guests.running.lock().expect("guests");
+        let Some(g) = guests.get(&vmid) else {
             return;
         };
-        g.history.push(format!("console$ {line}"));
         (g.root, g.ssh_port)
     };
+    inner.guests.record(vmid, format!("console$ {line}"));
     let trimmed = line.trim();
     if trimmed == "sudo -i" || trimmed == "sudo su -" {
         if let Some(g) = inner.guests.running.lock().expect("guests").get_mut(&vmid) {
@@ -310,9 +338,7 @@ async fn run_line(inner: &Arc<Inner>, vmid: u32, line: &str) {
 }
 
 fn note(inner: &Arc<Inner>, vmid: u32, text: &str) {
-    if let Some(g) = inner.guests.running.lock().expect("guests").get_mut(&vmid) {
-        g.history.push(text.to_owned());
-    }
+    inner.guests.record(vmid, text.to_owned());
 }
 
 /// `curl -fsS -d "DATA" URL | sh` → (DATA, URL).
@@ -361,9 +387,9 @@ async fn http_post(url: &str, body: &str) -> Result<String, String> {
 
 /// One line of a script the call-home returned.
 fn script_line(inner: &Arc<Inner>, vmid: u32, cmd: &str, root: bool) -> Result<(), String> {
+    inner.guests.record(vmid, format!("script$ {cmd}"));
     let mut guests = inner.guests.running.lock().expect("guests");
     let g = guests.get_mut(&vmid).ok_or("guest gone")?;
-    g.history.push(format!("script$ {cmd}"));
     let needs_root = |path: &str| path.starts_with("/root") && !root;
     if let Some(dir) = cmd.strip_prefix("mkdir -p ") {
         return if needs_root(dir) {
@@ -612,11 +638,11 @@ fn execute_one(
     out: &mut String,
     after: &mut After,
 ) -> u32 {
+    inner.guests.record(vmid, format!("ssh$ {cmd}"));
     let mut guests = inner.guests.running.lock().expect("guests");
     let Some(g) = guests.get_mut(&vmid) else {
         return 255;
     };
-    g.history.push(format!("ssh$ {cmd}"));
     let mode = g.mode;
     if let Some(path) = cmd.strip_prefix("cat > ") {
         g.files.insert(path.trim().to_owned(), stdin.to_owned());
@@ -638,11 +664,12 @@ fn execute_one(
                 out.push_str("bash: no such file\n");
                 return 127;
             };
+            // Each step must appear after the previous one.
             let mut last = 0;
             for (step, marker) in INSTALL_STEPS {
-                match script.find(marker) {
-                    Some(at) if at >= last => {
-                        last = at;
+                match script[last..].find(marker) {
+                    Some(at) => {
+                        last += at + marker.len();
                         out.push_str(&format!("[nixgold] {step}\n"));
                     }
                     _ => {

@@ -250,6 +250,18 @@ impl Simulator {
     ) -> ServerHandle {
         let addr = server::local_addr(&listener);
         let (tx, rx) = tokio::sync::watch::channel(false);
+        // Guests live on their own clock: a VM reboots, boots and reads its
+        // console whether or not anyone calls the API.
+        let inner = self.inner.clone();
+        let mut stop = rx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => guest::sync(&inner).await,
+                    _ = stop.changed() => return,
+                }
+            }
+        });
         let join = tokio::spawn(server::accept_loop(self.inner.clone(), listener, tls, rx));
         ServerHandle {
             addr,
