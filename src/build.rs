@@ -497,16 +497,17 @@ pub async fn run(
         .wait(Duration::from_secs(w.ssh_timeout_secs))
         .await?;
     progress(&format!("the VM called home from {host}; connect over SSH"));
-
-    let pin = Arc::new(Mutex::new(None));
-    let ssh = connect_retry(
-        &host,
-        port,
-        &key,
-        pin,
-        Duration::from_secs(w.ssh_timeout_secs),
-    )
-    .await?;
+    // Each system (installer, installed) pins its own host key on first contact.
+    let connect = || {
+        connect_retry(
+            &host,
+            port,
+            &key,
+            Arc::new(Mutex::new(None)),
+            Duration::from_secs(w.ssh_timeout_secs),
+        )
+    };
+    let ssh = connect().await?;
     let (code, out) = ssh
         .run(
             "mkdir -p /tmp/nixgold && cat > /tmp/nixgold/configuration.nix",
@@ -532,15 +533,7 @@ pub async fn run(
     drop(ssh);
 
     progress("reboot into the installed system");
-    let pin = Arc::new(Mutex::new(None));
-    let ssh = connect_retry(
-        &host,
-        port,
-        &key,
-        pin,
-        Duration::from_secs(w.ssh_timeout_secs),
-    )
-    .await?;
+    let ssh = connect().await?;
     let (code, version) = ssh.run("nixos-version", "", |_| {}).await?;
     check("nixos-version", code, &version)?;
     let (code, system) = ssh

@@ -193,11 +193,7 @@ pub enum PlanError {
         fleet: String,
     },
     #[error(
-        "image `{image}` has no built generation on {node} yet\n  hint: nixgold cannot build generations yet (template builds are the next capability); until then target only VMs of images with a generation in nixgold.lock"
-    )]
-    NeedsBuild { image: String, node: String },
-    #[error(
-        "image `{image}` generation {generation}: its template (VMID {vmid} on {node}) is missing from the cluster\n  hint: roll back to a kept generation, or rebuild"
+        "image `{image}` generation {generation}: its template (VMID {vmid} on {node}) is missing from the cluster\n  hint: `nixgold rollback` to a kept generation whose template exists, or remove [image.{image}] from the lockfile to build a new generation"
     )]
     MissingTemplate {
         image: String,

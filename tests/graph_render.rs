@@ -197,3 +197,33 @@ fn render_of_an_unknown_image_names_the_known_ones() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_example_images_configuration_is_snapshot_tested() {
+    let (code, stdout, stderr) = run(nixgold(&repo()).args([
+        "--json",
+        "render",
+        "fleets/example.ncl",
+        "--image",
+        "nixos-golden-template",
+        "--lock",
+        "/nonexistent/nixgold.lock",
+    ]));
+    assert_eq!(code, 0, "{stderr}");
+    let value: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let config = value["configuration_nix"].as_str().unwrap();
+    // Structural checks beside the snapshot, so a wrong one cannot be
+    // blessed quietly.
+    assert!(
+        config.contains("services.cloud-init = {\n    enable = true;\n    network.enable = true;"),
+        "{config}"
+    );
+    assert!(config.contains("networking.hostName = \"\";"));
+    assert!(config.contains("users.mutableUsers = true;"));
+    assert!(config.contains("services.qemuGuest.enable = true;"));
+    insta::assert_snapshot!("example_configuration_nix", config);
+    insta::assert_snapshot!(
+        "example_install_sh",
+        value["install_script"].as_str().unwrap()
+    );
+}

@@ -488,20 +488,7 @@ fn create(state: &mut State, opts: &SimOptions, call: &Call) -> ApiResult {
     let values = config_values(call);
     check_config_values(state, &node, &values)?;
     // The placeholder is written before the reply: the VMID is reserved now.
-    let mut config = VmConfig::default();
-    config.values.insert("lock".into(), "create".into());
-    state.insert_vm(
-        vmid,
-        Vm {
-            node: node.clone(),
-            config,
-            running: false,
-            started_ms: 0,
-            created_ms: now_ms(),
-            console: Vec::new(),
-            installed: None,
-        },
-    );
+    state.insert_vm(vmid, Vm::placeholder(&node, "create"));
     let work = Work::Create {
         vmid,
         values,
@@ -842,20 +829,7 @@ fn clone(state: &mut State, opts: &SimOptions, call: &Call) -> ApiResult {
         .get(&upid)
         .is_some_and(|t| !matches!(t.work, Work::Fail { .. }));
     if begins_ok && !state.vms.contains_key(&newid) {
-        let mut config = VmConfig::default();
-        config.values.insert("lock".into(), "clone".into());
-        state.insert_vm(
-            newid,
-            Vm {
-                node: target,
-                config,
-                running: false,
-                started_ms: 0,
-                created_ms: now_ms(),
-                console: Vec::new(),
-                installed: None,
-            },
-        );
+        state.insert_vm(newid, Vm::placeholder(&target, "clone"));
     }
     Ok(json!(upid))
 }

@@ -173,40 +173,37 @@ pub fn validate(params: &[Param], given: &BTreeMap<String, String>) -> BTreeMap<
     errors
 }
 
+/// Parses `value` as `type_name` and checks it against `min`/`max`.
+fn check_range<T>(
+    value: &str,
+    type_name: &str,
+    min: Option<T>,
+    max: Option<T>,
+) -> Result<(), String>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display,
+{
+    let n: T = value
+        .trim()
+        .parse()
+        .map_err(|_| format!("type check ('{type_name}') failed - got '{value}'"))?;
+    if let Some(min) = min
+        && n < min
+    {
+        return Err(format!("value must have a minimum value of {min}"));
+    }
+    if let Some(max) = max
+        && n > max
+    {
+        return Err(format!("value must have a maximum value of {max}"));
+    }
+    Ok(())
+}
+
 fn check_value(param: &Param, value: &str) -> Result<(), String> {
     match param.kind {
-        Kind::Integer { min, max } => {
-            let n: i64 = value
-                .trim()
-                .parse()
-                .map_err(|_| format!("type check ('integer') failed - got '{value}'"))?;
-            if let Some(min) = min
-                && n < min
-            {
-                return Err(format!("value must have a minimum value of {min}"));
-            }
-            if let Some(max) = max
-                && n > max
-            {
-                return Err(format!("value must have a maximum value of {max}"));
-            }
-        }
-        Kind::Number { min, max } => {
-            let n: f64 = value
-                .trim()
-                .parse()
-                .map_err(|_| format!("type check ('number') failed - got '{value}'"))?;
-            if let Some(min) = min
-                && n < min
-            {
-                return Err(format!("value must have a minimum value of {min}"));
-            }
-            if let Some(max) = max
-                && n > max
-            {
-                return Err(format!("value must have a maximum value of {max}"));
-            }
-        }
+        Kind::Integer { min, max } => check_range(value, "integer", min, max)?,
+        Kind::Number { min, max } => check_range(value, "number", min, max)?,
         Kind::Boolean => {
             if !matches!(value, "0" | "1") {
                 return Err(format!("type check ('boolean') failed - got '{value}'"));

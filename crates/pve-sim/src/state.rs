@@ -78,6 +78,23 @@ pub struct Vm {
     pub installed: Option<crate::guest::Installed>,
 }
 
+impl Vm {
+    /// The config a worker writes first: only `lock: <lock>`.
+    pub fn placeholder(node: &str, lock: &str) -> Self {
+        let mut config = VmConfig::default();
+        config.values.insert("lock".into(), lock.into());
+        Vm {
+            node: node.to_owned(),
+            config,
+            running: false,
+            started_ms: 0,
+            created_ms: now_ms(),
+            console: Vec::new(),
+            installed: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Volume {
     pub storage: String,
