@@ -286,6 +286,7 @@ pub async fn apply(
 fn depends_on(change: &Change) -> Vec<String> {
     match &change.work {
         Work::CreateVm(w) | Work::UpdateVm(w) | Work::ReplaceVm { new: w, .. } => w.after.clone(),
+        Work::DestroyTemplate { after, .. } => after.iter().cloned().collect(),
         _ => Vec::new(),
     }
 }
@@ -388,7 +389,9 @@ async fn run_vm_change(ctx: &Ctx, change: &Change) -> Result<(), Outcome> {
             destroy_vm(ctx, address, new.vmid, old_node).await?;
             create_vm(ctx, address, new).await
         }
-        Work::DestroyVm { vmid, node } => destroy_vm(ctx, address, *vmid, node).await,
+        Work::DestroyVm { vmid, node } | Work::DestroyTemplate { vmid, node, .. } => {
+            destroy_vm(ctx, address, *vmid, node).await
+        }
         Work::BuildTemplate { .. } => unreachable!("builds run in build_template"),
     }
 }

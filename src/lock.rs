@@ -298,6 +298,27 @@ impl Lockfile {
         }
     }
 
+    /// Drops one node's replica of a generation; the generation goes when
+    /// it has none left (never the current one).
+    pub fn forget_replica(&mut self, image: &str, generation: u32, node: &str) {
+        let Some(entry) = self.images.get_mut(image) else {
+            return;
+        };
+        if generation == entry.current {
+            return;
+        }
+        for g in entry
+            .generations
+            .iter_mut()
+            .filter(|g| g.number == generation)
+        {
+            g.templates.retain(|t| t.node.as_str() != node);
+        }
+        entry
+            .generations
+            .retain(|g| !g.templates.is_empty() || g.number == entry.current);
+    }
+
     /// Writes the lockfile if its text changed; returns whether it did.
     /// Under `locked`, a change is an error and nothing is written. The
     /// replacement is atomic: a temp file in the same directory, renamed.

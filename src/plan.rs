@@ -99,6 +99,15 @@ pub enum Work {
         vmid: u32,
         node: String,
     },
+    /// Remove a template of a generation beyond `rebuild.keep`.
+    DestroyTemplate {
+        image: String,
+        generation: u32,
+        vmid: u32,
+        node: String,
+        /// The build of this image in the same plan, which must succeed first.
+        after: Option<String>,
+    },
     /// Build one generation of an image on one node.
     BuildTemplate {
         build: crate::build::BuildWork,
@@ -155,6 +164,9 @@ pub struct Plan {
     /// Templates found built and stamped but missing from the lockfile (an
     /// apply interrupted after the build): recorded by the next apply.
     pub adopted: Vec<crate::build::BuildResult>,
+    /// Generations beyond `rebuild.keep` that stay because VMs use them
+    /// (address of the generation, VMs).
+    pub retained: Vec<(String, Vec<String>)>,
     /// The lockfile after this plan (new allocations and pins).
     #[serde(skip)]
     pub lock: Lockfile,
@@ -510,6 +522,8 @@ pub fn plan(
         });
     }
 
+    let mut lock = desired.lock.clone();
+    let retained = retire_generations(fleet, desired, live, &building, &mut lock, &mut changes);
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -519,9 +533,10 @@ pub fn plan(
         changes,
         kept,
         adopted,
+        retained,
         live_fingerprint: live.fingerprint(),
         lock_fingerprint: lock_fingerprint(lock_text),
-        lock: desired.lock.clone(),
+        lock,
         api_calls: live.calls,
     })
 }
@@ -534,15 +549,108 @@ pub fn lock_fingerprint(lock_text: &str) -> String {
         .collect()
 }
 
-/// Destroys first (they free VMIDs and storage), then ISOs, builds, VMs.
+/// VM destroys first (they free VMIDs and storage), then ISOs, builds,
+/// VMs, and old templates last (after their replacement exists).
 fn order_key(c: &Change) -> (u8, String) {
     let rank = match (&c.work, c.action) {
+        (Work::DestroyTemplate { .. }, _) => 4,
         (_, Action::Destroy) => 0,
         (Work::DownloadIso { .. }, _) => 1,
         (Work::BuildTemplate { .. }, _) => 2,
         _ => 3,
     };
     (rank, c.address.clone())
+}
+
+/// Plans the removal of generations beyond each image's `rebuild.keep`
+/// (the current one, and one being built, always stay). A generation with
+/// stamped VMs on it stays too — they may be linked clones that pin it —
+/// and is listed in the returned notes. Replicas already gone from the
+/// cluster are dropped from `lock` directly.
+fn retire_generations(
+    fleet: &Fleet,
+    desired: &DesiredGraph,
+    live: &LiveState,
+    building: &BTreeMap<u32, String>,
+    lock: &mut Lockfile,
+    changes: &mut Vec<Change>,
+) -> Vec<(String, Vec<String>)> {
+    let mut retained = Vec::new();
+    let stamps: Vec<BTreeMap<String, String>> = owned(live, &fleet.fleet).map(|(_, s)| s).collect();
+    for (name, image) in &fleet.images {
+        let Some(entry) = desired.lock.images.get(name) else {
+            continue;
+        };
+        let build = desired.graph.node_weights().find_map(|n| match n {
+            DesiredNode::Template(t)
+                if t.image == *name && building.contains_key(&t.vmid.get()) =>
+            {
+                Some((
+                    t.generation.number(),
+                    format!("image.{}[{}]", t.image, t.node),
+                ))
+            }
+            _ => None,
+        });
+        let mut keep: BTreeSet<u32> = BTreeSet::from([entry.current]);
+        keep.extend(build.as_ref().map(|(n, _)| *n));
+        let mut newest: Vec<u32> = entry.generations.iter().map(|g| g.number).collect();
+        newest.sort_unstable_by(|a, b| b.cmp(a));
+        for n in newest {
+            if keep.len() >= image.rebuild.keep as usize {
+                break;
+            }
+            keep.insert(n);
+        }
+        for g in entry
+            .generations
+            .iter()
+            .filter(|g| !keep.contains(&g.number))
+        {
+            let address = format!("image.{name} generation {}", g.number);
+            let users: Vec<String> = stamps
+                .iter()
+                .filter(|s| {
+                    s.get("image") == Some(name)
+                        && s.get("generation") == Some(&g.number.to_string())
+                })
+                .filter_map(|s| s.get("resource").cloned())
+                .collect();
+            if !users.is_empty() {
+                retained.push((address, users));
+                continue;
+            }
+            for t in &g.templates {
+                if live.vms.get(&t.vmid.get()).is_some_and(|v| v.template) {
+                    changes.push(Change {
+                        address: format!("image.{name}[{}] generation {}", t.node, g.number),
+                        action: Action::Destroy,
+                        fields: vec![FieldDiff {
+                            field: "vmid".into(),
+                            before: Some(t.vmid.to_string()),
+                            after: None,
+                            sensitive: false,
+                        }],
+                        reason: format!(
+                            "it is beyond rebuild.keep = {} and no VM uses it",
+                            image.rebuild.keep
+                        ),
+                        impact: Impact::DataLoss,
+                        work: Work::DestroyTemplate {
+                            image: name.clone(),
+                            generation: g.number,
+                            vmid: t.vmid.get(),
+                            node: t.node.to_string(),
+                            after: build.as_ref().map(|(_, a)| a.clone()),
+                        },
+                    });
+                } else {
+                    lock.forget_replica(name, g.number, t.node.as_str());
+                }
+            }
+        }
+    }
+    retained
 }
 
 /// The change that builds generation `n` of `t.image` on `t.node`.

@@ -55,6 +55,13 @@ pub fn plan_text(plan: &Plan) -> String {
 }
 
 fn write_kept(plan: &Plan, out: &mut String) {
+    for (generation, users) in &plan.retained {
+        let _ = writeln!(
+            out,
+            "Note: {generation} is beyond rebuild.keep but stays: {} use it.",
+            users.join(", ")
+        );
+    }
     for (address, vmid) in &plan.kept {
         let _ = writeln!(
             out,

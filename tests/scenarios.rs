@@ -847,3 +847,48 @@ fn keys_typed_before_the_installer_is_up_end_in_a_clear_error() {
     assert!(out.contains("did not call home within 2s"), "{out}");
     assert!(s.sim.inspect(|st| !st.vms.contains_key(&9400)));
 }
+
+#[test]
+fn generations_beyond_keep_go_once_no_vm_uses_them() {
+    let keep_one = |packages: &str| {
+        build_fleet(packages).replace(BUILD, &format!("{BUILD}    rebuild: {{ keep: 1 }}\n"))
+    };
+    let s = Scenario::new(ClusterSpec::default(), &keep_one("\"vim\""), EMPTY_LOCK);
+    s.converge();
+    s.set_fleet(&keep_one("\"vim\", \"htop\""));
+    s.converge();
+    // Generation 1 is beyond keep = 1, but web-01 still runs on it.
+    let (code, text) = s.plan();
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains(
+            "Note: image.golden generation 1 is beyond rebuild.keep but stays: vm.web-01 use it."
+        ),
+        "{text}"
+    );
+    // Move the VM to the new generation; then generation 1 can go.
+    s.set_fleet(&keep_one("\"vim\", \"htop\"").replace(
+        "    onboot: true\n",
+        "    onboot: true\n    on_new_generation: replace\n",
+    ));
+    s.apply();
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    assert!(text.contains("- image.golden[pve] generation 1"), "{text}");
+    assert!(
+        text.contains("beyond rebuild.keep = 1 and no VM uses it"),
+        "{text}"
+    );
+    s.converge();
+    let lock = read_lock(&s);
+    let numbers: Vec<u32> = lock.images["golden"]
+        .generations
+        .iter()
+        .map(|g| g.number)
+        .collect();
+    assert_eq!(numbers, [2]);
+    assert!(
+        s.sim
+            .inspect(|st| !st.vms.contains_key(&9400) && st.vms.contains_key(&9401))
+    );
+}

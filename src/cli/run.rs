@@ -182,7 +182,7 @@ pub async fn cmd_plan(
 ) -> Result<u8, Failure> {
     let s = session(fleet, lock, locked, sim, out).await?;
     let plan = compute(&s, &args.options)?;
-    let changed = s.desired.lock.write(lock, locked)?;
+    let changed = plan.lock.write(lock, locked)?;
     if changed {
         out.info(&format!(
             "{}: updated (VMID allocations, ISO pins)",
@@ -267,7 +267,9 @@ pub async fn cmd_apply(
                     "the cluster changed since the plan was saved\n  hint: run `nixgold plan` again and review the new plan".into(),
                 ));
             }
-            let plan = saved.plan.clone();
+            let mut plan = saved.plan.clone();
+            // The lockfile is not part of the serialised plan: the saved text is.
+            plan.lock = crate::lock::Lockfile::parse(&saved.lock_path, &saved.lock_text)?;
             (s, plan, true)
         }
         None => {
@@ -290,7 +292,7 @@ pub async fn cmd_apply(
         print_plan(&plan, out);
     }
     if plan.is_empty() {
-        s.desired.lock.write(&s.lock_path, locked)?;
+        plan.lock.write(&s.lock_path, locked)?;
         return Ok(0);
     }
     if !args.auto_approve && !saved {
@@ -310,7 +312,7 @@ pub async fn cmd_apply(
         }
     }
     // Record allocations and pins before touching the cluster.
-    s.desired.lock.write(&s.lock_path, locked)?;
+    plan.lock.write(&s.lock_path, locked)?;
     let (tx, rx) = mpsc::unbounded_channel();
     let printer = tokio::spawn(print_events(rx, out.quiet));
     let mut options = ApplyOptions {
@@ -324,14 +326,37 @@ pub async fn cmd_apply(
     }
     let report = apply::apply(&s.conn.client, &plan, options, tx).await;
     let _ = printer.await;
-    // Generations are recorded only once built (or found built and stamped).
+    // Removed templates leave the lockfile; generations enter it only once
+    // built (or found built and stamped).
+    let removed: Vec<(&str, u32, &str)> = plan
+        .changes
+        .iter()
+        .filter_map(|c| match &c.work {
+            crate::plan::Work::DestroyTemplate {
+                image,
+                generation,
+                node,
+                ..
+            } if report
+                .changes
+                .iter()
+                .any(|r| r.address == c.address && r.outcome == Outcome::Done) =>
+            {
+                Some((image.as_str(), *generation, node.as_str()))
+            }
+            _ => None,
+        })
+        .collect();
     let built: Vec<&crate::build::BuildResult> = plan
         .adopted
         .iter()
         .chain(report.changes.iter().filter_map(|c| c.built.as_ref()))
         .collect();
-    if !built.is_empty() {
-        let mut lock = s.desired.lock.clone();
+    if !built.is_empty() || !removed.is_empty() {
+        let mut lock = plan.lock.clone();
+        for (image, generation, node) in &removed {
+            lock.forget_replica(image, *generation, node);
+        }
         for r in built {
             let replicas = replicas_of(&s.desired, &r.image, r.generation);
             record_build(&mut lock, r, replicas);
