@@ -427,9 +427,45 @@ pub async fn cmd_apply(
     Ok(0)
 }
 
+/// Shows apply's events: a live view (one spinner per change) on a
+/// terminal, plain timestamped lines otherwise (CI logs, pipes).
 async fn print_events(mut rx: mpsc::UnboundedReceiver<Event>, quiet: bool) {
+    let live = !quiet && std::io::stderr().is_terminal();
+    let bars = indicatif::MultiProgress::new();
+    let style = indicatif::ProgressStyle::with_template("{spinner} [{elapsed:>4}] {prefix} {msg}")
+        .expect("a valid template")
+        .tick_chars("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏✓");
+    let mut spinners: std::collections::BTreeMap<String, indicatif::ProgressBar> =
+        Default::default();
     while let Some(event) = rx.recv().await {
         if quiet {
+            continue;
+        }
+        if live {
+            let address = match &event {
+                Event::Started { address, .. }
+                | Event::Finished { address, .. }
+                | Event::Retrying { address, .. }
+                | Event::Failed { address, .. }
+                | Event::Progress { address, .. } => address.clone(),
+            };
+            let bar = spinners.entry(address.clone()).or_insert_with(|| {
+                let bar = bars.add(indicatif::ProgressBar::new_spinner().with_style(style.clone()));
+                bar.set_prefix(address);
+                bar.enable_steady_tick(std::time::Duration::from_millis(120));
+                bar
+            });
+            match event {
+                Event::Started { step, .. } => bar.set_message(format!("{step}…")),
+                Event::Progress { line, .. } => bar.set_message(line),
+                Event::Retrying { step, error, .. } => {
+                    bar.set_message(format!("{step}: {error}; retrying"))
+                }
+                Event::Finished { step, .. } => bar.set_message(format!("{step} done")),
+                Event::Failed { step, error, .. } => {
+                    bar.abandon_with_message(format!("{step} FAILED: {error}"))
+                }
+            }
             continue;
         }
         let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
@@ -441,7 +477,9 @@ async fn print_events(mut rx: mpsc::UnboundedReceiver<Event>, quiet: bool) {
                 address,
                 step,
                 elapsed,
-            } => format!("{address}: {step} done ({:.1}s)", elapsed.as_secs_f64()),
+            } => {
+                format!("{address}: {step} done ({:.1}s)", elapsed.as_secs_f64())
+            }
             Event::Retrying {
                 address,
                 step,
@@ -454,6 +492,11 @@ async fn print_events(mut rx: mpsc::UnboundedReceiver<Event>, quiet: bool) {
             } => format!("{address}: {step} FAILED: {error}"),
         };
         eprintln!("[{time}] {line}");
+    }
+    for bar in spinners.values() {
+        if !bar.is_finished() {
+            bar.finish();
+        }
     }
 }
 
