@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 
 use similar::{ChangeTag, TextDiff};
 
-use crate::plan::{Action, Change, FieldDiff, Plan};
+use crate::plan::{Action, Change, FieldDiff, Plan, Work};
 
 /// The human rendering of `plan`.
 pub fn plan_text(plan: &Plan) -> String {
@@ -157,6 +157,91 @@ fn quote(v: &str) -> String {
     } else {
         format!("{v:?}")
     }
+}
+
+/// The phase a change runs in, as apply orders them.
+fn phase(change: &Change) -> (usize, &'static str) {
+    match &change.work {
+        Work::DestroyVm { .. } => (1, "destroy VMs"),
+        Work::DownloadIso { .. } => (2, "download ISOs"),
+        Work::BuildTemplate { .. } => (3, "build generations"),
+        Work::DestroyTemplate { .. } => (5, "retire old generations"),
+        _ => (4, "clone and configure VMs"),
+    }
+}
+
+/// What `change` waits for inside the plan.
+fn waits_for<'a>(change: &'a Change, plan: &'a Plan) -> Vec<&'a str> {
+    match &change.work {
+        Work::CreateVm(w) | Work::UpdateVm(w) | Work::ReplaceVm { new: w, .. } => w
+            .after
+            .iter()
+            .filter(|a| plan.changes.iter().any(|c| &c.address == *a))
+            .map(String::as_str)
+            .collect(),
+        Work::DestroyTemplate { after, .. } => after.iter().map(String::as_str).collect(),
+        Work::BuildTemplate { build, .. } => plan
+            .changes
+            .iter()
+            .filter(|c| matches!(&c.work, Work::DownloadIso { node, .. } if *node == build.node))
+            .map(|c| c.address.as_str())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The plan's execution order: phases in order, and what waits for what.
+pub fn plan_order_text(plan: &Plan) -> String {
+    let mut out = String::new();
+    let mut phases: Vec<(usize, &str)> = plan.changes.iter().map(phase).collect();
+    phases.sort();
+    phases.dedup();
+    for (n, name) in phases {
+        let _ = writeln!(out, "{n}. {name}");
+        for c in plan.changes.iter().filter(|c| phase(c).0 == n) {
+            let waits = waits_for(c, plan);
+            let after = if waits.is_empty() {
+                String::new()
+            } else {
+                format!(" (after {})", waits.join(", "))
+            };
+            let _ = writeln!(out, "   {} {}{after}", c.action.symbol(), c.address);
+        }
+    }
+    if out.is_empty() {
+        out.push_str("No changes.\n");
+    }
+    out
+}
+
+/// The same as Graphviz DOT: one cluster per phase, an edge per wait.
+pub fn plan_order_dot(plan: &Plan) -> String {
+    let mut out = String::from(
+        "digraph nixgold_plan {\n  rankdir=LR;\n  node [shape=box, fontname=\"monospace\"];\n",
+    );
+    let mut phases: Vec<(usize, &str)> = plan.changes.iter().map(phase).collect();
+    phases.sort();
+    phases.dedup();
+    for (n, name) in &phases {
+        let _ = writeln!(out, "  subgraph cluster_{n} {{\n    label=\"{n}. {name}\";");
+        for c in plan.changes.iter().filter(|c| phase(c).0 == *n) {
+            let _ = writeln!(
+                out,
+                "    \"{}\" [label=\"{} {}\"];",
+                c.address,
+                c.action.symbol(),
+                c.address
+            );
+        }
+        out.push_str("  }\n");
+    }
+    for c in &plan.changes {
+        for w in waits_for(c, plan) {
+            let _ = writeln!(out, "  \"{w}\" -> \"{}\";", c.address);
+        }
+    }
+    out.push_str("}\n");
+    out
 }
 
 #[cfg(test)]

@@ -892,3 +892,20 @@ fn generations_beyond_keep_go_once_no_vm_uses_them() {
             .inspect(|st| !st.vms.contains_key(&9400) && st.vms.contains_key(&9401))
     );
 }
+
+#[test]
+fn graph_shows_the_plans_order() {
+    let s = Scenario::new(ClusterSpec::default(), &build_fleet("\"vim\""), EMPTY_LOCK);
+    let (code, text, err) = s.run(&["graph", "--plan", "--format", "text", "fleet.yaml"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        text,
+        "2. download ISOs\n   + iso.nixos[pve]\n3. build generations\n   + image.golden[pve] (after iso.nixos[pve])\n\
+         4. clone and configure VMs\n   + vm.web-01 (after image.golden[pve])\n"
+    );
+    let (_, dot, _) = s.run(&["graph", "--plan", "fleet.yaml"]);
+    assert!(
+        dot.contains("\"image.golden[pve]\" -> \"vm.web-01\";"),
+        "{dot}"
+    );
+}

@@ -78,13 +78,17 @@ enum ColorChoice {
 enum Command {
     /// Check a fleet file: contracts, references, VMIDs, addresses, sizes.
     Validate(FleetArg),
-    /// Show the desired graph (ISO → image generation → VMs).
+    /// Show the desired graph (ISO → image generation → VMs), or with
+    /// --plan the plan's execution order.
     Graph {
         #[command(flatten)]
         fleet: FleetArg,
         /// Output format.
         #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
         format: GraphFormat,
+        /// Plan against the cluster and show the order apply would run it in.
+        #[arg(long)]
+        plan: bool,
     },
     /// Print an image's rendered configuration.nix and install script.
     Render {
@@ -174,7 +178,7 @@ impl Scope {
     }
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum GraphFormat {
     Dot,
     Text,
@@ -395,7 +399,18 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
             drop(lock);
             Ok(0)
         }
-        Command::Graph { fleet, format } => {
+        Command::Graph {
+            fleet,
+            format,
+            plan: true,
+        } => {
+            let path = fleet_path(g, fleet)?;
+            let text = *format == GraphFormat::Text;
+            runtime()?.block_on(run::cmd_plan_order(
+                &path, &lock, g.locked, g.sim, text, out,
+            ))
+        }
+        Command::Graph { fleet, format, .. } => {
             let (loaded, lock) = load_checked(&fleet_path(g, fleet)?, &lock)?;
             let desired = desired::build(&loaded.fleet, &lock)?;
             note_lock_drift(&desired, &lock, out);

@@ -214,6 +214,26 @@ pub async fn cmd_plan(
     })
 }
 
+/// `graph --plan`: the plan's execution order, as text or DOT.
+pub async fn cmd_plan_order(
+    fleet: &Path,
+    lock: &Path,
+    locked: bool,
+    sim: bool,
+    text: bool,
+    out: &Output,
+) -> Result<u8, Failure> {
+    let s = session(fleet, lock, locked, sim, out).await?;
+    let plan = compute(&s, &PlanOptions::default())?;
+    plan.lock.write(lock, locked)?;
+    if text {
+        print!("{}", render::plan_order_text(&plan));
+    } else {
+        print!("{}", render::plan_order_dot(&plan));
+    }
+    Ok(0)
+}
+
 fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,

@@ -18,9 +18,6 @@ use crate::error::ApiError;
 use crate::types::*;
 use crate::upid::Upid;
 
-/// Tickets live two hours; renew well before.
-const TICKET_RENEW_AFTER: Duration = Duration::from_secs(90 * 60);
-
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
     /// `https://host:8006` (a trailing `/api2/json` is accepted).
@@ -35,6 +32,8 @@ pub struct ClientOptions {
     pub read_attempts: u32,
     /// First retry delay; doubles each attempt.
     pub retry_base: Duration,
+    /// Age at which a ticket is renewed (tickets live two hours).
+    pub ticket_renew_after: Duration,
 }
 
 impl ClientOptions {
@@ -47,6 +46,7 @@ impl ClientOptions {
             request_timeout: Duration::from_secs(60),
             read_attempts: 4,
             retry_base: Duration::from_millis(200),
+            ticket_renew_after: Duration::from_secs(90 * 60),
         }
     }
 }
@@ -210,7 +210,7 @@ impl Client {
                 let mut guard = self.inner.ticket.lock().await;
                 let stale = guard
                     .as_ref()
-                    .is_none_or(|t| t.issued.elapsed() > TICKET_RENEW_AFTER);
+                    .is_none_or(|t| t.issued.elapsed() > self.inner.opts.ticket_renew_after);
                 if stale {
                     // Renew with the current ticket while it is valid, else log in.
                     let secret = guard

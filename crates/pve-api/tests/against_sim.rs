@@ -532,3 +532,34 @@ async fn simulator_answers_decode_like_the_recorded_ones() {
     let status = c.vm_status("pve", 100).await.unwrap();
     assert!(status.template && !status.is_running());
 }
+
+#[tokio::test]
+async fn tickets_are_renewed_with_the_current_ticket_before_they_expire() {
+    let env = env_with(fast(), false).await;
+    let mut o = ClientOptions::new(
+        env.handle.url(),
+        Credentials::Password {
+            username: "root@pam".into(),
+            password: Secret::new(PASSWORD),
+        },
+        Tls::System,
+    );
+    o.ticket_renew_after = Duration::from_millis(50);
+    let c = Client::new(o).unwrap();
+    c.version().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    c.version().await.unwrap();
+    let logins: Vec<String> = env
+        .sim
+        .journal()
+        .into_iter()
+        .filter(|e| e.route == "/access/ticket" && e.method == "POST")
+        .map(|e| e.params["password"].clone())
+        .collect();
+    assert_eq!(logins.len(), 2, "a login, then one renewal");
+    assert_eq!(logins[0], PASSWORD);
+    assert!(
+        logins[1].starts_with("PVE:root@pam:"),
+        "renewed with the ticket, not the password"
+    );
+}
