@@ -451,11 +451,14 @@ pub async fn run(
 ) -> Result<BuildResult, BuildError> {
     let deadline = Instant::now() + Duration::from_secs(w.timeout_secs);
     let task_wait = |remaining: Instant| remaining.saturating_duration_since(Instant::now());
+    // A task still running at the build's deadline is stopped, so it does
+    // not hold the VM while the build VM is cleaned up.
     let wait = |upid: pve_api::Upid| async move {
-        client
-            .wait_task_for(&upid, task_wait(deadline))
-            .await
-            .map(|_| ())
+        let result = client.wait_task_for(&upid, task_wait(deadline)).await;
+        if let Err(pve_api::ApiError::TaskTimeout { .. }) = &result {
+            let _ = client.stop_task(&upid).await;
+        }
+        result.map(|_| ())
     };
 
     progress("create the build VM");

@@ -909,3 +909,54 @@ fn graph_shows_the_plans_order() {
         "{dot}"
     );
 }
+
+/// Applies with one fault in place; the build must fail with `expected` in
+/// the report and leave no build VM and no generation; the next apply
+/// (without the fault) converges.
+fn build_fails_cleanly(fault: &str, fleet: &str, expected: &str) {
+    let s = Scenario::new(ClusterSpec::default(), fleet, EMPTY_LOCK);
+    s.sim.options().faults.add(fault.parse().unwrap());
+    let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("image.golden[pve]: FAILED") && out.contains(expected),
+        "{out}"
+    );
+    assert!(
+        read_lock(&s).images.is_empty(),
+        "no half-registered generation"
+    );
+    assert!(
+        s.sim.inspect(|st| !st.vms.contains_key(&9400)),
+        "the build VM was cleaned up"
+    );
+    s.set_fleet(&build_fleet("\"vim\""));
+    s.converge();
+}
+
+#[test]
+fn ssh_dropping_mid_install_fails_the_build_cleanly() {
+    build_fails_cleanly(
+        "SSH bash => drop*1",
+        &build_fleet("\"vim\""),
+        "FAILED at build generation 1",
+    );
+}
+
+#[test]
+fn a_failing_install_command_fails_the_build_cleanly() {
+    build_fails_cleanly(
+        "SSH bash => task-fail:error: no space left on device*1",
+        &build_fleet("\"vim\""),
+        "install: exit 1: error: no space left on device",
+    );
+}
+
+#[test]
+fn a_hanging_task_ends_the_build_at_its_deadline_and_is_stopped() {
+    build_fails_cleanly(
+        "POST /nodes/*/qemu/*/status/start => task-hang*1",
+        &build_fleet("\"vim\"").replace("timeout: 2m", "timeout: 3s"),
+        "did not finish within",
+    );
+}

@@ -737,6 +737,18 @@ impl Client {
         }
     }
 
+    /// Stops a running task (`DELETE …/tasks/{upid}`); the worker cleans up
+    /// what it started.
+    pub async fn stop_task(&self, upid: &Upid) -> Result<(), ApiError> {
+        let path = format!(
+            "/nodes/{}/tasks/{}",
+            seg(&upid.node),
+            seg(&upid.to_string())
+        );
+        let _: Value = self.call(Method::Delete, &path, vec![]).await?;
+        Ok(())
+    }
+
     /// [`Client::wait_task`] with a deadline.
     pub async fn wait_task_for(
         &self,

@@ -556,6 +556,32 @@ impl Handler for Connection {
         let Some(inner) = self.inner.upgrade() else {
             return Ok(());
         };
+        // Faults for guests: `SSH <first word of the command> => drop` cuts
+        // the connection, `=> task-fail:MSG` makes the command fail.
+        let program = command
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        match inner.opts.faults.take("SSH", &program) {
+            Some(crate::options::FaultAction::Drop) => {
+                inner
+                    .guests
+                    .record(self.vmid, format!("ssh$ {command} (connection dropped)"));
+                return Err(russh::Error::Disconnect);
+            }
+            Some(crate::options::FaultAction::TaskFail(message)) => {
+                inner
+                    .guests
+                    .record(self.vmid, format!("ssh$ {command} (failed: {message})"));
+                session.data(channel, format!("{message}\n").into_bytes())?;
+                session.exit_status_request(channel, 1)?;
+                session.eof(channel)?;
+                session.close(channel)?;
+                return Ok(());
+            }
+            _ => {}
+        }
         let (code, output, after) = execute(
             &inner,
             self.vmid,

@@ -6,6 +6,8 @@
 //! `POST /nodes/*/qemu/*/clone => 596*2` or `GET * => slow:1500@0.1`.
 //! They are added from tests ([`Faults::add`]), from the command line
 //! (`nixgold sim serve --fault`), or over HTTP (`POST /_sim/faults`).
+//! Guests take rules too: `SSH <program> => drop` cuts an SSH session when
+//! that program is run, `SSH <program> => task-fail:MSG` makes it fail.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
