@@ -245,17 +245,15 @@ fn an_empty_cluster_gets_the_iso_and_the_vm_and_then_plans_empty() {
     let (code, text) = s.plan();
     assert_eq!(code, 2);
     insta::assert_snapshot!("empty_cluster_plan", text);
-    assert!(
-        text.contains("+ iso.nixos[pve]") && text.contains("+ vm.web-01"),
-        "{text}"
-    );
-    assert!(
-        text.contains("cipassword") && text.contains("(sensitive)"),
-        "{text}"
-    );
-    assert!(
-        text.contains("Plan: 2 to create, 0 to update, 0 to replace, 0 to destroy."),
-        "{text}"
+    assert_contains(
+        &text,
+        &[
+            "+ iso.nixos[pve]",
+            "+ vm.web-01",
+            "cipassword",
+            "(sensitive)",
+            "Plan: 2 to create, 0 to update, 0 to replace, 0 to destroy.",
+        ],
     );
     s.converge();
     let c = s.config(400);
@@ -280,13 +278,16 @@ fn in_place_updates_memory_disk_and_cloud_init_address() {
     let (code, text) = s.plan();
     assert_eq!(code, 2);
     insta::assert_snapshot!("update_in_place_plan", text);
-    assert!(text.contains("~ vm.web-01"), "{text}");
-    assert!(text.contains("~ memory    = 2048 -> 4096"), "{text}");
-    assert!(
-        text.contains("~ disk") && text.contains("\"30G\" -> \"40G\""),
-        "{text}"
+    assert_contains(
+        &text,
+        &[
+            "~ vm.web-01",
+            "~ memory    = 2048 -> 4096",
+            "~ disk",
+            "\"30G\" -> \"40G\"",
+            "needs a reboot",
+        ],
     );
-    assert!(text.contains("needs a reboot"), "{text}");
     s.converge();
     let c = s.config(400);
     // Running: memory waits in [PENDING] for the next cold start.
@@ -318,14 +319,14 @@ fn removed_vms_are_kept_unless_destroy_is_allowed() {
     s.set_fleet(&base_fleet(WEB_01));
     let (code, text) = s.plan();
     assert_eq!(code, 0, "{text}");
-    assert!(
-        text.contains("Note: vm.web-02 (VMID 1000) is no longer in the fleet; it is kept."),
-        "{text}"
+    assert_contains(
+        &text,
+        &["Note: vm.web-02 (VMID 1000) is no longer in the fleet; it is kept."],
     );
     let (code, text, _) = s.run(&["plan", "fleet.yaml", "--allow-destroy"]);
     assert_eq!(code, 0);
     insta::assert_snapshot!("destroy_plan", text);
-    assert!(text.contains("- vm.web-02"), "{text}");
+    assert_contains(&text, &["- vm.web-02"]);
     let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve", "--allow-destroy"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(s.sim.inspect(|st| !st.vms.contains_key(&1000)));
@@ -378,10 +379,7 @@ fn drift_made_behind_nixgolds_back_is_planned_back() {
     let (code, text) = s.plan();
     assert_eq!(code, 2);
     insta::assert_snapshot!("drift_plan", text);
-    assert!(
-        text.contains("~ cores") && text.contains("8 -> 2"),
-        "{text}"
-    );
+    assert_contains(&text, &["~ cores", "8 -> 2"]);
     s.converge();
 }
 
@@ -634,10 +632,7 @@ fn a_kill_between_clone_and_start_is_finished_by_the_next_apply() {
     }
     let (code, text) = s.plan();
     assert_eq!(code, 2);
-    assert!(
-        text.contains("~ vm.web-01") && text.contains("\"stopped\" -> \"running\""),
-        "{text}"
-    );
+    assert_contains(&text, &["~ vm.web-01", "\"stopped\" -> \"running\""]);
     s.converge();
     assert_eq!(
         s.sim.inspect(|st| st.vms.len()),
@@ -704,13 +699,13 @@ fn builds_generation_1_from_an_empty_cluster_and_clones_from_it() {
     let s = Scenario::new(ClusterSpec::default(), &build_fleet("\"vim\""), EMPTY_LOCK);
     let (code, text) = s.plan();
     assert_eq!(code, 2);
-    assert!(
-        text.contains("+ image.golden[pve]") && text.contains("the image has no generation yet"),
-        "{text}"
-    );
-    assert!(
-        text.contains("clone       = \"full of image.golden generation 1 (to build) (VMID 9400)\""),
-        "{text}"
+    assert_contains(
+        &text,
+        &[
+            "+ image.golden[pve]",
+            "the image has no generation yet",
+            "clone       = \"full of image.golden generation 1 (to build) (VMID 9400)\"",
+        ],
     );
     s.converge();
     let lock = read_lock(&s);
@@ -750,10 +745,7 @@ fn a_changed_package_builds_generation_2_while_the_vm_keeps_running_and_rollback
     s.set_fleet(&build_fleet("\"vim\", \"htop\""));
     let (code, text) = s.plan();
     assert_eq!(code, 2);
-    assert!(
-        text.contains("+ image.golden[pve]") && text.contains("build generation 2"),
-        "{text}"
-    );
+    assert_contains(&text, &["+ image.golden[pve]", "build generation 2"]);
     assert!(
         text.contains("vmid       = 9401"),
         "a new generation gets a new VMID: {text}"
@@ -829,10 +821,7 @@ fn keep_failed_build_keeps_the_vm_and_the_next_apply_cleans_it_up() {
     assert!(err.contains("kept the failed build VM 9400"), "{err}");
     assert!(s.sim.inspect(|st| st.vms.contains_key(&9400)));
     let (_, text) = s.plan();
-    assert!(
-        text.contains("destroy the leftover build VM 9400"),
-        "{text}"
-    );
+    assert_contains(&text, &["destroy the leftover build VM 9400"]);
     s.converge();
 }
 
@@ -874,10 +863,12 @@ fn generations_beyond_keep_go_once_no_vm_uses_them() {
     s.apply();
     let (code, text) = s.plan();
     assert_eq!(code, 2);
-    assert!(text.contains("- image.golden[pve] generation 1"), "{text}");
-    assert!(
-        text.contains("beyond rebuild.keep = 1 and no VM uses it"),
-        "{text}"
+    assert_contains(
+        &text,
+        &[
+            "- image.golden[pve] generation 1",
+            "beyond rebuild.keep = 1 and no VM uses it",
+        ],
     );
     s.converge();
     let lock = read_lock(&s);
@@ -959,4 +950,11 @@ fn a_hanging_task_ends_the_build_at_its_deadline_and_is_stopped() {
         &build_fleet("\"vim\"").replace("timeout: 2m", "timeout: 3s"),
         "did not finish within",
     );
+}
+
+/// Asserts that `text` contains every needle, showing the text otherwise.
+fn assert_contains(text: &str, needles: &[&str]) {
+    for needle in needles {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
 }
