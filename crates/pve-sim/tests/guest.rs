@@ -201,6 +201,24 @@ async fn exec(h: &russh::client::Handle<Accept>, command: &str, stdin: &str) -> 
     )
 }
 
+/// Uploads the configuration and the install script the way nixgold does,
+/// then runs the install: its exit code and output.
+async fn install(
+    h: &russh::client::Handle<Accept>,
+    configuration: &str,
+    script: &str,
+) -> (u32, String) {
+    let upload = "mkdir -p /tmp/nixgold && cat > /tmp/nixgold/configuration.nix";
+    assert_eq!(exec(h, upload, configuration).await.0, 0);
+    assert_eq!(exec(h, "cat > /tmp/nixgold/install.sh", script).await.0, 0);
+    exec(
+        h,
+        "bash /tmp/nixgold/install.sh /tmp/nixgold/configuration.nix",
+        "",
+    )
+    .await
+}
+
 async fn port(s: &Sim) -> u16 {
     for _ in 0..200 {
         s.get("/nodes/pve/qemu/9400/status/current").await;
@@ -252,23 +270,7 @@ async fn a_build_runs_end_to_end_inside_the_guest() {
         "only the installed key is accepted"
     );
     let h = ssh(p, &k).await.expect("the typed key works");
-    assert_eq!(
-        exec(
-            &h,
-            "mkdir -p /tmp/nixgold && cat > /tmp/nixgold/configuration.nix",
-            CONFIG
-        )
-        .await
-        .0,
-        0
-    );
-    assert_eq!(exec(&h, "cat > /tmp/nixgold/install.sh", SCRIPT).await.0, 0);
-    let (code, out) = exec(
-        &h,
-        "bash /tmp/nixgold/install.sh /tmp/nixgold/configuration.nix",
-        "",
-    )
-    .await;
+    let (code, out) = install(&h, CONFIG, SCRIPT).await;
     assert_eq!(code, 0, "{out}");
     assert!(
         out.contains("[nixgold] partition\n[nixgold] format\n[nixgold] mount\n"),
@@ -340,32 +342,13 @@ async fn broken_configurations_and_scripts_out_of_order_fail_the_install() {
     let k = key();
     access(&s, &k, true).await;
     let h = ssh(port(&s).await, &k).await.unwrap();
-    exec(
-        &h,
-        "mkdir -p /tmp/nixgold && cat > /tmp/nixgold/configuration.nix",
-        "{ services.openssh.enable = true }",
-    )
-    .await;
-    exec(&h, "cat > /tmp/nixgold/install.sh", SCRIPT).await;
-    let (code, out) = exec(
-        &h,
-        "bash /tmp/nixgold/install.sh /tmp/nixgold/configuration.nix",
-        "",
-    )
-    .await;
+    let (code, out) = install(&h, "{ services.openssh.enable = true }", SCRIPT).await;
     assert_eq!(code, 1);
     assert!(out.contains("syntax error in configuration.nix"), "{out}");
-    exec(&h, "cat > /tmp/nixgold/configuration.nix", CONFIG).await;
     let swapped = SCRIPT
         .replace("mount /dev", "XX")
         .replace("nixos-install", "mount /dev/x /mnt\nnixos-install");
-    exec(&h, "cat > /tmp/nixgold/install.sh", &swapped).await;
-    let (code, out) = exec(
-        &h,
-        "bash /tmp/nixgold/install.sh /tmp/nixgold/configuration.nix",
-        "",
-    )
-    .await;
+    let (code, out) = install(&h, CONFIG, &swapped).await;
     assert_eq!(code, 1);
     assert!(
         out.contains("step `generate the hardware configuration`"),
