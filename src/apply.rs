@@ -130,6 +130,8 @@ struct Ctx {
     events: mpsc::UnboundedSender<Event>,
     templates: std::sync::Mutex<BTreeMap<u32, Arc<Semaphore>>>,
     storages: std::sync::Mutex<BTreeMap<String, Arc<Semaphore>>>,
+    /// Static build addresses in use.
+    addresses: std::sync::Mutex<BTreeMap<String, Arc<Semaphore>>>,
 }
 
 impl Ctx {
@@ -220,6 +222,7 @@ pub async fn apply(
         events,
         templates: Default::default(),
         storages: Default::default(),
+        addresses: Default::default(),
     });
     let mut report = Report::default();
     let phases: [fn(&Change) -> bool; 4] = [
@@ -317,38 +320,57 @@ async fn build_template(
     if cleanup_first {
         destroy_vm(ctx, address, w.vmid, &w.node).await?;
     }
-    let step = format!("build generation {} (VMID {})", w.generation, w.vmid);
-    ctx.emit(Event::Started {
-        address: address.to_owned(),
-        step: step.clone(),
-    });
-    let started = Instant::now();
-    let progress = |line: &str| {
-        ctx.emit(Event::Progress {
+    // Builds that share a static address take turns.
+    let _address = match &w.access {
+        crate::build::Access::Static { address, .. } => Some(
+            Ctx::limiter(&ctx.addresses, address.clone(), 1)
+                .acquire_owned()
+                .await
+                .expect("open semaphore"),
+        ),
+        crate::build::Access::CallHome { .. } => None,
+    };
+    let label = |step: crate::build::Step| {
+        format!(
+            "generation {} (VMID {}): {}",
+            w.generation,
+            w.vmid,
+            step.describe()
+        )
+    };
+    let current = std::sync::Mutex::new(crate::build::Step::Create);
+    let observe = |e: crate::build::BuildEvent<'_>| match e {
+        crate::build::BuildEvent::Started(step) => {
+            *current.lock().expect("step") = step;
+            ctx.emit(Event::Started {
+                address: address.to_owned(),
+                step: label(step),
+            });
+        }
+        crate::build::BuildEvent::Finished(step, elapsed) => ctx.emit(Event::Finished {
+            address: address.to_owned(),
+            step: label(step),
+            elapsed,
+        }),
+        crate::build::BuildEvent::Line(line) => ctx.emit(Event::Progress {
             address: address.to_owned(),
             line: line.to_owned(),
-        })
+        }),
     };
-    match crate::build::run(&ctx.client, &ctx.opts.endpoint_host, w, &progress).await {
-        Ok(result) => {
-            ctx.emit(Event::Finished {
-                address: address.to_owned(),
-                step,
-                elapsed: started.elapsed(),
-            });
-            Ok(result)
-        }
+    match crate::build::run(&ctx.client, &ctx.opts.endpoint_host, w, &observe).await {
+        Ok(result) => Ok(result),
         Err(e) => {
+            let step = label(*current.lock().expect("step"));
             ctx.emit(Event::Failed {
                 address: address.to_owned(),
                 step: step.clone(),
                 error: e.to_string(),
             });
             if ctx.opts.keep_failed_build {
-                progress(&format!(
+                observe(crate::build::BuildEvent::Line(&format!(
                     "kept the failed build VM {} on {} for debugging",
                     w.vmid, w.node
-                ));
+                )));
             } else {
                 let _ = destroy_vm(ctx, address, w.vmid, &w.node).await;
             }

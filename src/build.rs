@@ -1,17 +1,24 @@
 //! Building one generation of an image on one node: what Packer does, as
-//! steps of apply (DESIGN §7).
+//! steps of apply (DESIGN §7), each with its own deadline
+//! (`build.timeouts`, all capped by `build.timeout`):
 //!
-//! create the build VM (ISO as CD-ROM, disk first in the boot order, OVMF
-//! without pre-enrolled keys or SeaBIOS) → start → wait `boot_wait` → type
-//! the access sequence with `sendkey` (`sudo -i`, then a one-time call-home
-//! to nixgold that carries the VM's address and installs a per-build
-//! ephemeral SSH key) → SSH in (host key pinned on first contact) → upload
-//! and run the install script, streaming its output → reboot into the
-//! installed system → verify (`nixos-version`, the system path, the
-//! services asked for) → seal (machine-id, host keys, cloud-init state,
-//! the build key) → power off → cloud-init drive in place of the ISO →
-//! `POST …/template` → the final stamp, which carries the generation's
-//! inputs and results so an interrupted apply can pick them up.
+//! 1. create the build VM (ISO as CD-ROM, disk first in the boot order,
+//!    OVMF without pre-enrolled keys or SeaBIOS);
+//! 2. start it;
+//! 3. access: wait `boot_wait`, type the access sequence with `sendkey`
+//!    (`sudo -i`; then either a one-time call-home to nixgold that carries
+//!    the VM's address and installs a per-build ephemeral SSH key, or a
+//!    static address and the key), retyped until the VM answers; SSH in
+//!    (host key pinned on first contact);
+//! 4. upload and run the install script, streaming its output;
+//! 5. reboot into the installed system (a static address is put back
+//!    through the guest agent, for that boot only) and SSH in again;
+//! 6. verify (`nixos-version`, the system path, the services asked for);
+//! 7. seal (machine-id, host keys, cloud-init state, the build key);
+//! 8. power off;
+//! 9. cloud-init drive in place of the ISO → `POST …/template` → the final
+//!    stamp, which carries the generation's inputs and results so an
+//!    interrupted apply can pick them up.
 //!
 //! A failed build destroys its VM unless `keep_failed_build` is set.
 
@@ -44,13 +51,31 @@ pub struct BuildWork {
     /// Services `systemctl is-active` must report.
     pub services: Vec<String>,
     pub boot_wait_secs: u64,
+    /// Deadline of the whole build.
     pub timeout_secs: u64,
-    pub ssh_timeout_secs: u64,
+    pub timeouts: Timeouts,
     pub key_interval_ms: u64,
-    /// Where the call-home listener binds, and the address the VM uses.
-    pub listen: String,
-    pub advertise: Option<String>,
+    pub access: Access,
     pub fleet: String,
+}
+
+/// How nixgold reaches the build VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Access {
+    /// The installer posts its address to a one-time listener: where it
+    /// binds, and the address the VM is told.
+    CallHome {
+        listen: String,
+        advertise: Option<String>,
+    },
+    /// A fixed address (`a.b.c.d/len`) typed into the installer and set
+    /// again through the guest agent after the reboot.
+    Static {
+        address: String,
+        gateway: Option<String>,
+        ssh_port: u16,
+    },
 }
 
 /// What a build leaves for the lockfile.
@@ -150,6 +175,12 @@ pub enum BuildError {
     Api(#[from] pve_api::ApiError),
     #[error("{step}: {reason}")]
     Step { step: String, reason: String },
+    /// A step failed at, or ran past, its deadline (named by the hint).
+    #[error("{} ({hint})", .cause.as_deref().map_or("did not finish in time".to_owned(), ToString::to_string))]
+    Deadline {
+        cause: Option<Box<BuildError>>,
+        hint: String,
+    },
 }
 
 fn step_err(step: &str, reason: impl Into<String>) -> BuildError {
@@ -159,12 +190,9 @@ fn step_err(step: &str, reason: impl Into<String>) -> BuildError {
     }
 }
 
-/// The address the build VM should call: configured, or the local address
-/// this machine uses to reach the Proxmox endpoint.
-pub fn advertise_address(w: &BuildWork, endpoint_host: &str) -> Result<String, BuildError> {
-    if let Some(a) = &w.advertise {
-        return Ok(a.clone());
-    }
+/// The local address this machine uses to reach the Proxmox endpoint: the
+/// address the build VM calls unless `advertise` says otherwise.
+pub fn advertise_address(endpoint_host: &str) -> Result<String, BuildError> {
     let socket = std::net::UdpSocket::bind("0.0.0.0:0")
         .map_err(|e| step_err("call-home address", e.to_string()))?;
     let target = if endpoint_host.contains(':') {
@@ -251,19 +279,11 @@ impl CallHome {
         })
     }
 
-    /// The VM's (address, SSH port) once it called.
-    pub async fn wait(mut self, deadline: Duration) -> Result<(String, u16), BuildError> {
-        let posted = tokio::time::timeout(deadline, &mut self.body)
+    /// The VM's (address, SSH port) once it called, if it does `within`.
+    pub async fn wait(&mut self, within: Duration) -> Result<(String, u16), BuildError> {
+        let posted = tokio::time::timeout(within, &mut self.body)
             .await
-            .map_err(|_| {
-                step_err(
-                    "call-home",
-                    format!(
-                        "the build VM did not call home within {}s: check that it can reach nixgold's listener (build.address.call_home)",
-                        deadline.as_secs()
-                    ),
-                )
-            })?
+            .map_err(|_| step_err("call-home", "no call yet"))?
             .map_err(|_| step_err("call-home", "the listener stopped"))?;
         parse_call_home_body(&posted)
             .ok_or_else(|| step_err("call-home", format!("unexpected body {posted:?}")))
@@ -377,7 +397,14 @@ impl Ssh {
                 _ => {}
             }
         }
-        Ok((code.unwrap_or(255), output))
+        let program = command.split_whitespace().next().unwrap_or(command);
+        let code = code.ok_or_else(|| {
+            step_err(
+                "ssh",
+                format!("the connection closed before `{program}` finished"),
+            )
+        })?;
+        Ok((code, output))
     }
 }
 
@@ -439,112 +466,516 @@ pub fn build_vm_config(
     c
 }
 
-/// Progress of a build, one line per step or install output line.
-pub type Progress<'a> = &'a (dyn Fn(&str) + Sync);
+/// The steps of a build, in order; each is a step of the apply executor
+/// with its own deadline (`build.timeouts`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Create,
+    Start,
+    Access,
+    Install,
+    Reboot,
+    Verify,
+    Seal,
+    PowerOff,
+    Template,
+}
+
+impl Step {
+    pub const ALL: [Step; 9] = [
+        Step::Create,
+        Step::Start,
+        Step::Access,
+        Step::Install,
+        Step::Reboot,
+        Step::Verify,
+        Step::Seal,
+        Step::PowerOff,
+        Step::Template,
+    ];
+
+    /// The step's key in `build.timeouts`.
+    pub fn key(self) -> &'static str {
+        match self {
+            Step::Create => "create",
+            Step::Start => "start",
+            Step::Access => "access",
+            Step::Install => "install",
+            Step::Reboot => "reboot",
+            Step::Verify => "verify",
+            Step::Seal => "seal",
+            Step::PowerOff => "power_off",
+            Step::Template => "template",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Step::Create => "create the build VM",
+            Step::Start => "start it from the installer ISO",
+            Step::Access => "get SSH access to the installer",
+            Step::Install => "install NixOS",
+            Step::Reboot => "reboot into the installed system",
+            Step::Verify => "verify the installed system",
+            Step::Seal => "seal (machine-id, host keys, cloud-init state, build key)",
+            Step::PowerOff => "power off",
+            Step::Template => "swap the ISO for a cloud-init drive, convert to a template",
+        }
+    }
+}
+
+/// Deadlines per step, in seconds (`build.timeouts`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timeouts {
+    pub create: u64,
+    pub start: u64,
+    pub access: u64,
+    pub install: u64,
+    pub reboot: u64,
+    pub verify: u64,
+    pub seal: u64,
+    pub power_off: u64,
+    pub template: u64,
+}
+
+impl Timeouts {
+    pub fn from_fleet(t: &crate::fleet::StepTimeouts) -> Self {
+        let s = |d: &crate::ids::HumanDuration| d.get().as_secs();
+        Timeouts {
+            create: s(&t.create),
+            start: s(&t.start),
+            access: s(&t.access),
+            install: s(&t.install),
+            reboot: s(&t.reboot),
+            verify: s(&t.verify),
+            seal: s(&t.seal),
+            power_off: s(&t.power_off),
+            template: s(&t.template),
+        }
+    }
+
+    pub fn of(&self, step: Step) -> Duration {
+        Duration::from_secs(match step {
+            Step::Create => self.create,
+            Step::Start => self.start,
+            Step::Access => self.access,
+            Step::Install => self.install,
+            Step::Reboot => self.reboot,
+            Step::Verify => self.verify,
+            Step::Seal => self.seal,
+            Step::PowerOff => self.power_off,
+            Step::Template => self.template,
+        })
+    }
+}
+
+/// What a build reports while it runs.
+#[derive(Debug, Clone, Copy)]
+pub enum BuildEvent<'a> {
+    Started(Step),
+    Finished(Step, Duration),
+    /// A note of the running step, or a line of the install's output.
+    Line(&'a str),
+}
+
+pub type Observer<'a> = &'a (dyn Fn(BuildEvent<'_>) + Sync);
+
+/// The line typed (and, after the reboot, run through the guest agent)
+/// that puts a static build address on the first Ethernet link.
+/// Idempotent: `replace` instead of `add`.
+pub fn static_address_line(address: &str, gateway: Option<&str>) -> String {
+    let mut line =
+        format!("d=$(ls /sys/class/net|grep -m1 ^en);ip l set $d up;ip a replace {address} dev $d");
+    if let Some(gw) = gateway {
+        line.push_str(&format!(";ip r replace default via {gw}"));
+    }
+    line.push('\n');
+    line
+}
+
+/// The commands that authorise the per-build key for root.
+fn key_commands(public: &str) -> [String; 4] {
+    [
+        "mkdir -p /root/.ssh".to_owned(),
+        "chmod 700 /root/.ssh".to_owned(),
+        format!("echo '{public} nixgold-build' >> /root/.ssh/authorized_keys"),
+        "chmod 600 /root/.ssh/authorized_keys".to_owned(),
+    ]
+}
+
+/// Headroom after a step's deadline, so the step's own handling of it
+/// (stopping a running Proxmox task) comes first.
+const GRACE: Duration = Duration::from_secs(5);
 
 /// Runs the pipeline. The build VM must not exist (the caller cleans up).
 pub async fn run(
     client: &Client,
     endpoint_host: &str,
     w: &BuildWork,
-    progress: Progress<'_>,
+    observe: Observer<'_>,
 ) -> Result<BuildResult, BuildError> {
-    let deadline = Instant::now() + Duration::from_secs(w.timeout_secs);
-    let task_wait = |remaining: Instant| remaining.saturating_duration_since(Instant::now());
-    // A task still running at the build's deadline is stopped, so it does
-    // not hold the VM while the build VM is cleaned up.
-    let wait = |upid: pve_api::Upid| async move {
-        let result = client.wait_task_for(&upid, task_wait(deadline)).await;
-        if let Err(pve_api::ApiError::TaskTimeout { .. }) = &result {
-            let _ = client.stop_task(&upid).await;
-        }
-        result.map(|_| ())
-    };
-
-    progress("create the build VM");
-    let mut config = w.vm_config.clone();
-    config.insert("description".into(), building_stamp(w));
-    wait(client.create_vm(&w.node, w.vmid, &config).await?).await?;
-    progress("start it from the installer ISO");
-    wait(client.start(&w.node, w.vmid).await?).await?;
-
-    // The per-build key and the call-home that installs it.
     let key = russh::keys::PrivateKey::random(&mut rand10::rng(), russh::keys::Algorithm::Ed25519)
         .map_err(|e| step_err("key", e.to_string()))?;
     let public = key
         .public_key()
         .to_openssh()
         .map_err(|e| step_err("key", e.to_string()))?;
-    let script = format!(
-        "mkdir -p /root/.ssh\nchmod 700 /root/.ssh\necho '{public} nixgold-build' >> /root/.ssh/authorized_keys\nchmod 600 /root/.ssh/authorized_keys\n"
-    );
-    let advertise = advertise_address(w, endpoint_host)?;
-    let call_home = CallHome::listen(&w.listen, &advertise, script).await?;
-    progress(&format!(
-        "wait {}s for the installer to boot",
-        w.boot_wait_secs
-    ));
-    tokio::time::sleep(Duration::from_secs(w.boot_wait_secs)).await;
-    progress("type the access sequence");
-    let interval = Duration::from_millis(w.key_interval_ms);
-    type_text(client, &w.node, w.vmid, "sudo -i\n", interval).await?;
-    type_text(
+    let started = Instant::now();
+    let mut b = Build {
         client,
-        &w.node,
-        w.vmid,
-        &call_home_line(&call_home.url),
-        interval,
-    )
-    .await?;
-    let (host, port) = call_home
-        .wait(Duration::from_secs(w.ssh_timeout_secs))
-        .await?;
-    progress(&format!("the VM called home from {host}; connect over SSH"));
-    // Each system (installer, installed) pins its own host key on first contact.
-    let connect = || {
-        connect_retry(
-            &host,
-            port,
-            &key,
-            Arc::new(Mutex::new(None)),
-            Duration::from_secs(w.ssh_timeout_secs),
-        )
+        endpoint_host,
+        w,
+        observe,
+        key,
+        public,
+        step_deadline: started,
+        target: None,
+        ssh: None,
+        version: String::new(),
+        system: String::new(),
     };
-    let ssh = connect().await?;
-    let (code, out) = ssh
-        .run(
-            "mkdir -p /tmp/nixgold && cat > /tmp/nixgold/configuration.nix",
-            &w.configuration_nix,
-            |_| {},
-        )
-        .await?;
-    check("upload configuration.nix", code, &out)?;
-    let (code, out) = ssh
-        .run("cat > /tmp/nixgold/install.sh", &w.install_script, |_| {})
-        .await?;
-    check("upload install.sh", code, &out)?;
-    progress("install NixOS");
-    let (code, out) = ssh
-        .run(
-            "bash /tmp/nixgold/install.sh /tmp/nixgold/configuration.nix",
-            "",
-            |l| progress(&format!("  | {l}")),
-        )
-        .await?;
-    check("install", code, &out)?;
-    let _ = ssh.run("reboot", "", |_| {}).await;
-    drop(ssh);
+    let build_deadline = started + Duration::from_secs(w.timeout_secs);
+    for step in Step::ALL {
+        let now = Instant::now();
+        let own = w.timeouts.of(step);
+        let left = build_deadline.saturating_duration_since(now);
+        let (limit, setting) = if own <= left {
+            (own, format!("build.timeouts.{}", step.key()))
+        } else {
+            (left, "build.timeout".to_owned())
+        };
+        b.step_deadline = now + limit;
+        observe(BuildEvent::Started(step));
+        let hint = || format!("the deadline is {setting} = {}s", limit.as_secs());
+        match tokio::time::timeout(limit + GRACE, b.step(step)).await {
+            Ok(Ok(())) => observe(BuildEvent::Finished(step, now.elapsed())),
+            Ok(Err(e)) if Instant::now() >= b.step_deadline => {
+                return Err(BuildError::Deadline {
+                    cause: Some(Box::new(e)),
+                    hint: hint(),
+                });
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(BuildError::Deadline {
+                    cause: None,
+                    hint: hint(),
+                });
+            }
+        }
+    }
+    Ok(b.result())
+}
 
-    progress("reboot into the installed system");
-    let ssh = connect().await?;
-    let (code, version) = ssh.run("nixos-version", "", |_| {}).await?;
-    check("nixos-version", code, &version)?;
-    let (code, system) = ssh
-        .run("readlink -f /run/current-system", "", |_| {})
-        .await?;
-    check("read the system path", code, &system)?;
-    if !w.services.is_empty() {
-        let (code, states) = ssh
+/// The state a build carries from step to step.
+struct Build<'a> {
+    client: &'a Client,
+    endpoint_host: &'a str,
+    w: &'a BuildWork,
+    observe: Observer<'a>,
+    /// The per-build key and its public half.
+    key: russh::keys::PrivateKey,
+    public: String,
+    /// When the running step must be done.
+    step_deadline: Instant,
+    /// Where the VM answers SSH, once known.
+    target: Option<(String, u16)>,
+    ssh: Option<Ssh>,
+    version: String,
+    system: String,
+}
+
+impl Build<'_> {
+    fn note(&self, line: &str) {
+        (self.observe)(BuildEvent::Line(line));
+    }
+
+    fn left(&self) -> Duration {
+        self.step_deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// Waits for a task; one still running at the step's deadline is
+    /// stopped, so it does not hold the VM while the VM is cleaned up.
+    async fn wait(&self, upid: pve_api::Upid) -> Result<(), BuildError> {
+        let result = self.client.wait_task_for(&upid, self.left()).await;
+        if let Err(pve_api::ApiError::TaskTimeout { .. }) = &result {
+            let _ = self.client.stop_task(&upid).await;
+        }
+        result.map(|_| ()).map_err(BuildError::from)
+    }
+
+    fn ssh(&self) -> Result<&Ssh, BuildError> {
+        self.ssh
+            .as_ref()
+            .ok_or_else(|| step_err("ssh", "no session"))
+    }
+
+    /// Runs `command` over SSH and fails the step on a non-zero exit.
+    async fn run_checked(
+        &self,
+        what: &str,
+        command: &str,
+        stdin: &str,
+    ) -> Result<String, BuildError> {
+        let (code, out) = self.ssh()?.run(command, stdin, |_| {}).await?;
+        check(what, code, &out)?;
+        Ok(out)
+    }
+
+    async fn step(&mut self, step: Step) -> Result<(), BuildError> {
+        let (client, w) = (self.client, self.w);
+        match step {
+            Step::Create => {
+                let mut config = w.vm_config.clone();
+                config.insert("description".into(), building_stamp(w));
+                self.wait(client.create_vm(&w.node, w.vmid, &config).await?)
+                    .await
+            }
+            Step::Start => self.wait(client.start(&w.node, w.vmid).await?).await,
+            Step::Access => self.access().await,
+            Step::Install => {
+                self.run_checked(
+                    "upload configuration.nix",
+                    "mkdir -p /tmp/nixgold && cat > /tmp/nixgold/configuration.nix",
+                    &w.configuration_nix,
+                )
+                .await?;
+                self.run_checked("upload install.sh", "cat > /tmp/nixgold/install.sh", &w.install_script)
+                    .await?;
+                let observe = self.observe;
+                let (code, out) = self
+                    .ssh()?
+                    .run(
+                        "bash /tmp/nixgold/install.sh /tmp/nixgold/configuration.nix",
+                        "",
+                        |l| observe(BuildEvent::Line(&format!("  | {l}"))),
+                    )
+                    .await?;
+                check("install", code, &out)
+            }
+            Step::Reboot => {
+                if let Some(ssh) = self.ssh.take() {
+                    let _ = ssh.run("reboot", "", |_| {}).await;
+                }
+                if let Access::Static {
+                    address, gateway, ..
+                } = &w.access
+                {
+                    self.address_through_agent(&static_address_line(address, gateway.as_deref()))
+                        .await?;
+                }
+                self.connect(self.left()).await
+            }
+            Step::Verify => self.verify().await,
+            Step::Seal => {
+                self.run_checked(
+                    "seal",
+                    "truncate -s 0 /etc/machine-id && rm -f /etc/ssh/ssh_host_* && cloud-init clean --logs && rm -f /root/.ssh/authorized_keys",
+                    "",
+                )
+                .await
+                .map(drop)
+            }
+            Step::PowerOff => {
+                if let Some(ssh) = self.ssh.take() {
+                    let _ = ssh.run("poweroff", "", |_| {}).await;
+                }
+                while client.vm_status(&w.node, w.vmid).await?.is_running() {
+                    if Instant::now() >= self.step_deadline {
+                        return Err(step_err("power-off", "the build VM did not power off"));
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Ok(())
+            }
+            Step::Template => {
+                let detach = ConfigUpdate {
+                    set: BTreeMap::new(),
+                    delete: vec!["ide2".into()],
+                    digest: None,
+                };
+                client.update_config_sync(&w.node, w.vmid, &detach).await?;
+                let attach = ConfigUpdate {
+                    set: BTreeMap::from([
+                        ("ide2".to_owned(), format!("{}:cloudinit", w.storage)),
+                        (
+                            "description".to_owned(),
+                            template_stamp(&self.result(), &w.fleet),
+                        ),
+                    ]),
+                    delete: Vec::new(),
+                    digest: None,
+                };
+                client.update_config_sync(&w.node, w.vmid, &attach).await?;
+                self.wait(client.template(&w.node, w.vmid).await?).await
+            }
+        }
+    }
+
+    /// boot_wait, then the access sequence typed until the VM answers
+    /// (call-home received, or SSH up on the static address), retyped
+    /// after each quiet window: keys typed before the console was ready
+    /// are lost, and every typed line is idempotent.
+    async fn access(&mut self) -> Result<(), BuildError> {
+        let w = self.w;
+        self.note(&format!(
+            "wait {}s for the installer to boot",
+            w.boot_wait_secs
+        ));
+        tokio::time::sleep(Duration::from_secs(w.boot_wait_secs).min(self.left())).await;
+        let window = (w.timeouts.of(Step::Access) / 4).max(Duration::from_secs(1));
+        let mut lines = vec!["sudo -i\n".to_owned()];
+        let mut call_home = match &w.access {
+            Access::CallHome { listen, advertise } => {
+                let script = key_commands(&self.public).join("\n") + "\n";
+                let advertise = match advertise {
+                    Some(a) => a.clone(),
+                    None => advertise_address(self.endpoint_host)?,
+                };
+                let call_home = CallHome::listen(listen, &advertise, script).await?;
+                lines.push(call_home_line(&call_home.url));
+                Some(call_home)
+            }
+            Access::Static {
+                address, gateway, ..
+            } => {
+                lines.push(static_address_line(address, gateway.as_deref()));
+                lines.push(key_commands(&self.public).join(";") + "\n");
+                None
+            }
+        };
+        let mut typed = 0;
+        loop {
+            typed += 1;
+            self.note(if typed == 1 {
+                "type the access sequence"
+            } else {
+                "no answer yet: type the access sequence again"
+            });
+            for line in &lines {
+                type_text(
+                    self.client,
+                    &w.node,
+                    w.vmid,
+                    line,
+                    Duration::from_millis(w.key_interval_ms),
+                )
+                .await?;
+            }
+            let quiet = window.min(self.left());
+            let answer = match (&mut call_home, &w.access) {
+                (Some(ch), _) => match ch.wait(quiet).await {
+                    Ok((host, port)) => {
+                        self.note(&format!("the VM called home from {host}"));
+                        self.target = Some((host, port));
+                        self.connect(self.left()).await
+                    }
+                    Err(e) => Err(e),
+                },
+                (
+                    None,
+                    Access::Static {
+                        address, ssh_port, ..
+                    },
+                ) => {
+                    let host = address.split('/').next().unwrap_or(address).to_owned();
+                    self.target = Some((host, *ssh_port));
+                    self.connect(quiet).await
+                }
+                (None, Access::CallHome { .. }) => unreachable!("a call-home build listens"),
+            };
+            match answer {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() >= self.step_deadline => {
+                    let what = if call_home.is_some() {
+                        "the build VM did not call home: check that it can reach nixgold's listener (build.address.call_home), or raise build.boot_wait".to_owned()
+                    } else {
+                        format!(
+                            "no SSH on the static build address: check that the address is free and reachable from nixgold, or raise build.boot_wait; last error: {e}"
+                        )
+                    };
+                    return Err(step_err(
+                        "access",
+                        format!("{what} (typed the access sequence {typed} times)"),
+                    ));
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// SSH to the target, pinning the host key of the system that answers.
+    async fn connect(&mut self, within: Duration) -> Result<(), BuildError> {
+        let (host, port) = self
+            .target
+            .clone()
+            .ok_or_else(|| step_err("ssh", "the VM's address is unknown"))?;
+        self.ssh =
+            Some(connect_retry(&host, port, &self.key, Arc::new(Mutex::new(None)), within).await?);
+        Ok(())
+    }
+
+    /// After the reboot, the installed system has no build address (it is
+    /// not part of the template): the guest agent puts it back, for this
+    /// boot only.
+    async fn address_through_agent(&self, line: &str) -> Result<(), BuildError> {
+        let (client, w) = (self.client, self.w);
+        self.note("wait for the installed system's guest agent");
+        let mut last = String::new();
+        loop {
+            match client.agent_ping(&w.node, w.vmid).await {
+                Ok(()) => break,
+                Err(e) if Instant::now() >= self.step_deadline => {
+                    last = e.to_string();
+                    break;
+                }
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_secs(1).min(self.left())).await;
+        }
+        if Instant::now() >= self.step_deadline {
+            return Err(step_err(
+                "guest agent",
+                format!("the installed system's guest agent did not answer: {last}"),
+            ));
+        }
+        self.note("set the build address through the guest agent");
+        let command = [
+            "/run/current-system/sw/bin/sh".to_owned(),
+            "-c".to_owned(),
+            format!("PATH=/run/current-system/sw/bin:$PATH;{}", line.trim_end()),
+        ];
+        let exit = client
+            .agent_run(&w.node, w.vmid, &command, self.left())
+            .await?;
+        check(
+            "set the build address through the guest agent",
+            exit.code,
+            &format!("{}{}", exit.out, exit.err),
+        )
+    }
+
+    async fn verify(&mut self) -> Result<(), BuildError> {
+        let w = self.w;
+        self.version = self
+            .run_checked("nixos-version", "nixos-version", "")
+            .await?
+            .trim()
+            .to_owned();
+        self.system = self
+            .run_checked(
+                "read the system path",
+                "readlink -f /run/current-system",
+                "",
+            )
+            .await?
+            .trim()
+            .to_owned();
+        if w.services.is_empty() {
+            return Ok(());
+        }
+        let (code, states) = self
+            .ssh()?
             .run(
                 &format!("systemctl is-active {}", w.services.join(" ")),
                 "",
@@ -561,57 +992,22 @@ pub async fn run(
         if code != 0 || !inactive.is_empty() {
             return Err(step_err("verify services", inactive.join(", ")));
         }
+        Ok(())
     }
-    progress("seal: machine-id, host keys, cloud-init state, build key");
-    let (code, out) = ssh
-        .run(
-            "truncate -s 0 /etc/machine-id && rm -f /etc/ssh/ssh_host_* && cloud-init clean --logs && rm -f /root/.ssh/authorized_keys",
-            "",
-            |_| {},
-        )
-        .await?;
-    check("seal", code, &out)?;
-    let _ = ssh.run("poweroff", "", |_| {}).await;
-    drop(ssh);
 
-    progress("wait for power-off");
-    loop {
-        if !client.vm_status(&w.node, w.vmid).await?.is_running() {
-            break;
+    fn result(&self) -> BuildResult {
+        let w = self.w;
+        BuildResult {
+            image: w.image.clone(),
+            generation: w.generation,
+            node: w.node.clone(),
+            vmid: w.vmid,
+            input_hash: w.input_hash.clone(),
+            iso_sha256: w.iso_sha256.clone(),
+            nixos_version: self.version.clone(),
+            system_path: self.system.clone(),
         }
-        if Instant::now() > deadline {
-            return Err(step_err("power-off", "the build VM did not power off"));
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let result = BuildResult {
-        image: w.image.clone(),
-        generation: w.generation,
-        node: w.node.clone(),
-        vmid: w.vmid,
-        input_hash: w.input_hash.clone(),
-        iso_sha256: w.iso_sha256.clone(),
-        nixos_version: version.trim().to_owned(),
-        system_path: system.trim().to_owned(),
-    };
-    progress("replace the ISO with a cloud-init drive, convert to a template");
-    let detach = ConfigUpdate {
-        set: BTreeMap::new(),
-        delete: vec!["ide2".into()],
-        digest: None,
-    };
-    client.update_config_sync(&w.node, w.vmid, &detach).await?;
-    let attach = ConfigUpdate {
-        set: BTreeMap::from([
-            ("ide2".to_owned(), format!("{}:cloudinit", w.storage)),
-            ("description".to_owned(), template_stamp(&result, &w.fleet)),
-        ]),
-        delete: Vec::new(),
-        digest: None,
-    };
-    client.update_config_sync(&w.node, w.vmid, &attach).await?;
-    wait(client.template(&w.node, w.vmid).await?).await?;
-    Ok(result)
 }
 
 async fn connect_retry(
@@ -619,14 +1015,26 @@ async fn connect_retry(
     port: u16,
     key: &russh::keys::PrivateKey,
     pin: Arc<Mutex<Option<String>>>,
-    deadline: Duration,
+    within: Duration,
 ) -> Result<Ssh, BuildError> {
-    let until = Instant::now() + deadline;
+    let until = Instant::now() + within;
     let mut delay = Duration::from_millis(100);
     loop {
-        match Ssh::connect(host, port, key, pin.clone()).await {
+        // An address nobody answers on would hang in TCP's own timeout.
+        let attempt = until
+            .saturating_duration_since(Instant::now())
+            .clamp(Duration::from_millis(100), Duration::from_secs(10));
+        let connected = tokio::time::timeout(attempt, Ssh::connect(host, port, key, pin.clone()))
+            .await
+            .unwrap_or_else(|_| {
+                Err(step_err(
+                    "ssh",
+                    format!("{host}:{port}: no answer within {}s", attempt.as_secs()),
+                ))
+            });
+        match connected {
             Ok(s) => return Ok(s),
-            Err(e) if Instant::now() > until => return Err(e),
+            Err(e) if Instant::now() + delay > until => return Err(e),
             Err(_) => {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(3));

@@ -234,10 +234,6 @@ pub enum PlanError {
     )]
     PreventDestroy { address: String, reason: String },
     #[error(
-        "{address}: build.address.static is not supported by the build yet\n  hint: use build.address.call_home (the default)"
-    )]
-    StaticBuildAddress { address: String },
-    #[error(
         "{address}: the ISO `{iso}` is not pinned or not on {node}\n  hint: plan without --locked to pin it"
     )]
     IsoMissing {
@@ -663,8 +659,16 @@ fn build_change(
 ) -> Result<Change, PlanError> {
     let address = format!("image.{}[{}]", t.image, t.node);
     let image = &fleet.images[&t.image];
-    let crate::fleet::BuildAddress::CallHome { call_home } = &image.build.address else {
-        return Err(PlanError::StaticBuildAddress { address });
+    let access = match &image.build.address {
+        crate::fleet::BuildAddress::CallHome { call_home } => crate::build::Access::CallHome {
+            listen: call_home.listen.clone(),
+            advertise: call_home.advertise.clone(),
+        },
+        crate::fleet::BuildAddress::Static { r#static } => crate::build::Access::Static {
+            address: r#static.address.to_string(),
+            gateway: r#static.gateway.map(|g| g.to_string()),
+            ssh_port: r#static.ssh_port,
+        },
     };
     let shared = fleet
         .proxmox
@@ -718,10 +722,9 @@ fn build_change(
         services,
         boot_wait_secs: image.build.boot_wait.get().as_secs(),
         timeout_secs: image.build.timeout.get().as_secs(),
-        ssh_timeout_secs: image.build.ssh_timeout.get().as_secs(),
+        timeouts: crate::build::Timeouts::from_fleet(&image.build.timeouts),
         key_interval_ms: u64::from(image.build.key_interval_ms),
-        listen: call_home.listen.clone(),
-        advertise: call_home.advertise.clone(),
+        access,
         fleet: fleet.fleet.clone(),
     };
     let field = |f: &str, v: String| FieldDiff {
@@ -734,6 +737,13 @@ fn build_change(
         field("generation", n.to_string()),
         field("vmid", t.vmid.to_string()),
         field("iso", volid),
+        field(
+            "access",
+            match &build.access {
+                crate::build::Access::CallHome { .. } => "call-home".to_owned(),
+                crate::build::Access::Static { address, .. } => format!("static {address}"),
+            },
+        ),
         field(
             "inputs",
             t.input_hash[..12.min(t.input_hash.len())].to_owned(),

@@ -655,7 +655,7 @@ fn percent(s: &str) -> String {
 
 // ----- template builds ---------------------------------------------------
 
-const BUILD: &str = "    build: { boot_wait: 1s, ssh_timeout: 20s, timeout: 2m, key_interval_ms: 0, address: { call_home: { listen: \"127.0.0.1:0\" } } }\n";
+const BUILD: &str = "    build: { boot_wait: 1s, timeout: 2m, timeouts: { access: 20s }, key_interval_ms: 0, address: { call_home: { listen: \"127.0.0.1:0\" } } }\n";
 
 /// The base fleet with fast build settings and `packages` in the image.
 fn build_fleet(packages: &str) -> String {
@@ -829,11 +829,18 @@ fn keep_failed_build_keeps_the_vm_and_the_next_apply_cleans_it_up() {
 fn keys_typed_before_the_installer_is_up_end_in_a_clear_error() {
     let mut opts = options();
     opts.guest_boot = Duration::from_secs(60);
-    let fleet = build_fleet("\"vim\"").replace("ssh_timeout: 20s", "ssh_timeout: 2s");
+    let fleet = build_fleet("\"vim\"").replace("access: 20s", "access: 2s");
     let s = Scenario::with_options(ClusterSpec::default(), &fleet, EMPTY_LOCK, opts);
     let (code, out, _) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
     assert_eq!(code, 1);
-    assert!(out.contains("did not call home within 2s"), "{out}");
+    assert_contains(
+        &out,
+        &[
+            "get SSH access to the installer: access: the build VM did not call home",
+            "raise build.boot_wait",
+            "(the deadline is build.timeouts.access = 2s)",
+        ],
+    );
     assert!(s.sim.inspect(|st| !st.vms.contains_key(&9400)));
 }
 
@@ -930,7 +937,7 @@ fn ssh_dropping_mid_install_fails_the_build_cleanly() {
     build_fails_cleanly(
         "SSH bash => drop*1",
         &build_fleet("\"vim\""),
-        "FAILED at build generation 1",
+        "FAILED at generation 1 (VMID 9400): install NixOS: ssh: the connection closed before `bash` finished",
     );
 }
 
@@ -944,12 +951,209 @@ fn a_failing_install_command_fails_the_build_cleanly() {
 }
 
 #[test]
-fn a_hanging_task_ends_the_build_at_its_deadline_and_is_stopped() {
+fn a_hanging_task_ends_at_its_steps_deadline_and_is_stopped() {
+    build_fails_cleanly(
+        "POST /nodes/*/qemu/*/status/start => task-hang*1",
+        &build_fleet("\"vim\"").replace(
+            "timeouts: { access: 20s }",
+            "timeouts: { access: 20s, start: 2s }",
+        ),
+        "start it from the installer ISO: task UPID:pve:",
+    );
+}
+
+#[test]
+fn the_whole_build_deadline_caps_every_step() {
     build_fails_cleanly(
         "POST /nodes/*/qemu/*/status/start => task-hang*1",
         &build_fleet("\"vim\"").replace("timeout: 2m", "timeout: 3s"),
-        "did not finish within",
+        "(the deadline is build.timeout = ",
     );
+}
+
+#[test]
+fn keys_lost_before_the_console_is_up_are_typed_again() {
+    let mut opts = options();
+    opts.guest_boot = Duration::from_secs(3);
+    // boot_wait 1s: the first sequence is lost; the access window of 8s
+    // retypes every 2s.
+    let fleet = build_fleet("\"vim\"").replace("access: 20s", "access: 8s");
+    let s = Scenario::with_options(ClusterSpec::default(), &fleet, EMPTY_LOCK, opts);
+    let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(read_lock(&s).images["golden"].current, 1, "built");
+    let history = s.sim.guests().history(9400);
+    let typed = history
+        .iter()
+        .filter(|l| l.starts_with("console$ curl"))
+        .count();
+    assert_eq!(typed, 1, "only the retyped call-home arrived: {history:?}");
+    assert!(
+        format!("{out}{err}").contains("no answer yet: type the access sequence again"),
+        "{out}{err}"
+    );
+}
+
+// ----- static build addresses ---------------------------------------------
+
+/// A scenario whose image is built on a static loopback address: the
+/// simulated guests listen there on a free port, which the fleet names.
+fn static_scenario(address: &str, extra: &str) -> Scenario {
+    let ip = address.split('/').next().unwrap();
+    let port = std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut opts = options();
+    opts.guest_ssh_port = port;
+    let fleet = build_fleet("\"vim\"").replace(
+        "address: { call_home: { listen: \"127.0.0.1:0\" } }",
+        &format!("address: {{ static: {{ address: \"{address}\", gateway: 127.0.0.1, ssh_port: {port} }} }}"),
+    ).replace("timeouts: { access: 20s }", &format!("timeouts: {{ access: 20s{extra} }}"));
+    Scenario::with_options(ClusterSpec::default(), &fleet, EMPTY_LOCK, opts)
+}
+
+#[test]
+fn a_static_build_address_is_typed_and_set_again_through_the_agent_after_reboot() {
+    let s = static_scenario("127.77.0.10/8", "");
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    assert_contains(&text, &["access     = \"static 127.77.0.10/8\""]);
+    s.converge();
+    assert_eq!(read_lock(&s).images["golden"].current, 1);
+    let history = redacted_history(&s, 9400);
+    insta::assert_snapshot!("static_build_guest_history", history);
+    // Typed into the installer, then through the agent after the reboot.
+    let reboot = history.find("ssh$ reboot").unwrap();
+    let agent = history.find("agent$ ").unwrap();
+    assert!(
+        history.starts_with("console$ sudo -i\nconsole$ d=$(ls /sys/class/net|grep -m1 ^en);ip l set $d up;ip a replace 127.77.0.10/8 dev $d;ip r replace default via 127.0.0.1")
+            && agent > reboot,
+        "{history}"
+    );
+    // The build address is not part of the template.
+    let template = s.config(9400);
+    assert!(
+        template.values().all(|v| !v.contains("127.77.0.10")),
+        "{template:?}"
+    );
+}
+
+#[test]
+fn builds_sharing_a_static_address_take_turns() {
+    let port = std::net::TcpListener::bind("127.77.0.13:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut opts = options();
+    opts.guest_ssh_port = port;
+    // Node-local storage: each node gets its own build of generation 1.
+    let fleet = format!(
+        r#"fleet: homelab
+proxmox:
+  endpoint: https://pve1.example.invalid:8006
+  nodes: [pve1, pve2]
+  token: {{ env: PROXMOX_VE_API_TOKEN }}
+vm_vmid_range: {{ first: 1000, last: 1099 }}
+isos:
+  nixos: {{ url: "{ISO_URL}", checksum: "sha256:{ISO_SHA}" }}
+images:
+  local:
+    iso: nixos
+    vmid_range: {{ first: 9100, last: 9109 }}
+    hardware: {{ disk: 30G, storage: local-lvm }}
+    nixos: {{ state_version: "24.05" }}
+    build: {{ boot_wait: 1s, key_interval_ms: 0, address: {{ static: {{ address: 127.77.0.13/8, ssh_port: {port} }} }} }}
+vms:
+  c: {{ image: local, node: pve1, clone: linked }}
+  d: {{ image: local, node: pve2, clone: linked }}
+"#
+    );
+    let s = Scenario::with_options(ClusterSpec::with_nodes(2), &fleet, EMPTY_LOCK, opts);
+    s.converge();
+    let templates = &read_lock(&s).images["local"].generations[0].templates;
+    assert_eq!(templates.len(), 2, "one build per node: {templates:?}");
+    // The second build VM was created only after the first was a template.
+    let journal = s.sim.journal();
+    let at = |method: &str, route: &str, vmid: u32| {
+        journal
+            .iter()
+            .position(|e| {
+                e.method == method
+                    && e.route == route
+                    && e.params.get("vmid").map(String::as_str) == Some(&vmid.to_string())
+            })
+            .unwrap_or_else(|| panic!("no {method} {route} for {vmid}"))
+    };
+    let (first, second) = (templates[0].vmid.get(), templates[1].vmid.get());
+    let (first, second) =
+        if at("POST", "/nodes/{node}/qemu", first) < at("POST", "/nodes/{node}/qemu", second) {
+            (first, second)
+        } else {
+            (second, first)
+        };
+    assert!(
+        at("POST", "/nodes/{node}/qemu/{vmid}/template", first)
+            < at("POST", "/nodes/{node}/qemu", second),
+        "the builds overlapped"
+    );
+}
+
+#[test]
+fn a_silent_guest_agent_fails_a_static_build_cleanly() {
+    let s = static_scenario("127.77.0.11/8", ", reboot: 3s");
+    s.sim.options().faults.add(
+        "POST /nodes/*/qemu/*/agent/ping => agent-not-running"
+            .parse()
+            .unwrap(),
+    );
+    let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_contains(
+        &out,
+        &[
+            "image.golden[pve]: FAILED at generation 1 (VMID 9400): reboot into the installed system",
+            "the installed system's guest agent did not answer: proxmox error (500): QEMU guest agent is not running",
+            "build.timeouts.reboot = 3s",
+        ],
+    );
+    assert!(s.sim.inspect(|st| !st.vms.contains_key(&9400)));
+    assert!(read_lock(&s).images.is_empty());
+    s.sim.options().faults.clear();
+    s.converge();
+}
+
+#[test]
+fn a_static_address_nobody_answers_on_is_a_clear_error() {
+    // The guest listens on another port than the fleet says.
+    let s = static_scenario("127.77.0.12/8", "");
+    let listening = s.sim.options().guest_ssh_port;
+    let elsewhere = std::net::TcpListener::bind("127.77.0.12:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    s.set_fleet(
+        &std::fs::read_to_string(s.dir.path().join("fleet.yaml"))
+            .unwrap()
+            .replace("access: 20s", "access: 3s")
+            .replace(
+                &format!("ssh_port: {listening}"),
+                &format!("ssh_port: {elsewhere}"),
+            ),
+    );
+    let (code, out, _) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 1);
+    assert_contains(
+        &out,
+        &[
+            "get SSH access to the installer: access: no SSH on the static build address",
+            "typed the access sequence",
+        ],
+    );
+    assert!(s.sim.inspect(|st| !st.vms.contains_key(&9400)));
 }
 
 /// Asserts that `text` contains every needle, showing the text otherwise.

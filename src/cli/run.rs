@@ -302,9 +302,11 @@ pub async fn cmd_apply(
     if sim {
         // The embedded simulator's guests live on this machine.
         for change in &mut plan.changes {
-            if let crate::plan::Work::BuildTemplate { build, .. } = &mut change.work {
-                build.listen = "127.0.0.1:0".to_owned();
-                build.advertise = Some("127.0.0.1".to_owned());
+            if let crate::plan::Work::BuildTemplate { build, .. } = &mut change.work
+                && let crate::build::Access::CallHome { listen, advertise } = &mut build.access
+            {
+                *listen = "127.0.0.1:0".to_owned();
+                *advertise = Some("127.0.0.1".to_owned());
             }
         }
     }

@@ -60,6 +60,10 @@ pub struct ServeArgs {
     /// task-fail[:MSG], task-hang, agent-not-running.
     #[arg(long, value_name = "RULE")]
     fault: Vec<String>,
+    /// Port a guest's SSH server listens on at an address given to it with
+    /// `ip addr` (a static build address); 22 needs root.
+    #[arg(long, value_name = "PORT", default_value_t = 22)]
+    guest_ssh_port: u16,
     /// A file `download-url` can fetch, `URL=SHA256:BYTES` (repeatable).
     #[arg(long, value_name = "URL=SHA256:BYTES")]
     remote_file: Vec<String>,
@@ -84,6 +88,7 @@ fn options(args: &ServeArgs) -> Result<SimOptions, Failure> {
     opts.latency = Duration::from_millis(args.latency);
     opts.workers = args.workers.max(1);
     opts.service_time = Duration::from_millis(args.service_time);
+    opts.guest_ssh_port = args.guest_ssh_port;
     for t in &args.task_time {
         let (kind, ms) = t
             .split_once('=')

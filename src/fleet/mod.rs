@@ -242,9 +242,24 @@ pub struct Firewall {
 pub struct Build {
     pub boot_wait: HumanDuration,
     pub timeout: HumanDuration,
-    pub ssh_timeout: HumanDuration,
+    pub timeouts: StepTimeouts,
     pub key_interval_ms: u32,
     pub address: BuildAddress,
+}
+
+/// A deadline per build step (`build.timeouts`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepTimeouts {
+    pub create: HumanDuration,
+    pub start: HumanDuration,
+    pub access: HumanDuration,
+    pub install: HumanDuration,
+    pub reboot: HumanDuration,
+    pub verify: HumanDuration,
+    pub seal: HumanDuration,
+    pub power_off: HumanDuration,
+    pub template: HumanDuration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -266,6 +281,7 @@ pub struct CallHome {
 pub struct StaticBuildAddress {
     pub address: Ipv4Net,
     pub gateway: Option<Ipv4Addr>,
+    pub ssh_port: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

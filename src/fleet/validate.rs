@@ -335,12 +335,15 @@ fn check_networks(fleet: &Fleet, out: &mut Problems) {
             );
         }
         if let super::BuildAddress::Static { r#static } = &image.build.address {
-            check_address(
-                &format!("images.{name}.build.address.static"),
-                &r#static.address,
-                r#static.gateway.as_ref(),
-                out,
-            );
+            let field = format!("images.{name}.build.address.static");
+            check_address(&field, &r#static.address, r#static.gateway.as_ref(), out);
+            if !image.nixos.guest_agent {
+                out.push(
+                    field,
+                    "after the reboot the installed system gets the build address through the QEMU guest agent, which this image disables".to_owned(),
+                    format!("set images.{name}.nixos.guest_agent = true, or use build.address.call_home"),
+                );
+            }
         }
     }
 }

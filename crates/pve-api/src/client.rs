@@ -643,6 +643,77 @@ impl Client {
         decode_agent_interfaces(v)
     }
 
+    /// `agent/ping`: Ok once the guest's agent answers.
+    pub async fn agent_ping(&self, node: &str, vmid: u32) -> Result<(), ApiError> {
+        let _: Value = self
+            .call(
+                Method::Post,
+                &Self::vm_path(node, vmid, "/agent/ping"),
+                vec![],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Runs `command` (program and arguments) in the guest through the
+    /// agent (`agent/exec`), then polls `agent/exec-status` until it
+    /// exits; a command still running after `within` is a
+    /// [`ApiError::Timeout`]. The arguments are sent as a repeated form
+    /// key, which is how the API takes an array.
+    pub async fn agent_run(
+        &self,
+        node: &str,
+        vmid: u32,
+        command: &[String],
+        within: Duration,
+    ) -> Result<AgentExit, ApiError> {
+        let until = Instant::now() + within;
+        let started: Value = self
+            .call(
+                Method::Post,
+                &Self::vm_path(node, vmid, "/agent/exec"),
+                command.iter().map(|c| p("command", c)).collect(),
+            )
+            .await?;
+        let pid = started
+            .get("pid")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| ApiError::Decode {
+                context: "agent/exec".into(),
+                message: format!("no pid in {started}"),
+            })?;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let status: AgentExecStatus = self
+                .call(
+                    Method::Get,
+                    &Self::vm_path(node, vmid, "/agent/exec-status"),
+                    vec![p("pid", pid)],
+                )
+                .await?;
+            if status.exited {
+                let code = match (status.exitcode, status.signal) {
+                    (Some(code), _) => code,
+                    (None, Some(signal)) => 128 + signal,
+                    (None, None) => 255,
+                };
+                return Ok(AgentExit {
+                    code: u32::try_from(code).unwrap_or(u32::MAX),
+                    out: status.out_data.unwrap_or_default(),
+                    err: status.err_data.unwrap_or_default(),
+                });
+            }
+            if Instant::now() + delay > until {
+                return Err(ApiError::Timeout {
+                    what: format!("agent/exec pid {pid} in VM {vmid}"),
+                    seconds: within.as_secs(),
+                });
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+
     /// Rebuilds the cloud-init drive now (it is also rebuilt at cold start).
     pub async fn regenerate_cloudinit(&self, node: &str, vmid: u32) -> Result<(), ApiError> {
         let _: Value = self

@@ -47,6 +47,10 @@ pub enum ApiError {
     /// Waiting for a task ran past the caller's deadline.
     #[error("task {upid} did not finish within {seconds}s")]
     TaskTimeout { upid: String, seconds: u64 },
+    /// Waiting for anything else (a command run by the guest agent) ran
+    /// past the caller's deadline.
+    #[error("{what} did not finish within {seconds}s")]
+    Timeout { what: String, seconds: u64 },
     /// A response that does not decode (a nixgold bug or an API change).
     #[error("cannot decode the answer to {context}: {message}")]
     Decode { context: String, message: String },

@@ -314,3 +314,28 @@ pub fn decode_agent_interfaces(data: Value) -> Result<Vec<GuestInterface>, crate
         },
     )
 }
+
+/// `agent/exec-status` of a process started with `agent/exec`. `exited`
+/// is a JSON boolean (agent results pass through), tolerated as 0/1 too.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct AgentExecStatus {
+    #[serde(deserialize_with = "lenient::bool")]
+    pub exited: bool,
+    #[serde(default, deserialize_with = "lenient::opt_u64")]
+    pub exitcode: Option<u64>,
+    #[serde(rename = "out-data", default)]
+    pub out_data: Option<String>,
+    #[serde(rename = "err-data", default)]
+    pub err_data: Option<String>,
+    #[serde(default, deserialize_with = "lenient::opt_u64")]
+    pub signal: Option<u64>,
+}
+
+/// How a command run through the guest agent ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentExit {
+    /// The exit code; 128 + the signal for a killed process.
+    pub code: u32,
+    pub out: String,
+    pub err: String,
+}

@@ -30,6 +30,8 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::Inner;
+use crate::routes::RouteId;
+use crate::state::ApiError;
 
 /// The environment variable the simulated installer shell sets to its SSH
 /// server's port. A real installer does not set it, so `${NIXGOLD_SSH_PORT:-22}`
@@ -46,6 +48,9 @@ pub struct Installed {
     pub machine_id_empty: bool,
     pub host_keys: bool,
     pub cloud_init_clean: bool,
+    /// The configuration enabled qemu-guest-agent.
+    #[serde(default)]
+    pub guest_agent: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,12 +74,16 @@ pub struct Runtime {
     pub lost_keys: usize,
     /// ISO the installer booted from (names the NixOS version).
     iso: String,
-    server: tokio::task::JoinHandle<()>,
+    /// The SSH server's configuration (its host key lives for this boot).
+    sshd: Arc<russh::server::Config>,
+    /// SSH servers: 127.0.0.1 first, then one per address given with `ip`.
+    servers: Vec<tokio::task::JoinHandle<()>>,
+    addresses: Vec<String>,
 }
 
 impl Drop for Runtime {
     fn drop(&mut self) {
-        self.server.abort();
+        self.servers.iter().for_each(|s| s.abort());
     }
 }
 
@@ -140,6 +149,8 @@ pub struct Guests {
     ports: Mutex<BTreeMap<u32, u16>>,
     /// What each VM's guest executed, across reboots and power-offs.
     histories: Mutex<BTreeMap<u32, Vec<String>>>,
+    /// Finished `agent/exec` commands not yet collected, by (VMID, pid).
+    execs: Mutex<BTreeMap<(u32, u64), Exited>>,
 }
 
 impl Guests {
@@ -269,13 +280,7 @@ async fn boot(inner: &Arc<Inner>, vmid: u32, mode: Mode, iso: String, started_ms
         inactivity_timeout: Some(std::time::Duration::from_secs(3600)),
         ..Default::default()
     });
-    let mut sshd = Sshd {
-        inner: Arc::downgrade(inner),
-        vmid,
-    };
-    let server = tokio::spawn(async move {
-        let _ = sshd.run_on_socket(config, &listener).await;
-    });
+    let server = spawn_sshd(inner, vmid, config.clone(), listener);
     let ready_ms = started_ms + inner.opts.guest_boot.as_millis() as u64;
     let runtime = Runtime {
         mode,
@@ -286,7 +291,9 @@ async fn boot(inner: &Arc<Inner>, vmid: u32, mode: Mode, iso: String, started_ms
         files: BTreeMap::new(),
         lost_keys: 0,
         iso,
-        server,
+        sshd: config,
+        servers: vec![server],
+        addresses: Vec::new(),
     };
     inner
         .guests
@@ -294,6 +301,89 @@ async fn boot(inner: &Arc<Inner>, vmid: u32, mode: Mode, iso: String, started_ms
         .lock()
         .expect("guests")
         .insert(vmid, runtime);
+}
+
+fn spawn_sshd(
+    inner: &Arc<Inner>,
+    vmid: u32,
+    config: Arc<russh::server::Config>,
+    listener: tokio::net::TcpListener,
+) -> tokio::task::JoinHandle<()> {
+    let mut sshd = Sshd {
+        inner: Arc::downgrade(inner),
+        vmid,
+    };
+    tokio::spawn(async move {
+        let _ = sshd.run_on_socket(config, &listener).await;
+    })
+}
+
+/// `ip a replace ADDR/LEN dev …`: the guest's SSH server also listens on
+/// ADDR, at the simulator's guest SSH port (22 unless configured).
+async fn add_address(inner: &Arc<Inner>, vmid: u32, cidr: &str) -> Result<(), String> {
+    let ip: std::net::IpAddr = cidr
+        .split('/')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| format!("Error: any valid prefix is expected rather than \"{cidr}\"."))?;
+    let config = {
+        let guests = inner.guests.running.lock().expect("guests");
+        let g = guests.get(&vmid).ok_or("guest gone")?;
+        if g.addresses.iter().any(|a| a == cidr) {
+            return Ok(());
+        }
+        g.sshd.clone()
+    };
+    let port = inner.opts.guest_ssh_port;
+    let listener = tokio::net::TcpListener::bind((ip, port))
+        .await
+        .map_err(|e| format!("sshd: cannot listen on {ip}:{port}: {e}"))?;
+    let server = spawn_sshd(inner, vmid, config, listener);
+    let mut guests = inner.guests.running.lock().expect("guests");
+    match guests.get_mut(&vmid) {
+        Some(g) => {
+            g.servers.push(server);
+            g.addresses.push(cidr.to_owned());
+            Ok(())
+        }
+        None => {
+            server.abort();
+            Err("guest gone".into())
+        }
+    }
+}
+
+/// Runs a `;`-separated command line as root or not: variable
+/// assignments, the `ip` commands of a static build address, and what
+/// [`script_line`] accepts. Stops at the first failing command.
+async fn shell(inner: &Arc<Inner>, vmid: u32, line: &str, root: bool) -> Result<(), String> {
+    for cmd in line.split(';').map(str::trim).filter(|c| !c.is_empty()) {
+        let words: Vec<&str> = cmd.split_whitespace().collect();
+        let is_assignment = cmd.split_once('=').is_some_and(|(name, _)| {
+            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
+        if is_assignment {
+            inner.guests.record(vmid, format!("script$ {cmd}"));
+            continue;
+        }
+        if words.first() == Some(&"ip") {
+            inner.guests.record(vmid, format!("script$ {cmd}"));
+            if !root {
+                return Err("RTNETLINK answers: Operation not permitted".into());
+            }
+            match words.get(1..4) {
+                Some([obj, "replace" | "add", cidr]) if obj.starts_with('a') => {
+                    add_address(inner, vmid, cidr).await?
+                }
+                Some([obj, "set" | "replace" | "add", _])
+                    if obj.starts_with('l') || obj.starts_with('r') => {}
+                _ => return Err(format!("{cmd}: not supported by the simulated shell")),
+            }
+            continue;
+        }
+        script_line(inner, vmid, cmd, root)?;
+    }
+    Ok(())
 }
 
 /// Runs a line typed on the installer console.
@@ -314,7 +404,9 @@ async fn run_line(inner: &Arc<Inner>, vmid: u32, line: &str) {
         return;
     }
     let Some((data, url)) = parse_call_home(trimmed) else {
-        note(inner, vmid, "console: command not understood");
+        if let Err(e) = shell(inner, vmid, trimmed, root).await {
+            note(inner, vmid, &format!("console: {e}"));
+        }
         return;
     };
     let data = data
@@ -626,6 +718,147 @@ fn power_off(inner: &Arc<Inner>, vmid: u32) {
     drop(runtime);
 }
 
+/// A finished command: (exit code, stdout, stderr).
+type Exited = (u32, String, String);
+
+/// Whether VM `vmid`'s guest agent answers, with Proxmox's messages: it
+/// must be configured, the VM running, the agent started (`agent_delay`
+/// after boot); the installer ISO runs none, and an installed system only
+/// if its configuration enabled it. VMs without a guest model (clones)
+/// have a generic agent.
+pub(crate) fn agent_ready(
+    inner: &Inner,
+    node: &str,
+    vmid: u32,
+    agent_down: bool,
+) -> Result<(), ApiError> {
+    let state = inner.state.lock().expect("state");
+    let vm = state.vm_on(node, vmid)?;
+    if !crate::handlers::agent_enabled(&vm.config) {
+        return Err(ApiError::fail("No QEMU guest agent configured"));
+    }
+    if !vm.running {
+        return Err(ApiError::fail(format!("VM {vmid} is not running")));
+    }
+    let not_running = || ApiError::fail("QEMU guest agent is not running");
+    let since_boot = crate::state::now_ms().saturating_sub(vm.started_ms);
+    if agent_down || since_boot < inner.opts.agent_delay.as_millis() as u64 {
+        return Err(not_running());
+    }
+    match inner.guests.running.lock().expect("guests").get(&vmid) {
+        Some(g) if g.mode == Mode::Installer => Err(not_running()),
+        Some(_) if !vm.installed.as_ref().is_some_and(|i| i.guest_agent) => Err(not_running()),
+        _ => Ok(()),
+    }
+}
+
+/// Answers the guest-agent routes (`None` for any other route; for
+/// `network-get-interfaces` only the readiness check, the handler answers).
+/// `exec` runs synchronously; its result waits for one `exec-status`, which
+/// then forgets it, as qemu-ga does.
+pub(crate) async fn agent(
+    inner: &Arc<Inner>,
+    route: RouteId,
+    params: &BTreeMap<String, String>,
+    agent_down: bool,
+) -> Option<Result<serde_json::Value, ApiError>> {
+    use serde_json::json;
+    if !matches!(
+        route,
+        RouteId::AgentNetwork | RouteId::AgentPing | RouteId::AgentExec | RouteId::AgentExecStatus
+    ) {
+        return None;
+    }
+    let node = params.get("node").map(String::as_str).unwrap_or_default();
+    let vmid: u32 = params.get("vmid").and_then(|v| v.parse().ok()).unwrap_or(0);
+    sync(inner).await;
+    if let Err(e) = agent_ready(inner, node, vmid, agent_down) {
+        return Some(Err(e));
+    }
+    match route {
+        RouteId::AgentPing => Some(Ok(json!({ "result": {} }))),
+        RouteId::AgentExec => {
+            let argv: Vec<&str> = params
+                .get("command")
+                .map(|c| c.split('\0').collect())
+                .unwrap_or_default();
+            let input = params.get("input-data").cloned().unwrap_or_default();
+            inner
+                .guests
+                .record(vmid, format!("agent$ {}", argv.join(" ")));
+            let (code, out, err) = agent_exec(inner, vmid, &argv, &input).await;
+            inner.persist(&inner.state.lock().expect("state"));
+            let mut execs = inner.guests.execs.lock().expect("guests");
+            let pid = 1000 + execs.len() as u64 + u64::from(vmid) * 100_000;
+            execs.insert((vmid, pid), (code, out, err));
+            Some(Ok(json!({ "pid": pid })))
+        }
+        RouteId::AgentExecStatus => {
+            let pid: u64 = params.get("pid").and_then(|p| p.parse().ok()).unwrap_or(0);
+            let done = inner
+                .guests
+                .execs
+                .lock()
+                .expect("guests")
+                .remove(&(vmid, pid));
+            Some(match done {
+                Some((code, out, err)) => {
+                    let mut status = json!({ "exited": true, "exitcode": code });
+                    if !out.is_empty() {
+                        status["out-data"] = json!(out);
+                    }
+                    if !err.is_empty() {
+                        status["err-data"] = json!(err);
+                    }
+                    Ok(status)
+                }
+                None => Err(ApiError::fail("Agent error: Invalid parameter 'pid'")),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Runs one `agent/exec` command: `sh -c LINE` through the simulated
+/// shell, anything else as an SSH command would run. (code, stdout, stderr)
+async fn agent_exec(
+    inner: &Arc<Inner>,
+    vmid: u32,
+    argv: &[&str],
+    input: &str,
+) -> (u32, String, String) {
+    if !inner
+        .guests
+        .running
+        .lock()
+        .expect("guests")
+        .contains_key(&vmid)
+    {
+        return (
+            127,
+            String::new(),
+            format!("sim: VM {vmid} has no guest model\n"),
+        );
+    }
+    match argv {
+        [sh, "-c", line] if sh.ends_with("/sh") || *sh == "sh" => {
+            match shell(inner, vmid, line, true).await {
+                Ok(()) => (0, String::new(), String::new()),
+                Err(e) => (1, String::new(), format!("{e}\n")),
+            }
+        }
+        _ => {
+            let (code, out, after) = execute(inner, vmid, &argv.join(" "), input);
+            match after {
+                After::Nothing => {}
+                After::Reboot => reboot(inner, vmid),
+                After::PowerOff => power_off(inner, vmid),
+            }
+            (code, out, String::new())
+        }
+    }
+}
+
 /// The install script's steps, in the order they must run.
 const INSTALL_STEPS: &[(&str, &str)] = &[
     ("partition", "mklabel"),
@@ -726,6 +959,7 @@ fn execute_one(
                 Vec::new()
             };
             drop(guests);
+            let guest_agent = config.contains("services.qemuGuest.enable = true;");
             let installed = Installed {
                 nixos_version: version.clone(),
                 system_path: format!("/nix/store/{digest}-nixos-system-nixos-{version}"),
@@ -733,6 +967,7 @@ fn execute_one(
                 machine_id_empty: false,
                 host_keys: true,
                 cloud_init_clean: false,
+                guest_agent,
             };
             if let Some(vm) = inner.state.lock().expect("state").vms.get_mut(&vmid) {
                 vm.installed = Some(installed);

@@ -21,7 +21,6 @@ pub struct Call<'a> {
     pub who: &'a Identity,
     pub task_fault: Option<TaskFault>,
     pub lock_timeout: bool,
-    pub agent_down: bool,
 }
 
 impl Call<'_> {
@@ -177,7 +176,10 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
             Ok(json!(spawn(state, opts, call, "resize", vmid.to_string(), work, exclusive(vmid))))
         }
         Sendkey => sendkey(state, call),
-        AgentNetwork => agent_network(state, opts, call),
+        AgentNetwork => agent_network(state, call),
+        AgentPing | AgentExec | AgentExecStatus => {
+            unreachable!("the guest model answers agent commands (guest::agent)")
+        }
         CloudinitGet => Ok(cloudinit_pending(&state.vm_on(call.node(), call.vmid())?.config)),
         CloudinitPut => {
             let vm = state.vm_mut(call.node(), call.vmid())?;
@@ -897,27 +899,18 @@ fn sendkey(state: &mut State, call: &Call) -> ApiResult {
     Ok(Value::Null)
 }
 
-fn agent_enabled(config: &VmConfig) -> bool {
+pub(crate) fn agent_enabled(config: &VmConfig) -> bool {
     config
         .get("agent")
         .and_then(|a| a.split(',').next())
         .is_some_and(|first| first == "1" || first == "enabled=1")
 }
 
-fn agent_network(state: &State, opts: &SimOptions, call: &Call) -> ApiResult {
+/// The guest's interfaces; whether the agent answers at all was checked
+/// by [`crate::guest::agent_ready`].
+fn agent_network(state: &State, call: &Call) -> ApiResult {
     let vmid = call.vmid();
     let vm = state.vm_on(call.node(), vmid)?;
-    if !agent_enabled(&vm.config) {
-        return Err(ApiError::fail("No QEMU guest agent configured"));
-    }
-    if !vm.running {
-        return Err(ApiError::fail(format!("VM {vmid} is not running")));
-    }
-    if call.agent_down
-        || now_ms().saturating_sub(vm.started_ms) < opts.agent_delay.as_millis() as u64
-    {
-        return Err(ApiError::fail("QEMU guest agent is not running"));
-    }
     let mut result = vec![json!({
         "name": "lo", "hardware-address": "00:00:00:00:00:00",
         "ip-addresses": [

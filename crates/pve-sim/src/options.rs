@@ -48,6 +48,10 @@ pub struct SimOptions {
     /// How long an installer ISO takes to boot to its console; keys typed
     /// earlier are lost.
     pub guest_boot: Duration,
+    /// The port a guest's SSH server listens on at an address given to it
+    /// with `ip addr` (a static build address): 22, as on a real guest;
+    /// tests use a free high port.
+    pub guest_ssh_port: u16,
     /// What `download-url` can reach.
     pub remote_files: BTreeMap<String, RemoteFile>,
     pub faults: Faults,
@@ -85,6 +89,7 @@ impl Default for SimOptions {
             resources_lag: Duration::from_secs(2),
             agent_delay: Duration::from_secs(3),
             guest_boot: Duration::from_secs(8),
+            guest_ssh_port: 22,
             remote_files: BTreeMap::new(),
             faults: Faults::default(),
         }

@@ -12,10 +12,19 @@ use std::collections::BTreeMap;
 /// The basic JSON Schema type of a parameter, as the API schema declares it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Kind {
-    Integer { min: Option<i64>, max: Option<i64> },
-    Number { min: Option<f64>, max: Option<f64> },
+    Integer {
+        min: Option<i64>,
+        max: Option<i64>,
+    },
+    Number {
+        min: Option<f64>,
+        max: Option<f64>,
+    },
     Boolean,
     String,
+    /// A list of strings: a repeated form key (joined with NUL on arrival,
+    /// as pve-http-server does) or a JSON array.
+    Array,
 }
 
 impl Kind {
@@ -25,6 +34,7 @@ impl Kind {
             Kind::Number { .. } => "number",
             Kind::Boolean => "boolean",
             Kind::String => "string",
+            Kind::Array => "array",
         }
     }
 }
@@ -89,6 +99,7 @@ pub const fn int(min: i64, max: Option<i64>) -> Kind {
 }
 pub const BOOL: Kind = Kind::Boolean;
 pub const STR: Kind = Kind::String;
+pub const ARRAY: Kind = Kind::Array;
 pub const VMID: Kind = int(100, Some(999_999_999));
 
 pub const fn req(name: &'static str, kind: Kind) -> Param {
@@ -209,7 +220,7 @@ fn check_value(param: &Param, value: &str) -> Result<(), String> {
                 return Err(format!("type check ('boolean') failed - got '{value}'"));
             }
         }
-        Kind::String => {}
+        Kind::String | Kind::Array => {}
     }
     match param.check {
         Check::None => Ok(()),

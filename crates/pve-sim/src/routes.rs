@@ -8,7 +8,8 @@
 use std::sync::LazyLock;
 
 use crate::params::{
-    BOOL, Check, Format, Kind, NODE, Param, Pattern, STR, VMID, int, opt, opt_c, req, req_c,
+    ARRAY, BOOL, Check, Format, INT, Kind, NODE, Param, Pattern, STR, VMID, int, opt, opt_c, req,
+    req_c,
 };
 
 /// What a route returns, as the schema's `returns.type` says.
@@ -59,6 +60,9 @@ pub enum RouteId {
     Resize,
     Sendkey,
     AgentNetwork,
+    AgentPing,
+    AgentExec,
+    AgentExecStatus,
     CloudinitGet,
     CloudinitPut,
     CloudinitDump,
@@ -584,6 +588,27 @@ static ROUTES: LazyLock<Vec<RouteDef>> = LazyLock::new(|| {
             "GET",
             "/nodes/{node}/qemu/{vmid}/agent/network-get-interfaces",
             vec![NODE, VMID_P],
+            Returns::Object,
+        ),
+        r(
+            AgentPing,
+            "POST",
+            "/nodes/{node}/qemu/{vmid}/agent/ping",
+            vec![NODE, VMID_P],
+            Returns::Object,
+        ),
+        r(
+            AgentExec,
+            "POST",
+            "/nodes/{node}/qemu/{vmid}/agent/exec",
+            vec![NODE, VMID_P, req("command", ARRAY), opt("input-data", STR)],
+            Returns::Object,
+        ),
+        r(
+            AgentExecStatus,
+            "GET",
+            "/nodes/{node}/qemu/{vmid}/agent/exec-status",
+            vec![NODE, VMID_P, req("pid", INT)],
             Returns::Object,
         ),
         r(

@@ -297,6 +297,13 @@ async fn serve_api(
         return login(inner, &params).await;
     }
 
+    if let Some(result) = crate::guest::agent(inner, route.id, &params, agent_down).await {
+        return match result {
+            Ok(data) => reply(200, "OK", Some(json!({ "data": data }))),
+            Err(e) => error_reply(&e),
+        };
+    }
+
     // Synchronous calls take the VM's config lock and wait for it.
     let lock_vmid = match route.id {
         RouteId::ConfigPut | RouteId::Sendkey | RouteId::CloudinitPut => {
@@ -334,7 +341,6 @@ async fn serve_api(
         who: &who,
         task_fault,
         lock_timeout,
-        agent_down,
     };
     let outcome = {
         let mut state = inner.state.lock().expect("state");
@@ -427,6 +433,11 @@ fn parse_params(
                 Value::Bool(b) => if b { "1" } else { "0" }.to_owned(),
                 Value::Number(n) => n.to_string(),
                 Value::Null => continue,
+                Value::Array(items) => items
+                    .iter()
+                    .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_owned))
+                    .collect::<Vec<_>>()
+                    .join("\0"),
                 other => other.to_string(),
             };
             add(k, v);
