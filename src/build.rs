@@ -213,11 +213,12 @@ pub fn advertise_address(endpoint_host: &str) -> Result<String, BuildError> {
         .to_string())
 }
 
-/// A one-shot HTTP listener: the first POST to `/<token>` wins; it answers
-/// with `script` and yields the posted body.
+/// A call-home listener for one build: every POST to `/<token>` is
+/// answered with `script` and yields the posted body (a retyped access
+/// sequence calls again); anything else is a 404.
 pub struct CallHome {
     pub url: String,
-    body: tokio::sync::oneshot::Receiver<String>,
+    bodies: tokio::sync::mpsc::UnboundedReceiver<String>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -243,9 +244,8 @@ impl CallHome {
             .map(|_| format!("{:x}", rand::random::<u8>() % 16))
             .collect();
         let url = format!("http://{advertise}:{port}/{token}");
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
-            let mut tx = Some(tx);
             while let Ok((mut stream, _)) = listener.accept().await {
                 let mut buf = vec![0u8; 16 * 1024];
                 let Ok(n) = stream.read(&mut buf).await else {
@@ -263,7 +263,7 @@ impl CallHome {
                     body.len()
                 );
                 let _ = stream.write_all(resp.as_bytes()).await;
-                if authorised && let Some(tx) = tx.take() {
+                if authorised {
                     let posted = req
                         .split_once("\r\n\r\n")
                         .map(|(_, b)| b.to_owned())
@@ -274,17 +274,17 @@ impl CallHome {
         });
         Ok(CallHome {
             url,
-            body: rx,
+            bodies: rx,
             task,
         })
     }
 
     /// The VM's (address, SSH port) once it called, if it does `within`.
     pub async fn wait(&mut self, within: Duration) -> Result<(String, u16), BuildError> {
-        let posted = tokio::time::timeout(within, &mut self.body)
+        let posted = tokio::time::timeout(within, self.bodies.recv())
             .await
             .map_err(|_| step_err("call-home", "no call yet"))?
-            .map_err(|_| step_err("call-home", "the listener stopped"))?;
+            .ok_or_else(|| step_err("call-home", "the listener stopped"))?;
         parse_call_home_body(&posted)
             .ok_or_else(|| step_err("call-home", format!("unexpected body {posted:?}")))
     }
@@ -868,7 +868,9 @@ impl Build<'_> {
                     Ok((host, port)) => {
                         self.note(&format!("the VM called home from {host}"));
                         self.target = Some((host, port));
-                        self.connect(self.left()).await
+                        // sshd already runs on the installer: if it does
+                        // not take the key now, the sequence went wrong.
+                        self.connect(quiet.min(self.left())).await
                     }
                     Err(e) => Err(e),
                 },
@@ -887,11 +889,16 @@ impl Build<'_> {
             match answer {
                 Ok(()) => return Ok(()),
                 Err(e) if Instant::now() >= self.step_deadline => {
-                    let what = if call_home.is_some() {
+                    let what = if let (Some(_), Some((host, _))) = (&call_home, &self.target) {
+                        format!(
+                            "the build VM called home from {host}, but SSH did not take the build key (the typed sequence went wrong?); last error: {e}"
+                        )
+                    } else if call_home.is_some() {
                         "the build VM did not call home: check that it can reach nixgold's listener (build.address.call_home), or raise build.boot_wait".to_owned()
                     } else {
                         format!(
-                            "no SSH on the static build address: check that the address is free and reachable from nixgold, or raise build.boot_wait; last error: {e}"
+                            "no SSH on the static build address {}: check that the address is free and reachable from nixgold, or raise build.boot_wait; last error: {e}",
+                            self.target.as_ref().map_or("?", |(host, _)| host.as_str())
                         )
                     };
                     return Err(step_err(

@@ -994,6 +994,32 @@ fn keys_lost_before_the_console_is_up_are_typed_again() {
     );
 }
 
+#[test]
+fn a_mistyped_access_sequence_is_typed_again() {
+    // The first key arrives wrong: `xudo -i` leaves the shell unprivileged,
+    // so the call-home's key never reaches root and SSH refuses the key.
+    let s = Scenario::new(ClusterSpec::default(), &build_fleet("\"vim\""), EMPTY_LOCK);
+    s.sim.options().faults.add(
+        "PUT /nodes/*/qemu/*/sendkey => wrong-key*1"
+            .parse()
+            .unwrap(),
+    );
+    s.converge();
+    let history = s.sim.guests().history(9400);
+    assert_eq!(history[0], "console$ xudo -i", "{history:?}");
+    assert!(
+        history
+            .iter()
+            .any(|l| l.contains("mkdir: cannot create directory '/root/.ssh': Permission denied")),
+        "{history:?}"
+    );
+    assert_eq!(
+        history.iter().filter(|l| *l == "console$ sudo -i").count(),
+        1,
+        "typed again: {history:?}"
+    );
+}
+
 // ----- static build addresses ---------------------------------------------
 
 /// A scenario whose image is built on a static loopback address: the
@@ -1099,6 +1125,31 @@ vms:
             < at("POST", "/nodes/{node}/qemu", second),
         "the builds overlapped"
     );
+}
+
+#[test]
+fn a_static_build_whose_keys_always_arrive_wrong_fails_clearly() {
+    let s = static_scenario("127.77.0.14/8", "");
+    s.set_fleet(
+        &std::fs::read_to_string(s.dir.path().join("fleet.yaml"))
+            .unwrap()
+            .replace("access: 20s", "access: 3s"),
+    );
+    s.sim
+        .options()
+        .faults
+        .add("PUT /nodes/*/qemu/*/sendkey => wrong-key".parse().unwrap());
+    let (code, out, _) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 1);
+    assert_contains(
+        &out,
+        &[
+            "get SSH access to the installer: access: no SSH on the static build address 127.77.0.14",
+            "(typed the access sequence ",
+            "build.timeouts.access = 3s",
+        ],
+    );
+    assert!(s.sim.inspect(|st| !st.vms.contains_key(&9400)));
 }
 
 #[test]

@@ -57,7 +57,7 @@ pub struct ServeArgs {
     fast: bool,
     /// A fault rule, `METHOD PATH => ACTION[*COUNT][@RATE]` (repeatable);
     /// actions: 500/595/596/599, drop, slow:MS, lock-timeout,
-    /// task-fail[:MSG], task-hang, agent-not-running.
+    /// task-fail[:MSG], task-hang, agent-not-running, wrong-key (sendkey).
     #[arg(long, value_name = "RULE")]
     fault: Vec<String>,
     /// Port a guest's SSH server listens on at an address given to it with

@@ -21,6 +21,8 @@ pub struct Call<'a> {
     pub who: &'a Identity,
     pub task_fault: Option<TaskFault>,
     pub lock_timeout: bool,
+    /// `sendkey` delivers another key than the one sent.
+    pub wrong_key: bool,
 }
 
 impl Call<'_> {
@@ -895,7 +897,11 @@ fn sendkey(state: &mut State, call: &Call) -> ApiResult {
             "Parameter 'keys' expects a valid QKeyCode: '{key}'"
         )));
     }
-    vm.console.push(key);
+    vm.console.push(if call.wrong_key {
+        if key == "x" { "z" } else { "x" }.to_owned()
+    } else {
+        key
+    });
     Ok(Value::Null)
 }
 

@@ -143,6 +143,9 @@ pub enum FaultAction {
     TaskHang,
     /// The guest agent does not answer.
     AgentNotRunning,
+    /// `sendkey`: the console receives another key than the one sent (a
+    /// key mistyped on the way, as a wrong layout or a busy host does).
+    WrongKey,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -196,6 +199,7 @@ impl std::str::FromStr for FaultRule {
             None if action == "task-hang" => FaultAction::TaskHang,
             None if action == "task-fail" => FaultAction::TaskFail("injected failure".to_owned()),
             None if action == "agent-not-running" => FaultAction::AgentNotRunning,
+            None if action == "wrong-key" => FaultAction::WrongKey,
             None => FaultAction::Status(
                 action
                     .parse()

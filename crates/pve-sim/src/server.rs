@@ -154,11 +154,8 @@ async fn respond(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Reply, Dro
         .expect("the semaphore is never closed");
     tokio::time::sleep(opts.latency + opts.service_time).await;
 
-    let fault = opts.faults.take(&method, &api_path);
-    let mut call_fault = None;
-    let mut lock_timeout = false;
-    let mut agent_down = false;
-    match fault {
+    let mut injected = Injected::default();
+    match opts.faults.take(&method, &api_path) {
         Some(FaultAction::Drop) => return Err(Dropped),
         Some(FaultAction::Status(code)) => {
             let reason = match code {
@@ -172,39 +169,43 @@ async fn respond(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Reply, Dro
             return Ok(reply(code, reason, Some(json!({ "data": null }))));
         }
         Some(FaultAction::Slow(delay)) => tokio::time::sleep(delay).await,
-        Some(FaultAction::LockTimeout) => lock_timeout = true,
-        Some(FaultAction::TaskFail(msg)) => call_fault = Some(TaskFault::Fail(msg)),
-        Some(FaultAction::TaskHang) => call_fault = Some(TaskFault::Hang),
-        Some(FaultAction::AgentNotRunning) => agent_down = true,
+        Some(FaultAction::LockTimeout) => injected.lock_timeout = true,
+        Some(FaultAction::TaskFail(msg)) => injected.task = Some(TaskFault::Fail(msg)),
+        Some(FaultAction::TaskHang) => injected.task = Some(TaskFault::Hang),
+        Some(FaultAction::AgentNotRunning) => injected.agent_down = true,
+        Some(FaultAction::WrongKey) => injected.wrong_key = true,
         None => {}
     }
 
-    let result = serve_api(
-        &inner,
-        req,
-        &method,
-        &api_path,
-        call_fault,
-        lock_timeout,
-        agent_down,
-    )
-    .await;
+    let result = serve_api(&inner, req, &method, &api_path, injected).await;
     // The guests see power changes and typed keys after each request.
     crate::guest::sync(&inner).await;
     tokio::time::sleep(opts.latency).await;
     Ok(result)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Faults a rule injected into one request, for the handlers.
+#[derive(Default)]
+struct Injected {
+    task: Option<TaskFault>,
+    lock_timeout: bool,
+    agent_down: bool,
+    wrong_key: bool,
+}
+
 async fn serve_api(
     inner: &Arc<Inner>,
     req: Request<Incoming>,
     method: &str,
     api_path: &str,
-    task_fault: Option<TaskFault>,
-    lock_timeout: bool,
-    agent_down: bool,
+    injected: Injected,
 ) -> Reply {
+    let Injected {
+        task: task_fault,
+        lock_timeout,
+        agent_down,
+        wrong_key,
+    } = injected;
     let header = |name: &str| {
         req.headers()
             .get(name)
@@ -341,6 +342,7 @@ async fn serve_api(
         who: &who,
         task_fault,
         lock_timeout,
+        wrong_key,
     };
     let outcome = {
         let mut state = inner.state.lock().expect("state");
