@@ -630,6 +630,7 @@ pub async fn run(
         public,
         step_deadline: started,
         target: None,
+        pin: Arc::new(Mutex::new(None)),
         ssh: None,
         version: String::new(),
         system: String::new(),
@@ -680,6 +681,9 @@ struct Build<'a> {
     step_deadline: Instant,
     /// Where the VM answers SSH, once known.
     target: Option<(String, u16)>,
+    /// The host key of the system being talked to, pinned on first contact
+    /// (the installer's, then — after the reboot — the installed system's).
+    pin: Arc<Mutex<Option<String>>>,
     ssh: Option<Ssh>,
     version: String,
     system: String,
@@ -757,6 +761,7 @@ impl Build<'_> {
                 if let Some(ssh) = self.ssh.take() {
                     let _ = ssh.run("reboot", "", |_| {}).await;
                 }
+                self.pin = Arc::new(Mutex::new(None));
                 if let Access::Static {
                     address, gateway, ..
                 } = &w.access
@@ -917,8 +922,7 @@ impl Build<'_> {
             .target
             .clone()
             .ok_or_else(|| step_err("ssh", "the VM's address is unknown"))?;
-        self.ssh =
-            Some(connect_retry(&host, port, &self.key, Arc::new(Mutex::new(None)), within).await?);
+        self.ssh = Some(connect_retry(&host, port, &self.key, self.pin.clone(), within).await?);
         Ok(())
     }
 

@@ -407,6 +407,16 @@ async fn exercise_every_method(c: &Client) {
     let _ = c.vm_status("pve", 100).await.unwrap();
     c.sendkey("pve", 100, "shift-a").await.unwrap();
     let _ = c.agent_interfaces("pve", 100).await.unwrap();
+    c.agent_ping("pve", 100).await.unwrap();
+    // The command goes as a repeated key; a VM without a guest model
+    // (no installer, no installed system) has nothing to run it.
+    let command = ["sh", "-c", "true"].map(str::to_owned);
+    let exit = c
+        .agent_run("pve", 100, &command, std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(exit.code, 127, "{exit:?}");
+    assert!(exit.err.contains("no guest model"), "{exit:?}");
     c.regenerate_cloudinit("pve", 100).await.unwrap();
     let _ = c.cloudinit_dump("pve", 100, "user").await.unwrap();
     c.wait_task(&c.shutdown("pve", 100, 30, true).await.unwrap())
@@ -490,6 +500,12 @@ async fn every_request_the_client_sends_is_in_the_schema() {
                 Some("number") => assert!(value.parse::<f64>().is_ok(), "{here}: {name}={value}"),
                 _ => {}
             }
+            // A repeated key (joined with NUL on arrival) is how an array
+            // travels; anything else must come once.
+            assert!(
+                !value.contains('\0') || p["type"] == "array",
+                "{here}: {name} is repeated but not an array"
+            );
             if let Some(values) = p["enum"].as_array() {
                 assert!(
                     values.iter().any(|v| v == value),
