@@ -199,6 +199,17 @@ impl Scenario {
         std::fs::write(self.dir.path().join("fleet.yaml"), text).unwrap();
     }
 
+    /// Adds a simulator fault rule (`METHOD PATH => ACTION…`).
+    fn fault(&self, rule: &str) {
+        self.sim.options().faults.add(rule.parse().unwrap());
+    }
+
+    /// Rewrites the fleet file with `edit`.
+    fn edit_fleet(&self, edit: impl FnOnce(String) -> String) {
+        let path = self.dir.path().join("fleet.yaml");
+        std::fs::write(&path, edit(std::fs::read_to_string(&path).unwrap())).unwrap();
+    }
+
     fn config(&self, vmid: u32) -> std::collections::BTreeMap<String, String> {
         self.sim.inspect(|s| s.vms[&vmid].config.values.clone())
     }
@@ -587,11 +598,7 @@ fn apply_survives_faults_and_finishes_on_rerun_without_duplicates() {
 fn a_kill_between_clone_and_start_is_finished_by_the_next_apply() {
     let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
     // The start task hangs; kill nixgold while it waits for it.
-    s.sim.options().faults.add(
-        "POST /nodes/*/qemu/*/status/start => task-hang*1"
-            .parse()
-            .unwrap(),
-    );
+    s.fault("POST /nodes/*/qemu/*/status/start => task-hang*1");
     let mut child = s
         .command(&["apply", "fleet.yaml", "--auto-approve"])
         .spawn()
@@ -777,11 +784,7 @@ fn a_changed_package_builds_generation_2_while_the_vm_keeps_running_and_rollback
 #[test]
 fn a_failed_template_conversion_leaves_no_half_generation() {
     let s = Scenario::new(ClusterSpec::default(), &build_fleet("\"vim\""), EMPTY_LOCK);
-    s.sim.options().faults.add(
-        "POST /nodes/*/qemu/*/template => task-fail:storage error*1"
-            .parse()
-            .unwrap(),
-    );
+    s.fault("POST /nodes/*/qemu/*/template => task-fail:storage error*1");
     let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(
@@ -806,11 +809,7 @@ fn a_failed_template_conversion_leaves_no_half_generation() {
 #[test]
 fn keep_failed_build_keeps_the_vm_and_the_next_apply_cleans_it_up() {
     let s = Scenario::new(ClusterSpec::default(), &build_fleet("\"vim\""), EMPTY_LOCK);
-    s.sim.options().faults.add(
-        "POST /nodes/*/qemu/*/template => task-fail:storage error*1"
-            .parse()
-            .unwrap(),
-    );
+    s.fault("POST /nodes/*/qemu/*/template => task-fail:storage error*1");
     let (code, _, err) = s.run(&[
         "apply",
         "fleet.yaml",
@@ -825,12 +824,18 @@ fn keep_failed_build_keeps_the_vm_and_the_next_apply_cleans_it_up() {
     s.converge();
 }
 
+/// A build scenario whose installer console comes up after `boot`, with
+/// `build.timeouts.access` = `access`.
+fn slow_console(boot: Duration, access: &str) -> Scenario {
+    let mut opts = options();
+    opts.guest_boot = boot;
+    let fleet = build_fleet("\"vim\"").replace("access: 20s", &format!("access: {access}"));
+    Scenario::with_options(ClusterSpec::default(), &fleet, EMPTY_LOCK, opts)
+}
+
 #[test]
 fn keys_typed_before_the_installer_is_up_end_in_a_clear_error() {
-    let mut opts = options();
-    opts.guest_boot = Duration::from_secs(60);
-    let fleet = build_fleet("\"vim\"").replace("access: 20s", "access: 2s");
-    let s = Scenario::with_options(ClusterSpec::default(), &fleet, EMPTY_LOCK, opts);
+    let s = slow_console(Duration::from_secs(60), "2s");
     let (code, out, _) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
     assert_eq!(code, 1);
     assert_contains(
@@ -913,7 +918,7 @@ fn graph_shows_the_plans_order() {
 /// (without the fault) converges.
 fn build_fails_cleanly(fault: &str, fleet: &str, expected: &str) {
     let s = Scenario::new(ClusterSpec::default(), fleet, EMPTY_LOCK);
-    s.sim.options().faults.add(fault.parse().unwrap());
+    s.fault(fault);
     let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(
@@ -973,12 +978,9 @@ fn the_whole_build_deadline_caps_every_step() {
 
 #[test]
 fn keys_lost_before_the_console_is_up_are_typed_again() {
-    let mut opts = options();
-    opts.guest_boot = Duration::from_secs(3);
     // boot_wait 1s: the first sequence is lost; the access window of 8s
     // retypes every 2s.
-    let fleet = build_fleet("\"vim\"").replace("access: 20s", "access: 8s");
-    let s = Scenario::with_options(ClusterSpec::default(), &fleet, EMPTY_LOCK, opts);
+    let s = slow_console(Duration::from_secs(3), "8s");
     let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(read_lock(&s).images["golden"].current, 1, "built");
@@ -999,11 +1001,7 @@ fn a_mistyped_access_sequence_is_typed_again() {
     // The first key arrives wrong: `xudo -i` leaves the shell unprivileged,
     // so the call-home's key never reaches root and SSH refuses the key.
     let s = Scenario::new(ClusterSpec::default(), &build_fleet("\"vim\""), EMPTY_LOCK);
-    s.sim.options().faults.add(
-        "PUT /nodes/*/qemu/*/sendkey => wrong-key*1"
-            .parse()
-            .unwrap(),
-    );
+    s.fault("PUT /nodes/*/qemu/*/sendkey => wrong-key*1");
     s.converge();
     let history = s.sim.guests().history(9400);
     assert_eq!(history[0], "console$ xudo -i", "{history:?}");
@@ -1022,15 +1020,20 @@ fn a_mistyped_access_sequence_is_typed_again() {
 
 // ----- static build addresses ---------------------------------------------
 
+/// A port nothing listens on at `ip` (a loopback address) right now.
+fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A scenario whose image is built on a static loopback address: the
 /// simulated guests listen there on a free port, which the fleet names.
 fn static_scenario(address: &str, extra: &str) -> Scenario {
     let ip = address.split('/').next().unwrap();
-    let port = std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port(ip);
     let mut opts = options();
     opts.guest_ssh_port = port;
     let fleet = build_fleet("\"vim\"").replace(
@@ -1068,11 +1071,7 @@ fn a_static_build_address_is_typed_and_set_again_through_the_agent_after_reboot(
 
 #[test]
 fn builds_sharing_a_static_address_take_turns() {
-    let port = std::net::TcpListener::bind("127.77.0.13:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port("127.77.0.13");
     let mut opts = options();
     opts.guest_ssh_port = port;
     // Node-local storage: each node gets its own build of generation 1.
@@ -1130,15 +1129,8 @@ vms:
 #[test]
 fn a_static_build_whose_keys_always_arrive_wrong_fails_clearly() {
     let s = static_scenario("127.77.0.14/8", "");
-    s.set_fleet(
-        &std::fs::read_to_string(s.dir.path().join("fleet.yaml"))
-            .unwrap()
-            .replace("access: 20s", "access: 3s"),
-    );
-    s.sim
-        .options()
-        .faults
-        .add("PUT /nodes/*/qemu/*/sendkey => wrong-key".parse().unwrap());
+    s.edit_fleet(|f| f.replace("access: 20s", "access: 3s"));
+    s.fault("PUT /nodes/*/qemu/*/sendkey => wrong-key");
     let (code, out, _) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
     assert_eq!(code, 1);
     assert_contains(
@@ -1155,11 +1147,7 @@ fn a_static_build_whose_keys_always_arrive_wrong_fails_clearly() {
 #[test]
 fn a_silent_guest_agent_fails_a_static_build_cleanly() {
     let s = static_scenario("127.77.0.11/8", ", reboot: 3s");
-    s.sim.options().faults.add(
-        "POST /nodes/*/qemu/*/agent/ping => agent-not-running"
-            .parse()
-            .unwrap(),
-    );
+    s.fault("POST /nodes/*/qemu/*/agent/ping => agent-not-running");
     let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
     assert_eq!(code, 1, "{out}{err}");
     assert_contains(
@@ -1181,20 +1169,13 @@ fn a_static_address_nobody_answers_on_is_a_clear_error() {
     // The guest listens on another port than the fleet says.
     let s = static_scenario("127.77.0.12/8", "");
     let listening = s.sim.options().guest_ssh_port;
-    let elsewhere = std::net::TcpListener::bind("127.77.0.12:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    s.set_fleet(
-        &std::fs::read_to_string(s.dir.path().join("fleet.yaml"))
-            .unwrap()
-            .replace("access: 20s", "access: 3s")
-            .replace(
-                &format!("ssh_port: {listening}"),
-                &format!("ssh_port: {elsewhere}"),
-            ),
-    );
+    let elsewhere = free_port("127.77.0.12");
+    s.edit_fleet(|f| {
+        f.replace("access: 20s", "access: 3s").replace(
+            &format!("ssh_port: {listening}"),
+            &format!("ssh_port: {elsewhere}"),
+        )
+    });
     let (code, out, _) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
     assert_eq!(code, 1);
     assert_contains(
