@@ -39,7 +39,20 @@ schema = json.load(open(sys.argv[1]))
 validator = jsonschema.Draft202012Validator(schema)
 ok = list(validator.iter_errors(yaml.safe_load(open(sys.argv[2]))))
 bad = list(validator.iter_errors(yaml.safe_load(open(sys.argv[3]))))
-print(len(ok), len(bad))
+# Every default must satisfy its own schema: the Fleet contract fills
+# defaults in without checking them again.
+def defaults(node, path):
+    if isinstance(node, dict):
+        if "default" in node:
+            yield path, node
+        for k, v in node.items():
+            yield from defaults(v, path + [k])
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from defaults(v, path + [str(i)])
+wrong = [".".join(p) for p, node in defaults(schema, [])
+         if list(jsonschema.Draft202012Validator(node).iter_errors(node["default"]))]
+print(len(ok), len(bad), len(wrong), " ".join(wrong))
 "#;
     let out = std::process::Command::new("python3")
         .args(["-c", script])
@@ -56,8 +69,10 @@ print(len(ok), len(bad))
     );
     let counts: Vec<usize> = text
         .split_whitespace()
+        .take(3)
         .map(|n| n.parse().unwrap())
         .collect();
     assert_eq!(counts[0], 0, "the editor schema rejects the valid example");
     assert!(counts[1] > 0, "the editor schema accepts an unknown field");
+    assert_eq!(counts[2], 0, "defaults that break their own schema: {text}");
 }
