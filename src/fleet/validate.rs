@@ -34,9 +34,32 @@ pub fn validate(loaded: &LoadedFleet, lock: &Lockfile) -> Vec<Problem> {
     check_networks(fleet, &mut out);
     check_sizes(fleet, &mut out);
     check_extra_config(fleet, &mut out);
+    check_build_access(fleet, &mut out);
     // Report in field order, so problems read top to bottom like the file.
     out.list.sort_by(|a, b| a.field.cmp(&b.field));
     out.list
+}
+
+/// The build verifies and seals the installed system over SSH as root,
+/// with its per-build key (removed when sealing): the image must let it in.
+fn check_build_access(fleet: &Fleet, out: &mut Problems) {
+    for (name, image) in &fleet.images {
+        let ssh = &image.nixos.openssh;
+        let (field, reason) = if !ssh.enable {
+            ("enable", "the image disables sshd")
+        } else if ssh.permit_root_login == "no" {
+            ("permit_root_login", "the image refuses root logins")
+        } else {
+            continue;
+        };
+        out.push(
+            format!("images.{name}.nixos.openssh.{field}"),
+            format!(
+                "{reason}, but the build verifies and seals the installed system over SSH as root with a per-build key (removed before the template is made)"
+            ),
+            "keep sshd with permit_root_login = \"prohibit-password\" (keys only, the default); to lock root out of clones, do it through cloud-init or after deployment",
+        );
+    }
 }
 
 /// The user's raw Nix must parse: it is spliced into configuration.nix as
