@@ -70,7 +70,7 @@ fn write_kept(plan: &Plan, out: &mut String) {
     }
 }
 
-fn write_change(change: &Change, out: &mut String) {
+pub(crate) fn write_change(change: &Change, out: &mut String) {
     let Change {
         address,
         action,

@@ -395,6 +395,110 @@ fn drift_made_behind_nixgolds_back_is_planned_back() {
 }
 
 #[test]
+fn drift_reports_what_changed_and_changes_nothing() {
+    let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
+    s.converge();
+    let prom = s.dir.path().join("drift.prom");
+    let prom_arg = prom.to_str().unwrap();
+    let (code, out, err) = s.run(&["drift", "fleet.yaml", "--prometheus", prom_arg]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.starts_with("No drift: the cluster matches fleet `homelab`."),
+        "{out}"
+    );
+    let metrics = std::fs::read_to_string(&prom).unwrap();
+    assert_contains(
+        &metrics,
+        &[
+            "nixgold_drift_success{fleet=\"homelab\"} 1",
+            "nixgold_drift_detected{fleet=\"homelab\"} 0",
+        ],
+    );
+
+    // Behind nixgold's back: a VM's memory, and someone else's VM.
+    s.api("PUT", "/nodes/pve/qemu/400/config", &[("memory", "1024")]);
+    s.api(
+        "POST",
+        "/nodes/pve/qemu",
+        &[("vmid", "777"), ("name", "someone-else")],
+    );
+    let lock = std::fs::read_to_string(s.dir.path().join("nixgold.lock")).unwrap();
+    let (code, out, err) = s.run(&["drift", "fleet.yaml", "--prometheus", prom_arg]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert_contains(
+        &out,
+        &[
+            "Drift in fleet `homelab`: apply would change these resources:",
+            "~ vm.web-01 {",
+            "~ memory",
+            "VMs this fleet does not manage:\n  vmid.777: someone-else on pve",
+            "Drift: 1 changed, 0 missing, 0 destroy, 0 removed, 0 old generation, 1 unmanaged.",
+        ],
+    );
+    let metrics = std::fs::read_to_string(&prom).unwrap();
+    assert_contains(
+        &metrics,
+        &[
+            "nixgold_drift_detected{fleet=\"homelab\"} 1",
+            "nixgold_drift_resources{fleet=\"homelab\",kind=\"changed\"} 1",
+            "nixgold_drift_resources{fleet=\"homelab\",kind=\"unmanaged\"} 1",
+            "nixgold_drift_resource{fleet=\"homelab\",kind=\"changed\",address=\"vm.web-01\"} 1",
+        ],
+    );
+    // Nothing was changed: not the cluster, not the lockfile.
+    let memory = s
+        .sim
+        .inspect(|st| st.vms[&400].config.effective(false)["memory"].clone());
+    assert_eq!(memory, "1024", "still what was set behind nixgold's back");
+    assert_eq!(
+        std::fs::read_to_string(s.dir.path().join("nixgold.lock")).unwrap(),
+        lock
+    );
+    let (code, json, _) = s.run(&["drift", "fleet.yaml", "--json"]);
+    assert_eq!(code, 2);
+    let report: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let kinds: Vec<(&str, &str)> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["kind"].as_str().unwrap(), f["address"].as_str().unwrap()))
+        .collect();
+    assert_eq!(kinds, [("changed", "vm.web-01"), ("unmanaged", "vmid.777")]);
+
+    // A VM that left the fleet is drift too.
+    s.set_fleet(&base_fleet("  {}\n"));
+    let (code, out, _) = s.run(&["drift", "fleet.yaml"]);
+    assert_eq!(code, 2);
+    assert_contains(
+        &out,
+        &[
+            "vm.web-01 is no longer in the fleet (VMID 400 is stamped by this fleet but no longer in it)",
+        ],
+    );
+}
+
+#[test]
+fn a_drift_check_that_cannot_reach_the_cluster_says_so_in_its_textfile() {
+    let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
+    let prom = s.dir.path().join("drift.prom");
+    let closed = free_port("127.0.0.1");
+    let out = s
+        .command(&[
+            "drift",
+            "fleet.yaml",
+            "--prometheus",
+            prom.to_str().unwrap(),
+        ])
+        .env("PROXMOX_VE_ENDPOINT", format!("http://127.0.0.1:{closed}"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let metrics = std::fs::read_to_string(&prom).unwrap();
+    assert_contains(&metrics, &["nixgold_drift_success{fleet=\"homelab\"} 0"]);
+    assert!(!metrics.contains("nixgold_drift_detected"), "{metrics}");
+}
+
+#[test]
 fn multi_node_placement_clones_locally_or_from_shared_storage() {
     let mut cluster = ClusterSpec::with_nodes(2);
     cluster.vms.push(template(9000, "pve1", "base", 1, "ceph"));
@@ -772,6 +876,15 @@ fn a_changed_package_builds_generation_2_while_the_vm_keeps_running_and_rollback
     assert!(s.sim.inspect(|st| st.vms[&400].running
         && st.vms.contains_key(&9400)
         && st.vms.contains_key(&9401)));
+    // Staying on generation 1 is the fleet's choice: reported, not drift.
+    let (code, out, _) = s.run(&["drift", "fleet.yaml"]);
+    assert_eq!(code, 0, "{out}");
+    assert_contains(
+        &out,
+        &[
+            "VMs on an older generation:\n  vm.web-01: runs image.golden generation 1; the current generation is 2",
+        ],
+    );
     // Back to the old package list and generation 1.
     s.set_fleet(&build_fleet("\"vim\""));
     let (code, out, err) = s.run(&["rollback", "fleet.yaml", "--image", "golden"]);

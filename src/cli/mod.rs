@@ -130,6 +130,16 @@ enum Command {
         #[command(flatten)]
         scope: Scope,
     },
+    /// Compare the cluster with the fleet and change nothing (for timers and
+    /// CI): exit 0 without drift, 2 with drift, 1 on error.
+    Drift {
+        #[command(flatten)]
+        fleet: FleetArg,
+        /// Also write the findings to FILE as a Prometheus textfile
+        /// (atomically; for node_exporter's textfile collector).
+        #[arg(long, value_name = "FILE")]
+        prometheus: Option<PathBuf>,
+    },
     /// Show the fleet's VMs: address, VMID, node, status, IP.
     Output(FleetArg),
     /// Point an image back at an older kept generation (lockfile only).
@@ -363,6 +373,17 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
                 concurrency: *concurrency,
             };
             runtime()?.block_on(run::cmd_apply(&path, &lock, g.locked, g.sim, &args, out))
+        }
+        Command::Drift { fleet, prometheus } => {
+            let path = fleet_path(g, fleet)?;
+            runtime()?.block_on(run::cmd_drift(
+                &path,
+                &lock,
+                g.locked,
+                g.sim,
+                prometheus.as_deref(),
+                out,
+            ))
         }
         Command::Output(arg) => {
             let path = fleet_path(g, arg)?;

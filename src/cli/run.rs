@@ -214,6 +214,60 @@ pub async fn cmd_plan(
     })
 }
 
+/// `drift`: plan without writing anything (the lockfile included); exit 2
+/// when apply would change something. With `--prometheus` the findings — or,
+/// when the check fails, `nixgold_drift_success 0` — go to a textfile.
+pub async fn cmd_drift(
+    fleet: &Path,
+    lock: &Path,
+    locked: bool,
+    sim: bool,
+    prometheus: Option<&Path>,
+    out: &Output,
+) -> Result<u8, Failure> {
+    let checked = async {
+        let s = session(fleet, lock, locked, sim, out).await?;
+        let plan = compute(&s, &PlanOptions::default())?;
+        Ok::<_, Failure>(crate::drift::Drift::new(&plan, &s.live, &s.desired.lock))
+    }
+    .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let write = |text: String| {
+        prometheus.map_or(Ok(()), |path| {
+            write_atomic(path, &text)
+                .map_err(|e| Failure::Message(format!("cannot write {}: {e}", path.display())))
+        })
+    };
+    let drift = match checked {
+        Ok(drift) => drift,
+        Err(e) => {
+            // The series keep their fleet label even when the fleet does not load.
+            let name = crate::fleet::load(fleet).map_or_else(
+                |_| {
+                    fleet
+                        .file_stem()
+                        .map_or("fleet".into(), |s| s.to_string_lossy().into_owned())
+                },
+                |l| l.fleet.fleet,
+            );
+            write(crate::drift::prometheus_failure(&name, now))?;
+            return Err(e);
+        }
+    };
+    write(drift.prometheus(now))?;
+    if out.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&drift).expect("reports serialise")
+        );
+    } else {
+        print!("{}", drift.text());
+    }
+    Ok(if drift.has_drift() { EXIT_CHANGES } else { 0 })
+}
+
 /// `graph --plan`: the plan's execution order, as text or DOT.
 pub async fn cmd_plan_order(
     fleet: &Path,
