@@ -27,6 +27,15 @@ pub enum Resolver {
 }
 
 impl Resolver {
+    /// The simulated resolver with `--sim`, the real one otherwise.
+    pub fn for_run(sim: bool) -> Self {
+        if sim {
+            Resolver::Simulated
+        } else {
+            Resolver::http()
+        }
+    }
+
     /// The real resolver; `NIXGOLD_CHANNELS_URL` overrides the server
     /// (a mirror, or a test server).
     pub fn http() -> Self {

@@ -100,6 +100,15 @@ enum Command {
     },
     /// Bring the lockfile up to date with the fleet (allocate VMIDs).
     Lock(FleetArg),
+    /// Resolve the ISO pins again (a new channel release moves them) and
+    /// record the ones that moved in the lockfile.
+    Update {
+        #[command(flatten)]
+        fleet: FleetArg,
+        /// Only this ISO (key in `isos`); repeatable.
+        #[arg(long, value_name = "NAME")]
+        iso: Vec<String>,
+    },
     /// Show what apply would change in the cluster.
     Plan {
         #[command(flatten)]
@@ -373,6 +382,10 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
                 concurrency: *concurrency,
             };
             runtime()?.block_on(run::cmd_apply(&path, &lock, g.locked, g.sim, &args, out))
+        }
+        Command::Update { fleet, iso } => {
+            let path = fleet_path(g, fleet)?;
+            runtime()?.block_on(run::cmd_update(&path, &lock, g.locked, g.sim, iso, out))
         }
         Command::Drift { fleet, prometheus } => {
             let path = fleet_path(g, fleet)?;

@@ -115,6 +115,18 @@ impl Iso {
     }
 
     /// Where the pin comes from, as recorded in the lockfile.
+    /// A URL with a literal sha256 is pinned by the fleet itself; channels
+    /// and `file:` checksums are resolved into the lockfile.
+    pub fn pinned_by_fleet(&self) -> bool {
+        matches!(
+            self,
+            Iso::Url {
+                checksum: Checksum::Sha256(_),
+                ..
+            }
+        )
+    }
+
     pub fn source(&self) -> String {
         match self {
             Iso::Channel { channel, arch, .. } => format!("channel:{channel}/{arch}"),
