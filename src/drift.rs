@@ -231,19 +231,7 @@ impl Drift {
     /// A Prometheus textfile (exposition format) of this report.
     pub fn prometheus(&self, now_secs: u64) -> String {
         let fleet = label(&self.fleet);
-        let mut out = String::new();
-        gauge(
-            &mut out,
-            "nixgold_drift_success",
-            "Whether the last drift check could read the cluster (1) or failed (0).",
-            &[(format!("fleet=\"{fleet}\""), 1)],
-        );
-        gauge(
-            &mut out,
-            "nixgold_drift_last_run_timestamp_seconds",
-            "When the last drift check ran (Unix time).",
-            &[(format!("fleet=\"{fleet}\""), now_secs)],
-        );
+        let mut out = run_metrics(&self.fleet, true, now_secs);
         gauge(
             &mut out,
             "nixgold_drift_detected",
@@ -295,19 +283,24 @@ impl Drift {
 
 /// The textfile of a check that could not run: success 0, and when.
 pub fn prometheus_failure(fleet: &str, now_secs: u64) -> String {
-    let fleet = label(fleet);
+    run_metrics(fleet, false, now_secs)
+}
+
+/// Whether the check ran, and when: the first series of every textfile.
+fn run_metrics(fleet: &str, success: bool, now_secs: u64) -> String {
+    let fleet = format!("fleet=\"{}\"", label(fleet));
     let mut out = String::new();
     gauge(
         &mut out,
         "nixgold_drift_success",
         "Whether the last drift check could read the cluster (1) or failed (0).",
-        &[(format!("fleet=\"{fleet}\""), 0)],
+        &[(fleet.clone(), u64::from(success))],
     );
     gauge(
         &mut out,
         "nixgold_drift_last_run_timestamp_seconds",
         "When the last drift check ran (Unix time).",
-        &[(format!("fleet=\"{fleet}\""), now_secs)],
+        &[(fleet, now_secs)],
     );
     out
 }
