@@ -56,6 +56,9 @@ pub struct BuildWork {
     pub timeouts: Timeouts,
     pub key_interval_ms: u64,
     pub access: Access,
+    /// The image runs qemu-guest-agent: after the reboot nixgold asks it
+    /// for the installed system's address.
+    pub guest_agent: bool,
     pub fleet: String,
 }
 
@@ -762,12 +765,29 @@ impl Build<'_> {
                     let _ = ssh.run("reboot", "", |_| {}).await;
                 }
                 self.pin = Arc::new(Mutex::new(None));
-                if let Access::Static {
-                    address, gateway, ..
-                } = &w.access
-                {
-                    self.address_through_agent(&static_address_line(address, gateway.as_deref()))
-                        .await?;
+                match &w.access {
+                    Access::Static {
+                        address, gateway, ..
+                    } => {
+                        self.address_through_agent(&static_address_line(
+                            address,
+                            gateway.as_deref(),
+                        ))
+                        .await?
+                    }
+                    // DHCP may give the installed system another address
+                    // than the installer had: its agent says which.
+                    Access::CallHome { .. } if w.guest_agent => self.address_from_agent().await?,
+                    Access::CallHome { .. } => {
+                        return self.connect(self.left()).await.map_err(|e| {
+                            step_err(
+                                "ssh",
+                                format!(
+                                    "{e}; if DHCP gave the installed system another address, enable nixos.guest_agent so nixgold can ask it"
+                                ),
+                            )
+                        });
+                    }
                 }
                 self.connect(self.left()).await
             }
@@ -931,6 +951,66 @@ impl Build<'_> {
     /// boot only.
     async fn address_through_agent(&self, line: &str) -> Result<(), BuildError> {
         let (client, w) = (self.client, self.w);
+        self.wait_for_agent().await?;
+        self.note("set the build address through the guest agent");
+        let command = [
+            "/run/current-system/sw/bin/sh".to_owned(),
+            "-c".to_owned(),
+            format!("PATH=/run/current-system/sw/bin:$PATH;{}", line.trim_end()),
+        ];
+        let exit = client
+            .agent_run(&w.node, w.vmid, &command, self.left())
+            .await?;
+        check(
+            "set the build address through the guest agent",
+            exit.code,
+            &format!("{}{}", exit.out, exit.err),
+        )
+    }
+
+    /// After the reboot of a call-home build: the installed system's
+    /// address as its agent reports it — the installer's, if it still has
+    /// that one, else its first other IPv4 address — once it has one.
+    async fn address_from_agent(&mut self) -> Result<(), BuildError> {
+        let (client, w) = (self.client, self.w);
+        self.wait_for_agent().await?;
+        let (old, port) = self
+            .target
+            .clone()
+            .ok_or_else(|| step_err("ssh", "the VM's address is unknown"))?;
+        loop {
+            let interfaces = client.agent_interfaces(&w.node, w.vmid).await?;
+            let addresses: Vec<String> = interfaces
+                .iter()
+                .filter(|i| i.name != "lo")
+                .flat_map(|i| &i.ip_addresses)
+                .filter_map(|a| a.ip_address.parse::<std::net::Ipv4Addr>().ok())
+                .filter(|a| !a.is_link_local())
+                .map(|a| a.to_string())
+                .collect();
+            let host = addresses.iter().find(|a| **a == old).or(addresses.first());
+            if let Some(host) = host {
+                if *host != old {
+                    self.note(&format!(
+                        "the installed system is at {host} (the installer was at {old})"
+                    ));
+                }
+                self.target = Some((host.clone(), port));
+                return Ok(());
+            }
+            if Instant::now() >= self.step_deadline {
+                return Err(step_err(
+                    "guest agent",
+                    "the installed system's guest agent reports no IPv4 address",
+                ));
+            }
+            tokio::time::sleep(Duration::from_secs(1).min(self.left())).await;
+        }
+    }
+
+    /// Polls `agent/ping` until the installed system's agent answers.
+    async fn wait_for_agent(&self) -> Result<(), BuildError> {
+        let (client, w) = (self.client, self.w);
         self.note("wait for the installed system's guest agent");
         let mut last = String::new();
         loop {
@@ -950,20 +1030,7 @@ impl Build<'_> {
                 format!("the installed system's guest agent did not answer: {last}"),
             ));
         }
-        self.note("set the build address through the guest agent");
-        let command = [
-            "/run/current-system/sw/bin/sh".to_owned(),
-            "-c".to_owned(),
-            format!("PATH=/run/current-system/sw/bin:$PATH;{}", line.trim_end()),
-        ];
-        let exit = client
-            .agent_run(&w.node, w.vmid, &command, self.left())
-            .await?;
-        check(
-            "set the build address through the guest agent",
-            exit.code,
-            &format!("{}{}", exit.out, exit.err),
-        )
+        Ok(())
     }
 
     async fn verify(&mut self) -> Result<(), BuildError> {

@@ -725,6 +725,7 @@ fn build_change(
         timeouts: crate::build::Timeouts::from_fleet(&image.build.timeouts),
         key_interval_ms: u64::from(image.build.key_interval_ms),
         access,
+        guest_agent: nixos.guest_agent,
         fleet: fleet.fleet.clone(),
     };
     let field = |f: &str, v: String| FieldDiff {

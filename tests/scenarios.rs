@@ -1131,6 +1131,44 @@ fn a_mistyped_access_sequence_is_typed_again() {
     );
 }
 
+#[test]
+fn a_new_dhcp_lease_after_the_reboot_is_found_through_the_guest_agent() {
+    let s = Scenario::new(ClusterSpec::default(), &build_fleet("\"vim\""), EMPTY_LOCK);
+    s.fault("SSH reboot => new-lease*1");
+    let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("the installed system is at 127.0.0.2 (the installer was at 127.0.0.1)"),
+        "{err}"
+    );
+    assert_eq!(read_lock(&s).images["golden"].current, 1);
+}
+
+#[test]
+fn without_a_guest_agent_a_new_lease_is_a_clear_error() {
+    let fleet = build_fleet("\"vim\"")
+        .replace(
+            "nixos: { state_version: \"24.05\",",
+            "nixos: { state_version: \"24.05\", guest_agent: false,",
+        )
+        .replace(
+            "timeouts: { access: 20s }",
+            "timeouts: { access: 20s, reboot: 3s }",
+        );
+    let s = Scenario::new(ClusterSpec::default(), &fleet, EMPTY_LOCK);
+    s.fault("SSH reboot => new-lease*1");
+    let (code, out, _) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 1);
+    assert_contains(
+        &out,
+        &[
+            "FAILED at generation 1 (VMID 9400): reboot into the installed system",
+            "if DHCP gave the installed system another address, enable nixos.guest_agent",
+        ],
+    );
+    assert!(s.sim.inspect(|st| !st.vms.contains_key(&9400)));
+}
+
 // ----- static build addresses ---------------------------------------------
 
 /// A port nothing listens on at `ip` (a loopback address) right now.

@@ -151,6 +151,9 @@ pub struct Guests {
     histories: Mutex<BTreeMap<u32, Vec<String>>>,
     /// Finished `agent/exec` commands not yet collected, by (VMID, pid).
     execs: Mutex<BTreeMap<(u32, u64), Exited>>,
+    /// The address DHCP gave each VM, when it is not 127.0.0.1 (a guest
+    /// that got a new lease at a reboot).
+    leases: Mutex<BTreeMap<u32, std::net::Ipv4Addr>>,
 }
 
 impl Guests {
@@ -173,6 +176,25 @@ impl Guests {
             .entry(vmid)
             .or_default()
             .push(line);
+    }
+
+    /// The address VM `vmid` has from DHCP (its SSH server listens there).
+    pub fn lease(&self, vmid: u32) -> std::net::Ipv4Addr {
+        self.leases
+            .lock()
+            .expect("guests")
+            .get(&vmid)
+            .copied()
+            .unwrap_or(std::net::Ipv4Addr::LOCALHOST)
+    }
+
+    /// The next boot of VM `vmid` gets another address from DHCP.
+    fn renew_lease(&self, vmid: u32) {
+        let next = u32::from(self.lease(vmid)) + 1;
+        self.leases
+            .lock()
+            .expect("guests")
+            .insert(vmid, std::net::Ipv4Addr::from(next));
     }
 
     pub fn ssh_port(&self, vmid: u32) -> Option<u16> {
@@ -255,10 +277,8 @@ async fn boot(inner: &Arc<Inner>, vmid: u32, mode: Mode, iso: String, started_ms
         .expect("guests")
         .get(&vmid)
         .copied();
-    let listener = match known {
-        Some(p) => tokio::net::TcpListener::bind(("127.0.0.1", p)).await,
-        None => tokio::net::TcpListener::bind("127.0.0.1:0").await,
-    };
+    let lease = inner.guests.lease(vmid);
+    let listener = tokio::net::TcpListener::bind((lease, known.unwrap_or(0))).await;
     let Ok(listener) = listener else {
         tracing::error!("guest {vmid}: cannot bind its SSH server");
         return;
@@ -410,7 +430,7 @@ async fn run_line(inner: &Arc<Inner>, vmid: u32, line: &str) {
         return;
     };
     let data = data
-        .replace("$(hostname -I)", "127.0.0.1 ")
+        .replace("$(hostname -I)", &format!("{} ", inner.guests.lease(vmid)))
         .replace(&format!("${{{SSH_PORT_VARIABLE}:-22}}"), &port.to_string());
     match http_post(&url, &data).await {
         Ok(script) => {
@@ -672,6 +692,16 @@ impl Handler for Connection {
                 session.close(channel)?;
                 return Ok(());
             }
+            Some(crate::options::FaultAction::NewLease) => {
+                inner.guests.renew_lease(self.vmid);
+                inner.guests.record(
+                    self.vmid,
+                    format!(
+                        "note: the next boot gets {} from DHCP",
+                        inner.guests.lease(self.vmid)
+                    ),
+                );
+            }
             _ => {}
         }
         let (code, output, after) = execute(
@@ -776,6 +806,7 @@ pub(crate) async fn agent(
         return Some(Err(e));
     }
     match route {
+        RouteId::AgentNetwork => agent_interfaces(inner, vmid).map(Ok),
         RouteId::AgentPing => Some(Ok(json!({ "result": {} }))),
         RouteId::AgentExec => {
             let argv: Vec<&str> = params
@@ -817,6 +848,41 @@ pub(crate) async fn agent(
         }
         _ => None,
     }
+}
+
+/// What the agent of a guest-modelled VM reports: loopback, and the first
+/// NIC with the DHCP lease and any address given with `ip`; `None` for VMs
+/// without a guest model (the generic handler answers for those).
+fn agent_interfaces(inner: &Inner, vmid: u32) -> Option<serde_json::Value> {
+    use serde_json::json;
+    let addresses: Vec<String> = inner
+        .guests
+        .running
+        .lock()
+        .expect("guests")
+        .get(&vmid)?
+        .addresses
+        .clone();
+    let mac = inner
+        .state
+        .lock()
+        .expect("state")
+        .vms
+        .get(&vmid)
+        .and_then(|vm| vm.config.get("net0").and_then(crate::config::net_mac))
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let ipv4 = |cidr: &str| {
+        let (ip, prefix) = cidr.split_once('/').unwrap_or((cidr, "32"));
+        json!({"ip-address": ip, "ip-address-type": "ipv4", "prefix": prefix.parse::<u8>().unwrap_or(32)})
+    };
+    let mut nic = vec![ipv4(&format!("{}/8", inner.guests.lease(vmid)))];
+    nic.extend(addresses.iter().map(|a| ipv4(a)));
+    Some(json!({ "result": [
+        {"name": "lo", "hardware-address": "00:00:00:00:00:00",
+         "ip-addresses": [{"ip-address": "127.0.0.1", "ip-address-type": "ipv4", "prefix": 8}]},
+        {"name": "ens18", "hardware-address": mac, "ip-addresses": nic},
+    ]}))
 }
 
 /// Runs one `agent/exec` command: `sh -c LINE` through the simulated

@@ -146,6 +146,8 @@ pub enum FaultAction {
     /// `sendkey`: the console receives another key than the one sent (a
     /// key mistyped on the way, as a wrong layout or a busy host does).
     WrongKey,
+    /// `SSH reboot`: the guest's next boot gets another DHCP address.
+    NewLease,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -200,6 +202,7 @@ impl std::str::FromStr for FaultRule {
             None if action == "task-fail" => FaultAction::TaskFail("injected failure".to_owned()),
             None if action == "agent-not-running" => FaultAction::AgentNotRunning,
             None if action == "wrong-key" => FaultAction::WrongKey,
+            None if action == "new-lease" => FaultAction::NewLease,
             None => FaultAction::Status(
                 action
                     .parse()

@@ -174,7 +174,8 @@ async fn respond(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Reply, Dro
         Some(FaultAction::TaskHang) => injected.task = Some(TaskFault::Hang),
         Some(FaultAction::AgentNotRunning) => injected.agent_down = true,
         Some(FaultAction::WrongKey) => injected.wrong_key = true,
-        None => {}
+        // A guest's fault (`SSH reboot => new-lease`): nothing for HTTP.
+        Some(FaultAction::NewLease) | None => {}
     }
 
     let result = serve_api(&inner, req, &method, &api_path, injected).await;
