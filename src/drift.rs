@@ -32,17 +32,21 @@ pub enum Kind {
     Removed,
     /// Runs an older generation than its image's current one.
     OldGeneration,
+    /// Has configuration changes Proxmox holds until the VM's next cold
+    /// start (cores, memory, … of a running VM).
+    Pending,
     /// In the cluster, not managed by this fleet.
     Unmanaged,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Changed,
         Kind::Missing,
         Kind::Destroy,
         Kind::Removed,
         Kind::OldGeneration,
+        Kind::Pending,
         Kind::Unmanaged,
     ];
 
@@ -53,13 +57,14 @@ impl Kind {
             Kind::Destroy => "destroy",
             Kind::Removed => "removed",
             Kind::OldGeneration => "old_generation",
+            Kind::Pending => "pending",
             Kind::Unmanaged => "unmanaged",
         }
     }
 
     /// Whether this kind is drift (exit code 2) or only information.
     pub fn is_drift(self) -> bool {
-        !matches!(self, Kind::OldGeneration | Kind::Unmanaged)
+        !matches!(self, Kind::OldGeneration | Kind::Pending | Kind::Unmanaged)
     }
 }
 
@@ -176,6 +181,48 @@ impl Drift {
         }
     }
 
+    /// The running VMs of this fleet whose stored configuration is not in
+    /// effect yet: (address, node, VMID) to read `/pending` of.
+    pub fn running_vms(plan: &Plan, live: &LiveState) -> Vec<(String, String, u32)> {
+        live.vms
+            .values()
+            .filter(|vm| vm.running == Some(true))
+            .filter_map(|vm| {
+                let stamp = read_stamp(vm.config.as_ref()?.values.get("description")?)?;
+                let address = stamp
+                    .get("resource")
+                    .filter(|r| r.starts_with("vm.") && stamp.get("fleet") == Some(&plan.fleet))?;
+                Some((address.clone(), vm.node.clone(), vm.vmid))
+            })
+            .collect()
+    }
+
+    /// Records what `/pending` of `address` holds back (one API call).
+    pub fn add_pending(&mut self, address: &str, entries: &[pve_api::types::PendingEntry]) {
+        self.api_calls += 1;
+        let waiting: Vec<String> = entries
+            .iter()
+            .filter(|e| e.key != "cipassword")
+            .filter_map(|e| match (&e.pending, e.delete) {
+                (Some(p), _) => Some(format!(
+                    "{} {} -> {p}",
+                    e.key,
+                    e.value.as_deref().unwrap_or("(unset)")
+                )),
+                (None, Some(_)) => Some(format!("{} (removed)", e.key)),
+                _ => None,
+            })
+            .collect();
+        if !waiting.is_empty() {
+            self.findings.push(Finding {
+                kind: Kind::Pending,
+                address: address.to_owned(),
+                detail: format!("waits for a cold start: {}", waiting.join(", ")),
+                fields: Vec::new(),
+            });
+        }
+    }
+
     pub fn count(&self, kind: Kind) -> usize {
         self.findings.iter().filter(|f| f.kind == kind).count()
     }
@@ -209,6 +256,10 @@ impl Drift {
         }
         for (kind, title) in [
             (Kind::OldGeneration, "VMs on an older generation"),
+            (
+                Kind::Pending,
+                "VMs whose configuration waits for a shutdown and start",
+            ),
             (Kind::Unmanaged, "VMs this fleet does not manage"),
         ] {
             let found: Vec<&Finding> = self.findings.iter().filter(|f| f.kind == kind).collect();

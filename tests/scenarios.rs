@@ -307,6 +307,13 @@ fn in_place_updates_memory_disk_and_cloud_init_address() {
         .sim
         .inspect(|st| st.vms[&400].config.pending.get("memory").cloned());
     assert_eq!(pending.as_deref(), Some("4096"));
+    // Plan is satisfied; drift says the change is not in effect yet.
+    let (code, out, _) = s.run(&["drift", "fleet.yaml"]);
+    assert_eq!(code, 0, "{out}");
+    assert_contains(
+        &out,
+        &["vm.web-01: waits for a cold start: memory 2048 -> 4096"],
+    );
     assert!(c["scsi0"].contains("size=40G"), "{}", c["scsi0"]);
     assert!(
         c["net0"].starts_with("virtio=BC:24:11:"),
@@ -431,8 +438,9 @@ fn drift_reports_what_changed_and_changes_nothing() {
             "Drift in fleet `homelab`: apply would change these resources:",
             "~ vm.web-01 {",
             "~ memory",
+            "VMs whose configuration waits for a shutdown and start:\n  vm.web-01: waits for a cold start: memory 2048 -> 1024",
             "VMs this fleet does not manage:\n  vmid.777: someone-else on pve",
-            "Drift: 1 changed, 0 missing, 0 destroy, 0 removed, 0 old generation, 1 unmanaged.",
+            "Drift: 1 changed, 0 missing, 0 destroy, 0 removed, 0 old generation, 1 pending, 1 unmanaged.",
         ],
     );
     let metrics = std::fs::read_to_string(&prom).unwrap();
@@ -463,7 +471,14 @@ fn drift_reports_what_changed_and_changes_nothing() {
         .iter()
         .map(|f| (f["kind"].as_str().unwrap(), f["address"].as_str().unwrap()))
         .collect();
-    assert_eq!(kinds, [("changed", "vm.web-01"), ("unmanaged", "vmid.777")]);
+    assert_eq!(
+        kinds,
+        [
+            ("changed", "vm.web-01"),
+            ("unmanaged", "vmid.777"),
+            ("pending", "vm.web-01")
+        ]
+    );
 
     // A VM that left the fleet is drift too.
     s.set_fleet(&base_fleet("  {}\n"));

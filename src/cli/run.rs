@@ -217,7 +217,17 @@ pub async fn cmd_drift(
     let checked = async {
         let s = session(fleet, lock, locked, sim, out).await?;
         let plan = compute(&s, &PlanOptions::default())?;
-        Ok::<_, Failure>(crate::drift::Drift::new(&plan, &s.live, &s.desired.lock))
+        let mut drift = crate::drift::Drift::new(&plan, &s.live, &s.desired.lock);
+        for (address, node, vmid) in crate::drift::Drift::running_vms(&plan, &s.live) {
+            let entries = s
+                .conn
+                .client
+                .pending(&node, vmid)
+                .await
+                .map_err(Failure::from)?;
+            drift.add_pending(&address, &entries);
+        }
+        Ok::<_, Failure>(drift)
     }
     .await;
     let now = std::time::SystemTime::now()
