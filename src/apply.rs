@@ -571,7 +571,20 @@ async fn configure(
         })
         .await?;
     }
-    if w.start {
+    if w.restart {
+        // Pending changes apply at a cold start; the start step below
+        // brings the VM back. A guest that ignores the shutdown is stopped
+        // after the timeout.
+        ctx.step(address, "shut down (to apply pending changes)", || async {
+            if !ctx.client.vm_status(&w.node, w.vmid).await?.is_running() {
+                return Ok(());
+            }
+            let down = ctx.client.shutdown(&w.node, w.vmid, 120, true).await?;
+            ctx.wait(&down).await
+        })
+        .await?;
+    }
+    if w.start || w.restart {
         ctx.step(address, "start", || async {
             match ctx.client.vm_status(&w.node, w.vmid).await {
                 Ok(s) if s.is_running() => Ok(()),

@@ -53,6 +53,8 @@ pub enum Impact {
     None,
     Hotplug,
     NeedsReboot,
+    /// Shut down and started by apply (`restart_on_change`).
+    Restart,
     Replace,
     DataLoss,
 }
@@ -63,6 +65,7 @@ impl Impact {
             Impact::None => "no impact",
             Impact::Hotplug => "applied live",
             Impact::NeedsReboot => "needs a reboot to take effect",
+            Impact::Restart => "the VM is shut down and started to apply it",
             Impact::Replace => "replaces the VM",
             Impact::DataLoss => "destroys data",
         }
@@ -134,6 +137,9 @@ pub struct VmWork {
     /// Grow `scsi0` to this size (`40G`).
     pub resize: Option<String>,
     pub start: bool,
+    /// Shut down and start a running VM so its pending changes apply.
+    #[serde(default)]
+    pub restart: bool,
     /// The digest the update was planned against.
     pub digest: Option<String>,
     /// Addresses of changes this one waits for (ISO, template).
@@ -975,6 +981,7 @@ fn plan_vm(
         password: if password { vm.password.clone() } else { None },
         resize,
         start,
+        restart: false,
         digest,
         after: Vec::new(),
     };
@@ -1215,6 +1222,9 @@ fn plan_vm(
     } else {
         "its configuration differs from the fleet".to_owned()
     };
+    if impact == Impact::NeedsReboot && spec.restart_on_change {
+        impact = Impact::Restart;
+    }
     let password = !values.contains_key("cipassword") && vm.password.is_some();
     if password {
         fields.push(FieldDiff {
@@ -1230,13 +1240,16 @@ fn plan_vm(
         fields,
         reason,
         impact,
-        work: Work::UpdateVm(work(
-            set,
-            password,
-            resize,
-            start,
-            config.map(|c| c.digest.clone()),
-        )),
+        work: Work::UpdateVm(VmWork {
+            restart: impact == Impact::Restart,
+            ..work(
+                set,
+                password,
+                resize,
+                start,
+                config.map(|c| c.digest.clone()),
+            )
+        }),
     }))
 }
 

@@ -323,6 +323,46 @@ fn in_place_updates_memory_disk_and_cloud_init_address() {
 }
 
 #[test]
+fn restart_on_change_applies_cold_changes_in_the_same_apply() {
+    let restarting = WEB_01.replace(
+        "    onboot: true\n",
+        "    onboot: true\n    restart_on_change: true\n",
+    );
+    let s = Scenario::new(single_node(), &base_fleet(&restarting), &golden_lock());
+    s.converge();
+    s.set_fleet(&base_fleet(
+        &restarting.replace("memory: 2048", "memory: 4096"),
+    ));
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    assert_contains(
+        &text,
+        &[
+            "~ memory = 2048 -> 4096",
+            "the VM is shut down and started to apply it",
+        ],
+    );
+    let out = s.apply();
+    assert_contains(&out, &["vm.web-01: done"]);
+    let (memory, pending, running) = s.sim.inspect(|st| {
+        let vm = &st.vms[&400];
+        (
+            vm.config.values["memory"].clone(),
+            vm.config.pending.len(),
+            vm.running,
+        )
+    });
+    assert_eq!(
+        (memory.as_str(), pending, running),
+        ("4096", 0, true),
+        "in effect, nothing pending, running again"
+    );
+    let (code, out, _) = s.run(&["drift", "fleet.yaml"]);
+    assert_eq!(code, 0);
+    assert!(!out.contains("waits for a cold start"), "{out}");
+}
+
+#[test]
 fn removed_vms_are_kept_unless_destroy_is_allowed() {
     let two = format!("{WEB_01}  web-02:\n    image: golden\n    network: {{ dhcp: true }}\n");
     let s = Scenario::new(single_node(), &base_fleet(&two), &golden_lock());

@@ -324,6 +324,7 @@ pub struct Vm {
     pub description: String,
     pub on_new_generation: OnNewGeneration,
     pub prevent_destroy: bool,
+    pub restart_on_change: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
