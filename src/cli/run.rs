@@ -731,19 +731,28 @@ pub async fn cmd_output(fleet: &Path, lock: &Path, sim: bool, out: &Output) -> R
     if out.json {
         println!("{}", serde_json::to_string_pretty(&rows).expect("json"));
     } else {
+        let text = |r: &serde_json::Value, key: &str| r[key].as_str().unwrap_or("-").to_owned();
+        let width = rows
+            .iter()
+            .map(|r| text(r, "address").len())
+            .max()
+            .unwrap_or(0)
+            .max(2);
         println!(
-            "{:<24} {:>9}  {:<10} {:<8} {:<16} generation",
+            "{:<width$} {:>9}  {:<10} {:<8} {:<16} generation",
             "vm", "vmid", "node", "status", "ip"
         );
         for r in &rows {
             println!(
-                "{:<24} {:>9}  {:<10} {:<8} {:<16} {}",
-                r["address"].as_str().unwrap_or_default(),
-                r["vmid"],
-                r["node"].as_str().unwrap_or_default(),
-                r["status"].as_str().unwrap_or_default(),
-                r["ip"].as_str().unwrap_or("-"),
+                "{:<width$} {:>9}  {:<10} {:<8} {:<16} {}",
+                text(r, "address"),
+                r["vmid"].as_u64().unwrap_or_default(),
+                text(r, "node"),
+                text(r, "status"),
+                text(r, "ip"),
                 r["generation"]
+                    .as_u64()
+                    .map_or("-".to_owned(), |g| g.to_string())
             );
         }
     }
