@@ -236,6 +236,10 @@ pub enum PlanError {
         lock: String,
     },
     #[error(
+        "--replace {address}: the fleet has no such VM\n  hint: name a VM of the fleet as vm.NAME"
+    )]
+    UnknownReplace { address: String },
+    #[error(
         "{address} must be replaced ({reason}), but the fleet marks it prevent_destroy\n  hint: remove prevent_destroy to allow it, or undo the change"
     )]
     PreventDestroy { address: String, reason: String },
@@ -255,6 +259,9 @@ pub struct PlanOptions {
     pub allow_destroy: bool,
     /// Limit to these addresses (`vm.NAME`, `iso.NAME`); empty: everything.
     pub targets: Vec<String>,
+    /// VMs to destroy and re-create although they match the fleet
+    /// (`vm.NAME`, terraform's `-replace`).
+    pub replace: Vec<String>,
 }
 
 /// The ownership stamp written into every VM's description.
@@ -290,7 +297,15 @@ pub fn plan(
     lock_text: &str,
     options: &PlanOptions,
 ) -> Result<Plan, Vec<PlanError>> {
-    let mut errors = Vec::new();
+    let mut errors: Vec<PlanError> = options
+        .replace
+        .iter()
+        .filter(|a| {
+            a.strip_prefix("vm.")
+                .is_none_or(|name| !fleet.vms.contains_key(name))
+        })
+        .map(|a| PlanError::UnknownReplace { address: a.clone() })
+        .collect();
     let mut changes = Vec::new();
     let tag = fleet_tag(&fleet.fleet);
 
@@ -451,7 +466,8 @@ pub fn plan(
             continue;
         }
         let image = &fleet.images[&vm.image];
-        match plan_vm(fleet, vm, image, live, &tag) {
+        let force = options.replace.contains(&format!("vm.{}", vm.name));
+        match plan_vm(fleet, vm, image, live, &tag, force) {
             Ok(Some(mut change)) => {
                 if let Some(build) = building.get(&vm.template_vmid.get()) {
                     match &mut change.work {
@@ -952,6 +968,7 @@ fn plan_vm(
     image: &crate::fleet::Image,
     live: &LiveState,
     tag: &str,
+    force_replace: bool,
 ) -> Result<Option<Change>, PlanError> {
     let address = format!("vm.{}", vm.name);
     let spec = &fleet.vms[&vm.name];
@@ -1099,6 +1116,9 @@ fn plan_vm(
 
     // Reasons to replace.
     let mut replace = Vec::new();
+    if force_replace {
+        replace.push("replacement requested with --replace".to_owned());
+    }
     if existing.node != vm.node.as_str() {
         replace.push(format!(
             "it is on node {}, the fleet wants {}",

@@ -363,6 +363,48 @@ fn restart_on_change_applies_cold_changes_in_the_same_apply() {
 }
 
 #[test]
+fn replace_recreates_a_vm_that_matches_the_fleet() {
+    let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
+    s.converge();
+    let mac = s.config(400)["net0"].clone();
+    let (code, out, _) = s.run(&["plan", "fleet.yaml", "--replace", "vm.web-01"]);
+    assert_eq!(code, 0);
+    assert_contains(
+        &out,
+        &[
+            "-/+ vm.web-01",
+            "replacement requested with --replace",
+            "Plan: 0 to create, 0 to update, 1 to replace, 0 to destroy.",
+        ],
+    );
+    let (code, out, err) = s.run(&[
+        "apply",
+        "fleet.yaml",
+        "--auto-approve",
+        "--replace",
+        "vm.web-01",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_ne!(s.config(400)["net0"], mac, "a new VM (new MAC)");
+    let (code, _) = s.plan();
+    assert_eq!(code, 0);
+
+    let (code, _, err) = s.run(&["plan", "fleet.yaml", "--replace", "vm.nope"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("--replace vm.nope: the fleet has no such VM"),
+        "{err}"
+    );
+    s.set_fleet(&base_fleet(&WEB_01.replace(
+        "    onboot: true\n",
+        "    onboot: true\n    prevent_destroy: true\n",
+    )));
+    let (code, _, err) = s.run(&["plan", "fleet.yaml", "--replace", "vm.web-01"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("prevent_destroy"), "{err}");
+}
+
+#[test]
 fn removed_vms_are_kept_unless_destroy_is_allowed() {
     let two = format!("{WEB_01}  web-02:\n    image: golden\n    network: {{ dhcp: true }}\n");
     let s = Scenario::new(single_node(), &base_fleet(&two), &golden_lock());

@@ -186,6 +186,10 @@ struct Scope {
     /// Destroy stamped VMs that are no longer in the fleet.
     #[arg(long)]
     allow_destroy: bool,
+    /// Destroy and re-create this VM although it matches the fleet
+    /// (`vm.NAME`); repeatable.
+    #[arg(long, value_name = "ADDRESS")]
+    replace: Vec<String>,
 }
 
 impl Scope {
@@ -193,6 +197,7 @@ impl Scope {
         crate::plan::PlanOptions {
             allow_destroy: self.allow_destroy,
             targets: self.target.clone(),
+            replace: self.replace.clone(),
         }
     }
 }
