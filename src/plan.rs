@@ -173,6 +173,9 @@ pub struct Plan {
     /// Generations beyond `rebuild.keep` that stay because VMs use them
     /// (address of the generation, VMs).
     pub retained: Vec<(String, Vec<String>)>,
+    /// Differences the plan does not act on, for people to decide.
+    #[serde(default)]
+    pub notes: Vec<String>,
     /// The lockfile after this plan (new allocations and pins).
     #[serde(skip)]
     pub lock: Lockfile,
@@ -307,6 +310,7 @@ pub fn plan(
         .map(|a| PlanError::UnknownReplace { address: a.clone() })
         .collect();
     let mut changes = Vec::new();
+    let mut notes = Vec::new();
     let tag = fleet_tag(&fleet.fleet);
 
     // Which ISOs and templates targeted VMs need.
@@ -467,6 +471,9 @@ pub fn plan(
         }
         let image = &fleet.images[&vm.image];
         let force = options.replace.contains(&format!("vm.{}", vm.name));
+        if !force && let Some(note) = storage_note(vm, live) {
+            notes.push(note);
+        }
         match plan_vm(fleet, vm, image, live, &tag, force) {
             Ok(Some(mut change)) => {
                 if let Some(build) = building.get(&vm.template_vmid.get()) {
@@ -552,6 +559,7 @@ pub fn plan(
         kept,
         adopted,
         retained,
+        notes,
         live_fingerprint: live.fingerprint(),
         lock_fingerprint: lock_fingerprint(lock_text),
         lock,
@@ -669,6 +677,28 @@ fn retire_generations(
         }
     }
     retained
+}
+
+/// A full clone whose disk is on another storage than the fleet says:
+/// nixgold does not move disks, `--replace` re-creates the VM there.
+fn storage_note(vm: &DesiredVm, live: &LiveState) -> Option<String> {
+    if vm.clone != CloneMode::Full {
+        return None;
+    }
+    let disk = live
+        .vms
+        .get(&vm.vmid.get())?
+        .config
+        .as_ref()?
+        .values
+        .get("scsi0")?;
+    let storage = disk.split(':').next()?;
+    (storage != vm.storage).then(|| {
+        format!(
+            "vm.{}'s disk is on storage `{storage}`, the fleet says `{}`; nixgold does not move disks: `--replace vm.{}` re-creates the VM there.",
+            vm.name, vm.storage, vm.name
+        )
+    })
 }
 
 /// The change that builds generation `n` of `t.image` on `t.node`.

@@ -55,6 +55,9 @@ pub fn plan_text(plan: &Plan) -> String {
 }
 
 fn write_kept(plan: &Plan, out: &mut String) {
+    for note in &plan.notes {
+        let _ = writeln!(out, "Note: {note}");
+    }
     for (generation, users) in &plan.retained {
         let _ = writeln!(
             out,

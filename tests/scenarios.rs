@@ -389,6 +389,33 @@ fn replace_recreates_a_vm_that_matches_the_fleet() {
     let (code, _) = s.plan();
     assert_eq!(code, 0);
 
+    // A new storage is not acted on; the note says how.
+    let moved = WEB_01.replace(
+        "    onboot: true\n",
+        "    onboot: true\n    storage: local-lvm\n",
+    );
+    s.set_fleet(&base_fleet(&moved));
+    let (code, text) = s.plan();
+    assert_eq!(code, 0, "{text}");
+    assert_contains(
+        &text,
+        &[
+            "Note: vm.web-01's disk is on storage `tank`, the fleet says `local-lvm`; nixgold does not move disks: `--replace vm.web-01` re-creates the VM there.",
+        ],
+    );
+    let (code, out, err) = s.run(&[
+        "apply",
+        "fleet.yaml",
+        "--auto-approve",
+        "--replace",
+        "vm.web-01",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(s.config(400)["scsi0"].starts_with("local-lvm:"));
+    let (code, text) = s.plan();
+    assert_eq!(code, 0);
+    assert!(!text.contains("Note:"), "{text}");
+
     let (code, _, err) = s.run(&["plan", "fleet.yaml", "--replace", "vm.nope"]);
     assert_eq!(code, 1);
     assert!(
