@@ -137,6 +137,8 @@ pub struct Embedded {
     pub client: Client,
     pub handle: ServerHandle,
     pub sim: Simulator,
+    /// Where its guests answer SSH at a static build address.
+    pub guest_ssh_port: u16,
 }
 
 /// The token the embedded simulator accepts (it only listens on loopback).
@@ -210,7 +212,20 @@ pub async fn embedded(
 ) -> Result<Embedded, ConnectError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| ConnectError::Sim(format!("{}: {e}", dir.display())))?;
-    let mut opts = SimOptions::default();
+    let fast =
+        std::env::var("NIXGOLD_SIM_FAST").is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false"));
+    let mut opts = if fast {
+        SimOptions::fast(std::time::Duration::from_millis(20))
+    } else {
+        SimOptions::default()
+    };
+    // Guests listen at static build addresses (loopback under --sim) on a
+    // port that is free now, not 22.
+    opts.guest_ssh_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| ConnectError::Sim(e.to_string()))?;
+    let guest_ssh_port = opts.guest_ssh_port;
     for pin in lock.isos.values() {
         opts.remote_files.insert(
             pin.url.clone(),
@@ -254,5 +269,6 @@ pub async fn embedded(
         client,
         handle,
         sim,
+        guest_ssh_port,
     })
 }

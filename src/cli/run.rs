@@ -34,7 +34,43 @@ pub fn sim_dir() -> PathBuf {
 pub struct Connection {
     pub client: Client,
     /// Keeps the embedded simulator alive while connected.
-    _embedded: Option<Embedded>,
+    embedded: Option<Embedded>,
+}
+
+impl Connection {
+    /// With `--sim`: the port the embedded simulator's guests answer SSH on
+    /// at static build addresses.
+    pub fn sim_guest_port(&self) -> Option<u16> {
+        self.embedded.as_ref().map(|e| e.guest_ssh_port)
+    }
+}
+
+/// The embedded simulator's guests live on this machine: the call-home
+/// listener binds loopback, and a static build address `a.b.c.d/len`
+/// becomes `127.b.c.d/8` at the simulator's guest SSH port.
+fn localise_builds(plan: &mut Plan, guest_port: u16) {
+    for change in &mut plan.changes {
+        let crate::plan::Work::BuildTemplate { build, .. } = &mut change.work else {
+            continue;
+        };
+        match &mut build.access {
+            crate::build::Access::CallHome { listen, advertise } => {
+                *listen = "127.0.0.1:0".to_owned();
+                *advertise = Some("127.0.0.1".to_owned());
+            }
+            crate::build::Access::Static {
+                address,
+                gateway,
+                ssh_port,
+            } => {
+                let host = address.split('/').next().unwrap_or_default();
+                let octets: Vec<&str> = host.split('.').skip(1).collect();
+                *address = format!("127.{}/8", octets.join("."));
+                *gateway = None;
+                *ssh_port = guest_port;
+            }
+        }
+    }
 }
 
 pub struct Session {
@@ -88,7 +124,7 @@ pub async fn session(
         ));
         Connection {
             client: embedded.client.clone(),
-            _embedded: Some(embedded),
+            embedded: Some(embedded),
         }
     } else {
         let base = loaded.path.parent().unwrap_or(Path::new("."));
@@ -98,7 +134,7 @@ pub async fn session(
         }
         Connection {
             client: Client::new(options).map_err(Failure::from)?,
-            _embedded: None,
+            embedded: None,
         }
     };
     let live = live::collect(&conn.client, &desired, &loaded.fleet.fleet, 8)
@@ -468,16 +504,8 @@ pub async fn cmd_apply(
         }
     };
     let mut plan = plan;
-    if sim {
-        // The embedded simulator's guests live on this machine.
-        for change in &mut plan.changes {
-            if let crate::plan::Work::BuildTemplate { build, .. } = &mut change.work
-                && let crate::build::Access::CallHome { listen, advertise } = &mut build.access
-            {
-                *listen = "127.0.0.1:0".to_owned();
-                *advertise = Some("127.0.0.1".to_owned());
-            }
-        }
+    if let Some(guest_port) = s.conn.sim_guest_port() {
+        localise_builds(&mut plan, guest_port);
     }
     if !saved {
         print_plan(&plan, out);

@@ -1,0 +1,78 @@
+//! `--sim`: the README's first command — the whole job on the embedded
+//! simulator — and a static build address there (mapped to loopback). The
+//! simulator runs fast (`NIXGOLD_SIM_FAST`) and keeps its state in a
+//! temporary directory.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn nixgold(dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_nixgold"))
+        .args(args)
+        .current_dir(dir)
+        .env("NIXGOLD_SIM_DIR", dir.join("sim"))
+        .env("NIXGOLD_SIM_FAST", "1")
+        .env("NIXOS_PROD_01_PASSWORD", "change-me")
+        .env("NO_COLOR", "1")
+        .env_remove("NIXGOLD_SIM")
+        .env_remove("NIXGOLD_LOCK")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(
+        !stdout.contains("change-me") && !stderr.contains("change-me"),
+        "the password leaked"
+    );
+    (out.status.code().unwrap_or(-1), stdout, stderr)
+}
+
+#[test]
+fn the_readme_main_job_runs_on_the_embedded_simulator() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = repo().join("fleets/example.ncl");
+    let fleet = fleet.to_str().unwrap();
+    let (code, out, err) = nixgold(dir.path(), &["--sim", "apply", fleet, "--auto-approve"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("Apply complete: 3 created, 0 updated, 0 replaced, 0 destroyed."),
+        "{out}"
+    );
+    let lock = std::fs::read_to_string(dir.path().join("sim/nixgold.lock")).unwrap();
+    assert!(lock.contains("[image.nixos-golden-template]"), "{lock}");
+    let (code, out, _) = nixgold(dir.path(), &["--sim", "plan", fleet]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("No changes."), "{out}");
+}
+
+#[test]
+fn a_static_build_address_works_on_the_embedded_simulator() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = std::fs::read_to_string(repo().join("fleets/example.ncl")).unwrap();
+    let fleet = example
+        .replace(
+            "address = { call_home = {} },",
+            "address = { static = { address = \"192.168.1.250/24\", gateway = \"192.168.1.1\" } },",
+        )
+        .replace("boot_wait = \"10s\"", "boot_wait = \"1s\"");
+    assert_ne!(fleet, example, "the example's build block changed");
+    std::fs::write(dir.path().join("fleet.ncl"), fleet).unwrap();
+    let (code, out, err) = nixgold(
+        dir.path(),
+        &["--sim", "apply", "fleet.ncl", "--auto-approve"],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("set the build address through the guest agent"),
+        "{err}"
+    );
+    let (code, out, _) = nixgold(dir.path(), &["--sim", "plan", "fleet.ncl"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("No changes."), "{out}");
+}
