@@ -644,13 +644,19 @@ pub async fn run(
         let own = w.timeouts.of(step);
         let left = build_deadline.saturating_duration_since(now);
         let (limit, setting) = if own <= left {
-            (own, format!("build.timeouts.{}", step.key()))
+            (
+                own,
+                format!("build.timeouts.{} = {}s", step.key(), own.as_secs()),
+            )
         } else {
-            (left, "build.timeout".to_owned())
+            (
+                left,
+                format!("build.timeout = {}s for the whole build", w.timeout_secs),
+            )
         };
         b.step_deadline = now + limit;
         observe(BuildEvent::Started(step));
-        let hint = || format!("the deadline is {setting} = {}s", limit.as_secs());
+        let hint = || format!("the deadline is {setting}");
         match tokio::time::timeout(limit + GRACE, b.step(step)).await {
             Ok(Ok(())) => observe(BuildEvent::Finished(step, now.elapsed())),
             Ok(Err(e)) if Instant::now() >= b.step_deadline => {

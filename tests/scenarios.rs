@@ -1209,7 +1209,7 @@ fn the_whole_build_deadline_caps_every_step() {
     build_fails_cleanly(
         "POST /nodes/*/qemu/*/status/start => task-hang*1",
         &build_fleet("\"vim\"").replace("timeout: 2m", "timeout: 3s"),
-        "(the deadline is build.timeout = ",
+        "(the deadline is build.timeout = 3s for the whole build)",
     );
 }
 
