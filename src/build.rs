@@ -856,7 +856,12 @@ impl Build<'_> {
         tokio::time::sleep(Duration::from_secs(w.boot_wait_secs).min(self.left())).await;
         let window = (w.timeouts.of(Step::Access) / 4).max(Duration::from_secs(1));
         let mut lines = vec!["sudo -i\n".to_owned()];
-        let mut call_home = match &w.access {
+        // What answers once the sequence worked.
+        enum Answer {
+            CallHome(CallHome),
+            Ssh(String, u16),
+        }
+        let mut answer = match &w.access {
             Access::CallHome { listen, advertise } => {
                 let script = key_commands(&self.public).join("\n") + "\n";
                 let advertise = match advertise {
@@ -865,14 +870,17 @@ impl Build<'_> {
                 };
                 let call_home = CallHome::listen(listen, &advertise, script).await?;
                 lines.push(call_home_line(&call_home.url));
-                Some(call_home)
+                Answer::CallHome(call_home)
             }
             Access::Static {
-                address, gateway, ..
+                address,
+                gateway,
+                ssh_port,
             } => {
                 lines.push(static_address_line(address, gateway.as_deref()));
                 lines.push(key_commands(&self.public).join(";") + "\n");
-                None
+                let host = address.split('/').next().unwrap_or(address);
+                Answer::Ssh(host.to_owned(), *ssh_port)
             }
         };
         let mut typed = 0;
@@ -894,8 +902,8 @@ impl Build<'_> {
                 .await?;
             }
             let quiet = window.min(self.left());
-            let answer = match (&mut call_home, &w.access) {
-                (Some(ch), _) => match ch.wait(quiet).await {
+            let outcome = match &mut answer {
+                Answer::CallHome(call_home) => match call_home.wait(quiet).await {
                     Ok((host, port)) => {
                         self.note(&format!("the VM called home from {host}"));
                         self.target = Some((host, port));
@@ -905,40 +913,30 @@ impl Build<'_> {
                     }
                     Err(e) => Err(e),
                 },
-                (
-                    None,
-                    Access::Static {
-                        address, ssh_port, ..
-                    },
-                ) => {
-                    let host = address.split('/').next().unwrap_or(address).to_owned();
-                    self.target = Some((host, *ssh_port));
+                Answer::Ssh(host, port) => {
+                    self.target = Some((host.clone(), *port));
                     self.connect(quiet).await
                 }
-                (None, Access::CallHome { .. }) => unreachable!("a call-home build listens"),
             };
-            match answer {
-                Ok(()) => return Ok(()),
-                Err(e) if Instant::now() >= self.step_deadline => {
-                    let what = if let (Some(_), Some((host, _))) = (&call_home, &self.target) {
-                        format!(
-                            "the build VM called home from {host}, but SSH did not take the build key (the typed sequence went wrong?); last error: {e}"
-                        )
-                    } else if call_home.is_some() {
-                        "the build VM did not call home: check that it can reach nixgold's listener (build.address.call_home), or raise build.boot_wait".to_owned()
-                    } else {
-                        format!(
-                            "no SSH on the static build address {}: check that the address is free and reachable from nixgold, or raise build.boot_wait; last error: {e}",
-                            self.target.as_ref().map_or("?", |(host, _)| host.as_str())
-                        )
-                    };
-                    return Err(step_err(
-                        "access",
-                        format!("{what} (typed the access sequence {typed} times)"),
-                    ));
-                }
-                Err(_) => {}
+            let Err(e) = outcome else {
+                return Ok(());
+            };
+            if Instant::now() < self.step_deadline {
+                continue;
             }
+            let what = match (&answer, &self.target) {
+                (Answer::CallHome(_), Some((host, _))) => format!(
+                    "the build VM called home from {host}, but SSH did not take the build key (the typed sequence went wrong?); last error: {e}"
+                ),
+                (Answer::CallHome(_), None) => "the build VM did not call home: check that it can reach nixgold's listener (build.address.call_home), or raise build.boot_wait".to_owned(),
+                (Answer::Ssh(host, _), _) => format!(
+                    "no SSH on the static build address {host}: check that the address is free and reachable from nixgold, or raise build.boot_wait; last error: {e}"
+                ),
+            };
+            return Err(step_err(
+                "access",
+                format!("{what} (typed the access sequence {typed} times)"),
+            ));
         }
     }
 
