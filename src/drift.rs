@@ -85,6 +85,8 @@ pub struct Finding {
 pub struct Drift {
     pub fleet: String,
     pub findings: Vec<Finding>,
+    /// The plan's notes: differences it does not act on.
+    pub notes: Vec<String>,
     pub api_calls: u64,
     /// The plan behind the drifted findings, for the text rendering.
     #[serde(skip)]
@@ -176,6 +178,7 @@ impl Drift {
         Drift {
             fleet: plan.fleet.clone(),
             findings,
+            notes: plan.notes.clone(),
             api_calls: plan.api_calls,
             changes: plan.changes.clone(),
         }
@@ -270,6 +273,9 @@ impl Drift {
             for f in found {
                 let _ = writeln!(out, "  {}: {}", f.address, f.detail);
             }
+        }
+        for note in &self.notes {
+            let _ = writeln!(out, "\nNote: {note}");
         }
         let counts: Vec<String> = Kind::ALL
             .iter()

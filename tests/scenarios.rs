@@ -403,6 +403,9 @@ fn replace_recreates_a_vm_that_matches_the_fleet() {
             "Note: vm.web-01's disk is on storage `tank`, the fleet says `local-lvm`; nixgold does not move disks: `--replace vm.web-01` re-creates the VM there.",
         ],
     );
+    let (code, out, _) = s.run(&["drift", "fleet.yaml"]);
+    assert_eq!(code, 0, "a note is not drift: {out}");
+    assert_contains(&out, &["Note: vm.web-01's disk is on storage `tank`"]);
     let (code, out, err) = s.run(&[
         "apply",
         "fleet.yaml",
