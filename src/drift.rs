@@ -270,8 +270,14 @@ impl Drift {
                 continue;
             }
             let _ = writeln!(out, "\n{title}:");
-            for f in found {
-                let _ = writeln!(out, "  {}: {}", f.address, f.detail);
+            for Finding {
+                kind: _,
+                address,
+                detail,
+                fields: _,
+            } in found
+            {
+                let _ = writeln!(out, "  {address}: {detail}");
             }
         }
         for note in &self.notes {

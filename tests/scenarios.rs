@@ -1224,6 +1224,8 @@ fn keys_lost_before_the_console_is_up_are_typed_again() {
     let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(read_lock(&s).images["golden"].current, 1, "built");
+    let (code, text) = s.plan();
+    assert_eq!(code, 0, "converged: {text}");
     let history = s.sim.guests().history(9400);
     let typed = history
         .iter()
@@ -1269,6 +1271,8 @@ fn a_new_dhcp_lease_after_the_reboot_is_found_through_the_guest_agent() {
         "{err}"
     );
     assert_eq!(read_lock(&s).images["golden"].current, 1);
+    let (code, text) = s.plan();
+    assert_eq!(code, 0, "converged: {text}");
 }
 
 #[test]
