@@ -44,6 +44,8 @@ pub struct ApplyOptions {
     /// Host of the Proxmox endpoint: the call-home address is the local
     /// address that routes there.
     pub endpoint_host: String,
+    /// Where each build writes its full log (steps and install output).
+    pub log_dir: Option<PathBuf>,
 }
 
 impl Default for ApplyOptions {
@@ -58,6 +60,7 @@ impl Default for ApplyOptions {
             base_dir: PathBuf::from("."),
             keep_failed_build: false,
             endpoint_host: "127.0.0.1".to_owned(),
+            log_dir: None,
         }
     }
 }
@@ -339,32 +342,54 @@ async fn build_template(
         )
     };
     let current = std::sync::Mutex::new(crate::build::Step::Create);
-    let observe = |e: crate::build::BuildEvent<'_>| match e {
-        crate::build::BuildEvent::Started(step) => {
-            *current.lock().expect("step") = step;
-            ctx.emit(Event::Started {
-                address: address.to_owned(),
-                step: label(step),
-            });
+    let log = ctx
+        .opts
+        .log_dir
+        .as_deref()
+        .and_then(|dir| BuildLog::create(dir, w));
+    let observe = |e: crate::build::BuildEvent<'_>| {
+        let line = match e {
+            crate::build::BuildEvent::Started(step) => {
+                *current.lock().expect("step") = step;
+                ctx.emit(Event::Started {
+                    address: address.to_owned(),
+                    step: label(step),
+                });
+                format!("{}…", label(step))
+            }
+            crate::build::BuildEvent::Finished(step, elapsed) => {
+                ctx.emit(Event::Finished {
+                    address: address.to_owned(),
+                    step: label(step),
+                    elapsed,
+                });
+                format!("{} done ({:.1}s)", label(step), elapsed.as_secs_f64())
+            }
+            crate::build::BuildEvent::Line(line) => {
+                ctx.emit(Event::Progress {
+                    address: address.to_owned(),
+                    line: line.to_owned(),
+                });
+                line.to_owned()
+            }
+        };
+        if let Some(log) = &log {
+            log.write(&line);
         }
-        crate::build::BuildEvent::Finished(step, elapsed) => ctx.emit(Event::Finished {
-            address: address.to_owned(),
-            step: label(step),
-            elapsed,
-        }),
-        crate::build::BuildEvent::Line(line) => ctx.emit(Event::Progress {
-            address: address.to_owned(),
-            line: line.to_owned(),
-        }),
     };
     match crate::build::run(&ctx.client, &ctx.opts.endpoint_host, w, &observe).await {
         Ok(result) => Ok(result),
         Err(e) => {
             let step = label(*current.lock().expect("step"));
+            let mut error = e.to_string();
+            if let Some(log) = &log {
+                log.write(&format!("FAILED at {step}: {error}"));
+                error.push_str(&format!("\n  build log: {}", log.path.display()));
+            }
             ctx.emit(Event::Failed {
                 address: address.to_owned(),
                 step: step.clone(),
-                error: e.to_string(),
+                error: error.clone(),
             });
             if ctx.opts.keep_failed_build {
                 observe(crate::build::BuildEvent::Line(&format!(
@@ -374,11 +399,37 @@ async fn build_template(
             } else {
                 let _ = destroy_vm(ctx, address, w.vmid, &w.node).await;
             }
-            Err(Outcome::Failed {
-                step,
-                error: e.to_string(),
-            })
+            Err(Outcome::Failed { step, error })
         }
+    }
+}
+
+/// The full log of one build: every step and every line of the install's
+/// output, timestamped — the progress view shows only the latest line.
+struct BuildLog {
+    path: PathBuf,
+    file: std::sync::Mutex<std::fs::File>,
+}
+
+impl BuildLog {
+    /// `DIR/<image>-g<N>-<node>.log`, truncated. Logging is best effort: a
+    /// build does not fail because its log cannot be written.
+    fn create(dir: &std::path::Path, w: &crate::build::BuildWork) -> Option<Self> {
+        let path = dir.join(format!("{}-g{}-{}.log", w.image, w.generation, w.node));
+        let file = std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::File::create(&path))
+            .map_err(|e| tracing::warn!("cannot write the build log {}: {e}", path.display()))
+            .ok()?;
+        Some(BuildLog {
+            path,
+            file: std::sync::Mutex::new(file),
+        })
+    }
+
+    fn write(&self, line: &str) {
+        use std::io::Write as _;
+        let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        let _ = writeln!(self.file.lock().expect("log"), "[{at}] {line}");
     }
 }
 

@@ -974,6 +974,18 @@ fn builds_generation_1_from_an_empty_cluster_and_clones_from_it() {
     );
     assert!(history.contains("ssh$ bash /tmp/nixgold/install.sh /tmp/nixgold/configuration.nix"));
     assert!(history.ends_with("ssh$ poweroff"), "{history}");
+    // The whole build, install output included, is in its log.
+    let log =
+        std::fs::read_to_string(s.dir.path().join(".nixgold/logs/golden-g1-pve.log")).unwrap();
+    assert_contains(
+        &log,
+        &[
+            "generation 1 (VMID 9400): create the build VM…",
+            "  | [nixgold] partition",
+            "  | installation finished!",
+            "generation 1 (VMID 9400): install NixOS done (",
+        ],
+    );
 }
 
 #[test]
@@ -1164,6 +1176,16 @@ fn build_fails_cleanly(fault: &str, fleet: &str, expected: &str) {
     assert!(
         out.contains("image.golden[pve]: FAILED") && out.contains(expected),
         "{out}"
+    );
+    assert!(
+        out.contains("build log: .nixgold/logs/golden-g1-pve.log"),
+        "{out}"
+    );
+    let log =
+        std::fs::read_to_string(s.dir.path().join(".nixgold/logs/golden-g1-pve.log")).unwrap();
+    assert!(
+        log.contains("FAILED at ") && log.contains(expected),
+        "{log}"
     );
     assert!(
         read_lock(&s).images.is_empty(),

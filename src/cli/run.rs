@@ -538,6 +538,10 @@ pub async fn cmd_apply(
         base_dir: s.loaded.path.parent().unwrap_or(Path::new(".")).to_owned(),
         keep_failed_build: args.keep_failed_build,
         endpoint_host: s.conn.client.endpoint_host(),
+        log_dir: Some(
+            std::env::var_os("NIXGOLD_LOG_DIR")
+                .map_or_else(|| PathBuf::from(".nixgold/logs"), PathBuf::from),
+        ),
         ..ApplyOptions::default()
     };
     if args.concurrency > 0 {
