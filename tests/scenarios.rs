@@ -377,14 +377,17 @@ fn replace_recreates_a_vm_that_matches_the_fleet() {
             "Plan: 0 to create, 0 to update, 1 to replace, 0 to destroy.",
         ],
     );
-    let (code, out, err) = s.run(&[
-        "apply",
-        "fleet.yaml",
-        "--auto-approve",
-        "--replace",
-        "vm.web-01",
-    ]);
-    assert_eq!(code, 0, "{out}{err}");
+    let replace = || {
+        let (code, out, err) = s.run(&[
+            "apply",
+            "fleet.yaml",
+            "--auto-approve",
+            "--replace",
+            "vm.web-01",
+        ]);
+        assert_eq!(code, 0, "{out}{err}");
+    };
+    replace();
     assert_ne!(s.config(400)["net0"], mac, "a new VM (new MAC)");
     let (code, _) = s.plan();
     assert_eq!(code, 0);
@@ -406,14 +409,7 @@ fn replace_recreates_a_vm_that_matches_the_fleet() {
     let (code, out, _) = s.run(&["drift", "fleet.yaml"]);
     assert_eq!(code, 0, "a note is not drift: {out}");
     assert_contains(&out, &["Note: vm.web-01's disk is on storage `tank`"]);
-    let (code, out, err) = s.run(&[
-        "apply",
-        "fleet.yaml",
-        "--auto-approve",
-        "--replace",
-        "vm.web-01",
-    ]);
-    assert_eq!(code, 0, "{out}{err}");
+    replace();
     assert!(s.config(400)["scsi0"].starts_with("local-lvm:"));
     let (code, text) = s.plan();
     assert_eq!(code, 0);
@@ -1088,17 +1084,14 @@ fn slow_console(boot: Duration, access: &str) -> Scenario {
 #[test]
 fn keys_typed_before_the_installer_is_up_end_in_a_clear_error() {
     let s = slow_console(Duration::from_secs(60), "2s");
-    let (code, out, _) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
-    assert_eq!(code, 1);
-    assert_contains(
-        &out,
+    apply_fails_cleanly(
+        &s,
         &[
             "get SSH access to the installer: access: the build VM did not call home",
             "raise build.boot_wait",
             "(the deadline is build.timeouts.access = 2s)",
         ],
     );
-    assert!(s.sim.inspect(|st| !st.vms.contains_key(&9400)));
 }
 
 #[test]
@@ -1171,29 +1164,19 @@ fn graph_shows_the_plans_order() {
 fn build_fails_cleanly(fault: &str, fleet: &str, expected: &str) {
     let s = Scenario::new(ClusterSpec::default(), fleet, EMPTY_LOCK);
     s.fault(fault);
-    let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
-    assert_eq!(code, 1, "{out}{err}");
-    assert!(
-        out.contains("image.golden[pve]: FAILED") && out.contains(expected),
-        "{out}"
-    );
-    assert!(
-        out.contains("build log: .nixgold/logs/golden-g1-pve.log"),
-        "{out}"
+    apply_fails_cleanly(
+        &s,
+        &[
+            "image.golden[pve]: FAILED",
+            expected,
+            "build log: .nixgold/logs/golden-g1-pve.log",
+        ],
     );
     let log =
         std::fs::read_to_string(s.dir.path().join(".nixgold/logs/golden-g1-pve.log")).unwrap();
     assert!(
         log.contains("FAILED at ") && log.contains(expected),
         "{log}"
-    );
-    assert!(
-        read_lock(&s).images.is_empty(),
-        "no half-registered generation"
-    );
-    assert!(
-        s.sim.inspect(|st| !st.vms.contains_key(&9400)),
-        "the build VM was cleaned up"
     );
     s.set_fleet(&build_fleet("\"vim\""));
     s.converge();
@@ -1310,16 +1293,13 @@ fn without_a_guest_agent_a_new_lease_is_a_clear_error() {
         );
     let s = Scenario::new(ClusterSpec::default(), &fleet, EMPTY_LOCK);
     s.fault("SSH reboot => new-lease*1");
-    let (code, out, _) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
-    assert_eq!(code, 1);
-    assert_contains(
-        &out,
+    apply_fails_cleanly(
+        &s,
         &[
             "FAILED at generation 1 (VMID 9400): reboot into the installed system",
             "if DHCP gave the installed system another address, enable nixos.guest_agent",
         ],
     );
-    assert!(s.sim.inspect(|st| !st.vms.contains_key(&9400)));
 }
 
 // ----- static build addresses ---------------------------------------------
@@ -1435,17 +1415,14 @@ fn a_static_build_whose_keys_always_arrive_wrong_fails_clearly() {
     let s = static_scenario("127.77.0.14/8", "");
     s.edit_fleet(|f| f.replace("access: 20s", "access: 3s"));
     s.fault("PUT /nodes/*/qemu/*/sendkey => wrong-key");
-    let (code, out, _) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
-    assert_eq!(code, 1);
-    assert_contains(
-        &out,
+    apply_fails_cleanly(
+        &s,
         &[
             "get SSH access to the installer: access: no SSH on the static build address 127.77.0.14",
             "(typed the access sequence ",
             "build.timeouts.access = 3s",
         ],
     );
-    assert!(s.sim.inspect(|st| !st.vms.contains_key(&9400)));
 }
 
 #[test]
@@ -1480,16 +1457,29 @@ fn a_static_address_nobody_answers_on_is_a_clear_error() {
             &format!("ssh_port: {elsewhere}"),
         )
     });
-    let (code, out, _) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
-    assert_eq!(code, 1);
-    assert_contains(
-        &out,
+    apply_fails_cleanly(
+        &s,
         &[
             "get SSH access to the installer: access: no SSH on the static build address",
             "typed the access sequence",
         ],
     );
-    assert!(s.sim.inspect(|st| !st.vms.contains_key(&9400)));
+}
+
+/// Applies, expecting the build to fail with every needle in the report,
+/// and to leave no build VM and no half-registered generation behind.
+fn apply_fails_cleanly(s: &Scenario, needles: &[&str]) {
+    let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_contains(&out, needles);
+    assert!(
+        read_lock(s).images.is_empty(),
+        "no half-registered generation"
+    );
+    assert!(
+        s.sim.inspect(|st| !st.vms.contains_key(&9400)),
+        "the build VM was cleaned up"
+    );
 }
 
 /// Asserts that `text` contains every needle, showing the text otherwise.
