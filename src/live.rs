@@ -62,6 +62,8 @@ pub struct LiveState {
     pub storages: BTreeMap<(String, String), LiveStorage>,
     /// ISO volumes by (node, storage).
     pub isos: BTreeMap<(String, String), Vec<Volume>>,
+    /// Managed VMs' disk volumes that are linked clones (have a `parent`).
+    pub linked_disks: BTreeSet<String>,
     /// API calls it took.
     pub calls: u64,
 }
@@ -201,6 +203,31 @@ pub async fn collect(
             vm.config = Some(config.into());
             vm.running = Some(running);
         }
+    }
+
+    // Whether a managed VM is a linked clone shows only in its storage's
+    // content (the volume's `parent`): one disk listing per (node,
+    // storage) holding a managed VM's disk.
+    let disk_places: BTreeSet<(String, String)> = live
+        .vms
+        .values()
+        .filter(|vm| !vm.template)
+        .filter_map(|vm| {
+            let disk = vm.config.as_ref()?.values.get("scsi0")?;
+            let storage = disk.split(':').next()?;
+            Some((vm.node.clone(), storage.to_owned()))
+        })
+        .filter(|place| live.storages.contains_key(place))
+        .collect();
+    for (node, storage) in disk_places {
+        let vols = client
+            .storage_content(&node, &storage, Some("images"), None)
+            .await?;
+        live.linked_disks.extend(
+            vols.into_iter()
+                .filter(|v| v.parent.is_some())
+                .map(|v| v.volid),
+        );
     }
     live.calls = client.calls() - start;
     Ok(live)

@@ -471,7 +471,7 @@ pub fn plan(
         }
         let image = &fleet.images[&vm.image];
         let force = options.replace.contains(&format!("vm.{}", vm.name));
-        if !force && let Some(note) = storage_note(vm, live) {
+        if !force && let Some(note) = placement_note(vm, live) {
             notes.push(note);
         }
         match plan_vm(fleet, vm, image, live, &tag, force) {
@@ -679,12 +679,10 @@ fn retire_generations(
     retained
 }
 
-/// A full clone whose disk is on another storage than the fleet says:
-/// nixgold does not move disks, `--replace` re-creates the VM there.
-fn storage_note(vm: &DesiredVm, live: &LiveState) -> Option<String> {
-    if vm.clone != CloneMode::Full {
-        return None;
-    }
+/// An existing VM cloned otherwise than the fleet now says — linked
+/// instead of full or the reverse, or a full clone on another storage:
+/// nixgold does not move disks, `--replace` re-creates the VM.
+fn placement_note(vm: &DesiredVm, live: &LiveState) -> Option<String> {
     let disk = live
         .vms
         .get(&vm.vmid.get())?
@@ -692,13 +690,29 @@ fn storage_note(vm: &DesiredVm, live: &LiveState) -> Option<String> {
         .as_ref()?
         .values
         .get("scsi0")?;
-    let storage = disk.split(':').next()?;
-    (storage != vm.storage).then(|| {
-        format!(
-            "vm.{}'s disk is on storage `{storage}`, the fleet says `{}`; nixgold does not move disks: `--replace vm.{}` re-creates the VM there.",
-            vm.name, vm.storage, vm.name
-        )
-    })
+    let volid = disk.split(',').next()?;
+    let storage = volid.split(':').next()?;
+    let linked = live.linked_disks.contains(volid);
+    let mode = |linked: bool| if linked { "linked" } else { "full" };
+    let found = match vm.clone {
+        CloneMode::Full if !linked && storage != vm.storage => format!(
+            "vm.{}'s disk is on storage `{storage}`, the fleet says `{}`",
+            vm.name, vm.storage
+        ),
+        CloneMode::Full | CloneMode::Linked if linked != (vm.clone == CloneMode::Linked) => {
+            format!(
+                "vm.{} is a {} clone, the fleet says {}",
+                vm.name,
+                mode(linked),
+                mode(!linked)
+            )
+        }
+        _ => return None,
+    };
+    Some(format!(
+        "{found}; nixgold does not move disks: `--replace vm.{}` re-creates the VM that way.",
+        vm.name
+    ))
 }
 
 /// The change that builds generation `n` of `t.image` on `t.node`.

@@ -403,7 +403,7 @@ fn replace_recreates_a_vm_that_matches_the_fleet() {
     assert_contains(
         &text,
         &[
-            "Note: vm.web-01's disk is on storage `tank`, the fleet says `local-lvm`; nixgold does not move disks: `--replace vm.web-01` re-creates the VM there.",
+            "Note: vm.web-01's disk is on storage `tank`, the fleet says `local-lvm`; nixgold does not move disks: `--replace vm.web-01` re-creates the VM that way.",
         ],
     );
     let (code, out, _) = s.run(&["drift", "fleet.yaml"]);
@@ -414,6 +414,22 @@ fn replace_recreates_a_vm_that_matches_the_fleet() {
     let (code, text) = s.plan();
     assert_eq!(code, 0);
     assert!(!text.contains("Note:"), "{text}");
+    // Full to linked: noted the same way, and --replace makes it so.
+    let linked = WEB_01.replace(
+        "    onboot: true\n",
+        "    onboot: true\n    clone: linked\n",
+    );
+    s.set_fleet(&base_fleet(&linked));
+    let (code, text) = s.plan();
+    assert_eq!(code, 0, "{text}");
+    assert_contains(
+        &text,
+        &["Note: vm.web-01 is a full clone, the fleet says linked; nixgold does not move disks"],
+    );
+    replace();
+    let (code, text) = s.plan();
+    assert_eq!(code, 0);
+    assert!(!text.contains("Note:"), "a linked clone now: {text}");
 
     let (code, _, err) = s.run(&["plan", "fleet.yaml", "--replace", "vm.nope"]);
     assert_eq!(code, 1);
@@ -769,8 +785,8 @@ fn the_api_call_count_does_not_grow_with_unmanaged_vms() {
     let small = count(0);
     assert_eq!(small, count(300), "unmanaged VMs cost no API calls");
     // resources(vm) + resources(storage) + ISO listing + config and status
-    // of the template and of the VM.
-    assert_eq!(small, 7);
+    // of the template and of the VM + the disk listing of the VM's storage.
+    assert_eq!(small, 8);
 }
 
 #[test]
