@@ -602,7 +602,18 @@ fn retire_generations(
     changes: &mut Vec<Change>,
 ) -> Vec<(String, Vec<String>)> {
     let mut retained = Vec::new();
-    let stamps: Vec<BTreeMap<String, String>> = owned(live, &fleet.fleet).map(|(_, s)| s).collect();
+    // Only linked clones hold their template (Proxmox refuses to delete a
+    // base volume a linked clone uses); full clones are independent.
+    let stamps: Vec<BTreeMap<String, String>> = owned(live, &fleet.fleet)
+        .filter(|(vm, _)| {
+            vm.config
+                .as_ref()
+                .and_then(|c| c.values.get("scsi0"))
+                .and_then(|d| d.split(',').next())
+                .is_some_and(|volid| live.linked_disks.contains(volid))
+        })
+        .map(|(_, s)| s)
+        .collect();
     for (name, image) in &fleet.images {
         let Some(entry) = desired.lock.images.get(name) else {
             continue;
@@ -658,7 +669,7 @@ fn retire_generations(
                             sensitive: false,
                         }],
                         reason: format!(
-                            "it is beyond rebuild.keep = {} and no VM uses it",
+                            "it is beyond rebuild.keep = {} and no linked clone uses it",
                             image.rebuild.keep
                         ),
                         impact: Impact::DataLoss,

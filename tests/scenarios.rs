@@ -1110,16 +1110,24 @@ fn keys_typed_before_the_installer_is_up_end_in_a_clear_error() {
     );
 }
 
+/// The build fleet keeping one generation.
+fn keep_one(packages: &str) -> String {
+    build_fleet(packages).replace(BUILD, &format!("{BUILD}    rebuild: {{ keep: 1 }}\n"))
+}
+
 #[test]
-fn generations_beyond_keep_go_once_no_vm_uses_them() {
-    let keep_one = |packages: &str| {
-        build_fleet(packages).replace(BUILD, &format!("{BUILD}    rebuild: {{ keep: 1 }}\n"))
+fn generations_beyond_keep_go_once_no_linked_clone_uses_them() {
+    let linked = |packages: &str| {
+        keep_one(packages).replace(
+            "    onboot: true\n",
+            "    onboot: true\n    clone: linked\n",
+        )
     };
-    let s = Scenario::new(ClusterSpec::default(), &keep_one("\"vim\""), EMPTY_LOCK);
+    let s = Scenario::new(ClusterSpec::default(), &linked("\"vim\""), EMPTY_LOCK);
     s.converge();
-    s.set_fleet(&keep_one("\"vim\", \"htop\""));
+    s.set_fleet(&linked("\"vim\", \"htop\""));
     s.converge();
-    // Generation 1 is beyond keep = 1, but web-01 still runs on it.
+    // Generation 1 is beyond keep = 1, but web-01 is a linked clone of it.
     let (code, text) = s.plan();
     assert_eq!(code, 0, "{text}");
     assert!(
@@ -1129,7 +1137,7 @@ fn generations_beyond_keep_go_once_no_vm_uses_them() {
         "{text}"
     );
     // Move the VM to the new generation; then generation 1 can go.
-    s.set_fleet(&keep_one("\"vim\", \"htop\"").replace(
+    s.set_fleet(&linked("\"vim\", \"htop\"").replace(
         "    onboot: true\n",
         "    onboot: true\n    on_new_generation: replace\n",
     ));
@@ -1140,7 +1148,7 @@ fn generations_beyond_keep_go_once_no_vm_uses_them() {
         &text,
         &[
             "- image.golden[pve] generation 1",
-            "beyond rebuild.keep = 1 and no VM uses it",
+            "beyond rebuild.keep = 1 and no linked clone uses it",
         ],
     );
     s.converge();
@@ -1154,6 +1162,37 @@ fn generations_beyond_keep_go_once_no_vm_uses_them() {
     assert!(
         s.sim
             .inspect(|st| !st.vms.contains_key(&9400) && st.vms.contains_key(&9401))
+    );
+}
+
+#[test]
+fn a_full_clone_does_not_hold_its_generation() {
+    let s = Scenario::new(ClusterSpec::default(), &keep_one("\"vim\""), EMPTY_LOCK);
+    s.converge();
+    s.set_fleet(&keep_one("\"vim\", \"htop\""));
+    s.apply();
+    // Generation 2 is built; web-01, a full clone, still runs what it was
+    // cloned from but does not need the template: generation 1 goes.
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    assert_contains(
+        &text,
+        &[
+            "- image.golden[pve] generation 1",
+            "beyond rebuild.keep = 1 and no linked clone uses it",
+        ],
+    );
+    assert!(!text.contains("vm.web-01"), "the VM stays as it is: {text}");
+    s.converge();
+    let numbers: Vec<u32> = read_lock(&s).images["golden"]
+        .generations
+        .iter()
+        .map(|g| g.number)
+        .collect();
+    assert_eq!(numbers, [2]);
+    assert!(
+        s.sim
+            .inspect(|st| !st.vms.contains_key(&9400) && st.vms[&400].running)
     );
 }
 
