@@ -6,7 +6,7 @@
 //!    OVMF without pre-enrolled keys or SeaBIOS);
 //! 2. start it;
 //! 3. access: wait `boot_wait`, type the access sequence with `sendkey`
-//!    (`sudo -i`; then either a one-time call-home to nixgold that carries
+//!    (`sudo -i`; then either a per-build call-home to nixgold that carries
 //!    the VM's address and installs a per-build ephemeral SSH key, or a
 //!    static address and the key), retyped until the VM answers; SSH in
 //!    (host key pinned on first contact);
@@ -66,7 +66,7 @@ pub struct BuildWork {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Access {
-    /// The installer posts its address to a one-time listener: where it
+    /// The installer posts its address to a per-build listener: where it
     /// binds, and the address the VM is told.
     CallHome {
         listen: String,
