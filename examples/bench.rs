@@ -1,6 +1,7 @@
 //! Benchmarks for BENCHMARKS.md: API calls per plan, plan time and memory
-//! against fleet size, and apply time against the critical path — all
-//! against the simulator on 127.0.0.1 with its latency/worker model on.
+//! against fleet size, apply time against the critical path, and where a
+//! template build spends its time — all against the simulator on 127.0.0.1
+//! with its latency/worker model on.
 //!
 //!     cargo run --release --example bench -- BENCHMARKS.md
 //!
@@ -97,7 +98,11 @@ struct Run {
     dir: tempfile::TempDir,
 }
 
-async fn setup(vms: usize, unmanaged: usize, mut opts: SimOptions) -> Run {
+/// A simulator of `spec` whose internet serves the bench ISO, and a client.
+async fn serve(
+    spec: ClusterSpec,
+    mut opts: SimOptions,
+) -> (Simulator, pve_sim::ServerHandle, Client) {
     opts.remote_files.insert(
         "https://x.invalid/nixos.iso".into(),
         pve_sim::RemoteFile {
@@ -105,7 +110,7 @@ async fn setup(vms: usize, unmanaged: usize, mut opts: SimOptions) -> Run {
             size: 1 << 30,
         },
     );
-    let sim = Simulator::new(cluster(unmanaged), opts, SimCreds::token(TOKEN).unwrap());
+    let sim = Simulator::new(spec, opts, SimCreds::token(TOKEN).unwrap());
     let handle = sim.serve(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
     let client = Client::new(ClientOptions::new(
         handle.url(),
@@ -113,6 +118,11 @@ async fn setup(vms: usize, unmanaged: usize, mut opts: SimOptions) -> Run {
         Tls::System,
     ))
     .unwrap();
+    (sim, handle, client)
+}
+
+async fn setup(vms: usize, unmanaged: usize, opts: SimOptions) -> Run {
+    let (sim, handle, client) = serve(cluster(unmanaged), opts).await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("fleet.yaml"), fleet_yaml(vms)).unwrap();
     Run {
@@ -125,25 +135,30 @@ async fn setup(vms: usize, unmanaged: usize, mut opts: SimOptions) -> Run {
 
 async fn plan_once(run: &Run) -> (plan::Plan, Duration) {
     let t = Instant::now();
-    let loaded = fleet::load(&run.dir.path().join("fleet.yaml")).unwrap();
-    let lockfile = lock::Lockfile::parse(
-        std::path::Path::new("nixgold.lock"),
-        &lock_text(&loaded.fleet),
-    )
-    .unwrap();
+    let p = plan_for(&run.client, &run.dir.path().join("fleet.yaml"), lock_text).await;
+    (p, t.elapsed())
+}
+
+/// Loads the fleet, takes the lockfile `lock` writes for it, reads the
+/// cluster and plans.
+async fn plan_for(
+    client: &Client,
+    fleet_path: &std::path::Path,
+    lock: impl FnOnce(&fleet::Fleet) -> String,
+) -> plan::Plan {
+    let loaded = fleet::load(fleet_path).unwrap();
+    let lockfile =
+        lock::Lockfile::parse(std::path::Path::new("nixgold.lock"), &lock(&loaded.fleet)).unwrap();
     let graph = desired::build(&loaded.fleet, &lockfile).unwrap();
-    let state = live::collect(&run.client, &graph, "bench", 8)
-        .await
-        .unwrap();
-    let p = plan::plan(
+    let state = live::collect(client, &graph, "bench", 8).await.unwrap();
+    plan::plan(
         &loaded.fleet,
         &graph,
         &state,
         &graph.lock.render(),
         &PlanOptions::default(),
     )
-    .unwrap();
-    (p, t.elapsed())
+    .unwrap()
 }
 
 fn realistic() -> SimOptions {
@@ -267,8 +282,72 @@ async fn main() {
          polling: each wait backs off from 100 ms by 1.5x up to 2 s, so a step is noticed up to one interval late."
     );
 
+    build_steps(&mut md).await;
+
     match out_path {
         Some(path) => std::fs::write(&path, &md).unwrap(),
         None => print!("{md}"),
     }
+}
+
+/// One build of generation 1 from an empty cluster, step by step, with the
+/// simulator's guest on its default timings (installer console after 8 s,
+/// guest agent 3 s after boot) and `boot_wait` 10 s.
+async fn build_steps(md: &mut String) {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet_path = dir.path().join("fleet.yaml");
+    let text = fleet_yaml(1).replace(
+        "    nixos: { state_version: \"24.05\" }\n",
+        "    nixos: { state_version: \"24.05\" }\n    build: { address: { call_home: { listen: \"127.0.0.1:0\", advertise: \"127.0.0.1\" } } }\n",
+    );
+    std::fs::write(&fleet_path, text).unwrap();
+    let opts = SimOptions {
+        agent_delay: SimOptions::default().agent_delay,
+        ..realistic()
+    };
+    let (_sim, handle, client) = serve(ClusterSpec::default(), opts).await;
+    let mut p = plan_for(&client, &fleet_path, |_| {
+        "version = 1\nfleet = \"bench\"\n".to_owned()
+    })
+    .await;
+    p.changes.retain(|c| {
+        matches!(
+            c.work,
+            plan::Work::BuildTemplate { .. } | plan::Work::DownloadIso { .. }
+        )
+    });
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let report = apply(&client, &p, ApplyOptions::default(), tx).await;
+    assert!(report.succeeded(), "{report:?}");
+    let _ = writeln!(
+        md,
+        "\n## Where a template build spends its time\n\nGeneration 1 from an empty cluster on the simulated guest \
+         (installer console after 8 s, guest agent 3 s after boot, `boot_wait` 10 s, 20 ms between typed keys), \
+         after the ISO download. Each step is a step of apply with its own deadline.\n\n\
+         | step | time |\n| --- | ---: |"
+    );
+    let mut total = 0.0;
+    while let Ok(event) = rx.try_recv() {
+        if let nixgold::apply::Event::Finished {
+            address,
+            step,
+            elapsed,
+        } = event
+            && address.starts_with("image.")
+        {
+            let step = step
+                .split_once(": ")
+                .map_or(step.as_str(), |(_, s)| s)
+                .to_owned();
+            total += elapsed.as_secs_f64();
+            let _ = writeln!(md, "| {step} | {:.1} s |", elapsed.as_secs_f64());
+        }
+    }
+    let _ = writeln!(
+        md,
+        "| **total** | **{total:.1} s** |\n\nThe access step is `boot_wait` plus typing the sequence key by key \
+         (one `sendkey` call each); the reboot step waits for the installed system's guest agent. On a real host \
+         the install step (downloading and building the system) dominates."
+    );
+    handle.shutdown().await;
 }
