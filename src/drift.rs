@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use crate::live::{LiveState, fleet_tag};
 use crate::lock::Lockfile;
-use crate::plan::{Action, Change, FieldDiff, Plan, read_stamp};
+use crate::plan::{Action, Change, FieldDiff, Plan};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -128,12 +128,7 @@ impl Drift {
         let managed_by_plan: BTreeSet<&str> = findings.iter().map(|f| f.address.as_str()).collect();
         let mut extra = Vec::new();
         for vm in live.vms.values() {
-            let stamp = vm
-                .config
-                .as_ref()
-                .and_then(|c| c.values.get("description"))
-                .and_then(|d| read_stamp(d))
-                .filter(|s| s.get("fleet") == Some(&plan.fleet));
+            let stamp = vm.stamp().filter(|s| s.get("fleet") == Some(&plan.fleet));
             if let Some(stamp) = &stamp
                 && let (Some(address), Some(image), Some(generation)) = (
                     stamp.get("resource").filter(|r| r.starts_with("vm.")),
@@ -191,7 +186,7 @@ impl Drift {
             .values()
             .filter(|vm| vm.running == Some(true))
             .filter_map(|vm| {
-                let stamp = read_stamp(vm.config.as_ref()?.values.get("description")?)?;
+                let stamp = vm.stamp()?;
                 let address = stamp
                     .get("resource")
                     .filter(|r| r.starts_with("vm.") && stamp.get("fleet") == Some(&plan.fleet))?;

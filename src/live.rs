@@ -34,6 +34,19 @@ pub struct LiveVm {
     pub running: Option<bool>,
 }
 
+impl LiveVm {
+    /// The ownership stamp in its description (configs are read for
+    /// managed VMs only).
+    pub fn stamp(&self) -> Option<BTreeMap<String, String>> {
+        crate::plan::read_stamp(self.config.as_ref()?.values.get("description")?)
+    }
+
+    /// The volume id of its root disk (`scsi0`), e.g. `tank:vm-400-disk-0`.
+    pub fn disk_volid(&self) -> Option<&str> {
+        self.config.as_ref()?.values.get("scsi0")?.split(',').next()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct LiveConfig {
     pub values: BTreeMap<String, String>,
@@ -213,8 +226,7 @@ pub async fn collect(
         .values()
         .filter(|vm| !vm.template)
         .filter_map(|vm| {
-            let disk = vm.config.as_ref()?.values.get("scsi0")?;
-            let storage = disk.split(':').next()?;
+            let storage = vm.disk_volid()?.split(':').next()?;
             Some((vm.node.clone(), storage.to_owned()))
         })
         .filter(|place| live.storages.contains_key(place))

@@ -416,10 +416,7 @@ pub fn plan(
             },
             GenerationRef::ToBuild(n) => {
                 let existing = live.vms.get(&t.vmid.get());
-                let stamp = existing
-                    .and_then(|v| v.config.as_ref())
-                    .and_then(|c| c.values.get("description"))
-                    .and_then(|d| read_stamp(d));
+                let stamp = existing.and_then(LiveVm::stamp);
                 let ours = stamp.as_ref().is_some_and(|s| {
                     s.get("fleet") == Some(&fleet.fleet)
                         && s.get("resource") == Some(&format!("image.{}", t.image))
@@ -502,12 +499,7 @@ pub fn plan(
         .values()
         .filter(|v| v.tags.contains(&tag) && !v.template)
     {
-        let stamp = vm
-            .config
-            .as_ref()
-            .and_then(|c| c.values.get("description"))
-            .and_then(|d| read_stamp(d));
-        let Some(stamp) = stamp else { continue };
+        let Some(stamp) = vm.stamp() else { continue };
         if stamp.get("fleet") != Some(&fleet.fleet) {
             continue;
         }
@@ -606,10 +598,7 @@ fn retire_generations(
     // base volume a linked clone uses); full clones are independent.
     let stamps: Vec<BTreeMap<String, String>> = owned(live, &fleet.fleet)
         .filter(|(vm, _)| {
-            vm.config
-                .as_ref()
-                .and_then(|c| c.values.get("scsi0"))
-                .and_then(|d| d.split(',').next())
+            vm.disk_volid()
                 .is_some_and(|volid| live.linked_disks.contains(volid))
         })
         .map(|(_, s)| s)
@@ -694,14 +683,7 @@ fn retire_generations(
 /// instead of full or the reverse, or a full clone on another storage:
 /// nixgold does not move disks, `--replace` re-creates the VM.
 fn placement_note(vm: &DesiredVm, live: &LiveState) -> Option<String> {
-    let disk = live
-        .vms
-        .get(&vm.vmid.get())?
-        .config
-        .as_ref()?
-        .values
-        .get("scsi0")?;
-    let volid = disk.split(',').next()?;
+    let volid = live.vms.get(&vm.vmid.get())?.disk_volid()?;
     let storage = volid.split(':').next()?;
     let linked = live.linked_disks.contains(volid);
     let mode = |linked: bool| if linked { "linked" } else { "full" };
@@ -1130,9 +1112,7 @@ fn plan_vm(
         }));
     };
     let config = existing.config.as_ref();
-    let stamp = config
-        .and_then(|c| c.values.get("description"))
-        .and_then(|d| read_stamp(d));
+    let stamp = existing.stamp();
     match &stamp {
         None => {
             return Err(PlanError::Foreign {
@@ -1339,7 +1319,7 @@ pub fn owned<'a>(
         .values()
         .filter(move |v| v.tags.contains(&tag))
         .filter_map(move |v| {
-            let stamp = read_stamp(v.config.as_ref()?.values.get("description")?)?;
+            let stamp = v.stamp()?;
             (stamp.get("fleet") == Some(&fleet)).then_some((v, stamp))
         })
 }
