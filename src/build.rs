@@ -1016,25 +1016,18 @@ impl Build<'_> {
     async fn wait_for_agent(&self) -> Result<(), BuildError> {
         let (client, w) = (self.client, self.w);
         self.note("wait for the installed system's guest agent");
-        let mut last = String::new();
         loop {
             match client.agent_ping(&w.node, w.vmid).await {
-                Ok(()) => break,
+                Ok(()) => return Ok(()),
                 Err(e) if Instant::now() >= self.step_deadline => {
-                    last = e.to_string();
-                    break;
+                    return Err(step_err(
+                        "guest agent",
+                        format!("the installed system's guest agent did not answer: {e}"),
+                    ));
                 }
-                Err(e) => last = e.to_string(),
+                Err(_) => tokio::time::sleep(Duration::from_secs(1).min(self.left())).await,
             }
-            tokio::time::sleep(Duration::from_secs(1).min(self.left())).await;
         }
-        if Instant::now() >= self.step_deadline {
-            return Err(step_err(
-                "guest agent",
-                format!("the installed system's guest agent did not answer: {last}"),
-            ));
-        }
-        Ok(())
     }
 
     async fn verify(&mut self) -> Result<(), BuildError> {
