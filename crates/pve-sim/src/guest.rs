@@ -879,8 +879,7 @@ fn agent_interfaces(inner: &Inner, vmid: u32) -> Option<serde_json::Value> {
     let mut nic = vec![ipv4(&format!("{}/8", inner.guests.lease(vmid)))];
     nic.extend(addresses.iter().map(|a| ipv4(a)));
     Some(json!({ "result": [
-        {"name": "lo", "hardware-address": "00:00:00:00:00:00",
-         "ip-addresses": [{"ip-address": "127.0.0.1", "ip-address-type": "ipv4", "prefix": 8}]},
+        crate::handlers::loopback_interface(),
         {"name": "ens18", "hardware-address": mac, "ip-addresses": nic},
     ]}))
 }

@@ -912,19 +912,24 @@ pub(crate) fn agent_enabled(config: &VmConfig) -> bool {
         .is_some_and(|first| first == "1" || first == "enabled=1")
 }
 
-/// The guest's interfaces; whether the agent answers at all was checked
-/// by [`crate::guest::agent_ready`].
-fn agent_network(state: &State, call: &Call) -> ApiResult {
-    let vmid = call.vmid();
-    let vm = state.vm_on(call.node(), vmid)?;
-    let mut result = vec![json!({
+/// `lo` as qemu-guest-agent reports it on every Linux guest.
+pub(crate) fn loopback_interface() -> Value {
+    json!({
         "name": "lo", "hardware-address": "00:00:00:00:00:00",
         "ip-addresses": [
             {"ip-address": "127.0.0.1", "ip-address-type": "ipv4", "prefix": 8},
             {"ip-address": "::1", "ip-address-type": "ipv6", "prefix": 128}
         ],
         "statistics": {"rx-bytes": 0, "rx-dropped": 0, "rx-errs": 0, "rx-packets": 0, "tx-bytes": 0, "tx-dropped": 0, "tx-errs": 0, "tx-packets": 0}
-    })];
+    })
+}
+
+/// The guest's interfaces; whether the agent answers at all was checked
+/// by [`crate::guest::agent_ready`].
+fn agent_network(state: &State, call: &Call) -> ApiResult {
+    let vmid = call.vmid();
+    let vm = state.vm_on(call.node(), vmid)?;
+    let mut result = vec![loopback_interface()];
     let values = vm.config.effective(true);
     for (key, value) in values.iter().filter(|(k, _)| crate::config::is_net_key(k)) {
         let n = &key[3..];
