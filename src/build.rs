@@ -30,7 +30,7 @@ use pve_api::{Client, ConfigUpdate};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::fleet::Bios;
+use crate::fleet::{Bios, StepTimeouts};
 
 /// Everything a build needs, decided by the planner.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,7 +53,7 @@ pub struct BuildWork {
     pub boot_wait_secs: u64,
     /// Deadline of the whole build.
     pub timeout_secs: u64,
-    pub timeouts: Timeouts,
+    pub timeouts: StepTimeouts,
     pub key_interval_ms: u64,
     pub access: Access,
     /// The image runs qemu-guest-agent: after the reboot nixgold asks it
@@ -527,48 +527,21 @@ impl Step {
     }
 }
 
-/// Deadlines per step, in seconds (`build.timeouts`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Timeouts {
-    pub create: u64,
-    pub start: u64,
-    pub access: u64,
-    pub install: u64,
-    pub reboot: u64,
-    pub verify: u64,
-    pub seal: u64,
-    pub power_off: u64,
-    pub template: u64,
-}
-
-impl Timeouts {
-    pub fn from_fleet(t: &crate::fleet::StepTimeouts) -> Self {
-        let s = |d: &crate::ids::HumanDuration| d.get().as_secs();
-        Timeouts {
-            create: s(&t.create),
-            start: s(&t.start),
-            access: s(&t.access),
-            install: s(&t.install),
-            reboot: s(&t.reboot),
-            verify: s(&t.verify),
-            seal: s(&t.seal),
-            power_off: s(&t.power_off),
-            template: s(&t.template),
+impl Step {
+    /// This step's deadline in `build.timeouts`.
+    pub fn timeout(self, t: &StepTimeouts) -> Duration {
+        match self {
+            Step::Create => t.create,
+            Step::Start => t.start,
+            Step::Access => t.access,
+            Step::Install => t.install,
+            Step::Reboot => t.reboot,
+            Step::Verify => t.verify,
+            Step::Seal => t.seal,
+            Step::PowerOff => t.power_off,
+            Step::Template => t.template,
         }
-    }
-
-    pub fn of(&self, step: Step) -> Duration {
-        Duration::from_secs(match step {
-            Step::Create => self.create,
-            Step::Start => self.start,
-            Step::Access => self.access,
-            Step::Install => self.install,
-            Step::Reboot => self.reboot,
-            Step::Verify => self.verify,
-            Step::Seal => self.seal,
-            Step::PowerOff => self.power_off,
-            Step::Template => self.template,
-        })
+        .get()
     }
 }
 
@@ -641,7 +614,7 @@ pub async fn run(
     let build_deadline = started + Duration::from_secs(w.timeout_secs);
     for step in Step::ALL {
         let now = Instant::now();
-        let own = w.timeouts.of(step);
+        let own = step.timeout(&w.timeouts);
         let left = build_deadline.saturating_duration_since(now);
         let (limit, setting) = if own <= left {
             (
@@ -854,7 +827,7 @@ impl Build<'_> {
             w.boot_wait_secs
         ));
         tokio::time::sleep(Duration::from_secs(w.boot_wait_secs).min(self.left())).await;
-        let window = (w.timeouts.of(Step::Access) / 4).max(Duration::from_secs(1));
+        let window = (Step::Access.timeout(&w.timeouts) / 4).max(Duration::from_secs(1));
         let mut lines = vec!["sudo -i\n".to_owned()];
         // What answers once the sequence worked.
         enum Answer {

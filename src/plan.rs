@@ -113,7 +113,7 @@ pub enum Work {
     },
     /// Build one generation of an image on one node.
     BuildTemplate {
-        build: crate::build::BuildWork,
+        build: Box<crate::build::BuildWork>,
         /// A leftover build VM of an interrupted or failed build holds the
         /// VMID: destroy it first.
         cleanup_first: bool,
@@ -781,7 +781,7 @@ fn build_change(
         services,
         boot_wait_secs: image.build.boot_wait.get().as_secs(),
         timeout_secs: image.build.timeout.get().as_secs(),
-        timeouts: crate::build::Timeouts::from_fleet(&image.build.timeouts),
+        timeouts: image.build.timeouts.clone(),
         key_interval_ms: u64::from(image.build.key_interval_ms),
         access,
         guest_agent: nixos.guest_agent,
@@ -835,7 +835,7 @@ fn build_change(
         ),
         impact: Impact::None,
         work: Work::BuildTemplate {
-            build,
+            build: Box::new(build),
             cleanup_first: leftover,
         },
     })

@@ -15,7 +15,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use ipnet::Ipv4Net;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::ids::{DiskSize, HumanDuration, NodeName, Sha256, Vmid, VmidRange};
 
@@ -259,8 +259,8 @@ pub struct Build {
     pub address: BuildAddress,
 }
 
-/// A deadline per build step (`build.timeouts`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// A deadline per build step (`build.timeouts`); carried into the plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepTimeouts {
     pub create: HumanDuration,
