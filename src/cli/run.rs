@@ -254,14 +254,17 @@ pub async fn cmd_drift(
         let s = session(fleet, lock, locked, sim, out).await?;
         let plan = compute(&s, &PlanOptions::default())?;
         let mut drift = crate::drift::Drift::new(&plan, &s.live, &s.desired.lock);
+        // One `/pending` read per running VM, concurrently (the client
+        // bounds the requests in flight), reported in VMID order.
+        let mut reads = tokio::task::JoinSet::new();
         for (address, node, vmid) in crate::drift::Drift::running_vms(&plan, &s.live) {
-            let entries = s
-                .conn
-                .client
-                .pending(&node, vmid)
-                .await
-                .map_err(Failure::from)?;
-            drift.add_pending(&address, &entries);
+            let client = s.conn.client.clone();
+            reads.spawn(async move { (vmid, address, client.pending(&node, vmid).await) });
+        }
+        let mut pending = reads.join_all().await;
+        pending.sort_by_key(|(vmid, _, _)| *vmid);
+        for (_, address, entries) in pending {
+            drift.add_pending(&address, &entries.map_err(Failure::from)?);
         }
         Ok::<_, Failure>(drift)
     }
