@@ -590,7 +590,7 @@ pub async fn run(
     w: &BuildWork,
     observe: Observer<'_>,
 ) -> Result<BuildResult, BuildError> {
-    let key = russh::keys::PrivateKey::random(&mut rand10::rng(), russh::keys::Algorithm::Ed25519)
+    let key = russh::keys::PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519)
         .map_err(|e| step_err("key", e.to_string()))?;
     let public = key
         .public_key()

@@ -239,9 +239,15 @@ pub enum PlanError {
         lock: String,
     },
     #[error(
-        "--replace {address}: the fleet has no such VM\n  hint: name a VM of the fleet as vm.NAME"
+        "--replace {address}: the fleet has no such VM\n  hint: {}",
+        near_hint(near, "name a VM of the fleet as vm.NAME")
     )]
-    UnknownReplace { address: String },
+    UnknownReplace { address: String, near: Vec<String> },
+    #[error(
+        "--target {address}: neither the fleet nor the cluster has this resource\n  hint: {}",
+        near_hint(near, "name a resource as vm.NAME, image.NAME or iso.NAME")
+    )]
+    UnknownTarget { address: String, near: Vec<String> },
     #[error(
         "{address} must be replaced ({reason}), but the fleet marks it prevent_destroy\n  hint: remove prevent_destroy to allow it, or undo the change"
     )]
@@ -288,6 +294,62 @@ pub fn read_stamp(description: &str) -> Option<BTreeMap<String, String>> {
     )
 }
 
+/// The hint of an unknown address: the near matches, or `otherwise`.
+fn near_hint(near: &[String], otherwise: &str) -> String {
+    if near.is_empty() {
+        otherwise.to_owned()
+    } else {
+        format!("did you mean {}?", near.join(", "))
+    }
+}
+
+/// Addresses among `known` that look like `address` (a typo away), closest first.
+fn near_matches<'a>(address: &str, known: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut scored: Vec<(usize, &str)> = known
+        .map(|k| (strsim::levenshtein(address, k), k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 3))
+        .collect();
+    scored.sort();
+    scored
+        .into_iter()
+        .take(3)
+        .map(|(_, k)| k.to_owned())
+        .collect()
+}
+
+/// `--target` and `--replace` addresses the run cannot mean: a target must
+/// name a resource of the fleet, or a VM of this fleet still in the cluster
+/// (to destroy it); `--replace` names a VM of the fleet.
+fn unknown_addresses(fleet: &Fleet, live: &LiveState, options: &PlanOptions) -> Vec<PlanError> {
+    let vms: Vec<String> = fleet.vms.keys().map(|n| format!("vm.{n}")).collect();
+    let stamped = live
+        .vms
+        .values()
+        .filter_map(LiveVm::stamp)
+        .filter(|s| s.get("fleet") == Some(&fleet.fleet))
+        .filter_map(|s| s.get("resource").cloned());
+    let mut targets: BTreeSet<String> = vms.iter().cloned().chain(stamped).collect();
+    targets.extend(fleet.images.keys().map(|n| format!("image.{n}")));
+    targets.extend(fleet.isos.keys().map(|n| format!("iso.{n}")));
+    let unknown_replace = options
+        .replace
+        .iter()
+        .filter(|a| !vms.contains(a))
+        .map(|a| PlanError::UnknownReplace {
+            near: near_matches(a, vms.iter().map(String::as_str)),
+            address: a.clone(),
+        });
+    let unknown_target = options
+        .targets
+        .iter()
+        .filter(|a| !targets.contains(*a))
+        .map(|a| PlanError::UnknownTarget {
+            near: near_matches(a, targets.iter().map(String::as_str)),
+            address: a.clone(),
+        });
+    unknown_replace.chain(unknown_target).collect()
+}
+
 fn targeted(options: &PlanOptions, address: &str) -> bool {
     options.targets.is_empty() || options.targets.iter().any(|t| t == address)
 }
@@ -300,15 +362,7 @@ pub fn plan(
     lock_text: &str,
     options: &PlanOptions,
 ) -> Result<Plan, Vec<PlanError>> {
-    let mut errors: Vec<PlanError> = options
-        .replace
-        .iter()
-        .filter(|a| {
-            a.strip_prefix("vm.")
-                .is_none_or(|name| !fleet.vms.contains_key(name))
-        })
-        .map(|a| PlanError::UnknownReplace { address: a.clone() })
-        .collect();
+    let mut errors = unknown_addresses(fleet, live, options);
     let mut changes = Vec::new();
     let mut notes = Vec::new();
     let tag = fleet_tag(&fleet.fleet);

@@ -437,6 +437,17 @@ fn replace_recreates_a_vm_that_matches_the_fleet() {
         err.contains("--replace vm.nope: the fleet has no such VM"),
         "{err}"
     );
+    // A typo in --target used to plan nothing and exit 0 ("No changes.").
+    let (code, out, err) = s.run(&["plan", "fleet.yaml", "--target", "vm.web-1"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        err.contains("--target vm.web-1: neither the fleet nor the cluster has this resource")
+            && err.contains("did you mean vm.web-01?"),
+        "{err}"
+    );
+    let (code, _, err) = s.run(&["plan", "fleet.yaml", "--replace", "vm.web01"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("did you mean vm.web-01?"), "{err}");
     s.set_fleet(&base_fleet(&WEB_01.replace(
         "    onboot: true\n",
         "    onboot: true\n    prevent_destroy: true\n",

@@ -72,7 +72,7 @@ fn sshd(dir: &Path, authorized: &str) -> Option<Sshd> {
 }
 
 fn key() -> russh::keys::PrivateKey {
-    russh::keys::PrivateKey::random(&mut rand10::rng(), russh::keys::Algorithm::Ed25519).unwrap()
+    russh::keys::PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519).unwrap()
 }
 
 #[tokio::test]

@@ -17,11 +17,17 @@ use crate::lock::Lockfile;
 use crate::nixos;
 use crate::problem::Problem;
 
+mod docs;
 mod run;
 mod sim;
 
 /// Exit code of a command that failed (bad input, refused change, error).
 pub const EXIT_ERROR: u8 = 1;
+
+/// Exit code of a command line nixgold cannot parse (unknown flag, missing
+/// value): `EX_USAGE` from sysexits.h, so that it never reads as 0 ("no
+/// changes") or 2 ("changes", "drift") to a script.
+pub const EXIT_USAGE: u8 = 64;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -164,6 +170,20 @@ enum Command {
     },
     /// Print the fleet file's JSON Schema (for YAML editors).
     Schema,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(
+        after_help = "Example: nixgold completions bash > ~/.local/share/bash-completion/completions/nixgold"
+    )]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page nixgold(1), or write one page per command into DIR.
+    Man {
+        /// Write nixgold.1, nixgold-plan.1, … into this directory.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// The built-in Proxmox VE simulator.
     Sim {
         #[command(subcommand)]
@@ -293,7 +313,13 @@ impl Output {
 
 /// Runs the CLI; returns the process exit code.
 pub fn run() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
+        }
+    };
     let g = &cli.global;
     let color = match g.color {
         ColorChoice::Always => true,
@@ -554,6 +580,11 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
             ));
             Ok(0)
         }
+        Command::Completions { shell } => {
+            docs::completions(*shell);
+            Ok(0)
+        }
+        Command::Man { dir } => docs::man(dir.as_deref()).map(|()| 0),
         Command::Sim { command } => sim::run(command).map(|()| 0),
     }
 }

@@ -292,7 +292,7 @@ async fn boot(inner: &Arc<Inner>, vmid: u32, mode: Mode, iso: String, started_ms
         .insert(vmid, port);
     let config = Arc::new(russh::server::Config {
         keys: vec![
-            russh::keys::PrivateKey::random(&mut rand10::rng(), russh::keys::Algorithm::Ed25519)
+            russh::keys::PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519)
                 .expect("ed25519 key"),
         ],
         auth_rejection_time: std::time::Duration::from_millis(50),

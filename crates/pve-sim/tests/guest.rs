@@ -146,7 +146,7 @@ async fn call_home(script: String) -> (String, tokio::sync::oneshot::Receiver<St
 }
 
 fn key() -> PrivateKey {
-    PrivateKey::random(&mut rand10::rng(), russh::keys::Algorithm::Ed25519).unwrap()
+    PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519).unwrap()
 }
 
 fn public(k: &PrivateKey) -> String {
