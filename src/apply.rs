@@ -335,9 +335,11 @@ async fn build_template(
     };
     let label = |step: crate::build::Step| {
         format!(
-            "generation {} (VMID {}): {}",
+            "generation {} (VMID {}): {}/{} {}",
             w.generation,
             w.vmid,
+            step.number(),
+            crate::build::Step::ALL.len(),
             step.describe()
         )
     };

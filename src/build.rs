@@ -512,6 +512,14 @@ impl Step {
         }
     }
 
+    /// The step's position in a build, from 1 (shown as `N/9`).
+    pub fn number(self) -> usize {
+        Step::ALL
+            .iter()
+            .position(|s| *s == self)
+            .map_or(0, |i| i + 1)
+    }
+
     pub fn describe(self) -> &'static str {
         match self {
             Step::Create => "create the build VM",

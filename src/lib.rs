@@ -4,7 +4,7 @@
 //! The pipeline, one module per word of DESIGN.md: [`fleet`] (what the user
 //! wrote) and [`lock`] (what is pinned, [`pin`] resolves) give the
 //! [`desired`] graph; [`live`] state is read through [`connect`]; [`plan`]
-//! diffs the two, [`render`] shows it, [`apply`] executes it; [`nixos`]
+//! diffs the two, [`render`] shows it ([`plan_json`] for programs), [`apply`] executes it; [`nixos`]
 //! renders an image's configuration. The core (fleet → desired → plan →
 //! render) is synchronous and pure; live, pin and apply are async.
 
@@ -21,5 +21,6 @@ pub mod lock;
 pub mod nixos;
 pub mod pin;
 pub mod plan;
+pub mod plan_json;
 pub mod problem;
 pub mod render;

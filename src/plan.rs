@@ -154,6 +154,11 @@ pub struct Change {
     pub reason: String,
     pub impact: Impact,
     pub work: Work,
+    /// Attributes an update leaves as they are, so that `plan --json` shows
+    /// the whole resource before and after (terraform's `before`/`after`);
+    /// the text plan shows only `fields`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unchanged: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -443,6 +448,7 @@ pub fn plan(
                     filename,
                     sha256: sha256.to_string(),
                 },
+                unchanged: BTreeMap::new(),
             });
         }
     }
@@ -590,6 +596,7 @@ pub fn plan(
                 vmid: vm.vmid,
                 node: vm.node.clone(),
             },
+            unchanged: BTreeMap::new(),
         });
     }
 
@@ -723,6 +730,7 @@ fn retire_generations(
                             node: t.node.to_string(),
                             after: build.as_ref().map(|(_, a)| a.clone()),
                         },
+                        unchanged: BTreeMap::new(),
                     });
                 } else {
                     lock.forget_replica(name, g.number, t.node.as_str());
@@ -892,6 +900,7 @@ fn build_change(
             build: Box::new(build),
             cleanup_first: leftover,
         },
+        unchanged: BTreeMap::new(),
     })
 }
 
@@ -1163,6 +1172,7 @@ fn plan_vm(
             reason: "not in the cluster".into(),
             impact: Impact::None,
             work: Work::CreateVm(work(want.clone(), true, resize_for_create, vm.start, None)),
+            unchanged: BTreeMap::new(),
         }));
     };
     let config = existing.config.as_ref();
@@ -1264,6 +1274,7 @@ fn plan_vm(
                 old_node: existing.node.clone(),
                 new,
             },
+            unchanged: BTreeMap::new(),
         }));
     }
 
@@ -1334,6 +1345,20 @@ fn plan_vm(
     if impact == Impact::NeedsReboot && spec.restart_on_change {
         impact = Impact::Restart;
     }
+    let mut unchanged: BTreeMap<String, String> = want
+        .iter()
+        .filter(|(k, _)| !set.contains_key(*k))
+        .map(|(k, v)| (k.clone(), show(k, values.get(k).unwrap_or(v))))
+        .collect();
+    unchanged.insert("vmid".into(), vm.vmid.to_string());
+    unchanged.insert("node".into(), vm.node.to_string());
+    if resize.is_none() {
+        unchanged.insert("disk".into(), vm.disk.to_string());
+    }
+    if !start {
+        let state = if running { "running" } else { "stopped" };
+        unchanged.insert("state".into(), state.into());
+    }
     let password = !values.contains_key("cipassword") && vm.password.is_some();
     if password {
         fields.push(FieldDiff {
@@ -1359,6 +1384,7 @@ fn plan_vm(
                 config.map(|c| c.digest.clone()),
             )
         }),
+        unchanged,
     }))
 }
 

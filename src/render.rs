@@ -10,8 +10,41 @@ use similar::{ChangeTag, TextDiff};
 
 use crate::plan::{Action, Change, FieldDiff, Plan, Work};
 
-/// The human rendering of `plan`.
-pub fn plan_text(plan: &Plan) -> String {
+/// The human rendering of `plan`, coloured like terraform's when `color`.
+pub fn plan_text(plan: &Plan, color: bool) -> String {
+    let text = plain_plan_text(plan);
+    if color { paint(&text) } else { text }
+}
+
+/// ANSI SGR codes: terraform's palette.
+const GREEN: &str = "\x1b[32m";
+const RED: &str = "\x1b[31m";
+const YELLOW: &str = "\x1b[33m";
+const BOLD: &str = "\x1b[1m";
+const RESET: &str = "\x1b[0m";
+
+/// Colours a rendered plan line by line, as terraform does: the `+` of a
+/// line green, `-` red, `~` yellow, `-/+` red and green; resource headers
+/// (`#`) and the summary bold.
+fn paint(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + text.len() / 4);
+    for line in text.lines() {
+        let body = line.trim_start();
+        let indent = &line[..line.len() - body.len()];
+        let (sign, rest) = body.split_once(' ').unwrap_or((body, ""));
+        let _ = match sign {
+            "-/+" => writeln!(out, "{indent}{RED}-{RESET}/{GREEN}+{RESET} {rest}"),
+            "+" => writeln!(out, "{indent}{GREEN}+{RESET} {rest}"),
+            "-" => writeln!(out, "{indent}{RED}-{RESET} {rest}"),
+            "~" => writeln!(out, "{indent}{YELLOW}~{RESET} {rest}"),
+            "#" | "Plan:" | "No" => writeln!(out, "{indent}{BOLD}{body}{RESET}"),
+            _ => writeln!(out, "{line}"),
+        };
+    }
+    out
+}
+
+fn plain_plan_text(plan: &Plan) -> String {
     let mut out = String::new();
     if plan.is_empty() {
         out.push_str("No changes. The cluster matches the fleet.\n");
@@ -81,6 +114,7 @@ pub(crate) fn write_change(change: &Change, out: &mut String) {
         reason,
         impact,
         work: _,
+        unchanged: _,
     } = change;
     let verb = match action {
         Action::Create => "will be created",
@@ -163,7 +197,7 @@ fn quote(v: &str) -> String {
 }
 
 /// The phase a change runs in, as apply orders them.
-fn phase(change: &Change) -> (usize, &'static str) {
+pub(crate) fn phase(change: &Change) -> (usize, &'static str) {
     match &change.work {
         Work::DestroyVm { .. } => (1, "destroy VMs"),
         Work::DownloadIso { .. } => (2, "download ISOs"),
@@ -174,7 +208,7 @@ fn phase(change: &Change) -> (usize, &'static str) {
 }
 
 /// What `change` waits for inside the plan.
-fn waits_for<'a>(change: &'a Change, plan: &'a Plan) -> Vec<&'a str> {
+pub(crate) fn waits_for<'a>(change: &'a Change, plan: &'a Plan) -> Vec<&'a str> {
     match &change.work {
         Work::CreateVm(w) | Work::UpdateVm(w) | Work::ReplaceVm { new: w, .. } => w
             .after

@@ -791,7 +791,7 @@ fn the_api_call_count_does_not_grow_with_unmanaged_vms() {
         s.converge();
         let (_, out, _) = s.run(&["--json", "plan", "fleet.yaml"]);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        v["api_calls"].as_u64().unwrap()
+        v["nixgold"]["api_calls"].as_u64().unwrap()
     };
     let small = count(0);
     assert_eq!(small, count(300), "unmanaged VMs cost no API calls");
@@ -1003,10 +1003,10 @@ fn builds_generation_1_from_an_empty_cluster_and_clones_from_it() {
     assert_contains(
         &log,
         &[
-            "generation 1 (VMID 9400): create the build VM…",
+            "generation 1 (VMID 9400): 1/9 create the build VM…",
             "  | [nixgold] partition",
             "  | installation finished!",
-            "generation 1 (VMID 9400): install NixOS done (",
+            "generation 1 (VMID 9400): 4/9 install NixOS done (",
         ],
     );
 }
@@ -1239,7 +1239,7 @@ fn ssh_dropping_mid_install_fails_the_build_cleanly() {
     build_fails_cleanly(
         "SSH bash => drop*1",
         &build_fleet("\"vim\""),
-        "FAILED at generation 1 (VMID 9400): install NixOS: ssh: the connection closed before `bash` finished",
+        "FAILED at generation 1 (VMID 9400): 4/9 install NixOS: ssh: the connection closed before `bash` finished",
     );
 }
 
@@ -1348,7 +1348,7 @@ fn without_a_guest_agent_a_new_lease_is_a_clear_error() {
     apply_fails_cleanly(
         &s,
         &[
-            "FAILED at generation 1 (VMID 9400): reboot into the installed system",
+            "FAILED at generation 1 (VMID 9400): 5/9 reboot into the installed system",
             "if DHCP gave the installed system another address, enable nixos.guest_agent",
         ],
     );
@@ -1486,7 +1486,7 @@ fn a_silent_guest_agent_fails_a_static_build_cleanly() {
     assert_contains(
         &out,
         &[
-            "image.golden[pve]: FAILED at generation 1 (VMID 9400): reboot into the installed system",
+            "image.golden[pve]: FAILED at generation 1 (VMID 9400): 5/9 reboot into the installed system",
             "the installed system's guest agent did not answer: proxmox error (500): QEMU guest agent is not running",
             "build.timeouts.reboot = 3s",
         ],

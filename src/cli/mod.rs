@@ -17,9 +17,12 @@ use crate::lock::Lockfile;
 use crate::nixos;
 use crate::problem::Problem;
 
+mod apply_json;
 mod docs;
 mod run;
+mod show;
 mod sim;
+mod target;
 
 /// Exit code of a command that failed (bad input, refused change, error).
 pub const EXIT_ERROR: u8 = 1;
@@ -168,6 +171,13 @@ enum Command {
         #[arg(long, value_name = "N")]
         to: Option<u32>,
     },
+    /// Show a saved plan (PLANFILE), or the managed state the lockfile
+    /// records; with --json in terraform's `show -json` shape.
+    Show {
+        /// A plan saved with `plan --out`.
+        #[arg(value_name = "PLANFILE")]
+        path: Option<PathBuf>,
+    },
     /// Print the fleet file's JSON Schema (for YAML editors).
     Schema,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -251,7 +261,10 @@ impl<E: std::error::Error> From<E> for Failure {
 }
 
 pub(crate) struct Output {
+    /// Colour on stderr (messages, errors).
     color: bool,
+    /// Colour on stdout (the plan).
+    color_stdout: bool,
     json: bool,
     quiet: bool,
     verbose: u8,
@@ -274,7 +287,8 @@ impl Output {
                 }
                 Failure::Message(m) => serde_json::json!({ "ok": false, "error": m }),
             };
-            println!("{value:#}");
+            // One line, so that it also ends a JSON Lines stream (`apply --json`).
+            println!("{value}");
             return;
         }
         let mut stderr = std::io::stderr().lock();
@@ -321,16 +335,19 @@ pub fn run() -> ExitCode {
         }
     };
     let g = &cli.global;
-    let color = match g.color {
+    // `--color always|never` wins; `auto` colours a terminal unless NO_COLOR
+    // is set to anything non-empty (https://no-color.org).
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    let color_on = |terminal: bool| match g.color {
         ColorChoice::Always => true,
         ColorChoice::Never => false,
-        ColorChoice::Auto => {
-            std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
-        }
+        ColorChoice::Auto => terminal && !no_color,
     };
+    let color = color_on(std::io::stderr().is_terminal());
     init_tracing(g.verbose, g.quiet, color);
     let out = Output {
         color,
+        color_stdout: color_on(std::io::stdout().is_terminal()),
         json: g.json,
         quiet: g.quiet,
         verbose: g.verbose,
@@ -539,6 +556,8 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
             }
             Ok(0)
         }
+        Command::Show { path: Some(path) } => show::saved_plan(path, out),
+        Command::Show { path: None } => show::state(&lock, out),
         Command::Schema => {
             print!("{}", fleet::load::json_schema());
             Ok(0)

@@ -172,6 +172,10 @@ pub struct SavedPlan {
     /// The lockfile text the plan goes with.
     pub lock_text: String,
     pub plan: Plan,
+    /// The cluster and fleet the plan was made for (absent in plans saved
+    /// before nixgold recorded it: those are refused).
+    #[serde(default)]
+    pub target: Option<super::target::PlanTarget>,
 }
 
 const SAVED_PLAN_FORMAT: &str = "nixgold-plan/1";
@@ -185,12 +189,9 @@ pub struct PlanArgs {
 
 pub fn print_plan(plan: &Plan, out: &Output) {
     if out.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(plan).expect("plans serialise")
-        );
+        println!("{:#}", crate::plan_json::plan_json(plan));
     } else {
-        print!("{}", render::plan_text(plan));
+        print!("{}", render::plan_text(plan, out.color_stdout));
         if out.verbose > 0 {
             println!("(live state read with {} API calls)", plan.api_calls);
         }
@@ -222,14 +223,16 @@ pub async fn cmd_plan(
             lock_path: lock.to_owned(),
             lock_text: s.desired.lock.render(),
             plan: plan.clone(),
+            target: Some(super::target::PlanTarget::current(sim, &s.loaded.fleet)),
         };
         let text = serde_json::to_string_pretty(&saved).expect("plans serialise");
         write_atomic(path, &text)
             .map_err(|e| Failure::Message(format!("cannot write {}: {e}", path.display())))?;
+        let command = saved.target.as_ref().map(|t| t.apply_command(path));
         out.info(&format!(
-            "saved the plan to {}; apply it with `nixgold apply {}`",
+            "saved the plan to {}; apply it with `{}`",
             path.display(),
-            path.display()
+            command.unwrap_or_default()
         ));
     }
     Ok(if args.detailed_exitcode && !plan.is_empty() {
@@ -463,6 +466,40 @@ pub fn read_saved(path: &Path) -> Option<Result<SavedPlan, Failure>> {
     })
 }
 
+/// Refuses to apply `saved` (read from `path`) to another cluster or fleet
+/// than it was planned for, or with flags that would change it.
+fn check_saved_target(
+    saved: &SavedPlan,
+    path: &Path,
+    sim: bool,
+    options: &PlanOptions,
+) -> Result<(), Failure> {
+    let flags: Vec<&str> = [
+        (!options.targets.is_empty(), "--target"),
+        (!options.replace.is_empty(), "--replace"),
+        (options.allow_destroy, "--allow-destroy"),
+    ]
+    .into_iter()
+    .filter_map(|(given, flag)| given.then_some(flag))
+    .collect();
+    if !flags.is_empty() {
+        return Err(Failure::Message(format!(
+            "{} cannot change a saved plan ({} is applied exactly as planned)\n  hint: pass {} to `nixgold plan --out` and apply the new file",
+            flags.join(", "),
+            path.display(),
+            flags.join(", ")
+        )));
+    }
+    let Some(planned) = &saved.target else {
+        return Err(Failure::Message(format!(
+            "{} does not say which cluster it was planned for (saved by an older nixgold)\n  hint: run `nixgold plan --out` again",
+            path.display()
+        )));
+    };
+    let fleet = crate::fleet::load(&saved.fleet_path).map_err(Failure::from)?;
+    planned.check(&super::target::PlanTarget::current(sim, &fleet.fleet), path)
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct ApplyArgs {
     pub auto_approve: bool,
@@ -482,6 +519,7 @@ pub async fn cmd_apply(
     let (s, plan, saved) = match read_saved(target) {
         Some(saved) => {
             let saved = saved?;
+            check_saved_target(&saved, target, sim, &args.options)?;
             let current = std::fs::read_to_string(&saved.lock_path).unwrap_or_default();
             if current != saved.lock_text {
                 return Err(Failure::Message(format!(
@@ -510,11 +548,16 @@ pub async fn cmd_apply(
     if let Some(guest_port) = s.conn.sim_guest_port() {
         localise_builds(&mut plan, guest_port);
     }
-    if !saved {
+    if out.json {
+        super::apply_json::start(&plan);
+    } else if !saved {
         print_plan(&plan, out);
     }
     if plan.is_empty() {
         plan.lock.write(&s.lock_path, locked)?;
+        if out.json {
+            super::apply_json::finish(&plan, &[]);
+        }
         return Ok(0);
     }
     if !args.auto_approve && !saved {
@@ -536,7 +579,7 @@ pub async fn cmd_apply(
     // Record allocations and pins before touching the cluster.
     plan.lock.write(&s.lock_path, locked)?;
     let (tx, rx) = mpsc::unbounded_channel();
-    let printer = tokio::spawn(print_events(rx, out.quiet));
+    let printer = tokio::spawn(print_events(rx, out.quiet, out.json));
     let mut options = ApplyOptions {
         base_dir: s.loaded.path.parent().unwrap_or(Path::new(".")).to_owned(),
         keep_failed_build: args.keep_failed_build,
@@ -596,6 +639,14 @@ pub async fn cmd_apply(
         }
         lock.write(&s.lock_path, locked)?;
     }
+    if out.json {
+        super::apply_json::finish(&plan, &report.changes);
+        return Ok(if report.succeeded() {
+            0
+        } else {
+            super::EXIT_ERROR
+        });
+    }
     let mut failed = 0;
     for c in &report.changes {
         let line = match &c.outcome {
@@ -613,50 +664,28 @@ pub async fn cmd_apply(
                 format!("  {} {}: skipped ({because})", c.action.symbol(), c.address)
             }
         };
-        if out.json {
-            continue;
-        }
         println!("{line}");
-    }
-    if out.json {
-        let items: Vec<serde_json::Value> = report
-            .changes
-            .iter()
-            .map(|c| {
-                serde_json::json!({
-                    "address": c.address,
-                    "action": c.action,
-                    "outcome": match &c.outcome {
-                        Outcome::Done => serde_json::json!({"done": true}),
-                        Outcome::Failed { step, error } => serde_json::json!({"failed": {"step": step, "error": error}}),
-                        Outcome::Skipped { because } => serde_json::json!({"skipped": because}),
-                    }
-                })
-            })
-            .collect();
-        println!("{}", serde_json::json!({ "changes": items }));
     }
     if failed > 0 {
         return Err(Failure::Message(format!(
             "{failed} change(s) did not complete\n  hint: fix the cause and run apply again: it finishes what is left"
         )));
     }
-    if !out.json {
-        println!(
-            "Apply complete: {} created, {} updated, {} replaced, {} destroyed.",
-            plan.count(plan::Action::Create),
-            plan.count(plan::Action::Update),
-            plan.count(plan::Action::Replace),
-            plan.count(plan::Action::Destroy)
-        );
-    }
+    println!(
+        "Apply complete: {} created, {} updated, {} replaced, {} destroyed.",
+        plan.count(plan::Action::Create),
+        plan.count(plan::Action::Update),
+        plan.count(plan::Action::Replace),
+        plan.count(plan::Action::Destroy)
+    );
     Ok(0)
 }
 
 /// Shows apply's events: a live view (one spinner per change) on a
 /// terminal, plain timestamped lines otherwise (CI logs, pipes).
-async fn print_events(mut rx: mpsc::UnboundedReceiver<Event>, quiet: bool) {
-    let live = !quiet && std::io::stderr().is_terminal();
+/// With `--json`, JSON Lines on stdout instead.
+async fn print_events(mut rx: mpsc::UnboundedReceiver<Event>, quiet: bool, json: bool) {
+    let live = !quiet && !json && std::io::stderr().is_terminal();
     let bars = indicatif::MultiProgress::new();
     let style = indicatif::ProgressStyle::with_template("{spinner} [{elapsed:>4}] {prefix} {msg}")
         .expect("a valid template")
@@ -664,6 +693,10 @@ async fn print_events(mut rx: mpsc::UnboundedReceiver<Event>, quiet: bool) {
     let mut spinners: std::collections::BTreeMap<String, indicatif::ProgressBar> =
         Default::default();
     while let Some(event) = rx.recv().await {
+        if json {
+            super::apply_json::event(event);
+            continue;
+        }
         if quiet {
             continue;
         }
