@@ -50,7 +50,7 @@ pub struct BuildWork {
     pub install_script: String,
     /// Services `systemctl is-active` must report.
     pub services: Vec<String>,
-    pub boot_wait_secs: u64,
+    pub boot_wait_ms: u64,
     /// Deadline of the whole build.
     pub timeout_secs: u64,
     pub timeouts: StepTimeouts,
@@ -830,11 +830,12 @@ impl Build<'_> {
     /// are lost, and every typed line is idempotent.
     async fn access(&mut self) -> Result<(), BuildError> {
         let w = self.w;
+        let boot_wait = Duration::from_millis(w.boot_wait_ms);
         self.note(&format!(
-            "wait {}s for the installer to boot",
-            w.boot_wait_secs
+            "wait {} for the installer to boot",
+            humantime::format_duration(boot_wait)
         ));
-        tokio::time::sleep(Duration::from_secs(w.boot_wait_secs).min(self.left())).await;
+        tokio::time::sleep(boot_wait.min(self.left())).await;
         let window = (Step::Access.timeout(&w.timeouts) / 4).max(Duration::from_secs(1));
         let mut lines = vec!["sudo -i\n".to_owned()];
         // What answers once the sequence worked.

@@ -202,7 +202,6 @@ impl DiskSize {
 }
 
 const SIZE_UNITS: &[(char, u64)] = &[('M', 1), ('G', 1024), ('T', 1024 * 1024)];
-const DURATION_UNITS: &[(char, u64)] = &[('s', 1), ('m', 60), ('h', 3600)];
 
 /// Parses `<whole number><unit>` into base units (`units` ascending).
 fn parse_scaled(s: &str, units: &[(char, u64)], err: impl Fn() -> IdError) -> Result<u64, IdError> {
@@ -245,7 +244,7 @@ impl fmt::Display for DiskSize {
 }
 serde_via_str!(DiskSize);
 
-/// A duration written `90s`, `10m` or `2h`.
+/// A duration written `90s`, `10m`, `1h30m` or `500ms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct HumanDuration(std::time::Duration);
 
@@ -257,19 +256,30 @@ impl HumanDuration {
 
 impl FromStr for HumanDuration {
     type Err = IdError;
+    /// `90s`, `5m`, `1h30m`, `1h 30m`, `500ms`: whole numbers with the units
+    /// the fleet schema allows (humantime, which does the arithmetic, would
+    /// also take days, weeks and more).
     fn from_str(s: &str) -> Result<Self, IdError> {
-        let secs = parse_scaled(s, DURATION_UNITS, || IdError {
+        let err = || IdError {
             what: "duration",
             value: s.to_owned(),
-            reason: "write a whole number with a unit s, m or h, e.g. 90s",
-        })?;
-        Ok(HumanDuration(std::time::Duration::from_secs(secs)))
+            reason: "write whole numbers with a unit ms, s, m or h, e.g. 90s, 1h30m or 500ms",
+        };
+        let units_ok = s
+            .split(|c: char| c.is_ascii_digit() || c == ' ')
+            .filter(|unit| !unit.is_empty())
+            .all(|unit| matches!(unit, "ms" | "s" | "m" | "h"));
+        let duration = humantime::parse_duration(s).map_err(|_| err())?;
+        if !units_ok || duration.is_zero() {
+            return Err(err());
+        }
+        Ok(HumanDuration(duration))
     }
 }
 
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        format_scaled(f, self.0.as_secs(), DURATION_UNITS)
+        write!(f, "{}", humantime::format_duration(self.0))
     }
 }
 serde_via_str!(HumanDuration);
@@ -307,12 +317,21 @@ mod tests {
     }
 
     #[test]
-    fn durations_round_trip_in_their_largest_unit() {
-        let d: HumanDuration = "120s".parse().unwrap();
-        assert_eq!(d.get().as_secs(), 120);
-        assert_eq!(d.to_string(), "2m");
-        assert_eq!("90s".parse::<HumanDuration>().unwrap().to_string(), "90s");
-        assert!("5d".parse::<HumanDuration>().is_err());
+    fn durations_take_compound_forms_and_round_trip() {
+        let parse = |s: &str| s.parse::<HumanDuration>().map(|d| d.get());
+        assert_eq!(parse("120s").unwrap().as_secs(), 120);
+        assert_eq!(parse("1h30m").unwrap().as_secs(), 5400);
+        assert_eq!(parse("1h 30m").unwrap().as_secs(), 5400);
+        assert_eq!(parse("500ms").unwrap().as_millis(), 500);
+        assert_eq!(parse("1m30s").unwrap().as_secs(), 90);
+        for bad in ["5d", "0s", "90", "1.5h", "", "m"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        for text in ["120s", "1h30m", "500ms", "90s"] {
+            let d: HumanDuration = text.parse().unwrap();
+            assert_eq!(d.to_string().parse::<HumanDuration>().unwrap(), d, "{text}");
+        }
+        assert_eq!("120s".parse::<HumanDuration>().unwrap().to_string(), "2m");
     }
 
     #[test]

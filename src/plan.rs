@@ -841,7 +841,7 @@ fn build_change(
         configuration_nix: crate::nixos::configuration_nix(&t.image, image),
         install_script: crate::nixos::install_script(&t.image, image),
         services,
-        boot_wait_secs: image.build.boot_wait.get().as_secs(),
+        boot_wait_ms: u64::try_from(image.build.boot_wait.get().as_millis()).unwrap_or(u64::MAX),
         timeout_secs: image.build.timeout.get().as_secs(),
         timeouts: image.build.timeouts.clone(),
         key_interval_ms: u64::from(image.build.key_interval_ms),

@@ -68,7 +68,15 @@ impl FleetError {
 /// Loads and contract-checks a fleet file. Semantic validation is separate
 /// (`validate::validate`) so it can report every problem at once.
 pub fn load(path: &Path) -> Result<LoadedFleet, FleetError> {
-    let json = evaluate(path, "Fleet")?;
+    let json = match evaluate(path, "fleet | nixgold_schema.Fleet") {
+        Err(FleetError::Invalid { problems, report }) => {
+            return Err(FleetError::Invalid {
+                problems: all_problems(path, problems),
+                report,
+            });
+        }
+        other => other?,
+    };
     let fleet: Fleet =
         serde_json::from_str(&json).map_err(|source| FleetError::Model { source })?;
     Ok(LoadedFleet {
@@ -93,7 +101,75 @@ pub fn json_schema() -> String {
     serde_json::to_string_pretty(&parsed).expect("JSON values serialise") + "\n"
 }
 
-fn evaluate(path: &Path, contract: &str) -> Result<String, FleetError> {
+/// At most this many contract problems are reported at once.
+const MAX_PROBLEMS: usize = 50;
+
+/// A contract problem as `schema/fleet.ncl`'s `Problems` reports it.
+#[derive(serde::Deserialize)]
+struct Found {
+    path: Vec<String>,
+    message: String,
+    notes: Vec<String>,
+}
+
+/// Every contract problem of the fleet at `path`, given the first one the
+/// contract stopped at: `Problems` lists them all as data, and `locate`
+/// checks each one's node alone so that Nickel's error gives its position.
+/// Problems come in source order; the first alone when listing fails.
+fn all_problems(path: &Path, first: Vec<Problem>) -> Vec<Problem> {
+    let Ok(json) = evaluate(path, "fleet | nixgold_schema.Problems") else {
+        return first;
+    };
+    let found: Vec<Found> = serde_json::from_str(&json).unwrap_or_default();
+    if found.len() < 2 {
+        return first;
+    }
+    let mut problems: Vec<Problem> = found
+        .iter()
+        .take(MAX_PROBLEMS)
+        .map(|f| {
+            let keys: Vec<String> = f
+                .path
+                .iter()
+                .map(|k| format!("\"{}\"", nickel_string_escape(k)))
+                .collect();
+            let expr = format!("nixgold_schema.locate [{}] fleet", keys.join(", "));
+            match evaluate(path, &expr) {
+                Err(FleetError::Invalid { problems, .. }) if !problems.is_empty() => {
+                    problems.into_iter().next().expect("not empty")
+                }
+                _ => problem(path.to_owned(), None, &f.message, f.notes.clone()),
+            }
+        })
+        .collect();
+    problems.sort_by_key(|p| (p.position.is_none(), p.position));
+    problems.dedup();
+    problems
+}
+
+/// A problem from a contract message `field.path: reason`.
+fn problem(
+    file: PathBuf,
+    position: Option<(usize, usize)>,
+    message: &str,
+    hints: Vec<String>,
+) -> Problem {
+    let (field, reason) = match message.split_once(": ") {
+        Some((field, reason)) if !field.contains(' ') => (field.to_owned(), reason.to_owned()),
+        _ => (String::new(), message.to_owned()),
+    };
+    Problem {
+        file,
+        position,
+        field,
+        reason,
+        hints,
+    }
+}
+
+/// Evaluates `expr` — in which `fleet` is the fleet file at `path` and
+/// `nixgold_schema` is `schema/fleet.ncl` — and exports it as JSON.
+fn evaluate(path: &Path, expr: &str) -> Result<String, FleetError> {
     match path.extension().and_then(OsStr::to_str) {
         Some("ncl" | "yaml" | "yml" | "json") => {}
         _ => {
@@ -107,7 +183,7 @@ fn evaluate(path: &Path, contract: &str) -> Result<String, FleetError> {
         source,
     })?;
     let source = format!(
-        "let nixgold_schema = (\n{SCHEMA_SOURCE}\n) in\n(import \"{}\") | nixgold_schema.{contract}\n",
+        "let nixgold_schema = (\n{SCHEMA_SOURCE}\n) in\nlet fleet = import \"{}\" in\n{expr}\n",
         nickel_string_escape(&absolute.to_string_lossy())
     );
     let mut program: Program<CacheImpl> = ProgramBuilder::new()
@@ -178,19 +254,7 @@ fn invalid(
             // Nickel puts its own headline first and the contract's message
             // on the last line.
             let message = d.message.lines().last().unwrap_or_default().trim();
-            let (field, reason) = match message.split_once(": ") {
-                Some((field, reason)) if !field.contains(' ') => {
-                    (field.to_owned(), reason.to_owned())
-                }
-                _ => (String::new(), message.to_owned()),
-            };
-            Problem {
-                file,
-                position,
-                field,
-                reason,
-                hints: d.notes.clone(),
-            }
+            problem(file, position, message, d.notes.clone())
         })
         .collect::<Vec<Problem>>();
     // The snippet of an inline secret would print the secret itself.
