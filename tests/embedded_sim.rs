@@ -44,7 +44,7 @@ fn the_readme_main_job_runs_on_the_embedded_simulator() {
         out.contains("Apply complete: 3 created, 0 updated, 0 replaced, 0 destroyed."),
         "{out}"
     );
-    let lock = std::fs::read_to_string(dir.path().join("sim/nixgold.lock")).unwrap();
+    let lock = std::fs::read_to_string(dir.path().join("sim/example.lock")).unwrap();
     assert!(lock.contains("[image.nixos-golden-template]"), "{lock}");
     let (code, out, _) = nixgold(dir.path(), &["--sim", "plan", fleet]);
     assert_eq!(code, 0);

@@ -167,3 +167,75 @@ fn lockfile_vmids_take_part_in_duplicate_detection() {
         "{stderr}"
     );
 }
+
+/// Copies the example fleets into a fresh directory, with the repository's
+/// (homelab) lockfile under its old default name `nixgold.lock`.
+fn two_fleets_and_an_old_lockfile() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("fleets")).unwrap();
+    for name in ["example.ncl", "multi-node.ncl"] {
+        std::fs::copy(
+            repo().join("fleets").join(name),
+            dir.path().join("fleets").join(name),
+        )
+        .unwrap();
+    }
+    std::fs::copy(
+        repo().join("fleets/example.lock"),
+        dir.path().join("nixgold.lock"),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn each_fleet_has_its_own_lockfile_beside_it() {
+    let dir = two_fleets_and_an_old_lockfile();
+    std::fs::remove_file(dir.path().join("nixgold.lock")).unwrap();
+    for (fleet, lock, name) in [
+        ("fleets/multi-node.ncl", "fleets/multi-node.lock", "lab"),
+        ("fleets/example.ncl", "fleets/example.lock", "homelab"),
+    ] {
+        let (code, _, err) = run(nixgold(dir.path()).args(["lock", fleet]));
+        assert_eq!(code, 0, "{fleet}: {err}");
+        assert!(err.contains(&format!("{lock}: updated")), "{err}");
+        let written = Lockfile::read(&dir.path().join(lock)).unwrap();
+        assert_eq!(written.fleet, name);
+    }
+    assert!(!dir.path().join("nixgold.lock").exists());
+}
+
+#[test]
+fn an_old_nixgold_lock_is_used_by_its_own_fleet_only() {
+    let dir = two_fleets_and_an_old_lockfile();
+    // The homelab lockfile no longer trips over another fleet.
+    let (code, out, err) = run(nixgold(dir.path()).args(["validate", "fleets/multi-node.ncl"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("fleet `lab` is valid"), "{out}");
+    assert!(!err.contains("nixgold.lock"), "{err}");
+    // Its own fleet keeps using it, and is told how to rename it.
+    let old = std::fs::read_to_string(dir.path().join("nixgold.lock")).unwrap();
+    let (code, _, err) = run(nixgold(dir.path()).args(["lock", "fleets/example.ncl"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("note: using nixgold.lock (fleet `homelab`), the lockfile's old default name")
+            && err.contains("`mv nixgold.lock fleets/example.lock`"),
+        "{err}"
+    );
+    assert!(err.contains("nixgold.lock: up to date"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("nixgold.lock")).unwrap(),
+        old
+    );
+    assert!(!dir.path().join("fleets/example.lock").exists());
+    // Once renamed, the note is gone.
+    std::fs::rename(
+        dir.path().join("nixgold.lock"),
+        dir.path().join("fleets/example.lock"),
+    )
+    .unwrap();
+    let (code, _, err) = run(nixgold(dir.path()).args(["lock", "fleets/example.ncl"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("old default name"), "{err}");
+    assert!(err.contains("fleets/example.lock: up to date"), "{err}");
+}

@@ -197,13 +197,17 @@ fn saved_plans_are_shown_and_apply_only_where_they_were_planned() {
     let (code, out, err) = sim(dir.path(), &["--sim", "apply", "p.json"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("Apply complete: 3 created"), "{out}");
-    let (code, state, _) = sim(dir.path(), &["--sim", "show"]);
+    let (code, state, _) = sim(dir.path(), &["--sim", "show", fleet]);
     assert_eq!(code, 0);
+    assert!(
+        state.contains("sim/example.lock"),
+        "the fleet's own lockfile: {state}"
+    );
     assert!(
         state.contains("image.nixos-golden-template: current generation 1"),
         "{state}"
     );
-    let (code, state, _) = sim(dir.path(), &["--sim", "show", "--json"]);
+    let (code, state, _) = sim(dir.path(), &["--sim", "show", fleet, "--json"]);
     assert_eq!(code, 0);
     let resources = &json(&state)["values"]["root_module"]["resources"];
     assert!(

@@ -134,7 +134,7 @@ impl Scenario {
         });
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("fleet.yaml"), fleet).unwrap();
-        std::fs::write(dir.path().join("nixgold.lock"), lock).unwrap();
+        std::fs::write(dir.path().join("fleet.lock"), lock).unwrap();
         Scenario {
             rt,
             sim,
@@ -564,7 +564,7 @@ fn drift_reports_what_changed_and_changes_nothing() {
         "/nodes/pve/qemu",
         &[("vmid", "777"), ("name", "someone-else")],
     );
-    let lock = std::fs::read_to_string(s.dir.path().join("nixgold.lock")).unwrap();
+    let lock = std::fs::read_to_string(s.dir.path().join("fleet.lock")).unwrap();
     let (code, out, err) = s.run(&["drift", "fleet.yaml", "--prometheus", prom_arg]);
     assert_eq!(code, 2, "{out}{err}");
     assert_contains(
@@ -594,7 +594,7 @@ fn drift_reports_what_changed_and_changes_nothing() {
         .inspect(|st| st.vms[&400].config.effective(false)["memory"].clone());
     assert_eq!(memory, "1024", "still what was set behind nixgold's back");
     assert_eq!(
-        std::fs::read_to_string(s.dir.path().join("nixgold.lock")).unwrap(),
+        std::fs::read_to_string(s.dir.path().join("fleet.lock")).unwrap(),
         lock
     );
     let (code, json, _) = s.run(&["drift", "fleet.yaml", "--json"]);
@@ -929,7 +929,7 @@ fn build_fleet(packages: &str) -> String {
 const EMPTY_LOCK: &str = "version = 1\nfleet = \"homelab\"\n";
 
 fn read_lock(s: &Scenario) -> nixgold::lock::Lockfile {
-    nixgold::lock::Lockfile::read(&s.dir.path().join("nixgold.lock")).unwrap()
+    nixgold::lock::Lockfile::read(&s.dir.path().join("fleet.lock")).unwrap()
 }
 
 /// The guest's command history with the per-build secrets (token, port,

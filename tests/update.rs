@@ -114,7 +114,7 @@ fn update_moves_a_pin_only_when_the_channel_has_a_new_release() {
     let ch = channels();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("fleet.yaml"), FLEET).unwrap();
-    let lock_path = dir.path().join("nixgold.lock");
+    let lock_path = dir.path().join("fleet.lock");
     std::fs::write(&lock_path, "version = 1\nfleet = \"homelab\"\n").unwrap();
     let lock = || std::fs::read_to_string(&lock_path).unwrap();
 

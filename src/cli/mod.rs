@@ -24,6 +24,9 @@ mod show;
 mod sim;
 mod target;
 
+/// The lockfile's name before each fleet had its own (`FLEET.lock`).
+const LEGACY_LOCK: &str = "nixgold.lock";
+
 /// Exit code of a command that failed (bad input, refused change, error).
 pub const EXIT_ERROR: u8 = 1;
 
@@ -51,8 +54,9 @@ struct Global {
     /// Fleet file (.ncl, .yaml, .yml or .json).
     #[arg(long, global = true, env = "NIXGOLD_FLEET", value_name = "FILE")]
     fleet: Option<PathBuf>,
-    /// Lockfile to read and update [default: nixgold.lock; with --sim:
-    /// .nixgold/sim/nixgold.lock, beside the simulated cluster].
+    /// Lockfile to read and update [default: one per fleet, NAME.lock beside
+    /// NAME.ncl; with --sim: .nixgold/sim/NAME.lock, beside the simulated
+    /// cluster].
     #[arg(long, global = true, env = "NIXGOLD_LOCK", value_name = "FILE")]
     lock: Option<PathBuf>,
     /// Refuse to change the lockfile (for CI): fail if it is out of date.
@@ -171,11 +175,11 @@ enum Command {
         #[arg(long, value_name = "N")]
         to: Option<u32>,
     },
-    /// Show a saved plan (PLANFILE), or the managed state the lockfile
-    /// records; with --json in terraform's `show -json` shape.
+    /// Show a saved plan (PLANFILE), or the managed state a fleet's
+    /// lockfile records; with --json in terraform's `show -json` shape.
     Show {
-        /// A plan saved with `plan --out`.
-        #[arg(value_name = "PLANFILE")]
+        /// A plan saved with `plan --out`, or a fleet file (its state).
+        #[arg(value_name = "PLANFILE_OR_FLEET")]
         path: Option<PathBuf>,
     },
     /// Print the fleet file's JSON Schema (for YAML editors).
@@ -383,21 +387,47 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 }
 
 impl Global {
-    /// The lockfile: given, or the default for a real or simulated cluster.
-    fn lock_path(&self) -> PathBuf {
-        self.lock.clone().unwrap_or_else(|| {
-            if self.sim {
-                run::sim_dir().join("nixgold.lock")
-            } else {
-                PathBuf::from("nixgold.lock")
-            }
-        })
+    /// The lockfile of the fleet file `fleet`: `--lock`, or one per fleet —
+    /// `NAME.lock` beside `NAME.ncl` (with `--sim`, in the simulator's
+    /// directory). A `nixgold.lock` in the current directory (the default
+    /// before) is used while it belongs to this fleet and the fleet's own
+    /// lockfile does not exist yet, with a note to rename it.
+    fn lock_for(&self, fleet: &Path, out: &Output) -> PathBuf {
+        if let Some(lock) = &self.lock {
+            return lock.clone();
+        }
+        let stem = fleet.file_stem().unwrap_or(std::ffi::OsStr::new("fleet"));
+        let (dir, legacy) = if self.sim {
+            let dir = run::sim_dir();
+            let legacy = dir.join(LEGACY_LOCK);
+            (dir, legacy)
+        } else {
+            let dir = fleet.parent().unwrap_or(Path::new("")).to_owned();
+            (dir, PathBuf::from(LEGACY_LOCK))
+        };
+        let own = dir.join(stem).with_extension("lock");
+        if own.exists() || !legacy.exists() {
+            return own;
+        }
+        let belongs = Lockfile::read(&legacy).is_ok_and(|lock| {
+            fleet::load(fleet).is_ok_and(|f| !lock.fleet.is_empty() && f.fleet.fleet == lock.fleet)
+        });
+        if !belongs {
+            return own;
+        }
+        out.info(&format!(
+            "note: using {} (fleet `{}`), the lockfile's old default name; each fleet now has its own: `mv {} {}` (or `git mv`)",
+            legacy.display(),
+            Lockfile::read(&legacy).map(|l| l.fleet).unwrap_or_default(),
+            legacy.display(),
+            own.display()
+        ));
+        legacy
     }
 }
 
 fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
     let g = &cli.global;
-    let lock = g.lock_path();
     match &cli.command {
         Command::Plan {
             fleet,
@@ -405,7 +435,7 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
             detailed_exitcode,
             scope,
         } => {
-            let path = fleet_path(g, fleet)?;
+            let (path, lock) = fleet_and_lock(g, fleet, out)?;
             let args = run::PlanArgs {
                 out: save.clone(),
                 detailed_exitcode: *detailed_exitcode,
@@ -423,6 +453,7 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
             let path = path.clone().or_else(|| g.fleet.clone()).ok_or_else(|| {
                 Failure::Message("no fleet file or saved plan given\n  hint: nixgold apply FLEET (or a file from plan --out)".into())
             })?;
+            let lock = g.lock_for(&path, out);
             let args = run::ApplyArgs {
                 auto_approve: *auto_approve,
                 keep_failed_build: *keep_failed_build,
@@ -432,11 +463,11 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
             runtime()?.block_on(run::cmd_apply(&path, &lock, g.locked, g.sim, &args, out))
         }
         Command::Update { fleet, iso } => {
-            let path = fleet_path(g, fleet)?;
+            let (path, lock) = fleet_and_lock(g, fleet, out)?;
             runtime()?.block_on(run::cmd_update(&path, &lock, g.locked, g.sim, iso, out))
         }
         Command::Drift { fleet, prometheus } => {
-            let path = fleet_path(g, fleet)?;
+            let (path, lock) = fleet_and_lock(g, fleet, out)?;
             runtime()?.block_on(run::cmd_drift(
                 &path,
                 &lock,
@@ -447,11 +478,12 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
             ))
         }
         Command::Output(arg) => {
-            let path = fleet_path(g, arg)?;
+            let (path, lock) = fleet_and_lock(g, arg, out)?;
             runtime()?.block_on(run::cmd_output(&path, &lock, g.sim, out))
         }
         Command::Validate(arg) => {
-            let (loaded, lock) = load_checked(&fleet_path(g, arg)?, &lock)?;
+            let (path, lock) = fleet_and_lock(g, arg, out)?;
+            let (loaded, lock) = load_checked(&path, &lock)?;
             let f = &loaded.fleet;
             if out.json {
                 println!(
@@ -486,14 +518,15 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
             format,
             plan: true,
         } => {
-            let path = fleet_path(g, fleet)?;
+            let (path, lock) = fleet_and_lock(g, fleet, out)?;
             let text = *format == GraphFormat::Text;
             runtime()?.block_on(run::cmd_plan_order(
                 &path, &lock, g.locked, g.sim, text, out,
             ))
         }
         Command::Graph { fleet, format, .. } => {
-            let (loaded, lock) = load_checked(&fleet_path(g, fleet)?, &lock)?;
+            let (path, lock) = fleet_and_lock(g, fleet, out)?;
+            let (loaded, lock) = load_checked(&path, &lock)?;
             let desired = desired::build(&loaded.fleet, &lock)?;
             note_lock_drift(&desired, &lock, out);
             if out.json {
@@ -507,7 +540,8 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Render { fleet, image } => {
-            let (loaded, _lock) = load_checked(&fleet_path(g, fleet)?, &lock)?;
+            let (path, lock) = fleet_and_lock(g, fleet, out)?;
+            let (loaded, _lock) = load_checked(&path, &lock)?;
             let Some(spec) = loaded.fleet.images.get(image) else {
                 let known: Vec<&str> = loaded.fleet.images.keys().map(String::as_str).collect();
                 return Err(Failure::Message(format!(
@@ -535,7 +569,8 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Lock(arg) => {
-            let (loaded, current) = load_checked(&fleet_path(g, arg)?, &lock)?;
+            let (path, lock) = fleet_and_lock(g, arg, out)?;
+            let (loaded, current) = load_checked(&path, &lock)?;
             let desired = desired::build(&loaded.fleet, &current)?;
             let changed = desired.lock.write(&lock, g.locked)?;
             let unresolved = unresolved_isos(&desired);
@@ -556,14 +591,24 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
             }
             Ok(0)
         }
-        Command::Show { path: Some(path) } => show::saved_plan(path, out),
-        Command::Show { path: None } => show::state(&lock, out),
+        Command::Show { path } => {
+            let path = path.clone().or_else(|| g.fleet.clone());
+            match path.as_deref().map(|p| (p, run::read_saved(p).is_some())) {
+                Some((plan, true)) => show::saved_plan(plan, out),
+                Some((fleet, false)) => show::state(&g.lock_for(fleet, out), out),
+                None => match &g.lock {
+                    Some(lock) => show::state(lock, out),
+                    None => Err(Failure::Message("no saved plan, fleet file or lockfile given\n  hint: nixgold show PLANFILE, nixgold show FLEET, or --lock FILE".into())),
+                },
+            }
+        }
         Command::Schema => {
             print!("{}", fleet::load::json_schema());
             Ok(0)
         }
         Command::Rollback { fleet, image, to } => {
-            let (_loaded, mut current) = load_checked(&fleet_path(g, fleet)?, &lock)?;
+            let (path, lock) = fleet_and_lock(g, fleet, out)?;
+            let (_loaded, mut current) = load_checked(&path, &lock)?;
             let entry = current.images.get_mut(image).ok_or_else(|| {
                 Failure::Message(format!(
                     "image `{image}` has no generations in {}",
@@ -610,6 +655,13 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
 
 fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
+}
+
+/// The fleet file of a command, and its lockfile.
+fn fleet_and_lock(g: &Global, arg: &FleetArg, out: &Output) -> Result<(PathBuf, PathBuf), Failure> {
+    let path = fleet_path(g, arg)?;
+    let lock = g.lock_for(&path, out);
+    Ok((path, lock))
 }
 
 fn fleet_path(g: &Global, arg: &FleetArg) -> Result<PathBuf, Failure> {
