@@ -64,6 +64,14 @@ pub struct Vm {
     pub config: VmConfig,
     #[serde(default)]
     pub running: bool,
+    /// When `running` last changed and what it was before: the
+    /// `/cluster/resources` status comes from pvestatd's RRD broadcast, so it
+    /// shows the old state for a while (`extract_vm_stats` in pve-manager's
+    /// `PVE/API2Tools.pm` reads `status` from the RRD entry).
+    #[serde(default)]
+    pub status_changed_ms: u64,
+    #[serde(default)]
+    pub was_running: bool,
     /// When the VM started (ms), for uptime and the guest agent.
     #[serde(default)]
     pub started_ms: u64,
@@ -87,10 +95,22 @@ impl Vm {
             node: node.to_owned(),
             config,
             running: false,
+            status_changed_ms: 0,
+            was_running: false,
             started_ms: 0,
             created_ms: now_ms(),
             console: Vec::new(),
             installed: None,
+        }
+    }
+
+    /// Starts or stops it, remembering the old state for the lagging
+    /// cluster-wide status.
+    pub fn set_running(&mut self, running: bool) {
+        if self.running != running {
+            self.was_running = self.running;
+            self.status_changed_ms = now_ms();
+            self.running = running;
         }
     }
 }
@@ -290,6 +310,8 @@ impl State {
                     node: vm.node.clone(),
                     config,
                     running: vm.running && !vm.template,
+                    status_changed_ms: 0,
+                    was_running: false,
                     started_ms: now,
                     created_ms: 0,
                     console: Vec::new(),
@@ -753,7 +775,7 @@ impl State {
             Work::Start { vmid } => self.complete_start(&task.node, vmid),
             Work::Stop { vmid } => {
                 if let Some(vm) = self.vms.get_mut(&vmid) {
-                    vm.running = false;
+                    vm.set_running(false);
                     apply_pending(&mut vm.config);
                 }
                 Ok(vec![])
@@ -951,7 +973,7 @@ impl State {
         // A cold start applies pending changes, then regenerates cloud-init.
         apply_pending(&mut vm.config);
         regenerate_cloudinit(&mut vm.config);
-        vm.running = true;
+        vm.set_running(true);
         vm.started_ms = now_ms();
         vm.console.clear();
         Ok(vec![])
@@ -1229,13 +1251,19 @@ impl State {
 
     pub fn vm_resource(&self, vmid: u32, vm: &Vm, opts: &SimOptions) -> Value {
         let c = &vm.config;
-        let fresh = now_ms().saturating_sub(vm.created_ms) < opts.resources_lag.as_millis() as u64;
+        let lag = opts.resources_lag.as_millis() as u64;
+        let fresh = now_ms().saturating_sub(vm.created_ms) < lag;
+        let running = if now_ms().saturating_sub(vm.status_changed_ms) < lag {
+            vm.was_running
+        } else {
+            vm.running
+        };
         let mut entry = json!({
             "id": format!("qemu/{vmid}"),
             "vmid": vmid,
             "node": vm.node,
             "type": "qemu",
-            "status": if fresh { "unknown" } else if vm.running { "running" } else { "stopped" },
+            "status": if fresh { "unknown" } else if running { "running" } else { "stopped" },
         });
         let obj = entry.as_object_mut().expect("object");
         if !fresh {
@@ -1246,9 +1274,9 @@ impl State {
             obj.insert("template".into(), json!(u8::from(c.is_template())));
             let (cpus, mem, disk) = vm_sizes(c);
             obj.insert("maxcpu".into(), json!(cpus));
-            obj.insert("cpu".into(), json!(if vm.running { 0.0123 } else { 0.0 }));
+            obj.insert("cpu".into(), json!(if running { 0.0123 } else { 0.0 }));
             obj.insert("maxmem".into(), json!(mem));
-            obj.insert("mem".into(), json!(if vm.running { mem / 4 } else { 0 }));
+            obj.insert("mem".into(), json!(if running { mem / 4 } else { 0 }));
             obj.insert("maxdisk".into(), json!(disk));
             obj.insert("disk".into(), json!(0));
             obj.insert("netin".into(), json!(0));

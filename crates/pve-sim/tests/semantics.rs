@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{default_sim, fast, start, urlencode};
+use common::{Reply, default_sim, fast, start, urlencode};
 use pve_sim::cluster::StorageSpec;
 use pve_sim::{ClusterSpec, RemoteFile, SimOptions};
 use serde_json::Value;
@@ -593,6 +593,37 @@ async fn cloud_init_is_regenerated_at_start_and_dumped_like_proxmox() {
     assert!(
         exit.contains("cloud-init drive is already attached"),
         "{exit}"
+    );
+}
+
+#[tokio::test]
+async fn the_cluster_status_of_a_vm_lags_behind_a_start() {
+    // pve-manager `PVE/API2Tools.pm` `extract_vm_stats`: `/cluster/resources`
+    // takes a VM's status from pvestatd's RRD broadcast, not from the node;
+    // `status/current` (qemu-server `vmstatus`) is fresh.
+    let mut opts: SimOptions = fast();
+    opts.resources_lag = Duration::from_secs(30);
+    let mut spec = ClusterSpec::default();
+    spec.vms.push(pve_sim::cluster::VmSpec {
+        vmid: 100,
+        node: "pve".into(),
+        config: [("memory".to_owned(), "512".to_owned())].into(),
+        template: false,
+        running: false,
+    });
+    let s = start(spec, opts).await;
+    let listed = |r: &Reply| r.data()[0]["status"].as_str().unwrap().to_owned();
+    assert_eq!(
+        listed(&s.get("/cluster/resources?type=vm").await),
+        "stopped"
+    );
+    assert_eq!(s.run("/nodes/pve/qemu/100/status/start", &[]).await, "OK");
+    let current = s.get("/nodes/pve/qemu/100/status/current").await;
+    assert_eq!(current.data()["status"], "running");
+    assert_eq!(
+        listed(&s.get("/cluster/resources?type=vm").await),
+        "stopped",
+        "the listing still shows the last broadcast"
     );
 }
 
