@@ -859,6 +859,29 @@ fn apply_survives_faults_and_finishes_on_rerun_without_duplicates() {
 }
 
 #[test]
+fn lock_timeouts_on_clones_lower_the_concurrency_and_every_clone_goes_through() {
+    let vms: String = (1..=6)
+        .map(|i| format!("  web-0{i}:\n    image: golden\n"))
+        .collect();
+    let s = Scenario::new(single_node(), &base_fleet(&vms), &golden_lock());
+    s.sim.options().faults.add(
+        "POST /nodes/*/qemu/*/clone => lock-timeout*4"
+            .parse()
+            .unwrap(),
+    );
+    let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("lock contention: at most 1 such clones at once now"),
+        "the limit of the template's clones was halved down to one:\n{err}"
+    );
+    assert!(!err.contains("FAILED"), "{err}");
+    assert!(out.contains("7 created"), "the ISO and six VMs: {out}");
+    let (code, text) = s.plan();
+    assert_eq!(code, 0, "converged:\n{text}");
+}
+
+#[test]
 fn a_kill_between_clone_and_start_is_finished_by_the_next_apply() {
     let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
     // The start task hangs; kill nixgold while it waits for it.

@@ -210,7 +210,10 @@ pub struct Task {
     /// holders may run, exclusive ones wait.
     #[serde(default)]
     pub shared: Vec<u32>,
-    /// Storage lock (`storage@node` or `storage`) held while it runs.
+    /// The storage (`storage@node` or `storage`) whose bandwidth a full
+    /// clone's copy uses while it runs. Not a lock: pve-storage takes
+    /// `cluster_lock_storage` only around `alloc_image` (`vdisk_alloc` in
+    /// `PVE/Storage.pm`), and qemu-server's `clone_disk` copies after that.
     pub holds_storage: Option<String>,
     /// An injected failure: the worker ends with this error, no effect.
     #[serde(default)]
@@ -595,7 +598,6 @@ impl State {
             format!("UPID:{node}:{pid:08X}:{pstart:08X}:{starttime:08X}:{kind}:{id}:{user}:");
         let mut begins = now;
         let mut work = work;
-        let mut holds_storage = holds_storage;
         // Wait for the VM locks held by other workers, or time out.
         let waits = holds
             .iter()
@@ -617,29 +619,16 @@ impl State {
                 begins = until;
             }
         }
-        // A full clone holds the storage lock through alloc and copy.
-        if let Some(key) = &holds_storage
-            && let Some(until) = self.storage_busy_until(key)
-            && until > begins
+        // A full clone's copy shares the target storage's bandwidth with the
+        // other copies: queued behind them (the same makespan as fair
+        // sharing). It never waits for the storage *lock*, which Proxmox
+        // holds only while allocating the volume.
+        let holds_storage = holds_storage.filter(|_| !matches!(work, Work::Fail { .. }));
+        if let Some(until) = holds_storage
+            .as_deref()
+            .and_then(|key| self.storage_busy_until(key))
         {
-            if until - begins > opts.storage_lock_timeout.as_millis() as u64 {
-                let storage = key.split('@').next().unwrap_or(key);
-                let shared = self.spec.storage(storage).is_some_and(|s| s.shared);
-                let reason = if shared {
-                    format!("cfs-lock 'storage-{storage}' error: got lock request timeout")
-                } else {
-                    format!(
-                        "can't lock file '/var/lock/pve-manager/pve-storage-{storage}' - got timeout"
-                    )
-                };
-                begins += opts.storage_lock_timeout.as_millis() as u64;
-                work = Work::Fail {
-                    message: format!("clone failed: {reason}"),
-                };
-                holds_storage = None;
-            } else {
-                begins = until;
-            }
+            begins = begins.max(until);
         }
         let duration = opts.task_duration(&kind).as_millis() as u64;
         let (ends_ms, injected) = match fault {
