@@ -815,7 +815,7 @@ fn a_lagging_cluster_status_does_not_start_a_running_vm_again() {
     let (_, out, _) = s.run(&["--json", "plan", "fleet.yaml"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
-        v["api_calls"].as_u64().unwrap(),
+        v["nixgold"]["api_calls"].as_u64().unwrap(),
         7,
         "the budget of 6 plus one status read: the new VM is 'unknown' in the listing"
     );
