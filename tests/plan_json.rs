@@ -23,15 +23,7 @@ fn sim(dir: &Path, args: &[&str]) -> (i32, String, String) {
 /// Runs the consumer script on `plan`; None when Python's jsonschema is
 /// missing outside CI.
 fn consume(dir: &Path, plan: &str) -> Option<String> {
-    let probe = std::process::Command::new("python3")
-        .args(["-c", "import jsonschema"])
-        .output();
-    if !matches!(probe, Ok(ref o) if o.status.success()) {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "python3 with jsonschema is required in CI"
-        );
-        eprintln!("python3 jsonschema not available: skipping the plan consumer");
+    if !common::python_has("jsonschema") {
         return None;
     }
     let file = dir.join("consumed-plan.json");

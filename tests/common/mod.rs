@@ -38,3 +38,21 @@ pub fn run(cmd: &mut Command) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Whether `python3` can import `modules` (comma-separated). Required in CI
+/// (`.ci/run` installs them); elsewhere a missing module skips the check,
+/// saying so.
+pub fn python_has(modules: &str) -> bool {
+    let probe = std::process::Command::new("python3")
+        .args(["-c", &format!("import {modules}")])
+        .output();
+    if matches!(probe, Ok(ref o) if o.status.success()) {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "python3 with {modules} is required in CI"
+    );
+    eprintln!("python3 {modules} not available: skipping this check");
+    false
+}
