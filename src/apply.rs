@@ -27,6 +27,9 @@ use crate::connect::read_secret;
 use crate::limit::AdaptiveLimit;
 use crate::plan::{Action, Change, Plan, VmWork, Work};
 
+/// How often a running download's task log is read for its progress.
+const DOWNLOAD_POLL: Duration = Duration::from_millis(500);
+
 #[derive(Debug, Clone)]
 pub struct ApplyOptions {
     /// Changes in flight at once.
@@ -202,6 +205,29 @@ impl Ctx {
                         step: step.to_owned(),
                         error: e.to_string(),
                     });
+                }
+            }
+        }
+    }
+
+    /// Waits for a download task, reporting its progress from the task log
+    /// (read every `DOWNLOAD_POLL`, from where the last read ended).
+    async fn wait_download(&self, address: &str, upid: &Upid) -> Result<(), ApiError> {
+        let done = self.wait(upid);
+        tokio::pin!(done);
+        let mut progress = crate::download::DownloadProgress::default();
+        let mut seen = 0;
+        loop {
+            tokio::select! {
+                result = &mut done => return result,
+                () = tokio::time::sleep(DOWNLOAD_POLL) => {
+                    let Ok((lines, _)) = self.client.task_log(upid, seen, 0).await else {
+                        continue;
+                    };
+                    seen += lines.len() as u64;
+                    if let Some(line) = lines.iter().filter_map(|l| progress.feed(&l.t)).last() {
+                        self.emit(Event::Progress { address: address.to_owned(), line });
+                    }
                 }
             }
         }
@@ -456,7 +482,7 @@ async fn run_vm_change(ctx: &Ctx, change: &Change) -> Result<(), Outcome> {
                         .client
                         .download_url(node, storage, url, filename, sha256)
                         .await?;
-                    ctx.wait(&upid).await
+                    ctx.wait_download(address, &upid).await
                 },
             )
             .await

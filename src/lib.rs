@@ -13,6 +13,7 @@ pub mod build;
 pub mod cli;
 pub mod connect;
 pub mod desired;
+pub mod download;
 pub mod drift;
 pub mod fleet;
 pub mod ids;

@@ -251,6 +251,48 @@ fn golden_lock() -> String {
 }
 
 #[test]
+fn an_iso_download_reports_bytes_and_percent_from_the_task_log() {
+    // Proxmox's download-url worker logs wget's `--progress=dot:giga` rows
+    // (pve-common PVE/Tools.pm, download_file_from_url); the simulator
+    // writes them as the file arrives, and apply reports them.
+    let mut opts = options();
+    opts.task_durations
+        .insert("download".into(), Duration::from_millis(2500));
+    let s = Scenario::with_options(single_node(), &base_fleet(WEB_01), &golden_lock(), opts);
+    let (code, _, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 0, "{err}");
+    let reports: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("iso.nixos[pve]: ") && l.contains(" of 1.0G ("))
+        .collect();
+    assert!(!reports.is_empty(), "no download progress in:\n{err}");
+    let percents: Vec<u32> = reports
+        .iter()
+        .filter_map(|l| l.rsplit('(').next()?.strip_suffix("%)")?.parse().ok())
+        .collect();
+    assert_eq!(percents.len(), reports.len(), "{reports:?}");
+    assert!(percents.windows(2).all(|w| w[0] <= w[1]), "{reports:?}");
+    assert!(
+        percents.iter().any(|p| *p < 100),
+        "progress before the end: {reports:?}"
+    );
+    let log = s.sim.inspect(|st| {
+        st.tasks
+            .values()
+            .find(|t| t.kind == "download")
+            .map(|t| t.log.clone())
+            .unwrap_or_default()
+    });
+    assert!(log[0].starts_with("downloading https://"), "{log:?}");
+    assert!(
+        log.iter()
+            .any(|l| l.ends_with("saved [1073741824/1073741824]")),
+        "{log:?}"
+    );
+    assert_eq!(log.last().map(String::as_str), Some("TASK OK"));
+}
+
+#[test]
 fn an_empty_cluster_gets_the_iso_and_the_vm_and_then_plans_empty() {
     let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
     let (code, text) = s.plan();

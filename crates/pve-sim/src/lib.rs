@@ -23,6 +23,7 @@ pub mod params;
 pub mod routes;
 mod server;
 pub mod state;
+mod wget;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -218,6 +218,9 @@ pub struct Task {
     /// An injected failure: the worker ends with this error, no effect.
     #[serde(default)]
     pub injected: Option<String>,
+    /// When the worker starts its work (after waiting for locks), in ms.
+    #[serde(default)]
+    pub begins_ms: u64,
 }
 
 /// A fault injected into the task a request starts.
@@ -653,6 +656,7 @@ impl State {
             holds,
             shared,
             holds_storage,
+            begins_ms: begins,
         };
         self.tasks.insert(upid.clone(), task);
         upid
@@ -661,6 +665,7 @@ impl State {
     /// Ends every task whose time has come, in end order.
     pub fn advance(&mut self, opts: &SimOptions) {
         let now = now_ms();
+        self.log_downloads(opts, now);
         loop {
             let next = self
                 .tasks
@@ -689,7 +694,8 @@ impl State {
         };
         match outcome {
             Ok(lines) => {
-                t.log.extend(lines);
+                // The whole log: a download's replaces its progress so far.
+                t.log = lines;
                 t.log.push("TASK OK".to_owned());
                 t.exitstatus = Some("OK".to_owned());
             }
@@ -814,7 +820,29 @@ impl State {
                 filename,
                 url,
                 checksum,
-            } => self.complete_download(&storage, &node, &filename, &url, checksum, opts),
+            } => {
+                let wget = |size| {
+                    let elapsed = task.ends_ms.unwrap_or_else(now_ms) - task.begins_ms;
+                    crate::wget::log(&url, &iso_path(&filename), task.pid, size, size, elapsed)
+                };
+                self.complete_download(&storage, &node, &filename, &url, checksum, opts)
+                    .map(|size| match size {
+                        Some(size) => [
+                            wget(size),
+                            vec![
+                                "calculating checksum...OK, checksum verified".to_owned(),
+                                format!(
+                                    "download of '{url}' to '{}' finished",
+                                    iso_path(&filename)
+                                ),
+                            ],
+                        ]
+                        .concat(),
+                        None => {
+                            vec!["OK, got correct file already, no need to download".to_owned()]
+                        }
+                    })
+            }
         };
         if result.is_err() {
             self.undo(task);
@@ -1082,6 +1110,47 @@ impl State {
         Ok(vec![format!("Image resized to {}", format_size(new_size))])
     }
 
+    /// Running downloads log wget's progress as the file arrives (at the
+    /// rate that ends the transfer when the task does).
+    fn log_downloads(&mut self, opts: &SimOptions, now: u64) {
+        let running = self.tasks.values().filter_map(|t| match &t.work {
+            Work::Download {
+                storage,
+                node,
+                filename,
+                url,
+                ..
+            } if t.exitstatus.is_none() && t.injected.is_none() => {
+                let ends = t.ends_ms?;
+                let spec = self.storage(storage).ok()?;
+                let exists = self
+                    .volume(spec, node, &format!("{storage}:iso/{filename}"))
+                    .is_some();
+                let size = opts.remote_file(url).filter(|_| !exists)?.size;
+                let elapsed = now.saturating_sub(t.begins_ms);
+                let done = size * elapsed.min(ends - t.begins_ms) / (ends - t.begins_ms).max(1);
+                let log = crate::wget::log(
+                    url,
+                    &iso_path(filename),
+                    t.pid,
+                    size,
+                    done.min(size - 1),
+                    elapsed,
+                );
+                Some((t.upid.clone(), log))
+            }
+            _ => None,
+        });
+        let logs: Vec<(String, Vec<String>)> = running.collect();
+        for (upid, log) in logs {
+            if let Some(t) = self.tasks.get_mut(&upid) {
+                t.log = log;
+            }
+        }
+    }
+
+    /// Downloads a fetched file of the node's storage: Some(size), or None
+    /// when the file is there with the expected checksum already.
     fn complete_download(
         &mut self,
         storage: &str,
@@ -1090,16 +1159,14 @@ impl State {
         url: &str,
         checksum: Option<(String, String)>,
         opts: &SimOptions,
-    ) -> Result<Vec<String>, String> {
+    ) -> Result<Option<u64>, String> {
         let spec = self.storage(storage).map_err(|e| e.message)?.clone();
         let volid = format!("{storage}:iso/{filename}");
-        let path = format!("/var/lib/vz/template/iso/{filename}");
+        let path = iso_path(filename);
         if let Some(existing) = self.volume(&spec, node, &volid) {
             return match &checksum {
                 Some((_, expected)) if existing.sha256.as_deref() == Some(expected.as_str()) => {
-                    Ok(vec![
-                        "OK, got correct file already, no need to download".to_owned(),
-                    ])
+                    Ok(None)
                 }
                 Some((_, expected)) => Err(format!(
                     "checksum mismatch: got '{}' != expect '{expected}', aborting",
@@ -1140,12 +1207,7 @@ impl State {
             ctime: now_ms() / 1000,
             sha256: Some(remote.sha256.clone()),
         });
-        Ok(vec![
-            format!("downloading {url} to {path}"),
-            format!("{} bytes downloaded", remote.size),
-            "calculating checksum...OK, checksum verified".to_owned(),
-            format!("download of '{url}' to '{path}' finished"),
-        ])
+        Ok(Some(remote.size))
     }
 
     // ----- config writes -------------------------------------------------
@@ -1482,6 +1544,11 @@ fn uuid_for(vmid: u32, salt: u64) -> String {
         (h >> 4) as u16 & 0xfff,
         h & 0xffff_ffff_ffff
     )
+}
+
+/// Where a directory storage keeps an ISO (what download-url logs).
+fn iso_path(filename: &str) -> String {
+    format!("/var/lib/vz/template/iso/{filename}")
 }
 
 #[cfg(test)]
