@@ -569,6 +569,14 @@ pub fn static_address_line(address: &str, gateway: Option<&str>) -> String {
     line
 }
 
+/// What sealing runs on the installed system. cloud-init's state goes by
+/// path (what `cloud-init clean --logs` removes, canonical/cloud-init:
+/// cloudinit/cmd/clean.py `remove_artifacts`: its logs and
+/// /var/lib/cloud): NixOS puts the `cloud-init` program only on the path of
+/// its own units (nixos/modules/services/system/cloud-init.nix), and the
+/// paths simply do not exist on an image without cloud-init.
+pub const SEAL: &str = "truncate -s 0 /etc/machine-id && rm -f /etc/ssh/ssh_host_* && rm -rf /var/lib/cloud /var/log/cloud-init.log /var/log/cloud-init-output.log && rm -f /root/.ssh/authorized_keys";
+
 /// The commands that authorise the per-build key for root.
 fn key_commands(public: &str) -> [String; 4] {
     [
@@ -726,8 +734,12 @@ impl Build<'_> {
                     &w.configuration_nix,
                 )
                 .await?;
-                self.run_checked("upload install.sh", "cat > /tmp/nixgold/install.sh", &w.install_script)
-                    .await?;
+                self.run_checked(
+                    "upload install.sh",
+                    "cat > /tmp/nixgold/install.sh",
+                    &w.install_script,
+                )
+                .await?;
                 let observe = self.observe;
                 let (code, out) = self
                     .ssh()?
@@ -771,15 +783,7 @@ impl Build<'_> {
                 self.connect(self.left()).await
             }
             Step::Verify => self.verify().await,
-            Step::Seal => {
-                self.run_checked(
-                    "seal",
-                    "truncate -s 0 /etc/machine-id && rm -f /etc/ssh/ssh_host_* && cloud-init clean --logs && rm -f /root/.ssh/authorized_keys",
-                    "",
-                )
-                .await
-                .map(drop)
-            }
+            Step::Seal => self.run_checked("seal", SEAL, "").await.map(drop),
             Step::PowerOff => {
                 if let Some(ssh) = self.ssh.take() {
                     let _ = ssh.run("poweroff", "", |_| {}).await;

@@ -1507,6 +1507,73 @@ fn a_static_address_nobody_answers_on_is_a_clear_error() {
     );
 }
 
+// ----- what NixOS does with the image ---------------------------------------
+//
+// The simulated guest evaluates the rendered configuration against facts
+// read from nixpkgs (pve-sim's `nixos::facts`): NixOS's assertions fail
+// `nixos-install` with their own text, and the installed system has only
+// the programs and units NixOS would give it.
+
+/// The build fleet with `fields` added to the image's `nixos`.
+fn nixos_fleet(fields: &str) -> String {
+    build_fleet("\"vim\"").replace(
+        "packages: [\"vim\"] }",
+        &format!("packages: [\"vim\"], {fields} }}"),
+    )
+}
+
+/// Builds generation 1 of `fleet` and returns the sealed system.
+fn build_and_seal(fleet: &str) -> pve_sim::guest::Installed {
+    let s = Scenario::new(ClusterSpec::default(), fleet, EMPTY_LOCK);
+    s.converge();
+    assert_eq!(read_lock(&s).images["golden"].current, 1);
+    s.sim
+        .inspect(|st| st.vms[&9400].installed.clone())
+        .expect("the template holds the installed system")
+}
+
+/// nixos/modules/services/system/cloud-init.nix puts cloud-init only on
+/// the `path` of its own units, never in environment.systemPackages:
+/// `cloud-init clean` exits 127 on NixOS. The seal removes cloud-init's
+/// state by path instead, with or without cloud-init, agent on or off.
+#[test]
+fn sealing_works_with_and_without_cloud_init_and_the_guest_agent() {
+    for (cloud_init, agent) in [(true, true), (false, true), (true, false), (false, false)] {
+        let fleet = nixos_fleet(&format!("cloud_init: {cloud_init}, guest_agent: {agent}"));
+        let sealed = build_and_seal(&fleet);
+        assert!(
+            sealed.cloud_init_clean
+                && sealed.machine_id_empty
+                && !sealed.host_keys
+                && sealed.root_keys.is_empty(),
+            "cloud_init={cloud_init} guest_agent={agent}: {sealed:?}"
+        );
+        assert!(
+            !sealed.system.has_program("cloud-init"),
+            "NixOS does not put cloud-init on PATH"
+        );
+    }
+}
+
+/// nixos/modules/tasks/network-interfaces-systemd.nix asserts
+/// "networking.defaultGateway.interface is not optional when using
+/// networkd": a static image network names its interface on the gateway.
+#[test]
+fn a_static_image_network_installs_with_networkd() {
+    let fleet = nixos_fleet(
+        "network: { interface: ens18, address: 192.168.1.250/24, gateway: 192.168.1.1, dns: [1.1.1.1] }",
+    );
+    let sealed = build_and_seal(&fleet);
+    assert!(
+        sealed
+            .system
+            .units
+            .iter()
+            .any(|u| u.name == "systemd-networkd"),
+        "{sealed:?}"
+    );
+}
+
 /// Applies, expecting the build to fail with every needle in the report,
 /// and to leave no build VM and no half-registered generation behind.
 fn apply_fails_cleanly(s: &Scenario, needles: &[&str]) {

@@ -48,9 +48,20 @@ pub struct Installed {
     pub machine_id_empty: bool,
     pub host_keys: bool,
     pub cloud_init_clean: bool,
-    /// The configuration enabled qemu-guest-agent.
+    /// What NixOS built from the configuration: programs on `PATH`, units.
     #[serde(default)]
-    pub guest_agent: bool,
+    pub system: crate::nixos::System,
+}
+
+impl Installed {
+    /// `systemctl is-active UNIT` on the VM `vm` this system boots on.
+    pub fn unit_state(&self, unit: &str, vm: &crate::state::Vm) -> &'static str {
+        let hw = crate::nixos::Hardware {
+            agent_port: crate::handlers::agent_enabled(&vm.config),
+            cloud_init_drive: vm.config.drives().any(|(_, v)| v.contains("cloudinit")),
+        };
+        self.system.unit_state(unit, hw)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -777,7 +788,16 @@ pub(crate) fn agent_ready(
     }
     match inner.guests.running.lock().expect("guests").get(&vmid) {
         Some(g) if g.mode == Mode::Installer => Err(not_running()),
-        Some(_) if !vm.installed.as_ref().is_some_and(|i| i.guest_agent) => Err(not_running()),
+        // The installed system's agent runs only if its configuration
+        // enables the unit (and the VM has the agent's port).
+        Some(_)
+            if vm
+                .installed
+                .as_ref()
+                .is_none_or(|i| i.unit_state("qemu-guest-agent", vm) != "active") =>
+        {
+            Err(not_running())
+        }
         _ => Ok(()),
     }
 }
@@ -1004,11 +1024,14 @@ fn execute_one(
                     }
                 }
             }
-            let errors = rnix::Root::parse(&config).errors().to_vec();
-            if let Some(e) = errors.first() {
-                out.push_str(&format!("error: syntax error in configuration.nix: {e}\n"));
-                return 1;
-            }
+            let system = match crate::nixos::evaluate(&config) {
+                Ok(system) => system,
+                Err(e) => {
+                    out.push_str(&e);
+                    out.push('\n');
+                    return 1;
+                }
+            };
             let version = version_from_iso(&g.iso);
             let digest: String = Sha256::digest(config.as_bytes())
                 .iter()
@@ -1024,7 +1047,6 @@ fn execute_one(
                 Vec::new()
             };
             drop(guests);
-            let guest_agent = config.contains("services.qemuGuest.enable = true;");
             let installed = Installed {
                 nixos_version: version.clone(),
                 system_path: format!("/nix/store/{digest}-nixos-system-nixos-{version}"),
@@ -1032,7 +1054,7 @@ fn execute_one(
                 machine_id_empty: false,
                 host_keys: true,
                 cloud_init_clean: false,
-                guest_agent,
+                system,
             };
             if let Some(vm) = inner.state.lock().expect("state").vms.get_mut(&vmid) {
                 vm.installed = Some(installed);
@@ -1051,41 +1073,71 @@ fn execute_one(
         (Mode::Installed, c) => {
             drop(guests);
             let mut state = inner.state.lock().expect("state");
-            let Some(installed) = state
-                .vms
-                .get_mut(&vmid)
-                .and_then(|vm| vm.installed.as_mut())
-            else {
-                return 255;
-            };
-            match c {
-                "nixos-version" => {
-                    out.push_str(&format!("{} (Simulated)\n", installed.nixos_version))
-                }
-                "readlink -f /run/current-system" => {
-                    out.push_str(&format!("{}\n", installed.system_path))
-                }
-                c if c.starts_with("systemctl is-active") => {
-                    for _ in c.split_whitespace().skip(2) {
-                        out.push_str("active\n");
-                    }
-                }
-                "truncate -s 0 /etc/machine-id" => installed.machine_id_empty = true,
-                "rm -f /etc/ssh/ssh_host_*" => installed.host_keys = false,
-                "cloud-init clean --logs" => installed.cloud_init_clean = true,
-                "rm -f /root/.ssh/authorized_keys" => installed.root_keys.clear(),
-                other => {
-                    out.push_str(&format!("{other}: command not found\n"));
-                    return 127;
-                }
+            match state.vms.get_mut(&vmid) {
+                Some(vm) => installed_command(vm, c, out),
+                None => 255,
             }
-            0
         }
         (Mode::Installer, other) => {
             out.push_str(&format!("{other}: command not found\n"));
             127
         }
     }
+}
+
+/// The program a command line runs: its first word, without the system
+/// profile's directory.
+fn program_of(cmd: &str) -> &str {
+    let first = cmd.split_whitespace().next().unwrap_or_default();
+    first
+        .strip_prefix("/run/current-system/sw/bin/")
+        .unwrap_or(first)
+}
+
+/// One SSH command on the installed system: programs NixOS did not put on
+/// `PATH` are not found, as in bash (exit 127).
+fn installed_command(vm: &mut crate::state::Vm, cmd: &str, out: &mut String) -> u32 {
+    let Some(installed) = vm.installed.as_ref() else {
+        return 255;
+    };
+    let program = program_of(cmd);
+    if !installed.system.has_program(program) {
+        out.push_str(&format!("bash: line 1: {program}: command not found\n"));
+        return 127;
+    }
+    if let Some(units) = cmd.strip_prefix("systemctl is-active ") {
+        let states: Vec<&str> = units
+            .split_whitespace()
+            .map(|u| installed.unit_state(u, vm))
+            .collect();
+        for state in &states {
+            out.push_str(state);
+            out.push('\n');
+        }
+        // systemctl(1): 0 when at least one of the units is active.
+        return if states.contains(&"active") { 0 } else { 3 };
+    }
+    let Some(installed) = vm.installed.as_mut() else {
+        return 255;
+    };
+    match cmd {
+        "nixos-version" => out.push_str(&format!("{} (Simulated)\n", installed.nixos_version)),
+        "readlink -f /run/current-system" => out.push_str(&format!("{}\n", installed.system_path)),
+        "truncate -s 0 /etc/machine-id" => installed.machine_id_empty = true,
+        "rm -f /etc/ssh/ssh_host_*" => installed.host_keys = false,
+        // What `cloud-init clean --logs` removes (canonical/cloud-init:
+        // cloudinit/cmd/clean.py `remove_artifacts`:
+        // the logs and the cloud_dir), by path, or cloud-init itself when
+        // the configuration put it on PATH.
+        "rm -rf /var/lib/cloud /var/log/cloud-init.log /var/log/cloud-init-output.log"
+        | "cloud-init clean --logs" => installed.cloud_init_clean = true,
+        "rm -f /root/.ssh/authorized_keys" => installed.root_keys.clear(),
+        other => {
+            out.push_str(&format!("{other}: not supported by the simulated guest\n"));
+            return 127;
+        }
+    }
+    0
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ pub mod cluster;
 mod config;
 pub mod guest;
 mod handlers;
+pub mod nixos;
 pub mod options;
 pub mod params;
 pub mod routes;
