@@ -1026,25 +1026,41 @@ impl Build<'_> {
         if w.services.is_empty() {
             return Ok(());
         }
-        let (code, states) = self
-            .ssh()?
-            .run(
-                &format!("systemctl is-active {}", w.services.join(" ")),
-                "",
-                |_| {},
-            )
-            .await?;
-        let inactive: Vec<String> = w
-            .services
-            .iter()
-            .zip(states.lines().chain(std::iter::repeat("unknown")))
-            .filter(|(_, s)| *s != "active")
-            .map(|(svc, s)| format!("{svc} is {s}"))
-            .collect();
-        if code != 0 || !inactive.is_empty() {
+        self.check_services().await
+    }
+
+    /// `systemctl is-active` until no service is still starting, then every
+    /// one must be `active`. A `Type=oneshot` unit (cloud-init's) is
+    /// `activating` until its process exits (systemd.service(5)), which can
+    /// be after sshd already answers; with `RemainAfterExit=yes` it is
+    /// `active` once it exited 0, `failed` otherwise.
+    async fn check_services(&self) -> Result<(), BuildError> {
+        let w = self.w;
+        let command = format!("systemctl is-active {}", w.services.join(" "));
+        loop {
+            let (_, out) = self.ssh()?.run(&command, "", |_| {}).await?;
+            let states: Vec<(&String, &str)> = w
+                .services
+                .iter()
+                .zip(out.lines().chain(std::iter::repeat("unknown")))
+                .collect();
+            let starting = states
+                .iter()
+                .any(|(_, s)| matches!(*s, "activating" | "reloading"));
+            if starting && Instant::now() < self.step_deadline {
+                tokio::time::sleep(Duration::from_secs(1).min(self.left())).await;
+                continue;
+            }
+            let inactive: Vec<String> = states
+                .iter()
+                .filter(|(_, s)| *s != "active")
+                .map(|(svc, s)| format!("{svc} is {s}"))
+                .collect();
+            if inactive.is_empty() {
+                return Ok(());
+            }
             return Err(step_err("verify services", inactive.join(", ")));
         }
-        Ok(())
     }
 
     fn result(&self) -> BuildResult {

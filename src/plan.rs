@@ -753,6 +753,11 @@ fn build_change(
         });
     };
     let nixos = &image.nixos;
+    // What verify asks `systemctl is-active` for. cloud-init's stages
+    // after `cloud-init.service` are left out: without a datasource (the
+    // build VM has none) cloud-final warns "Used fallback datasource" and
+    // exits 2, which NixOS's unit (no SuccessExitStatus) reports as failed
+    // on a healthy image (docs/nixos.md).
     let services: Vec<String> = [
         (nixos.openssh.enable, "sshd"),
         (nixos.guest_agent, "qemu-guest-agent"),

@@ -1574,6 +1574,46 @@ fn a_static_image_network_installs_with_networkd() {
     );
 }
 
+/// cloud-init's units are `Type=oneshot`: `activating` until cloud-init
+/// exits, which can be after sshd answers (without an agent to wait for,
+/// verify runs right after the reboot). Verify waits for them to finish
+/// instead of failing a healthy image.
+#[test]
+fn verify_waits_for_oneshot_units_to_finish() {
+    let mut opts = options();
+    opts.units_settle = Duration::from_millis(2500);
+    let fleet = nixos_fleet("guest_agent: false");
+    let s = Scenario::with_options(ClusterSpec::default(), &fleet, EMPTY_LOCK, opts);
+    s.converge();
+    let history = s.sim.guests().history(9400);
+    let checks = history
+        .iter()
+        .filter(|l| l.starts_with("ssh$ systemctl is-active"))
+        .count();
+    assert!(
+        checks > 1,
+        "verify asked again while cloud-init ran: {history:?}"
+    );
+}
+
+/// A system whose cloud-init unit is switched off would give clones no
+/// user, keys or network: verify fails it, naming the unit's state.
+#[test]
+fn verify_fails_an_image_whose_cloud_init_never_runs() {
+    let s = Scenario::new(
+        ClusterSpec::default(),
+        &nixos_fleet("extra_config: \"systemd.services.cloud-init.enable = false;\""),
+        EMPTY_LOCK,
+    );
+    apply_fails_cleanly(
+        &s,
+        &[
+            "FAILED at generation 1 (VMID 9400): verify the installed system",
+            "verify services: cloud-init is inactive",
+        ],
+    );
+}
+
 /// Applies, expecting the build to fail with every needle in the report,
 /// and to leave no build VM and no half-registered generation behind.
 fn apply_fails_cleanly(s: &Scenario, needles: &[&str]) {

@@ -22,6 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use russh::server::{Auth, Handler, Msg, Server as _, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId};
@@ -54,11 +55,14 @@ pub struct Installed {
 }
 
 impl Installed {
-    /// `systemctl is-active UNIT` on the VM `vm` this system boots on.
-    pub fn unit_state(&self, unit: &str, vm: &crate::state::Vm) -> &'static str {
+    /// `systemctl is-active UNIT` on the VM `vm` this system boots on,
+    /// `settle` after boot its oneshot units have finished.
+    pub fn unit_state(&self, unit: &str, vm: &crate::state::Vm, settle: Duration) -> &'static str {
         let hw = crate::nixos::Hardware {
             agent_port: crate::handlers::agent_enabled(&vm.config),
             cloud_init_drive: vm.config.drives().any(|(_, v)| v.contains("cloudinit")),
+            settled: crate::state::now_ms().saturating_sub(vm.started_ms)
+                >= settle.as_millis() as u64,
         };
         self.system.unit_state(unit, hw)
     }
@@ -791,10 +795,9 @@ pub(crate) fn agent_ready(
         // The installed system's agent runs only if its configuration
         // enables the unit (and the VM has the agent's port).
         Some(_)
-            if vm
-                .installed
-                .as_ref()
-                .is_none_or(|i| i.unit_state("qemu-guest-agent", vm) != "active") =>
+            if vm.installed.as_ref().is_none_or(|i| {
+                i.unit_state("qemu-guest-agent", vm, Duration::ZERO) != "active"
+            }) =>
         {
             Err(not_running())
         }
@@ -1074,7 +1077,7 @@ fn execute_one(
             drop(guests);
             let mut state = inner.state.lock().expect("state");
             match state.vms.get_mut(&vmid) {
-                Some(vm) => installed_command(vm, c, out),
+                Some(vm) => installed_command(vm, c, inner.opts.units_settle, out),
                 None => 255,
             }
         }
@@ -1096,7 +1099,12 @@ fn program_of(cmd: &str) -> &str {
 
 /// One SSH command on the installed system: programs NixOS did not put on
 /// `PATH` are not found, as in bash (exit 127).
-fn installed_command(vm: &mut crate::state::Vm, cmd: &str, out: &mut String) -> u32 {
+fn installed_command(
+    vm: &mut crate::state::Vm,
+    cmd: &str,
+    settle: Duration,
+    out: &mut String,
+) -> u32 {
     let Some(installed) = vm.installed.as_ref() else {
         return 255;
     };
@@ -1108,7 +1116,7 @@ fn installed_command(vm: &mut crate::state::Vm, cmd: &str, out: &mut String) -> 
     if let Some(units) = cmd.strip_prefix("systemctl is-active ") {
         let states: Vec<&str> = units
             .split_whitespace()
-            .map(|u| installed.unit_state(u, vm))
+            .map(|u| installed.unit_state(u, vm, settle))
             .collect();
         for state in &states {
             out.push_str(state);

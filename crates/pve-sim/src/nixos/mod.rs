@@ -43,6 +43,8 @@ pub struct Hardware {
     pub agent_port: bool,
     /// A cloud-init drive (NoCloud/ConfigDrive) is attached.
     pub cloud_init_drive: bool,
+    /// Boot has finished: oneshot units have exited.
+    pub settled: bool,
 }
 
 impl System {
@@ -65,6 +67,9 @@ impl System {
         };
         match unit.kind {
             UnitKind::Daemon => "active",
+            // systemd.service(5): a oneshot unit is "activating" until its
+            // process exits.
+            UnitKind::Oneshot { .. } if !hw.settled => "activating",
             UnitKind::Oneshot { .. } if code != 0 => "failed",
             UnitKind::Oneshot {
                 remain_after_exit: true,
@@ -338,6 +343,7 @@ mod tests {
     const HW: Hardware = Hardware {
         agent_port: true,
         cloud_init_drive: false,
+        settled: true,
     };
 
     #[test]
@@ -406,6 +412,12 @@ mod tests {
         assert_eq!(system.unit_state("cloud-init.service", HW), "active");
         // No datasource: "Used fallback datasource" makes the final stage exit 2.
         assert_eq!(system.unit_state("cloud-final", HW), "failed");
+        let booting = Hardware {
+            settled: false,
+            ..HW
+        };
+        assert_eq!(system.unit_state("cloud-init", booting), "activating");
+        assert_eq!(system.unit_state("sshd", booting), "active");
         let with_drive = Hardware {
             cloud_init_drive: true,
             ..HW
