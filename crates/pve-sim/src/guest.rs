@@ -1030,7 +1030,7 @@ fn execute_one(
             let system = match crate::nixos::evaluate(&config) {
                 Ok(system) => system,
                 Err(e) => {
-                    out.push_str(&e);
+                    out.push_str(&e.text);
                     out.push('\n');
                     return 1;
                 }

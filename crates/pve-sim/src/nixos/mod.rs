@@ -81,15 +81,43 @@ impl System {
     }
 }
 
+/// Why NixOS rejects a configuration: Nix's error text, and the nixpkgs
+/// file whose rule it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NixError {
+    pub text: String,
+    pub rule: &'static str,
+}
+
+impl std::fmt::Display for NixError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
 /// Evaluates `configuration.nix` as `nixos-install` would: the system, or
-/// Nix's error text.
-pub fn evaluate(text: &str) -> Result<System, String> {
-    let defs = eval::definitions(text).map_err(|e| format!("error: {e}"))?;
+/// Nix's error.
+pub fn evaluate(text: &str) -> Result<System, NixError> {
+    let defs = eval::definitions(text).map_err(|e| NixError {
+        text: format!("error: {e}"),
+        rule: "the Nix parser",
+    })?;
     let config = Config { defs: &defs };
     config.check_types()?;
     config.check_conflicts()?;
     config.check_assertions()?;
     Ok(config.system())
+}
+
+/// The value `text` literally defines for `path` (dotted), if any: the
+/// last definition, unless it is not a literal (`lib.mkForce …`).
+pub fn literal(text: &str, path: &str) -> Option<Value> {
+    let defs = eval::definitions(text).ok()?;
+    defs.iter()
+        .rev()
+        .find(|d| d.path.join(".") == path)
+        .map(|d| d.value.clone())
+        .filter(|v| !matches!(v, Value::Other(_)))
 }
 
 /// Option paths defined in `text` that no fact covers (for tests that keep
@@ -136,27 +164,33 @@ struct Config<'a> {
 }
 
 /// Nix's way of printing an evaluation error (indented continuation lines).
-fn nix_error(text: &str) -> String {
+fn nix_error(text: &str, rule: &'static str) -> NixError {
     let body = text.lines().collect::<Vec<_>>().join("\n       ");
-    format!("error:\n       {body}")
+    NixError {
+        text: format!("error:\n       {body}"),
+        rule,
+    }
 }
 
 impl Config<'_> {
     /// lib/modules.nix: "A definition for option `…' is not of type `…'".
-    fn check_types(&self) -> Result<(), String> {
+    fn check_types(&self) -> Result<(), NixError> {
         for d in self.defs {
             let Some(fact) = fact_for(&d.path) else {
                 continue;
             };
             let exact = fact.path.split('.').count() == d.path.len();
             if exact && !fits(fact.ty, &d.value) {
-                return Err(nix_error(&format!(
-                    "A definition for option `{}' is not of type `{}'. Definition values:\n- In `{}': {}",
-                    d.path.join("."),
-                    fact.ty.description(),
-                    d.module,
-                    d.value
-                )));
+                return Err(nix_error(
+                    &format!(
+                        "A definition for option `{}' is not of type `{}'. Definition values:\n- In `{}': {}",
+                        d.path.join("."),
+                        fact.ty.description(),
+                        d.module,
+                        d.value
+                    ),
+                    "lib/modules.nix (mergeDefinitions)",
+                ));
             }
         }
         Ok(())
@@ -164,7 +198,7 @@ impl Config<'_> {
 
     /// lib/options.nix `mergeEqualOption`: options that do not merge must
     /// be defined with one value (at one priority).
-    fn check_conflicts(&self) -> Result<(), String> {
+    fn check_conflicts(&self) -> Result<(), NixError> {
         let mut by_path: BTreeMap<&[String], Vec<&Definition>> = BTreeMap::new();
         for d in self.defs {
             by_path.entry(&d.path).or_default().push(d);
@@ -179,29 +213,32 @@ impl Config<'_> {
                 .iter()
                 .map(|d| format!("\n- In `{}': {}", d.module, d.value))
                 .collect();
-            return Err(nix_error(&format!(
-                "The option `{}' has conflicting definition values:{values}\nUse `lib.mkForce value` or `lib.mkDefault value` to change the priority on any of these definitions.",
-                path.join(".")
-            )));
+            return Err(nix_error(
+                &format!(
+                    "The option `{}' has conflicting definition values:{values}\nUse `lib.mkForce value` or `lib.mkDefault value` to change the priority on any of these definitions.",
+                    path.join(".")
+                ),
+                "lib/options.nix (mergeEqualOption)",
+            ));
         }
         Ok(())
     }
 
-    fn check_assertions(&self) -> Result<(), String> {
-        let failed: Vec<String> = facts::ASSERTIONS
+    fn check_assertions(&self) -> Result<(), NixError> {
+        let failed: Vec<(String, &'static str)> = facts::ASSERTIONS
             .iter()
             .flat_map(|a| {
                 self.bindings(a.when)
                     .into_iter()
                     .filter(|name| a.when.iter().all(|c| self.holds(c, name.as_deref())))
-                    .map(|name| bind(a.message, name.as_deref()))
+                    .map(|name| (bind(a.message, name.as_deref()), a.file))
             })
             .collect();
-        if failed.is_empty() {
+        let Some((_, rule)) = failed.first() else {
             return Ok(());
-        }
-        let list: String = failed.iter().map(|m| format!("\n- {m}")).collect();
-        Err(nix_error(&format!("Failed assertions:{list}")))
+        };
+        let list: String = failed.iter().map(|(m, _)| format!("\n- {m}")).collect();
+        Err(nix_error(&format!("Failed assertions:{list}"), rule))
     }
 
     /// The names `<name>` takes in `conds` (one `None` when none uses it).
@@ -351,14 +388,20 @@ mod tests {
         // nixos/modules/tasks/network-interfaces-systemd.nix
         let err = evaluate(&config("networking.defaultGateway = \"10.0.0.1\";")).unwrap_err();
         assert_eq!(
-            err,
+            err.rule,
+            "nixos/modules/tasks/network-interfaces-systemd.nix"
+        );
+        assert_eq!(
+            err.text,
             "error:\n       Failed assertions:\n       - networking.defaultGateway.interface is not optional when using networkd."
         );
         let fine =
             "networking.defaultGateway = { address = \"10.0.0.1\"; interface = \"ens18\"; };";
         assert!(evaluate(&config(fine)).is_ok());
         // nixos/modules/config/users-groups.nix, bound to the user's name.
-        let err = evaluate(&config("users.users.ops.shell = pkgs.zsh;")).unwrap_err();
+        let err = evaluate(&config("users.users.ops.shell = pkgs.zsh;"))
+            .unwrap_err()
+            .text;
         assert!(
             err.contains("- users.users.ops.shell is set to zsh, but\n       programs.zsh.enable is not true."),
             "{err}"
@@ -366,7 +409,7 @@ mod tests {
         let fine = "users.users.ops.shell = pkgs.zsh; programs.zsh.enable = true;";
         assert!(evaluate(&config(fine)).is_ok());
         // grub.nix and stage-1.nix, both at once.
-        let err = evaluate("{ ... }: { }").unwrap_err();
+        let err = evaluate("{ ... }: { }").unwrap_err().text;
         assert!(
             err.contains("- The ‘fileSystems’ option does not specify your root file system.\n       - You must set the option ‘boot.loader.grub.devices’"),
             "{err}"
@@ -378,7 +421,7 @@ mod tests {
     #[test]
     fn conflicting_and_mistyped_definitions_fail_like_the_module_system() {
         let two = "{ ... }: { imports = [ ({ ... }: { services.openssh.enable = false; }) ]; services.openssh.enable = true; boot.loader.grub.device = \"/dev/sda\"; fileSystems.\"/\".device = \"x\"; }";
-        let err = evaluate(two).unwrap_err();
+        let err = evaluate(two).unwrap_err().text;
         assert!(
             err.starts_with("error:\n       The option `services.openssh.enable' has conflicting definition values:\n       - In `/etc/nixos/configuration.nix:anon-1': false\n       - In `/etc/nixos/configuration.nix': true"),
             "{err}"
@@ -392,7 +435,8 @@ mod tests {
         let err = evaluate(&config(
             "services.openssh.settings.PermitRootLogin = \"maybe\";",
         ))
-        .unwrap_err();
+        .unwrap_err()
+        .text;
         assert!(
             err.contains("A definition for option `services.openssh.settings.PermitRootLogin' is not of type `one of \"yes\", \"without-password\", \"prohibit-password\", \"forced-commands-only\", \"no\"'."),
             "{err}"
