@@ -753,20 +753,7 @@ fn build_change(
         });
     };
     let nixos = &image.nixos;
-    // What verify asks `systemctl is-active` for. cloud-init's stages
-    // after `cloud-init.service` are left out: without a datasource (the
-    // build VM has none) cloud-final warns "Used fallback datasource" and
-    // exits 2, which NixOS's unit (no SuccessExitStatus) reports as failed
-    // on a healthy image (docs/nixos.md).
-    let services: Vec<String> = [
-        (nixos.openssh.enable, "sshd"),
-        (nixos.guest_agent, "qemu-guest-agent"),
-        (nixos.cloud_init, "cloud-init"),
-    ]
-    .into_iter()
-    .filter(|(on, _)| *on)
-    .map(|(_, s)| s.to_owned())
-    .collect();
+    let services = crate::build::verified_services(nixos);
     let build = crate::build::BuildWork {
         image: t.image.clone(),
         generation: n,
