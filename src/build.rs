@@ -575,14 +575,25 @@ pub const VERIFY_VERSION: &str = "nixos-version";
 pub const VERIFY_SYSTEM: &str = "readlink -f /run/current-system";
 pub const VERIFY_SERVICES: &str = "systemctl is-active";
 
-/// The services verify asks `systemctl is-active` for, by what the image
-/// enables. cloud-init's stages after `cloud-init.service` are left out:
-/// without a datasource (the build VM has none) cloud-final warns "Used
-/// fallback datasource" and exits 2, which NixOS's unit (no
+/// The units verify asks `systemctl is-active` for, by what the image
+/// enables: sshd (its socket, when extra_config makes sshd
+/// socket-activated with `services.openssh.startWhenNeeded = true`,
+/// nixos/modules/services/networking/ssh/sshd.nix), the guest agent,
+/// cloud-init. cloud-init's stages after `cloud-init.service` are left
+/// out: without a datasource (the build VM has none) cloud-final warns
+/// "Used fallback datasource" and exits 2, which NixOS's unit (no
 /// SuccessExitStatus) reports as failed on a healthy image (docs/nixos.md).
-pub fn verified_services(nixos: &crate::fleet::NixosConfig) -> Vec<String> {
+pub fn verified_services(name: &str, image: &crate::fleet::Image) -> Vec<String> {
+    let nixos = &image.nixos;
+    let socket = pve_sim::nixos::literal(
+        &crate::nixos::configuration_nix(name, image),
+        "services.openssh.startWhenNeeded",
+    ) == Some(pve_sim::nixos::eval::Value::Bool(true));
     [
-        (nixos.openssh.enable, "sshd"),
+        (
+            nixos.openssh.enable,
+            if socket { "sshd.socket" } else { "sshd" },
+        ),
         (nixos.guest_agent, "qemu-guest-agent"),
         (nixos.cloud_init, "cloud-init"),
     ]

@@ -753,7 +753,7 @@ fn build_change(
         });
     };
     let nixos = &image.nixos;
-    let services = crate::build::verified_services(nixos);
+    let services = crate::build::verified_services(&t.image, image);
     let build = crate::build::BuildWork {
         image: t.image.clone(),
         generation: n,

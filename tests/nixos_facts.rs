@@ -135,7 +135,7 @@ fn every_command_a_build_runs_is_on_nixos_path() {
             );
         }
         // Verify asks only for units the image has.
-        for service in nixgold::build::verified_services(&image.nixos) {
+        for service in nixgold::build::verified_services("golden", &image) {
             assert!(
                 system.units.iter().any(|u| u.name == service),
                 "{name}: verify checks {service}, which the image does not enable"

@@ -1614,6 +1614,21 @@ fn verify_fails_an_image_whose_cloud_init_never_runs() {
     );
 }
 
+/// nixos/modules/services/networking/ssh/sshd.nix: with
+/// `startWhenNeeded` there is no sshd.service, only sshd.socket. A healthy
+/// socket-activated image passes verification (its socket is checked).
+#[test]
+fn a_socket_activated_sshd_passes_verification() {
+    let sealed = build_and_seal(&nixos_fleet(
+        "extra_config: \"services.openssh.startWhenNeeded = true;\"",
+    ));
+    assert!(
+        sealed.system.units.iter().any(|u| u.name == "sshd.socket")
+            && !sealed.system.units.iter().any(|u| u.name == "sshd"),
+        "{sealed:?}"
+    );
+}
+
 /// Applies, expecting the build to fail with every needle in the report,
 /// and to leave no build VM and no half-registered generation behind.
 fn apply_fails_cleanly(s: &Scenario, needles: &[&str]) {

@@ -93,7 +93,11 @@ fn rejected(name: &str, image: &Image, e: &nixos::NixError, out: &mut Problems) 
 /// back through the guest agent: what `extra_config` may not take away.
 fn check_build_needs(name: &str, image: &Image, system: &System, out: &mut Problems) {
     let field = format!("images.{name}.nixos.extra_config");
-    if image.nixos.openssh.enable && !system.units.iter().any(|u| u.name == "sshd") {
+    let sshd = system
+        .units
+        .iter()
+        .any(|u| u.name == "sshd" || u.name == "sshd.socket");
+    if image.nixos.openssh.enable && !sshd {
         out.push(
             &field,
             "it removes the sshd unit (systemd.services.sshd.enable), but the build verifies and seals the installed system over SSH",

@@ -348,7 +348,8 @@ const fn oneshot(name: &'static str, exit: Exit) -> UnitFact {
 /// What a setting puts on the installed system.
 #[derive(Debug, Clone, Copy)]
 pub struct Provides {
-    pub when: Cond,
+    /// Every condition must hold.
+    pub when: &'static [Cond],
     pub file: &'static str,
     /// Programs in /run/current-system/sw/bin (root's `PATH`).
     pub programs: &'static [&'static str],
@@ -357,7 +358,7 @@ pub struct Provides {
 
 pub const PROVIDES: &[Provides] = &[
     Provides {
-        when: Cond::Always,
+        when: &[Cond::Always],
         file: "nixos/modules/config/system-path.nix",
         // corePackages: bashInteractive, coreutils-full, findutils, gawk,
         // gnugrep, gnused, util-linux, … (the programs nixgold runs).
@@ -368,32 +369,32 @@ pub const PROVIDES: &[Provides] = &[
         units: &[],
     },
     Provides {
-        when: Cond::Always,
+        when: &[Cond::Always],
         file: "nixos/modules/system/boot/systemd.nix",
         programs: &["systemctl", "journalctl", "reboot", "poweroff"],
         units: &[],
     },
     Provides {
-        when: Cond::Always,
+        when: &[Cond::Always],
         file: "nixos/modules/installer/tools/tools.nix",
         programs: &["nixos-version", "nixos-rebuild"],
         units: &[],
     },
     Provides {
-        when: Cond::Always,
+        when: &[Cond::Always],
         file: NETWORK,
         // iproute2 and nettools in environment.systemPackages.
         programs: &["ip", "hostname"],
         units: &[],
     },
     Provides {
-        when: Cond::Is("networking.useNetworkd", Lit::Bool(true)),
+        when: &[Cond::Is("networking.useNetworkd", Lit::Bool(true))],
         file: "nixos/modules/tasks/network-interfaces-systemd.nix",
         programs: &["networkctl"],
         units: &[daemon("systemd-networkd", Start::Boot)],
     },
     Provides {
-        when: Cond::Is("networking.firewall.enable", Lit::Bool(true)),
+        when: &[Cond::Is("networking.firewall.enable", Lit::Bool(true))],
         file: "nixos/modules/services/networking/firewall-iptables.nix",
         programs: &[],
         units: &[UnitFact {
@@ -406,13 +407,27 @@ pub const PROVIDES: &[Provides] = &[
         }],
     },
     Provides {
-        when: Cond::Is("services.openssh.enable", Lit::Bool(true)),
+        // `Type = "notify-reload"` (24.05: a plain daemon): active while it runs.
+        when: &[
+            Cond::Is("services.openssh.enable", Lit::Bool(true)),
+            Cond::IsNot("services.openssh.startWhenNeeded", Lit::Bool(true)),
+        ],
         file: SSHD,
         programs: &[],
         units: &[daemon("sshd", Start::Boot)],
     },
     Provides {
-        when: Cond::Is("services.qemuGuest.enable", Lit::Bool(true)),
+        // Socket activation: no sshd.service, a listening sshd.socket.
+        when: &[
+            Cond::Is("services.openssh.enable", Lit::Bool(true)),
+            Cond::Is("services.openssh.startWhenNeeded", Lit::Bool(true)),
+        ],
+        file: SSHD,
+        programs: &[],
+        units: &[daemon("sshd.socket", Start::Boot)],
+    },
+    Provides {
+        when: &[Cond::Is("services.qemuGuest.enable", Lit::Bool(true))],
         file: "nixos/modules/virtualisation/qemu-guest-agent.nix",
         programs: &[],
         units: &[daemon("qemu-guest-agent", Start::GuestAgentPort)],
@@ -420,7 +435,7 @@ pub const PROVIDES: &[Provides] = &[
     Provides {
         // cloud-init is only on the `path` of its own units, never in
         // environment.systemPackages: `cloud-init` is not a command.
-        when: Cond::Is("services.cloud-init.enable", Lit::Bool(true)),
+        when: &[Cond::Is("services.cloud-init.enable", Lit::Bool(true))],
         file: CLOUD_INIT,
         programs: &[],
         units: &[

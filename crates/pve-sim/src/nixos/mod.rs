@@ -55,6 +55,7 @@ impl System {
     /// `systemctl is-active UNIT`'s answer after boot on `hw`.
     pub fn unit_state(&self, name: &str, hw: Hardware) -> &'static str {
         let name = name.strip_suffix(".service").unwrap_or(name);
+        // A socket is named with its suffix (`sshd.socket`).
         let Some(unit) = self.units.iter().find(|u| u.name == name) else {
             return "inactive";
         };
@@ -297,7 +298,10 @@ impl Config<'_> {
 
     fn system(&self) -> System {
         let mut system = System::default();
-        for p in facts::PROVIDES.iter().filter(|p| self.holds(&p.when, None)) {
+        let provided = facts::PROVIDES
+            .iter()
+            .filter(|p| p.when.iter().all(|c| self.holds(c, None)));
+        for p in provided {
             system
                 .programs
                 .extend(p.programs.iter().map(|s| (*s).to_owned()));
