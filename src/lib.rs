@@ -16,6 +16,7 @@ pub mod desired;
 pub mod drift;
 pub mod fleet;
 pub mod ids;
+pub mod limit;
 pub mod live;
 pub mod lock;
 pub mod nixos;

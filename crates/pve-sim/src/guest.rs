@@ -758,7 +758,7 @@ fn reboot(inner: &Arc<Inner>, vmid: u32) {
 fn power_off(inner: &Arc<Inner>, vmid: u32) {
     let runtime = inner.guests.running.lock().expect("guests").remove(&vmid);
     if let Some(vm) = inner.state.lock().expect("state").vms.get_mut(&vmid) {
-        vm.running = false;
+        vm.set_running(false);
     }
     drop(runtime);
 }

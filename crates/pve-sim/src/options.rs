@@ -37,8 +37,6 @@ pub struct SimOptions {
     pub vm_lock_timeout: Duration,
     /// Lock wait of clone source and target (1 s on Proxmox).
     pub clone_lock_timeout: Duration,
-    /// Storage lock wait during allocation (10 s on Proxmox).
-    pub storage_lock_timeout: Duration,
     /// Delay of every 401 (about 3 s on Proxmox).
     pub auth_failure_delay: Duration,
     /// How long a new VM shows `status: unknown` in /cluster/resources.
@@ -88,7 +86,6 @@ impl Default for SimOptions {
             default_task_duration: ms(200),
             vm_lock_timeout: Duration::from_secs(10),
             clone_lock_timeout: Duration::from_secs(1),
-            storage_lock_timeout: Duration::from_secs(10),
             auth_failure_delay: Duration::from_secs(3),
             resources_lag: Duration::from_secs(2),
             agent_delay: Duration::from_secs(3),
@@ -110,7 +107,6 @@ impl SimOptions {
             default_task_duration: task,
             vm_lock_timeout: Duration::from_millis(300),
             clone_lock_timeout: Duration::from_millis(100),
-            storage_lock_timeout: Duration::from_millis(300),
             auth_failure_delay: Duration::ZERO,
             resources_lag: Duration::ZERO,
             agent_delay: Duration::ZERO,
