@@ -977,6 +977,38 @@ fn execute(inner: &Arc<Inner>, vmid: u32, command: &str, stdin: &str) -> (u32, S
     (0, output, after)
 }
 
+/// What running the install script would hit first: a program the
+/// installer ISO does not have on `PATH` (bash's message, exit 127), or the
+/// install steps out of order. Prints the steps it passes.
+fn check_install_script(path: &str, script: &str, out: &mut String) -> Result<(), u32> {
+    let missing = crate::nixos::script_programs(script)
+        .into_iter()
+        .find(|p| !crate::nixos::facts::INSTALLER_PROGRAMS.contains(&p.as_str()));
+    if let Some(program) = missing {
+        let line = script
+            .lines()
+            .position(|l| l.split_whitespace().any(|w| w == program))
+            .map_or(1, |n| n + 1);
+        out.push_str(&format!(
+            "{path}: line {line}: {program}: command not found\n"
+        ));
+        return Err(127);
+    }
+    // Each step must appear after the previous one.
+    let mut last = 0;
+    for (step, marker) in INSTALL_STEPS {
+        let Some(at) = script[last..].find(marker) else {
+            out.push_str(&format!(
+                "install script: step `{step}` ({marker}) is missing or out of order\n"
+            ));
+            return Err(1);
+        };
+        last += at + marker.len();
+        out.push_str(&format!("[nixgold] {step}\n"));
+    }
+    Ok(())
+}
+
 fn execute_one(
     inner: &Arc<Inner>,
     vmid: u32,
@@ -1001,31 +1033,18 @@ fn execute_one(
     match (mode, cmd) {
         (Mode::Installer, c) if c.starts_with("bash ") => {
             let args: Vec<&str> = c.split_whitespace().collect();
-            let (Some(script), Some(config)) = (args.get(1), args.get(2)) else {
+            let (Some(path), Some(config)) = (args.get(1), args.get(2)) else {
                 out.push_str("usage: bash SCRIPT CONFIGURATION_NIX\n");
                 return 2;
             };
             let (Some(script), Some(config)) =
-                (g.files.get(*script).cloned(), g.files.get(*config).cloned())
+                (g.files.get(*path).cloned(), g.files.get(*config).cloned())
             else {
                 out.push_str("bash: no such file\n");
                 return 127;
             };
-            // Each step must appear after the previous one.
-            let mut last = 0;
-            for (step, marker) in INSTALL_STEPS {
-                match script[last..].find(marker) {
-                    Some(at) => {
-                        last += at + marker.len();
-                        out.push_str(&format!("[nixgold] {step}\n"));
-                    }
-                    _ => {
-                        out.push_str(&format!(
-                            "install script: step `{step}` ({marker}) is missing or out of order\n"
-                        ));
-                        return 1;
-                    }
-                }
+            if let Err(code) = check_install_script(path, &script, out) {
+                return code;
             }
             let system = match crate::nixos::evaluate(&config) {
                 Ok(system) => system,

@@ -359,6 +359,17 @@ async fn broken_configurations_and_scripts_out_of_order_fail_the_install() {
         out.contains("step `generate the hardware configuration`"),
         "{out}"
     );
+    // The installer ISO has what nixos/modules/profiles/base.nix and
+    // installation-device.nix give it, no Debian tooling.
+    let foreign = SCRIPT.replace("nixos-install", "apt-get install -y grub-pc\nnixos-install");
+    let (code, out) = install(&h, CONFIG, &foreign).await;
+    assert_eq!(
+        (code, out.as_str()),
+        (
+            127,
+            "/tmp/nixgold/install.sh: line 7: apt-get: command not found\n"
+        )
+    );
     let (code, out) = exec(&h, "rm -rf /", "").await;
     assert_eq!((code, out.as_str()), (127, "rm -rf /: command not found\n"));
     assert!(s.sim.inspect(|st| st.vms[&9400].installed.is_none()));

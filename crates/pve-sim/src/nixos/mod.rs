@@ -131,6 +131,44 @@ pub fn uncovered(text: &str) -> Result<Vec<String>, String> {
         .collect())
 }
 
+/// The programs a shell script runs: the first word of each command
+/// (after `;`, `&&`, `||`, `|`, `$(`), without shell keywords, builtins,
+/// variable assignments and the script's own functions.
+pub fn script_programs(script: &str) -> Vec<String> {
+    const SHELL: &[&str] = &[
+        "if", "then", "else", "fi", "for", "in", "do", "done", "case", "esac", "return", "set",
+        "local", "exit", "true", "false", "[", "{", "}", "echo", "printf",
+    ];
+    let functions: Vec<&str> = script
+        .lines()
+        .filter_map(|l| l.split_once("() {").map(|(f, _)| f.trim()))
+        .collect();
+    let mut out: Vec<String> = Vec::new();
+    for line in script
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+    {
+        // A function's body starts after `name() {`.
+        let body = line.split_once("() {").map_or(line, |(_, b)| b);
+        for part in body.replace("$(", "|").split(['|', ';', '&']) {
+            let Some(word) = part.split_whitespace().next() else {
+                continue;
+            };
+            let is_program = word
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                && word.chars().any(|c| c.is_ascii_alphabetic())
+                && !SHELL.contains(&word)
+                && !functions.contains(&word);
+            if is_program && !out.iter().any(|p| p == word) {
+                out.push(word.to_owned());
+            }
+        }
+    }
+    out
+}
+
 /// The option fact declaring `path` (or a freeform/submodule option above it).
 pub fn fact_for(path: &[String]) -> Option<&'static OptionFact> {
     facts::OPTIONS.iter().find(|f| {
@@ -386,6 +424,14 @@ mod tests {
         cloud_init_drive: false,
         settled: true,
     };
+
+    #[test]
+    fn the_command_reader_finds_what_a_script_runs() {
+        let found = script_programs(
+            "step() { printf '%s' x; }\nstep \"go\"\nDISK=\"$(lsblk -d | awk '{ print $1 }' | head -n 1)\"\nudevadm settle && mkfs.ext4 -q x\ncase \"$D\" in\n  *[0-9]) echo p ;;\nesac\n",
+        );
+        assert_eq!(found, ["lsblk", "awk", "head", "udevadm", "mkfs.ext4"]);
+    }
 
     #[test]
     fn assertions_fail_with_nixos_s_own_text() {
