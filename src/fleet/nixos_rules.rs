@@ -126,6 +126,19 @@ fn check_build_needs(name: &str, image: &Image, system: &System, out: &mut Probl
             "keep the guest agent, or use build.address.call_home",
         );
     }
+    if let ImageNetwork::Static { address, .. } = &image.nixos.network
+        && !static_build
+        && !image.nixos.guest_agent
+    {
+        out.push(
+            format!("images.{name}.nixos.network"),
+            format!(
+                "after the reboot the installed system is at its static address {} (networking.useDHCP = false), not at the DHCP lease the installer called home from, and without the guest agent nixgold cannot ask where it went",
+                address.addr()
+            ),
+            "enable nixos.guest_agent, or build on a static build address (build.address.static)",
+        );
+    }
     let no_network = matches!(image.nixos.network, ImageNetwork::Dhcp { dhcp: false });
     if no_network && !image.nixos.cloud_init && !static_build {
         out.push(
