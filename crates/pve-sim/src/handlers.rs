@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde_json::{Value, json};
 
 use crate::auth::Identity;
-use crate::config::{PropertyString, VmConfig, is_drive_key, net_mac};
+use crate::config::{PropertyString, VmConfig, api_value, is_drive_key, net_mac};
 use crate::options::SimOptions;
 use crate::params::split_list;
 use crate::routes::RouteId;
@@ -516,6 +516,16 @@ fn check_config_values(
     node: &str,
     values: &BTreeMap<String, String>,
 ) -> Result<(), ApiError> {
+    if let Some(keys) = values.get("sshkeys") {
+        let decoded = percent_encoding::percent_decode_str(keys).decode_utf8_lossy();
+        if !decoded
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .all(is_ssh_public_key)
+        {
+            return Err(ApiError::fail("SSH public key validation error"));
+        }
+    }
     let mut errors = BTreeMap::new();
     let bridges = state
         .spec
@@ -543,6 +553,35 @@ fn check_config_values(
     } else {
         Err(ApiError::params(errors))
     }
+}
+
+/// What `ssh-keygen -l` accepts in pve-common's
+/// `validate_ssh_public_keys`: an authorized_keys line (options allowed
+/// before the key) whose base64 blob starts with its own key type.
+fn is_ssh_public_key(line: &str) -> bool {
+    use base64::Engine;
+    const TYPES: &[&str] = &[
+        "ssh-ed25519",
+        "ssh-rsa",
+        "ssh-dss",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+        "sk-ssh-ed25519@openssh.com",
+        "sk-ecdsa-sha2-nistp256@openssh.com",
+    ];
+    let words: Vec<&str> = line.split_whitespace().collect();
+    words.windows(2).any(|pair| {
+        TYPES.contains(&pair[0])
+            && base64::engine::general_purpose::STANDARD
+                .decode(pair[1])
+                .is_ok_and(|blob| {
+                    let name = pair[0].as_bytes();
+                    blob.len() > 4 + name.len()
+                        && blob[..4] == (name.len() as u32).to_be_bytes()
+                        && &blob[4..4 + name.len()] == name
+                })
+    })
 }
 
 fn destroy(state: &mut State, opts: &SimOptions, call: &Call) -> ApiResult {
@@ -659,6 +698,9 @@ fn config_write(state: &mut State, opts: &SimOptions, call: &Call, is_async: boo
     }
 }
 
+/// `GET …/pending`: `config_with_pending_array` (pve-guest-common
+/// `GuestHelpers.pm`) over the loaded config, so the `digest` the loader
+/// adds is a row too; values typed as `check_type` parsed them.
 fn pending(config: &VmConfig) -> Value {
     let mut keys: Vec<&String> = config
         .values
@@ -668,32 +710,25 @@ fn pending(config: &VmConfig) -> Value {
         .collect();
     keys.sort();
     keys.dedup();
-    Value::Array(
-        keys.into_iter()
-            .filter(|k| k.as_str() != "lock" || config.values.contains_key("lock"))
-            .map(|k| {
-                let mut e = json!({ "key": k });
-                let obj = e.as_object_mut().expect("object");
-                let mask = |v: &str| {
-                    if k == "cipassword" {
-                        "**********".to_owned()
-                    } else {
-                        v.to_owned()
-                    }
-                };
-                if let Some(v) = config.values.get(k) {
-                    obj.insert("value".into(), json!(mask(v)));
-                }
-                if let Some(v) = config.pending.get(k) {
-                    obj.insert("pending".into(), json!(mask(v)));
-                }
-                if config.pending_delete.contains(k) {
-                    obj.insert("delete".into(), json!(1));
-                }
-                e
-            })
-            .collect(),
-    )
+    let mut rows: Vec<Value> = keys
+        .into_iter()
+        .map(|k| {
+            let mut e = json!({ "key": k });
+            let obj = e.as_object_mut().expect("object");
+            if let Some(v) = config.values.get(k) {
+                obj.insert("value".into(), api_value(k, v));
+            }
+            if let Some(v) = config.pending.get(k) {
+                obj.insert("pending".into(), api_value(k, v));
+            }
+            if config.pending_delete.contains(k) {
+                obj.insert("delete".into(), json!(1));
+            }
+            e
+        })
+        .collect();
+    rows.push(json!({ "key": "digest", "value": config.digest() }));
+    Value::Array(rows)
 }
 
 fn power(state: &mut State, opts: &SimOptions, call: &Call, route: RouteId) -> ApiResult {

@@ -274,6 +274,7 @@ impl State {
                     values.insert(k.clone(), v);
                 }
             }
+            add_generated_keys(&mut values);
             if vm.template {
                 values.insert("template".into(), "1".into());
             }
@@ -306,12 +307,11 @@ impl State {
         if self.spec.node(node).is_some() {
             Ok(())
         } else {
-            Err(ApiError::new(
-                595,
-                format!(
-                    "hostname lookup '{node}' failed - failed to get address info for: {node}: Name or service not known"
-                ),
-            ))
+            // pveproxy resolves the node named in the path to proxy the
+            // call; the lookup fails in the handler: a plain 500.
+            Err(ApiError::fail(format!(
+                "hostname lookup '{node}' failed - failed to get address info for: {node}: Name or service not known"
+            )))
         }
     }
 
@@ -823,6 +823,7 @@ impl State {
             let v = self.canonical_value(vmid, node, k, v, &stored)?;
             stored.insert(k.clone(), v);
         }
+        add_generated_keys(&mut stored);
         let vm = self.vms.get_mut(&vmid).ok_or("VM vanished during create")?;
         vm.config.values = stored;
         if start {
@@ -856,7 +857,13 @@ impl State {
         for (k, v) in &src.config.values {
             if matches!(
                 k.as_str(),
-                "template" | "lock" | "parent" | "vmstate" | "meta"
+                "template"
+                    | "lock"
+                    | "parent"
+                    | "vmstate"
+                    | "snaptime"
+                    | "runningcpu"
+                    | "runningmachine"
             ) || k.starts_with("unused")
             {
                 continue;
@@ -925,8 +932,20 @@ impl State {
         if let Some(d) = description {
             values.insert("description".into(), d);
         }
-        if let Some(smbios) = values.get_mut("smbios1") {
-            *smbios = format!("uuid={}", uuid_for(newid, self.mac_counter));
+        // A clone always gets a new SMBIOS uuid (other smbios1 fields stay)
+        // and a new vmgenid when the source had one (`clone_vm`).
+        let mut smbios = values
+            .get("smbios1")
+            .and_then(|v| PropertyString::parse(v, "uuid").ok())
+            .unwrap_or(PropertyString {
+                head: None,
+                pairs: BTreeMap::new(),
+            });
+        smbios.head = None;
+        smbios.pairs.insert("uuid".into(), new_uuid());
+        values.insert("smbios1".into(), smbios.render());
+        if values.contains_key("vmgenid") {
+            values.insert("vmgenid".into(), new_uuid());
         }
         let vm = self.vms.get_mut(&newid).ok_or("clone target vanished")?;
         vm.config.values = values;
@@ -1153,6 +1172,7 @@ impl State {
         let vm = self.vm_on(node, vmid)?.clone();
         let running = vm.running;
         let mut values = vm.config.effective(false);
+        check_boot_order(set, delete, &values)?;
         let mut errors = BTreeMap::new();
         let mut canonical = BTreeMap::new();
         for (k, v) in set {
@@ -1181,8 +1201,14 @@ impl State {
         for (k, v) in canonical {
             values.insert(k.clone(), v.clone());
             if running && !hotpluggable(&k) {
-                config.pending.insert(k.clone(), v);
                 config.pending_delete.remove(&k);
+                // `cleanup_pending`: a value equal to the applied one is
+                // not pending.
+                if config.values.get(&k) == Some(&v) {
+                    config.pending.remove(&k);
+                } else {
+                    config.pending.insert(k.clone(), v);
+                }
             } else {
                 if is_drive_key(&k)
                     && let Some(old) = config.values.get(&k).cloned()
@@ -1196,7 +1222,11 @@ impl State {
         }
         for k in delete {
             if running && !hotpluggable(k) {
-                config.pending_delete.insert(k.clone());
+                // `cleanup_pending` keeps only deletes of keys that exist.
+                config.pending.remove(k);
+                if config.values.contains_key(k) {
+                    config.pending_delete.insert(k.clone());
+                }
                 continue;
             }
             if let Some(old) = config.values.remove(k) {
@@ -1455,16 +1485,104 @@ pub fn vm_sizes(c: &VmConfig) -> (u64, u64, u64) {
     (cores * sockets, memory << 20, disk)
 }
 
-fn uuid_for(vmid: u32, salt: u64) -> String {
-    let h = (u64::from(vmid) << 20) ^ salt.wrapping_mul(0x2545_F491_4F6C_DD1D);
+/// A random (version 4) UUID, as `PVE::QemuServer::generate_uuid` makes.
+fn new_uuid() -> String {
+    let n = (rand::random::<u128>() & !(0xF << 76) & !(0x3 << 62)) | (0x4 << 76) | (0x2 << 62);
+    let h = format!("{n:032x}");
     format!(
-        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
-        (h >> 32) as u32,
-        (h >> 16) as u16,
-        h as u16 & 0xfff,
-        (h >> 4) as u16 & 0xfff,
-        h & 0xffff_ffff_ffff
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
     )
+}
+
+/// The QEMU version `meta` records (`kvm_user_version` at create time).
+pub const QEMU_VERSION: &str = "9.2.0";
+
+/// The keys qemu-server's `create_vm` adds when the request has none
+/// (`API2/Qemu.pm`): `meta` (creation QEMU and time), `smbios1` with a
+/// random uuid, `vmgenid` (also replacing `1`), and `boot` naming the
+/// first disk, the first CD-ROM and the first NIC
+/// (`get_default_bootdevices`).
+fn add_generated_keys(values: &mut BTreeMap<String, String>) {
+    values.insert(
+        "meta".into(),
+        format!("creation-qemu={QEMU_VERSION},ctime={}", now_ms() / 1000),
+    );
+    values
+        .entry("smbios1".into())
+        .or_insert_with(|| format!("uuid={}", new_uuid()));
+    if values.get("vmgenid").is_none_or(|v| v == "1") {
+        values.insert("vmgenid".into(), new_uuid());
+    }
+    if !values.contains_key("boot") {
+        let order = default_boot_devices(values);
+        if !order.is_empty() {
+            values.insert("boot".into(), format!("order={}", order.join(";")));
+        }
+    }
+}
+
+/// `get_default_bootdevices`: the first disk and the first CD-ROM in
+/// ide, scsi, virtio, sata order, then the first NIC.
+fn default_boot_devices(values: &BTreeMap<String, String>) -> Vec<String> {
+    let drives: Vec<(&String, bool)> = ["ide", "scsi", "virtio", "sata"]
+        .iter()
+        .flat_map(|base| {
+            let range = crate::params::index_range(base).expect("a drive base");
+            range.map(move |i| format!("{base}{i}"))
+        })
+        .filter_map(|k| values.get_key_value(&k))
+        .map(|(k, v)| (k, v.contains("media=cdrom")))
+        .collect();
+    let first = |cdrom: bool| {
+        drives
+            .iter()
+            .find(|(_, c)| *c == cdrom)
+            .map(|(k, _)| (*k).clone())
+    };
+    let net = (0..=31)
+        .map(|i| format!("net{i}"))
+        .find(|k| values.contains_key(k));
+    [first(false), first(true), net]
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// `update_vm_api`: every device a new `boot` order names must exist (or
+/// come with the same request) and not be deleted by it. The message keeps
+/// qemu-server's stray quote.
+fn check_boot_order(
+    set: &BTreeMap<String, String>,
+    delete: &[String],
+    values: &BTreeMap<String, String>,
+) -> Result<(), ApiError> {
+    let Some(boot) = set.get("boot") else {
+        return Ok(());
+    };
+    let Ok(ps) = PropertyString::parse(boot, "legacy") else {
+        return Ok(());
+    };
+    for dev in ps
+        .pairs
+        .get("order")
+        .map(String::as_str)
+        .map(crate::params::split_list)
+        .into_iter()
+        .flatten()
+    {
+        let exists = values.contains_key(dev) || set.contains_key(dev);
+        if !exists || delete.iter().any(|d| d == dev) {
+            return Err(ApiError::fail(format!(
+                "invalid bootorder: device '{dev}' does not exist'"
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{default_sim, fast, start, urlencode};
+use common::{SSH_KEY, default_sim, fast, start, urlencode};
 use pve_sim::cluster::StorageSpec;
 use pve_sim::{ClusterSpec, RemoteFile, SimOptions};
 use serde_json::Value;
@@ -535,7 +535,7 @@ async fn cloud_init_is_regenerated_at_start_and_dumped_like_proxmox() {
             ("ciuser", "ops"),
             ("ipconfig0", "ip=192.168.1.130/24,gw=192.168.1.1"),
             ("nameserver", "8.8.8.8 1.1.1.1"),
-            ("sshkeys", &urlencode("ssh-ed25519 AAAA ops@host")),
+            ("sshkeys", &urlencode(&format!("{SSH_KEY} ops@host"))),
         ],
     )
     .await;
@@ -567,7 +567,7 @@ async fn cloud_init_is_regenerated_at_start_and_dumped_like_proxmox() {
     let user = s.get("/nodes/pve/qemu/100/cloudinit/dump?type=user").await;
     let text = user.data().as_str().unwrap();
     assert!(
-        text.contains("user: ops") && text.contains("  - ssh-ed25519 AAAA ops@host"),
+        text.contains("user: ops") && text.contains(&format!("  - {SSH_KEY} ops@host")),
         "{text}"
     );
     let net = s
