@@ -344,23 +344,53 @@ fn storage_content(state: &State, call: &Call) -> ApiResult {
         .volumes_on(&spec, node)
         .filter(|v| call.get("content").is_none_or(|c| c == v.content))
         .filter(|v| vmid.is_none() || v.vmid == vmid)
-        .map(|v| {
-            let mut item = json!({
-                "volid": v.volid, "content": v.content, "format": v.format, "size": v.size, "ctime": v.ctime,
-            });
-            let obj = item.as_object_mut().expect("object");
-            if let Some(id) = v.vmid {
-                obj.insert("vmid".into(), json!(id));
-                obj.insert("used".into(), json!(0));
-            }
-            if let Some(parent) = &v.parent {
-                obj.insert("parent".into(), json!(parent));
-            }
-            item
-        })
+        .map(|v| content_item(&spec, v))
         .collect();
     items.sort_by(|a, b| a["volid"].as_str().cmp(&b["volid"].as_str()));
     Ok(Value::Array(items))
+}
+
+/// One content listing entry with the fields the storage plugin's
+/// `list_images` returns (pve-storage; `API2/Storage/Content.pm` `index`
+/// makes `size`, `used` and `vmid` integers): LVM gives `ctime` and no
+/// parent (an LVM-thin linked clone cannot be told from a full one); ZFS
+/// and RBD give the bare `name` and a `parent` snapshot
+/// (`base-9000-disk-0@__base__`) but no `ctime`; files give `used` (what
+/// is really allocated), `ctime` and the base file as `parent`.
+fn content_item(spec: &crate::cluster::StorageSpec, v: &crate::state::Volume) -> Value {
+    let mut item = json!({
+        "volid": v.volid, "content": v.content, "format": v.format, "size": v.size,
+    });
+    let obj = item.as_object_mut().expect("object");
+    if let Some(id) = v.vmid {
+        obj.insert("vmid".into(), json!(id));
+    }
+    let base_name = |base: &str| base.split_once(':').map_or(base, |(_, n)| n).to_owned();
+    match spec.plugin.as_str() {
+        "zfspool" | "rbd" if v.vmid.is_some() => {
+            let name = v.volid.rsplit(['/', ':']).next().unwrap_or_default();
+            obj.insert("name".into(), json!(name));
+            if let Some(base) = &v.parent {
+                obj.insert(
+                    "parent".into(),
+                    json!(format!("{}@__base__", base_name(base))),
+                );
+            }
+        }
+        "lvm" | "lvmthin" => {
+            obj.insert("ctime".into(), json!(v.ctime));
+        }
+        _ => {
+            obj.insert("ctime".into(), json!(v.ctime));
+            if v.vmid.is_some() {
+                obj.insert("used".into(), json!(v.written));
+            }
+            if let Some(base) = &v.parent {
+                obj.insert("parent".into(), json!(format!("../{}", base_name(base))));
+            }
+        }
+    }
+    item
 }
 
 fn download_url(state: &mut State, opts: &SimOptions, call: &Call) -> ApiResult {
@@ -540,11 +570,26 @@ fn check_config_values(
         {
             errors.insert(k.clone(), format!("bridge '{bridge}' does not exist"));
         }
-        if is_drive_key(k)
-            && let Ok(ps) = PropertyString::parse(v, "file")
-            && let Some((storage, _)) = ps.head.as_deref().and_then(|f| f.split_once(':'))
-            && let Err(e) = state.storage_spec_on(storage, node)
-        {
+        let Some((storage, volname)) = is_drive_key(k)
+            .then(|| PropertyString::parse(v, "file").ok()?.head)
+            .flatten()
+            .and_then(|f| f.split_once(':').map(|(s, n)| (s.to_owned(), n.to_owned())))
+        else {
+            continue;
+        };
+        // `$check_storage_access` in qemu-server `API2/Qemu.pm`, before
+        // the worker: a new disk's storage must exist (`storage_config`
+        // dies) and hold images.
+        let new_disk = volname != "cloudinit"
+            && !volname.is_empty()
+            && volname.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+        if new_disk && !state.storage_spec(&storage)?.has_content("images") {
+            return Err(ApiError::param(
+                "storage",
+                format!("storage '{storage}' does not support vm images"),
+            ));
+        }
+        if let Err(e) = state.storage_spec_on(&storage, node) {
             errors.insert(k.clone(), e.message);
         }
     }
