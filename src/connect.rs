@@ -68,12 +68,18 @@ fn env_flag(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "yes"))
 }
 
+/// The Proxmox API endpoint of a real cluster: `PROXMOX_VE_ENDPOINT`, or
+/// the fleet's `proxmox.endpoint`.
+pub fn endpoint(fleet: &Fleet) -> String {
+    std::env::var("PROXMOX_VE_ENDPOINT").unwrap_or_else(|_| fleet.proxmox.endpoint.clone())
+}
+
 /// Client options for a real cluster, from the fleet and the environment
 /// (`PROXMOX_VE_ENDPOINT`, `PROXMOX_VE_API_TOKEN`, `PROXMOX_VE_USERNAME`,
 /// `PROXMOX_VE_PASSWORD`, `PROXMOX_VE_INSECURE`).
 pub fn client_options(fleet: &Fleet, base: &Path) -> Result<ClientOptions, ConnectError> {
     let px = &fleet.proxmox;
-    let endpoint = std::env::var("PROXMOX_VE_ENDPOINT").unwrap_or_else(|_| px.endpoint.clone());
+    let endpoint = endpoint(fleet);
     let credentials = if let Ok(token) = std::env::var("PROXMOX_VE_API_TOKEN") {
         Credentials::token(&token)
             .map_err(|e| setting("PROXMOX_VE_API_TOKEN", e, "write user@realm!tokenid=secret"))?

@@ -844,6 +844,19 @@ fn saved_plans_apply_only_while_nothing_moved() {
     );
     let (code, _, err) = s.run(&["plan", "fleet.yaml", "--out", "web.plan"]);
     assert_eq!(code, 0, "{err}");
+    // Another endpoint (PROXMOX_VE_ENDPOINT overrides the fleet's) is
+    // another cluster: refused before anything is read or written there.
+    let out = s
+        .command(&["apply", "web.plan"])
+        .env("PROXMOX_VE_ENDPOINT", "https://pve2.example.invalid:8006")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("this run targets the Proxmox endpoint https://pve2.example.invalid:8006"),
+        "{err}"
+    );
     let (code, out, err) = s.run(&["apply", "web.plan"]);
     assert_eq!(code, 0, "{out}{err}");
     let (code, text) = s.plan();

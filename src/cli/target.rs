@@ -15,7 +15,7 @@ use super::Failure;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Cluster {
-    /// The fleet's `proxmox.endpoint`.
+    /// The fleet's `proxmox.endpoint` (or `PROXMOX_VE_ENDPOINT`).
     Endpoint { url: String },
     /// `--sim`: the embedded simulator keeping its state in `state_dir`.
     Simulator { state_dir: PathBuf },
@@ -38,7 +38,7 @@ impl PlanTarget {
             }
         } else {
             Cluster::Endpoint {
-                url: fleet.proxmox.endpoint.to_string(),
+                url: crate::connect::endpoint(fleet),
             }
         };
         PlanTarget {
