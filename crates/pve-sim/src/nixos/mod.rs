@@ -70,7 +70,7 @@ impl System {
             UnitKind::Daemon => "active",
             // systemd.service(5): a oneshot unit is "activating" until its
             // process exits.
-            UnitKind::Oneshot { .. } if !hw.settled => "activating",
+            UnitKind::Oneshot { .. } if !hw.settled && unit.start == Start::Boot => "activating",
             UnitKind::Oneshot { .. } if code != 0 => "failed",
             UnitKind::Oneshot {
                 remain_after_exit: true,
@@ -512,6 +512,8 @@ mod tests {
         };
         assert_eq!(system.unit_state("cloud-init", booting), "activating");
         assert_eq!(system.unit_state("sshd", booting), "active");
+        // The firewall's oneshot runs before the network exists.
+        assert_eq!(system.unit_state("firewall", booting), "active");
         let with_drive = Hardware {
             cloud_init_drive: true,
             ..HW
