@@ -704,6 +704,62 @@ vms:
     }
 }
 
+/// `tank` shrunk to `gib`, on another plugin.
+fn small_tank(plugin: &str, gib: u64) -> ClusterSpec {
+    let mut cluster = single_node();
+    let tank = cluster
+        .storages
+        .iter_mut()
+        .find(|s| s.id == "tank")
+        .unwrap();
+    tank.capacity = gib << 30;
+    tank.plugin = plugin.into();
+    cluster
+}
+
+/// Thick storage reserves every volume's size, so a plan that does not fit
+/// fails on the real cluster too (pve-storage `zfs create -V` without
+/// `-s`): plan warns before apply. A thin pool over-commits and applies;
+/// plan says so.
+#[test]
+fn plan_warns_when_thick_storage_cannot_hold_it_and_notes_thin_over_commit() {
+    // The thick template's 30G leave 10G free.
+    let s = Scenario::new(
+        small_tank("zfspool", 40),
+        &base_fleet(WEB_01),
+        &golden_lock(),
+    );
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    assert_contains(
+        &text,
+        &[
+            "Note: warning: storage `tank` on pve (zfspool) cannot hold what the plan allocates: 30G needed, 10G free",
+        ],
+    );
+    let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_ne!(code, 0, "{out}");
+    assert_contains(
+        &err,
+        &["zfs error: cannot create 'tank/vm-400-disk-0': out of space"],
+    );
+
+    // A thin template holds only what was written: 20G stay free.
+    let s = Scenario::new(
+        small_tank("lvmthin", 20),
+        &base_fleet(WEB_01),
+        &golden_lock(),
+    );
+    let (_, text) = s.plan();
+    assert_contains(
+        &text,
+        &[
+            "Note: storage `tank` on pve is thin (lvmthin): the plan's new volumes (30G) over-commit its 20G free",
+        ],
+    );
+    s.converge();
+}
+
 #[test]
 fn locked_refuses_to_plan_with_a_lockfile_that_must_change() {
     let two = format!("{WEB_01}  web-02:\n    image: golden\n");

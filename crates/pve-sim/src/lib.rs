@@ -16,6 +16,7 @@
 mod auth;
 pub mod cluster;
 mod config;
+pub mod formats;
 pub mod guest;
 mod handlers;
 pub mod nixos;
