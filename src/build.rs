@@ -243,9 +243,7 @@ impl CallHome {
             .local_addr()
             .map_err(|e| step_err("call-home listener", e.to_string()))?
             .port();
-        let token: String = (0..24)
-            .map(|_| format!("{:x}", rand::random::<u8>() % 16))
-            .collect();
+        let token = crate::ids::random_hex(24);
         let url = format!("http://{advertise}:{port}/{token}");
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let task = tokio::spawn(async move {

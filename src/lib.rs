@@ -9,6 +9,7 @@
 //! render) is synchronous and pure; live, pin and apply are async.
 
 pub mod apply;
+pub mod apply_lock;
 pub mod build;
 pub mod cli;
 pub mod connect;

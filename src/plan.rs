@@ -256,8 +256,9 @@ pub enum PlanError {
     },
 }
 
-/// Options of one planning run.
-#[derive(Debug, Clone, Default)]
+/// Options of one planning run (saved with a plan: apply re-derives the
+/// plan with them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlanOptions {
     pub allow_destroy: bool,
     /// Limit to these addresses (`vm.NAME`, `iso.NAME`); empty: everything.

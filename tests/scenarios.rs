@@ -232,6 +232,77 @@ impl Scenario {
     }
 }
 
+impl Scenario {
+    /// Waits until the simulator has seen a request whose route ends with
+    /// `suffix`.
+    fn wait_for_request(&self, suffix: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !self.sim.journal().iter().any(|e| e.route.ends_with(suffix)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "apply never sent {suffix}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs apply with a start task that hangs, kills nixgold while it
+    /// waits for it, and stops the hung task (as an operator would).
+    /// Returns the killed process's id.
+    fn apply_killed_while_starting(&self) -> u32 {
+        self.fault("POST /nodes/*/qemu/*/status/start => task-hang*1");
+        let mut child = self
+            .command(&["apply", "fleet.yaml", "--auto-approve"])
+            .spawn()
+            .unwrap();
+        self.wait_for_request("/status/start");
+        child.kill().unwrap();
+        let _ = child.wait();
+        self.stop_running_task("qmstart");
+        child.id()
+    }
+
+    /// Stops a still running task of `kind` through the API.
+    fn stop_running_task(&self, kind: &str) {
+        let upid = self.sim.inspect(|st| {
+            st.tasks
+                .values()
+                .find(|t| t.kind == kind && t.exitstatus.is_none())
+                .map(|t| t.upid.clone())
+        });
+        if let Some(upid) = upid {
+            let path = format!("/nodes/pve/tasks/{}", percent(&upid));
+            let url = format!("{}/api2/json{path}", self.handle.as_ref().unwrap().url());
+            self.rt.block_on(async {
+                reqwest::Client::new()
+                    .delete(url)
+                    .header("Authorization", format!("PVEAPIToken={TOKEN}"))
+                    .send()
+                    .await
+                    .unwrap();
+            });
+        }
+    }
+
+    /// The apply lock's comment (the pool `nixgold-lock-homelab`), if held.
+    fn lock_comment(&self) -> Option<String> {
+        self.sim.inspect(|st| {
+            st.pools
+                .get("nixgold-lock-homelab")
+                .map(|p| p.comment.clone().unwrap_or_default())
+        })
+    }
+
+    /// The ID of the apply lock held now.
+    fn lock_id(&self) -> String {
+        let comment = self.lock_comment().expect("the fleet is locked");
+        let id = comment
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("id="));
+        id.expect("a lock ID").to_owned()
+    }
+}
+
 impl Drop for Scenario {
     fn drop(&mut self) {
         if let Some(h) = self.handle.take() {
@@ -244,6 +315,20 @@ fn single_node() -> ClusterSpec {
     let mut spec = ClusterSpec::default();
     spec.vms.push(template(9400, "pve", "golden", 1, "tank"));
     spec
+}
+
+/// `cluster` plus a running VM `someone-elses` that nixgold does not own.
+fn with_foreign_vm(mut cluster: ClusterSpec, vmid: u32) -> ClusterSpec {
+    cluster.vms.push(VmSpec {
+        vmid,
+        node: "pve".into(),
+        config: [("name".to_owned(), "someone-elses".to_owned())]
+            .into_iter()
+            .collect(),
+        template: false,
+        running: true,
+    });
+    cluster
 }
 
 fn golden_lock() -> String {
@@ -478,17 +563,11 @@ fn removed_vms_are_kept_unless_destroy_is_allowed() {
 
 #[test]
 fn a_vmid_taken_by_a_foreign_vm_is_an_error_not_an_adoption() {
-    let mut cluster = single_node();
-    cluster.vms.push(VmSpec {
-        vmid: 400,
-        node: "pve".into(),
-        config: [("name".to_owned(), "someone-elses".to_owned())]
-            .into_iter()
-            .collect(),
-        template: false,
-        running: true,
-    });
-    let s = Scenario::new(cluster, &base_fleet(WEB_01), &golden_lock());
+    let s = Scenario::new(
+        with_foreign_vm(single_node(), 400),
+        &base_fleet(WEB_01),
+        &golden_lock(),
+    );
     let (code, _, stderr) = s.run(&["plan", "fleet.yaml"]);
     assert_eq!(code, 1);
     assert!(
@@ -840,46 +919,9 @@ fn apply_survives_faults_and_finishes_on_rerun_without_duplicates() {
 #[test]
 fn a_kill_between_clone_and_start_is_finished_by_the_next_apply() {
     let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
-    // The start task hangs; kill nixgold while it waits for it.
-    s.fault("POST /nodes/*/qemu/*/status/start => task-hang*1");
-    let mut child = s
-        .command(&["apply", "fleet.yaml", "--auto-approve"])
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !s
-        .sim
-        .journal()
-        .iter()
-        .any(|e| e.route.ends_with("/status/start"))
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "apply never reached start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    let _ = child.wait();
-    // Stop the hung start task (as an operator would), then re-plan.
-    let upid = s.sim.inspect(|st| {
-        st.tasks
-            .values()
-            .find(|t| t.kind == "qmstart" && t.exitstatus.is_none())
-            .map(|t| t.upid.clone())
-    });
-    if let Some(upid) = upid {
-        let path = format!("/nodes/pve/tasks/{}", percent(&upid));
-        let url = format!("{}/api2/json{path}", s.handle.as_ref().unwrap().url());
-        s.rt.block_on(async {
-            reqwest::Client::new()
-                .delete(url)
-                .header("Authorization", format!("PVEAPIToken={TOKEN}"))
-                .send()
-                .await
-                .unwrap();
-        });
-    }
+    s.apply_killed_while_starting();
+    // The killed run's apply lock stays behind; break it, then re-plan.
+    s.run(&["force-unlock", &s.lock_id(), "fleet.yaml"]);
     let (code, text) = s.plan();
     assert_eq!(code, 2);
     assert_contains(&text, &["~ vm.web-01", "\"stopped\" -> \"running\""]);
@@ -1528,4 +1570,259 @@ fn assert_contains(text: &str, needles: &[&str]) {
     for needle in needles {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
+}
+
+// ----- one apply at a time (the apply lock) --------------------------------
+
+/// A scenario whose VM start answers only after `ms`: an apply of it
+/// holds the apply lock at least that long.
+fn slow_start(ms: u64) -> Scenario {
+    let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
+    s.fault(&format!("POST /nodes/*/qemu/*/status/start => slow:{ms}*1"));
+    s
+}
+
+fn output_of(child: std::process::Child) -> (i32, String, String) {
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn two_applies_started_together_one_runs_and_the_other_refuses_naming_the_holder() {
+    let s = slow_start(3000);
+    let spawn = || {
+        s.command(&["apply", "fleet.yaml", "--auto-approve"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let (pids, results) = ([a.id(), b.id()], [output_of(a), output_of(b)]);
+    let winners: Vec<usize> = (0..2).filter(|i| results[*i].0 == 0).collect();
+    assert_eq!(winners.len(), 1, "exactly one apply runs: {results:?}");
+    let (winner, loser) = (winners[0], 1 - winners[0]);
+    let (code, _, err) = &results[loser];
+    assert_eq!(*code, 1);
+    assert_contains(
+        err,
+        &[
+            "fleet `homelab` is locked by another run:",
+            &format!("(pid {}, `nixgold apply`) since ", pids[winner]),
+            "--lock-timeout",
+            "nixgold force-unlock ",
+        ],
+    );
+    // The refused run changed nothing; the winner finished and let go.
+    assert_eq!(
+        s.sim.inspect(|st| st.vms.len()),
+        2,
+        "the template and web-01"
+    );
+    assert!(s.sim.inspect(|st| st.vms[&400].running));
+    assert_eq!(s.lock_comment(), None, "released");
+    let creates = s
+        .sim
+        .journal()
+        .iter()
+        .filter(|e| e.method == "POST" && e.route.ends_with("/clone"))
+        .count();
+    assert_eq!(creates, 1, "one clone, by the winner");
+}
+
+#[test]
+fn an_apply_a_second_after_another_refuses_and_with_lock_timeout_waits_then_has_nothing_to_do() {
+    let s = slow_start(6000);
+    let first = s
+        .command(&["apply", "fleet.yaml", "--auto-approve"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = first.id();
+    std::thread::sleep(Duration::from_secs(1));
+    s.wait_for_request("/pools");
+    let (code, _, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 1, "{err}");
+    assert_contains(
+        &err,
+        &[
+            "locked by another run: ",
+            &format!("(pid {pid}, `nixgold apply`)"),
+        ],
+    );
+    // plan does not need the lock, but says who holds it.
+    let (_, _, err) = s.run(&["plan", "fleet.yaml"]);
+    assert_contains(
+        &err,
+        &[
+            "note: fleet `homelab` is being changed right now: locked by",
+            &format!("(pid {pid}, "),
+        ],
+    );
+    let (code, out, err) = s.run(&[
+        "apply",
+        "fleet.yaml",
+        "--auto-approve",
+        "--lock-timeout",
+        "5m",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_contains(&err, &["waiting up to 5m for the apply lock held by"]);
+    assert!(out.starts_with("No changes."), "{out}");
+    let (code, out, err) = output_of(first);
+    assert_eq!(code, 0, "the first apply finished: {out}{err}");
+    assert_eq!(
+        s.sim.inspect(|st| st.vms.len()),
+        2,
+        "the template and web-01"
+    );
+}
+
+#[test]
+fn a_killed_applys_lock_is_broken_by_force_unlock_and_an_expired_lease_by_the_next_run() {
+    let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
+    let pid = s.apply_killed_while_starting();
+    // The dead run's lock stays until its lease runs out.
+    let (code, _, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 1);
+    let id = s.lock_id();
+    assert_contains(
+        &err,
+        &[
+            &format!("(pid {pid}, `nixgold apply`)"),
+            &format!("lock ID {id}, lease until "),
+            &format!("`nixgold force-unlock {id}` breaks the lock"),
+        ],
+    );
+    // The wrong ID breaks nothing.
+    let (code, _, err) = s.run(&["force-unlock", "0000000000000000", "fleet.yaml"]);
+    assert_eq!(code, 1);
+    assert_contains(
+        &err,
+        &[&format!("is locked under ID {id}, not 0000000000000000")],
+    );
+    let (code, out, err) = s.run(&["force-unlock", &id, "fleet.yaml"]);
+    assert_eq!(code, 0, "{err}");
+    assert_contains(&out, &["fleet `homelab`: broke the apply lock of"]);
+    assert_eq!(s.lock_comment(), None);
+    s.converge();
+    // A lease that ran out (a holder that crashed elsewhere) is broken by
+    // the next run, which says so.
+    s.api(
+        "POST",
+        "/pools",
+        &[
+            ("poolid", "nixgold-lock-homelab"),
+            (
+                "comment",
+                "nixgold-apply-lock id=00112233aabbccdd user=ci host=runner-7 pid=4242 command=apply since=2026-01-01T10:00:00Z expires=2026-01-01T10:05:00Z",
+            ),
+        ],
+    );
+    let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_contains(
+        &err,
+        &[
+            "breaking the expired apply lock of ci@runner-7 (pid 4242, `nixgold apply`) since 2026-01-01T10:00:00Z",
+        ],
+    );
+    assert_eq!(s.lock_comment(), None);
+    // A pool of that name that is not a nixgold lock is never taken over.
+    s.api(
+        "POST",
+        "/pools",
+        &[("poolid", "nixgold-lock-homelab"), ("comment", "team pool")],
+    );
+    let (code, _, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 1);
+    assert_contains(
+        &err,
+        &["the pool `nixgold-lock-homelab` exists but is not a nixgold apply lock"],
+    );
+    assert_eq!(s.lock_comment().as_deref(), Some("team pool"));
+}
+
+// ----- saved plans that cannot be forged -----------------------------------
+
+#[test]
+fn a_saved_plan_edited_to_another_vmid_other_settings_or_a_destroy_is_refused() {
+    let s = Scenario::new(
+        with_foreign_vm(single_node(), 500),
+        &base_fleet(WEB_01),
+        &golden_lock(),
+    );
+    s.converge();
+    s.edit_fleet(|f| f.replace("tags: [prod]", "tags: [prod, web]"));
+    let (code, _, err) = s.run(&["plan", "fleet.yaml", "--out", "web.plan"]);
+    assert_eq!(code, 0, "{err}");
+    let path = s.dir.path().join("web.plan");
+    let original: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(original["plan"]["changes"][0]["address"], "vm.web-01");
+    type Forge = fn(&mut serde_json::Value);
+    let forgeries: [(&str, Forge); 3] = [
+        ("another VMID", |c| c["work"]["vmid"] = 500.into()),
+        ("other settings", |c| {
+            c["work"]["set"]["memory"] = "65536".into();
+            c["work"]["set"]["args"] = "-no-reboot".into();
+        }),
+        ("a destroy", |c| {
+            c["action"] = "destroy".into();
+            c["work"] = serde_json::json!({ "kind": "destroy_vm", "vmid": 400, "node": "pve" });
+        }),
+    ];
+    let before = (s.config(400), s.config(500));
+    let lock = std::fs::read_to_string(s.dir.path().join("nixgold.lock")).unwrap();
+    for (what, forge) in forgeries {
+        let mut edited = original.clone();
+        forge(&mut edited["plan"]["changes"][0]);
+        std::fs::write(&path, serde_json::to_string_pretty(&edited).unwrap()).unwrap();
+        let (code, out, err) = s.run(&["apply", "web.plan"]);
+        assert_eq!(code, 1, "{what}: {out}{err}");
+        assert_contains(
+            &err,
+            &[
+                "refusing the saved plan: change `vm.web-01` (",
+                "Nothing was changed.",
+            ],
+        );
+        assert_eq!(
+            (s.config(400), s.config(500)),
+            before,
+            "{what}: nothing changed"
+        );
+        assert_eq!(
+            std::fs::read_to_string(s.dir.path().join("nixgold.lock")).unwrap(),
+            lock
+        );
+    }
+    // A change added to the plan is refused too, named.
+    let mut edited = original.clone();
+    let mut extra = edited["plan"]["changes"][0].clone();
+    extra["address"] = "vm.intruder".into();
+    edited["plan"]["changes"]
+        .as_array_mut()
+        .unwrap()
+        .push(extra);
+    std::fs::write(&path, serde_json::to_string_pretty(&edited).unwrap()).unwrap();
+    let (code, _, err) = s.run(&["apply", "web.plan"]);
+    assert_eq!(code, 1);
+    assert_contains(
+        &err,
+        &[
+            "change `vm.intruder` (update) is not justified by the fleet, the lockfile and the cluster",
+        ],
+    );
+    // The plan as saved applies.
+    std::fs::write(&path, serde_json::to_string_pretty(&original).unwrap()).unwrap();
+    let (code, out, err) = s.run(&["apply", "web.plan"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(s.config(400)["tags"].contains("web"), "{:?}", s.config(400));
+    assert_eq!(s.config(500), before.1);
 }

@@ -137,6 +137,8 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
         #[command(flatten)]
+        wait: LockWait,
+        #[command(flatten)]
         scope: Scope,
     },
     /// Compare the cluster with the fleet and change nothing (for timers and
@@ -161,6 +163,17 @@ enum Command {
         /// The generation to return to (default: the one before current).
         #[arg(long, value_name = "N")]
         to: Option<u32>,
+        #[command(flatten)]
+        wait: LockWait,
+    },
+    /// Break the fleet's apply lock left by a run that is gone (its lock ID
+    /// is in the error of the run that found it).
+    ForceUnlock {
+        /// The lock ID.
+        #[arg(value_name = "LOCK_ID")]
+        id: String,
+        #[command(flatten)]
+        fleet: FleetArg,
     },
     /// Print the fleet file's JSON Schema (for YAML editors).
     Schema,
@@ -176,6 +189,14 @@ struct FleetArg {
     /// Fleet file; overrides --fleet.
     #[arg(value_name = "FLEET")]
     path: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct LockWait {
+    /// Wait this long for another run's apply lock of the fleet (e.g. 5m)
+    /// instead of failing at once.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "0s")]
+    lock_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Args)]
@@ -375,6 +396,7 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
             auto_approve,
             keep_failed_build,
             concurrency,
+            wait,
             scope,
         } => {
             let path = path.clone().or_else(|| g.fleet.clone()).ok_or_else(|| {
@@ -382,6 +404,7 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
             })?;
             let args = run::ApplyArgs {
                 auto_approve: *auto_approve,
+                lock_timeout: wait.lock_timeout,
                 keep_failed_build: *keep_failed_build,
                 options: scope.options(),
                 concurrency: *concurrency,
@@ -517,42 +540,23 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
             print!("{}", fleet::load::json_schema());
             Ok(0)
         }
-        Command::Rollback { fleet, image, to } => {
-            let (_loaded, mut current) = load_checked(&fleet_path(g, fleet)?, &lock)?;
-            let entry = current.images.get_mut(image).ok_or_else(|| {
-                Failure::Message(format!(
-                    "image `{image}` has no generations in {}",
-                    lock.display()
-                ))
-            })?;
-            let mut numbers: Vec<u32> = entry.generations.iter().map(|g| g.number).collect();
-            numbers.sort_unstable();
-            let target = match to {
-                Some(n) => *n,
-                None => numbers
-                    .iter()
-                    .rev()
-                    .copied()
-                    .find(|n| *n < entry.current)
-                    .ok_or_else(|| {
-                        Failure::Message(format!(
-                            "image `{image}` has no generation older than {}",
-                            entry.current
-                        ))
-                    })?,
+        Command::Rollback {
+            fleet,
+            image,
+            to,
+            wait,
+        } => {
+            let path = fleet_path(g, fleet)?;
+            let args = run::RollbackArgs {
+                image: image.clone(),
+                to: *to,
+                lock_timeout: wait.lock_timeout,
             };
-            if !numbers.contains(&target) {
-                return Err(Failure::Message(format!(
-                    "image `{image}` has no kept generation {target}\n  hint: kept generations: {numbers:?}"
-                )));
-            }
-            let from = entry.current;
-            entry.current = target;
-            current.write(&lock, g.locked)?;
-            out.info(&format!(
-                "image.{image}: generation {from} -> {target}; new clones use it. Revert the fleet's image changes too, or the next plan builds a new generation from the current fleet."
-            ));
-            Ok(0)
+            runtime()?.block_on(run::cmd_rollback(&path, &lock, g.locked, g.sim, &args, out))
+        }
+        Command::ForceUnlock { id, fleet } => {
+            let path = fleet_path(g, fleet)?;
+            runtime()?.block_on(run::cmd_force_unlock(&path, &lock, g.sim, id, out))
         }
         Command::Sim { command } => sim::run(command).map(|()| 0),
     }

@@ -20,6 +20,7 @@ pub mod guest;
 mod handlers;
 pub mod options;
 pub mod params;
+pub mod pools;
 pub mod routes;
 mod server;
 pub mod state;

@@ -235,6 +235,9 @@ pub struct State {
     pub mac_counter: u64,
     /// Node boot time in seconds (pstart base and uptime).
     pub boot_time: u64,
+    /// Resource pools by id (`user.cfg`'s `pool:` lines).
+    #[serde(default)]
+    pub pools: BTreeMap<String, crate::pools::Pool>,
 }
 
 pub fn now_ms() -> u64 {
@@ -265,6 +268,7 @@ impl State {
             next_pid: 0x1000,
             mac_counter: 0,
             boot_time: now / 1000 - 3600,
+            pools: BTreeMap::new(),
         };
         for vm in &spec.vms {
             let mut values = BTreeMap::new();
