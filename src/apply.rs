@@ -130,6 +130,8 @@ impl Report {
 struct Ctx {
     client: Client,
     opts: ApplyOptions,
+    /// The fleet whose ownership stamp every VM apply touches must carry.
+    fleet: String,
     events: mpsc::UnboundedSender<Event>,
     templates: std::sync::Mutex<BTreeMap<u32, Arc<Semaphore>>>,
     storages: std::sync::Mutex<BTreeMap<String, Arc<Semaphore>>>,
@@ -222,6 +224,7 @@ pub async fn apply(
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         opts,
+        fleet: plan.fleet.clone(),
         events,
         templates: Default::default(),
         storages: Default::default(),
@@ -320,8 +323,12 @@ async fn build_template(
     w: &crate::build::BuildWork,
     cleanup_first: bool,
 ) -> Result<crate::build::BuildResult, Outcome> {
+    let build_vm = [
+        ("resource", format!("image.{}", w.image)),
+        ("generation", w.generation.to_string()),
+    ];
     if cleanup_first {
-        destroy_vm(ctx, address, w.vmid, &w.node).await?;
+        destroy_vm(ctx, address, w.vmid, &w.node, &build_vm).await?;
     }
     // Builds that share a static address take turns.
     let _address = match &w.access {
@@ -397,7 +404,9 @@ async fn build_template(
                     w.vmid, w.node
                 )));
             } else {
-                let _ = destroy_vm(ctx, address, w.vmid, &w.node).await;
+                // Only the build's own VM: a VM someone created at this
+                // VMID after the plan (the create then failed) stays.
+                let _ = destroy_vm(ctx, address, w.vmid, &w.node, &build_vm).await;
             }
             Err(Outcome::Failed { step, error })
         }
@@ -459,18 +468,89 @@ async fn run_vm_change(ctx: &Ctx, change: &Change) -> Result<(), Outcome> {
         Work::CreateVm(w) => create_vm(ctx, address, w).await,
         Work::UpdateVm(w) => update_vm(ctx, address, w).await,
         Work::ReplaceVm { old_node, new } => {
-            destroy_vm(ctx, address, new.vmid, old_node).await?;
+            let this_vm = [("resource", address.to_owned())];
+            destroy_vm(ctx, address, new.vmid, old_node, &this_vm).await?;
             create_vm(ctx, address, new).await
         }
-        Work::DestroyVm { vmid, node } | Work::DestroyTemplate { vmid, node, .. } => {
-            destroy_vm(ctx, address, *vmid, node).await
+        Work::DestroyVm { vmid, node } => {
+            let this_vm = [("resource", address.to_owned())];
+            destroy_vm(ctx, address, *vmid, node, &this_vm).await
+        }
+        Work::DestroyTemplate {
+            image,
+            generation,
+            vmid,
+            node,
+            ..
+        } => {
+            let template = [
+                ("resource", format!("image.{image}")),
+                ("generation", generation.to_string()),
+            ];
+            destroy_vm(ctx, address, *vmid, node, &template).await
         }
         Work::BuildTemplate { .. } => unreachable!("builds run in build_template"),
     }
 }
 
-async fn destroy_vm(ctx: &Ctx, address: &str, vmid: u32, node: &str) -> Result<(), Outcome> {
+/// Stamp fields (besides the fleet) a VM must carry for apply to touch it.
+type Owner<'a> = [(&'a str, String)];
+
+/// Checks, at the moment of writing, that `cfg` (VMID `vmid` on `node`,
+/// just read) is still the VM the plan meant: stamped by this fleet with
+/// `owner`'s values. Anything else — a VM created at that VMID after the
+/// plan, a stamp edited away — is left alone, and the change fails.
+fn check_owner(
+    ctx: &Ctx,
+    cfg: &pve_api::types::VmConfig,
+    vmid: u32,
+    node: &str,
+    owner: &Owner<'_>,
+) -> Result<(), ApiError> {
+    let stamp = cfg
+        .get("description")
+        .and_then(crate::plan::read_stamp)
+        .unwrap_or_default();
+    let ours = stamp.get("fleet") == Some(&ctx.fleet)
+        && owner.iter().all(|(k, v)| stamp.get(*k) == Some(v));
+    if ours {
+        return Ok(());
+    }
+    Err(ApiError::Conflict {
+        message: format!(
+            "VMID {vmid} on {node} is not the VM the plan meant (`{}`, {}); nixgold left it alone",
+            cfg.get("name").unwrap_or("unnamed"),
+            match stamp.get("resource") {
+                Some(r) => format!(
+                    "stamped as {r} of fleet {}",
+                    stamp.get("fleet").map_or("?", String::as_str)
+                ),
+                None => "not stamped by nixgold".to_owned(),
+            }
+        ),
+    })
+}
+
+/// Re-reads the VM and checks its owner; `Ok(false)`: it is gone.
+async fn still_ours(ctx: &Ctx, vmid: u32, node: &str, owner: &Owner<'_>) -> Result<bool, ApiError> {
+    match ctx.client.vm_config(node, vmid, false).await {
+        Ok(cfg) => check_owner(ctx, &cfg, vmid, node, owner).map(|()| true),
+        Err(e) if e.is_not_found() => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+async fn destroy_vm(
+    ctx: &Ctx,
+    address: &str,
+    vmid: u32,
+    node: &str,
+    owner: &Owner<'_>,
+) -> Result<(), Outcome> {
     ctx.step(address, "stop", || async {
+        if !still_ours(ctx, vmid, node, owner).await? {
+            return Ok(());
+        }
         match ctx.client.vm_status(node, vmid).await {
             Ok(s) if s.is_running() => ctx.wait(&ctx.client.stop(node, vmid).await?).await,
             Ok(_) => Ok(()),
@@ -480,6 +560,9 @@ async fn destroy_vm(ctx: &Ctx, address: &str, vmid: u32, node: &str) -> Result<(
     })
     .await?;
     ctx.step(address, "destroy", || async {
+        if !still_ours(ctx, vmid, node, owner).await? {
+            return Ok(());
+        }
         match ctx.client.destroy(node, vmid, true, false).await {
             Ok(upid) => ctx.wait(&upid).await,
             // Already gone (an earlier attempt whose answer was lost).
@@ -587,6 +670,13 @@ async fn configure(
             first = false;
             async move {
                 let current = ctx.client.vm_config(&w.node, w.vmid, false).await?;
+                check_owner(
+                    ctx,
+                    &current,
+                    w.vmid,
+                    &w.node,
+                    &[("resource", address.to_owned())],
+                )?;
                 // Keep the MAC Proxmox generated at clone time.
                 if let Some(net) = set.get_mut("net0") {
                     let mut want = Net::parse(net);

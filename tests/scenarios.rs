@@ -1826,3 +1826,61 @@ fn a_saved_plan_edited_to_another_vmid_other_settings_or_a_destroy_is_refused() 
     assert!(s.config(400)["tags"].contains("web"), "{:?}", s.config(400));
     assert_eq!(s.config(500), before.1);
 }
+
+// ----- never touch what is not ours ----------------------------------------
+
+#[test]
+fn a_foreign_vm_created_at_the_builds_vmid_mid_apply_survives_and_the_build_fails_cleanly() {
+    let s = Scenario::new(
+        with_foreign_vm(ClusterSpec::default(), 500),
+        &build_fleet("\"vim\""),
+        EMPTY_LOCK,
+    );
+    // The build VM's create reaches Proxmox late; just before it does,
+    // someone clones their VM to the VMID the plan gave the build.
+    s.fault("POST /nodes/*/qemu => slow:3000*1");
+    let child = s
+        .command(&["apply", "fleet.yaml", "--auto-approve"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    s.wait_for_request("/download-url");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while s.sim.inspect(|st| {
+        st.tasks
+            .values()
+            .any(|t| t.kind == "download" && t.exitstatus.is_none())
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the download never ended"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    s.api(
+        "POST",
+        "/nodes/pve/qemu/500/clone",
+        &[("newid", "9400"), ("name", "someone-elses")],
+    );
+    let (code, out, err) = output_of(child);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_contains(&out, &["image.golden[pve]: FAILED", "already exists"]);
+    assert_contains(
+        &format!("{out}{err}"),
+        &[
+            "VMID 9400 on pve is not the VM the plan meant (",
+            "not stamped by nixgold); nixgold left it alone",
+        ],
+    );
+    assert_eq!(
+        s.config(9400).get("name").map(String::as_str),
+        Some("someone-elses"),
+        "the foreign VM survives"
+    );
+    assert!(read_lock(&s).images.is_empty(), "no generation recorded");
+    assert!(
+        s.sim.inspect(|st| !st.vms.contains_key(&400)),
+        "no clone of a build that failed"
+    );
+}
