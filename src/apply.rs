@@ -140,7 +140,35 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// Sends an event, secrets redacted (an API error or a build's output
+    /// may echo one).
     fn emit(&self, e: Event) {
+        let r = |text: String| crate::redact::redact(&text).into_owned();
+        let e = match e {
+            Event::Retrying {
+                address,
+                step,
+                error,
+            } => Event::Retrying {
+                address,
+                step,
+                error: r(error),
+            },
+            Event::Failed {
+                address,
+                step,
+                error,
+            } => Event::Failed {
+                address,
+                step,
+                error: r(error),
+            },
+            Event::Progress { address, line } => Event::Progress {
+                address,
+                line: r(line),
+            },
+            other => other,
+        };
         let _ = self.events.send(e);
     }
 
@@ -438,6 +466,7 @@ impl BuildLog {
     fn write(&self, line: &str) {
         use std::io::Write as _;
         let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        let line = crate::redact::redact(line);
         let _ = writeln!(self.file.lock().expect("log"), "[{at}] {line}");
     }
 }

@@ -23,4 +23,5 @@ pub mod nixos;
 pub mod pin;
 pub mod plan;
 pub mod problem;
+pub mod redact;
 pub mod render;

@@ -58,19 +58,63 @@ fn every_broken_fleet_fails_with_its_expected_errors() {
     }
 }
 
+/// Inline, where a variable name belongs, or in a malformed reference: the
+/// secret is in neither the error nor (with -v) Nickel's snippet.
 #[test]
-fn secrets_written_inline_never_appear_in_the_error() {
+fn secrets_written_in_the_wrong_place_never_appear_in_the_error() {
     let dir = repo().join("tests/fleets/broken");
     for (file, secret) in [
         ("secret-inline.yaml", "8d6f0e3c"),
         ("password-inline.ncl", "hunter2-very-secret"),
+        ("secret-as-env-name.yaml", "5e3b9f2a"),
+        ("secret-malformed-ref.yaml", "b4ttery"),
     ] {
-        let (_, stdout, stderr) = run(nixgold(&dir).args(["validate", file, "-v"]));
+        for verbose in [&[][..], &["-v"], &["-vvv", "--json"]] {
+            let (code, stdout, stderr) = run(nixgold(&dir).arg("validate").arg(file).args(verbose));
+            assert_eq!(code, 1, "{file}");
+            assert!(
+                !stderr.contains(secret) && !stdout.contains(secret),
+                "{file} {verbose:?} leaks its secret:\n{stdout}{stderr}"
+            );
+        }
+    }
+}
+
+/// A reference whose variable name does not look like one (the secret
+/// itself, most likely) and is not set: the error does not show it.
+#[test]
+fn an_unset_variable_that_looks_like_a_secret_is_not_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = "fleet: homelab\nproxmox:\n  endpoint: https://127.0.0.1:1\n  nodes: [pve]\n  token: { env: Sup3rS3cretValu3x9 }\nisos: {}\nimages: {}\nvms: {}\n";
+    std::fs::write(dir.path().join("fleet.yaml"), fleet).unwrap();
+    for verbose in [&[][..], &["-vv"]] {
+        let (code, stdout, stderr) = run(nixgold(dir.path())
+            .env_remove("PROXMOX_VE_API_TOKEN")
+            .args(["plan", "fleet.yaml"])
+            .args(verbose));
+        assert_eq!(code, 1);
+        let text = format!("{stdout}{stderr}");
+        assert!(!text.contains("Sup3rS3cretValu3x9"), "{text}");
         assert!(
-            !stderr.contains(secret) && !stdout.contains(secret),
-            "{file} leaks its secret:\n{stderr}"
+            text.contains(
+                "proxmox.token: the environment variable it names is not set (the name is not shown"
+            ),
+            "{text}"
         );
     }
+    // A conventional name is named, so the user knows what to export.
+    let path = dir.path().join("fleet.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("Sup3rS3cretValu3x9", "PVE_TOKEN")).unwrap();
+    let (code, _, stderr) = run(nixgold(dir.path())
+        .env_remove("PROXMOX_VE_API_TOKEN")
+        .env_remove("PVE_TOKEN")
+        .args(["plan", "fleet.yaml"]));
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("proxmox.token: environment variable PVE_TOKEN is not set"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -268,6 +268,14 @@ impl Output {
     }
 
     fn print_failure(&self, failure: &Failure) {
+        let redacted;
+        let failure = match failure {
+            Failure::Message(m) => {
+                redacted = Failure::Message(crate::redact::redact(m).into_owned());
+                &redacted
+            }
+            Failure::Problems { .. } => failure,
+        };
         if self.json {
             let value = match failure {
                 Failure::Problems { problems, .. } => {
@@ -275,21 +283,21 @@ impl Output {
                 }
                 Failure::Message(m) => serde_json::json!({ "ok": false, "error": m }),
             };
-            println!("{value:#}");
+            println!("{}", crate::redact::redact(&format!("{value:#}")));
             return;
         }
         let mut stderr = std::io::stderr().lock();
         match failure {
             Failure::Problems { problems, detail } => {
                 for p in problems {
-                    let text = p.to_string();
+                    let text = crate::redact::redact(&p.to_string()).into_owned();
                     let text = text
                         .strip_prefix("error")
                         .map_or(text.clone(), |rest| format!("{}{rest}", self.error_label()));
                     let _ = writeln!(stderr, "{text}");
                 }
                 if let (Some(detail), true) = (detail, self.verbose > 0) {
-                    let _ = writeln!(stderr, "\n{detail}");
+                    let _ = writeln!(stderr, "\n{}", crate::redact::redact(detail));
                 }
                 let _ = writeln!(
                     stderr,
@@ -351,7 +359,7 @@ fn init_tracing(verbose: u8, quiet: bool, color: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("nixgold={level}")));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| crate::redact::Stderr)
         .with_ansi(color)
         .try_init();
 }
@@ -577,6 +585,7 @@ pub(crate) fn load_checked(
     path: &Path,
     lock_path: &Path,
 ) -> Result<(LoadedFleet, Lockfile), Failure> {
+    crate::redact::register_environment();
     let loaded = fleet::load(path).map_err(|e| match e {
         fleet::FleetError::Invalid { problems, report } => Failure::Problems {
             problems,
@@ -584,6 +593,8 @@ pub(crate) fn load_checked(
         },
         other => Failure::from(other),
     })?;
+    let base = loaded.path.parent().unwrap_or(Path::new("."));
+    crate::connect::register_secrets(&loaded.fleet, base);
     let lock = Lockfile::read_for(lock_path, &loaded.fleet.fleet)?;
     let problems = fleet::validate::validate(&loaded, &lock);
     if !problems.is_empty() {

@@ -775,7 +775,7 @@ async fn apply_in_session(
         if out.json {
             continue;
         }
-        println!("{line}");
+        println!("{}", crate::redact::redact(&line));
     }
     if out.json {
         let items: Vec<serde_json::Value> = report

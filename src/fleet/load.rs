@@ -21,8 +21,12 @@ use crate::problem::Problem;
 /// Name of the in-memory program that applies the contract to the fleet.
 const WRAPPER_NAME: &str = "<nixgold>";
 
-/// The contract's reason for a secret written in the fleet (schema/fleet.ncl).
-const SECRET_INLINE: &str = "a secret is written inline";
+/// The contract's reasons for a secret written in the fleet
+/// (schema/fleet.ncl): inline, or where a variable's name belongs.
+const SECRET_REASONS: [&str; 2] = [
+    "a secret is written inline",
+    "a secret is written where a variable name belongs",
+];
 
 /// The schema, compiled into the binary so nixgold needs no files at run time.
 pub const SCHEMA_SOURCE: &str = include_str!("../../schema/fleet.ncl");
@@ -193,13 +197,57 @@ fn invalid(
             }
         })
         .collect::<Vec<Problem>>();
-    // The snippet of an inline secret would print the secret itself.
-    let report = if problems.iter().any(|p| p.reason == SECRET_INLINE) {
+    // The snippet of a misplaced secret, or of anything written where a
+    // secret reference belongs, may print the secret itself.
+    let report = if problems
+        .iter()
+        .any(|p| SECRET_REASONS.contains(&p.reason.as_str()) || is_secret_field(&p.field))
+    {
         "(source snippet withheld: it contains a secret)".to_owned()
     } else {
         report
     };
     FleetError::Invalid { problems, report }
+}
+
+/// True when `field` (`vms.web-01.password.env`) is, or is inside, a field
+/// the schema marks `x-secret`.
+fn is_secret_field(field: &str) -> bool {
+    static PATHS: std::sync::LazyLock<Vec<Vec<String>>> = std::sync::LazyLock::new(|| {
+        let schema: serde_json::Value =
+            serde_json::from_str(&json_schema()).expect("the schema is JSON");
+        let mut paths = Vec::new();
+        secret_paths(&schema, &mut Vec::new(), &mut paths);
+        paths
+    });
+    let segments: Vec<&str> = field.split('.').collect();
+    PATHS.iter().any(|path| {
+        path.len() <= segments.len() && path.iter().zip(&segments).all(|(p, s)| p == "*" || p == s)
+    })
+}
+
+/// Collects the paths of the schema's `x-secret` nodes (`*` for any key or
+/// list index).
+fn secret_paths(node: &serde_json::Value, at: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+    if node.get("x-secret").is_some() {
+        out.push(at.clone());
+        return;
+    }
+    let mut visit = |child: &serde_json::Value, key: &str| {
+        at.push(key.to_owned());
+        secret_paths(child, at, out);
+        at.pop();
+    };
+    if let Some(props) = node.get("properties").and_then(|p| p.as_object()) {
+        for (key, child) in props {
+            visit(child, key);
+        }
+    }
+    for key in ["additionalProperties", "items"] {
+        if let Some(child) = node.get(key).filter(|c| c.is_object()) {
+            visit(child, "*");
+        }
+    }
 }
 
 fn nickel_string_escape(s: &str) -> String {
