@@ -15,6 +15,7 @@ pub mod cli;
 pub mod connect;
 pub mod desired;
 pub mod drift;
+pub mod files;
 pub mod fleet;
 pub mod ids;
 pub mod live;

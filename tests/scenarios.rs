@@ -1884,3 +1884,30 @@ fn a_foreign_vm_created_at_the_builds_vmid_mid_apply_survives_and_the_build_fail
         "no clone of a build that failed"
     );
 }
+
+// ----- files keep the mode their readers need --------------------------------
+
+#[cfg(unix)]
+#[test]
+fn a_rewritten_lockfile_keeps_its_mode_and_the_prometheus_file_is_0644() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
+    let lock = s.dir.path().join("nixgold.lock");
+    for (i, wanted) in [0o644, 0o640].into_iter().enumerate() {
+        std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(wanted)).unwrap();
+        let before = std::fs::read_to_string(&lock).unwrap();
+        // A new VM gets a VMID: the plan rewrites the lockfile.
+        s.edit_fleet(|f| format!("{f}  extra-{i}:\n    image: golden\n"));
+        s.plan();
+        assert_ne!(std::fs::read_to_string(&lock).unwrap(), before, "rewritten");
+        assert_eq!(mode(&lock), wanted, "the lockfile kept mode {wanted:o}");
+    }
+    let (code, out, err) = s.run(&["drift", "fleet.yaml", "--prometheus", "drift.prom"]);
+    assert!(code == 0 || code == 2, "{out}{err}");
+    assert_eq!(
+        mode(&s.dir.path().join("drift.prom")),
+        0o644,
+        "node_exporter can read it"
+    );
+}

@@ -527,13 +527,7 @@ pub async fn cmd_plan_order(
 }
 
 fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(text.as_bytes())?;
-    tmp.persist(path).map(|_| ()).map_err(|e| e.error)
+    crate::files::write_atomic(path, text, ".nixgold.")
 }
 
 /// Reads `path` as a saved plan, if it is one.
