@@ -1911,3 +1911,26 @@ fn a_rewritten_lockfile_keeps_its_mode_and_the_prometheus_file_is_0644() {
         "node_exporter can read it"
     );
 }
+
+#[test]
+fn lock_timeouts_on_the_template_conversions_writes_are_retried_and_the_build_is_kept() {
+    let s = Scenario::new(ClusterSpec::default(), &build_fleet("\"vim\""), EMPTY_LOCK);
+    // A backup or another task holds the VM's config lock when the build
+    // swaps the ISO for the cloud-init drive, and again at the conversion.
+    s.fault("PUT /nodes/*/qemu/*/config => lock-timeout*1");
+    s.fault("POST /nodes/*/qemu/*/template => lock-timeout*1");
+    let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_contains(
+        &err,
+        &[
+            "detach the ISO: lock contention: can't lock file '/var/lock/qemu-server/lock-9400.conf' - got timeout; retrying",
+            "convert to a template: task ",
+        ],
+    );
+    assert_eq!(s.config(9400)["template"], "1");
+    let lock = read_lock(&s);
+    assert_eq!(lock.images["golden"].current, 1, "the generation was kept");
+    let (code, text) = s.plan();
+    assert_eq!(code, 0, "{text}");
+}
