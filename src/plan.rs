@@ -205,6 +205,14 @@ pub enum PlanError {
         node: String,
     },
     #[error(
+        "{address}: VMID {vmid} on {node} is a clone in progress (lock: clone) — wait or re-run\n  hint: a clone keeps running in Proxmox when the apply that started it was interrupted; once it finishes (the lock goes), plan or apply again and nixgold finishes the VM. Do not remove it"
+    )]
+    CloneInProgress {
+        address: String,
+        vmid: u32,
+        node: String,
+    },
+    #[error(
         "{address}: VMID {vmid} is stamped as {stamp}, not as {address} of fleet `{fleet}`\n  hint: the VMID belongs to another resource or fleet; choose another VMID"
     )]
     OtherOwner {
@@ -1115,6 +1123,16 @@ fn plan_vm(
     let config = existing.config.as_ref();
     let stamp = existing.stamp();
     match &stamp {
+        // During a clone its target exists as `lock: clone` with partial
+        // disks and no description yet (shared/pve-api/NOTES.md, clone):
+        // unstamped is not foreign yet.
+        None if existing.lock.as_deref() == Some("clone") => {
+            return Err(PlanError::CloneInProgress {
+                address,
+                vmid: vm.vmid.get(),
+                node: existing.node.clone(),
+            });
+        }
         None => {
             return Err(PlanError::Foreign {
                 address,

@@ -1934,3 +1934,30 @@ fn lock_timeouts_on_the_template_conversions_writes_are_retried_and_the_build_is
     let (code, text) = s.plan();
     assert_eq!(code, 0, "{text}");
 }
+
+#[test]
+fn a_clone_still_running_after_a_kill_is_reported_as_in_progress_not_foreign() {
+    let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
+    s.fault("POST /nodes/*/qemu/*/clone => task-hang*1");
+    let mut child = s
+        .command(&["apply", "fleet.yaml", "--auto-approve"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    s.wait_for_request("/clone");
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert_eq!(
+        s.config(400).get("lock").map(String::as_str),
+        Some("clone"),
+        "the clone is still running in Proxmox"
+    );
+    let (code, out, err) = s.run(&["plan", "fleet.yaml"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_contains(
+        &err,
+        &["vm.web-01: VMID 400 on pve is a clone in progress (lock: clone) — wait or re-run"],
+    );
+    assert!(!err.contains("does not own"), "{err}");
+}
