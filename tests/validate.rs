@@ -170,3 +170,44 @@ fn insecure_tls_with_the_opt_in_validates_but_warns() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("will NOT be verified"), "{stderr}");
 }
+
+/// A fleet nested 5,000 levels deep — written out, or built by a Nickel
+/// function — is an error with a position, not a stack overflow.
+#[test]
+fn a_fleet_nested_five_thousand_levels_is_an_error_not_an_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 5000;
+    let head = "fleet = \"homelab\", proxmox = { endpoint = \"https://127.0.0.1:1\", nodes = [\"pve\"], token = { env = \"PVE_TOKEN\" } }, isos = {}, images = {}, vms = {}";
+    let written = format!(
+        "{{ {head}, deep = {}1{} }}\n",
+        "{ a = ".repeat(n),
+        " }".repeat(n)
+    );
+    let computed = format!(
+        "let rec f = fun n => if n == 0 then 1 else {{ a = f (n - 1) }} in\n{{ {head}, deep = f {n} }}\n"
+    );
+    let json = format!(
+        "{{\"fleet\": \"homelab\", \"deep\": {}1{}}}\n",
+        "[".repeat(n),
+        "]".repeat(n)
+    );
+    for (file, text, reason) in [
+        (
+            "written.ncl",
+            written,
+            "written.ncl:1:1353: records and lists nest deeper than 200 levels",
+        ),
+        ("computed.ncl", computed, "unknown field `deep`"),
+        (
+            "deep.json",
+            json,
+            "records and lists nest deeper than 200 levels",
+        ),
+    ] {
+        std::fs::write(dir.path().join(file), text).unwrap();
+        let (code, _, stderr) = run(nixgold(dir.path()).args(["validate", file]));
+        assert_eq!(code, 1, "{file}: {stderr}");
+        assert!(stderr.contains(reason), "{file}: {stderr}");
+        assert!(!stderr.contains("overflow"), "{file}: {stderr}");
+    }
+}

@@ -69,10 +69,38 @@ impl FleetError {
     }
 }
 
+/// How deeply records and lists may nest in a fleet file. A real fleet
+/// nests about six levels; Nickel's evaluator and export recurse once per
+/// level, so thousands of levels would overflow the stack and abort.
+pub const MAX_NESTING: usize = 200;
+
+/// The stack fleet evaluation runs on: deep enough for any fleet within
+/// [`MAX_NESTING`], and for Nickel code that builds nesting by recursion.
+const EVAL_STACK: usize = 256 << 20;
+
 /// Loads and contract-checks a fleet file. Semantic validation is separate
 /// (`validate::validate`) so it can report every problem at once.
 pub fn load(path: &Path) -> Result<LoadedFleet, FleetError> {
-    let json = evaluate(path, "Fleet")?;
+    if let Ok(text) = std::fs::read_to_string(path)
+        && let Some(problem) = too_deep(path, &text)
+    {
+        return Err(FleetError::Invalid {
+            problems: vec![problem],
+            report: String::new(),
+        });
+    }
+    let json = std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("fleet-eval".into())
+            .stack_size(EVAL_STACK)
+            .spawn_scoped(scope, || evaluate(path, "Fleet"))
+            .map_err(|source| FleetError::Read {
+                path: path.to_owned(),
+                source,
+            })?
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })?;
     let fleet: Fleet =
         serde_json::from_str(&json).map_err(|source| FleetError::Model { source })?;
     Ok(LoadedFleet {
@@ -208,6 +236,49 @@ fn invalid(
         report
     };
     FleetError::Invalid { problems, report }
+}
+
+/// The first place where `text` nests records or lists (`{`, `[`, `(`)
+/// deeper than [`MAX_NESTING`], outside strings and comments.
+fn too_deep(path: &Path, text: &str) -> Option<Problem> {
+    let (mut depth, mut line, mut column) = (0usize, 1usize, 0usize);
+    let mut chars = text.chars();
+    let mut in_string = false;
+    while let Some(c) = chars.next() {
+        column += 1;
+        match c {
+            '\n' => (line, column) = (line + 1, 0),
+            '\\' if in_string => {
+                chars.next();
+                column += 1;
+            }
+            '"' => in_string = !in_string,
+            '#' if !in_string => {
+                // A comment: skip to the end of the line.
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        (line, column) = (line + 1, 0);
+                        break;
+                    }
+                }
+            }
+            '{' | '[' | '(' if !in_string => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Some(Problem {
+                        file: path.to_owned(),
+                        position: Some((line, column)),
+                        field: String::new(),
+                        reason: format!("records and lists nest deeper than {MAX_NESTING} levels"),
+                        hints: vec!["a fleet nests a few levels; flatten the structure".into()],
+                    });
+                }
+            }
+            '}' | ']' | ')' if !in_string => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// True when `field` (`vms.web-01.password.env`) is, or is inside, a field
