@@ -234,11 +234,34 @@ impl Ctx {
         }
     }
 
+    /// Waits for a task up to the task deadline; a task still running then
+    /// is reported with what it is and what its log says it waits for.
     async fn wait(&self, upid: &Upid) -> Result<(), ApiError> {
-        self.client
+        match self
+            .client
             .wait_task_for(upid, self.opts.task_timeout)
             .await
-            .map(|_| ())
+        {
+            Err(ApiError::TaskTimeout { seconds, .. }) => {
+                let log = self.client.log_tail(upid, 1).await;
+                Err(ApiError::Timeout {
+                    what: format!(
+                        "the {} task of {} on {} ({upid}; the deadline is task_timeout or --task-timeout; its log {})",
+                        upid.kind,
+                        if upid.id.is_empty() {
+                            "the node".to_owned()
+                        } else {
+                            format!("VM {}", upid.id)
+                        },
+                        upid.node,
+                        log.last()
+                            .map_or("is still empty".to_owned(), |l| format!("ends: {l:?}"))
+                    ),
+                    seconds,
+                })
+            }
+            other => other.map(|_| ()),
+        }
     }
 }
 

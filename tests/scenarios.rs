@@ -1961,3 +1961,42 @@ fn a_clone_still_running_after_a_kill_is_reported_as_in_progress_not_foreign() {
     );
     assert!(!err.contains("does not own"), "{err}");
 }
+
+#[test]
+fn a_hung_start_is_reported_at_the_fleets_task_deadline_or_the_flags() {
+    let fleet = base_fleet(WEB_01).replace("isos:\n", "task_timeout: 3s\nisos:\n");
+    let s = Scenario::new(single_node(), &fleet, &golden_lock());
+    s.fault("POST /nodes/*/qemu/*/status/start => task-hang*2");
+    let started = std::time::Instant::now();
+    let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_contains(
+        &out,
+        &[
+            "vm.web-01: FAILED at start: the qmstart task of VM 400 on pve (UPID:pve:",
+            "the deadline is task_timeout or --task-timeout; its log ",
+            "did not finish within 3s",
+        ],
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "reported at the deadline"
+    );
+    s.stop_running_task("qmstart");
+    // The flag overrides the fleet.
+    let (code, out, err) = s.run(&[
+        "apply",
+        "fleet.yaml",
+        "--auto-approve",
+        "--task-timeout",
+        "1s",
+    ]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_contains(
+        &out,
+        &[
+            "vm.web-01: FAILED at start: the qmstart task of VM 400",
+            "did not finish within 1s",
+        ],
+    );
+}

@@ -136,6 +136,10 @@ enum Command {
         /// Changes in flight at once.
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
+        /// How long to wait for one Proxmox task before reporting it as
+        /// hung [default: the fleet's task_timeout, 30m].
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        task_timeout: Option<std::time::Duration>,
         #[command(flatten)]
         wait: LockWait,
         #[command(flatten)]
@@ -404,6 +408,7 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
             auto_approve,
             keep_failed_build,
             concurrency,
+            task_timeout,
             wait,
             scope,
         } => {
@@ -413,6 +418,7 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
             let args = run::ApplyArgs {
                 auto_approve: *auto_approve,
                 lock_timeout: wait.lock_timeout,
+                task_timeout: *task_timeout,
                 keep_failed_build: *keep_failed_build,
                 options: scope.options(),
                 concurrency: *concurrency,

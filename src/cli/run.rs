@@ -546,6 +546,8 @@ pub struct ApplyArgs {
     pub auto_approve: bool,
     /// How long to wait for another run's apply lock (0: fail at once).
     pub lock_timeout: Duration,
+    /// Overrides the fleet's `task_timeout`.
+    pub task_timeout: Option<Duration>,
     pub keep_failed_build: bool,
     pub options: PlanOptions,
     pub concurrency: usize,
@@ -693,6 +695,9 @@ async fn apply_in_session(
     let mut options = ApplyOptions {
         base_dir: s.loaded.path.parent().unwrap_or(Path::new(".")).to_owned(),
         keep_failed_build: args.keep_failed_build,
+        task_timeout: args
+            .task_timeout
+            .unwrap_or(s.loaded.fleet.task_timeout.get()),
         endpoint_host: s.conn.client.endpoint_host(),
         log_dir: Some(
             std::env::var_os("NIXGOLD_LOG_DIR")

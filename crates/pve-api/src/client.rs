@@ -869,7 +869,8 @@ impl Client {
             })
     }
 
-    async fn log_tail(&self, upid: &Upid, lines: u64) -> Vec<String> {
+    /// The last `lines` lines of a task's log (empty when it cannot be read).
+    pub async fn log_tail(&self, upid: &Upid, lines: u64) -> Vec<String> {
         let Ok((_, total)) = self.task_log(upid, 0, 1).await else {
             return Vec::new();
         };
