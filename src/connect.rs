@@ -217,6 +217,7 @@ pub fn cluster_for(fleet: &Fleet) -> ClusterSpec {
             shared,
             capacity: 4 << 40,
             nodes: None,
+            sparse: false,
         });
     };
     for iso in fleet.isos.values() {

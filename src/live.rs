@@ -3,10 +3,13 @@
 //! One `GET /cluster/resources?type=vm` finds every VM and its node, name,
 //! tags and lock; one `type=storage` listing says which storages exist
 //! where and whether they are shared; one content listing per (node,
-//! storage) that holds a desired ISO; and a config read (plus a status read
-//! for running state) only for the VMs the fleet manages — by VMID, or by
-//! this fleet's ownership tag. The number of calls does not grow with VMs
-//! the fleet does not manage; it is reported with the plan.
+//! storage) that holds a desired ISO; and a config read only for the VMs the
+//! fleet manages — by VMID, or by this fleet's ownership tag. Whether a VM
+//! runs comes from the same resource listing; since that status lags (it is
+//! pvestatd's RRD broadcast), `status/current` is read only where the lag
+//! could cause a change: a VM the fleet wants started that the listing does
+//! not show running. The number of calls does not grow with VMs the fleet
+//! does not manage; it is reported with the plan.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -66,6 +69,33 @@ impl From<VmConfig> for LiveConfig {
 pub struct LiveStorage {
     pub shared: bool,
     pub content: BTreeSet<String>,
+    /// The plugin type (`lvmthin`, `zfspool`, `dir`, …).
+    pub plugin: String,
+    /// Bytes in use and in all, as the storage reports them (for thin
+    /// storage: what is written, not what volumes could grow to).
+    pub used: u64,
+    pub total: u64,
+}
+
+impl LiveStorage {
+    /// Thin storage over-commits: a volume takes space as it is written.
+    /// ZFS counts as thick: `sparse` is off unless configured, and the
+    /// resources listing does not show it.
+    pub fn is_thin(&self) -> bool {
+        !matches!(self.plugin.as_str(), "lvm" | "zfspool")
+    }
+
+    pub fn free(&self) -> u64 {
+        self.total.saturating_sub(self.used)
+    }
+
+    /// Whether a content listing shows a linked clone's base: ZFS and RBD
+    /// name it (`parent`: `base-…@__base__`), files too (the base file);
+    /// LVM-thin lists a linked clone like any other volume
+    /// (pve-storage `LvmThinPlugin.pm` `list_images`).
+    pub fn shows_clone_parent(&self) -> bool {
+        self.plugin != "lvmthin"
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -77,6 +107,9 @@ pub struct LiveState {
     pub isos: BTreeMap<(String, String), Vec<Volume>>,
     /// Managed VMs' disk volumes that are linked clones (have a `parent`).
     pub linked_disks: BTreeSet<String>,
+    /// Managed VMs' disk volumes on storage whose listing cannot tell a
+    /// linked clone from a full one (LVM-thin).
+    pub clone_mode_unknown: BTreeSet<String>,
     /// API calls it took.
     pub calls: u64,
 }
@@ -137,7 +170,11 @@ pub async fn collect(
                 tags,
                 lock: r.lock,
                 config: None,
-                running: None,
+                running: match r.status.as_deref() {
+                    Some("running") => Some(true),
+                    Some("stopped") => Some(false),
+                    _ => None,
+                },
             },
         );
     }
@@ -156,6 +193,9 @@ pub async fn collect(
             LiveStorage {
                 shared: r.shared,
                 content,
+                plugin: r.plugintype.unwrap_or_default(),
+                used: r.disk.unwrap_or(0),
+                total: r.maxdisk.unwrap_or(0),
             },
         );
     }
@@ -163,6 +203,7 @@ pub async fn collect(
     // ISO listings, once per (node, storage).
     let mut iso_places = BTreeSet::new();
     let mut managed: BTreeSet<u32> = BTreeSet::new();
+    let mut want_running: BTreeSet<u32> = BTreeSet::new();
     for node in desired.graph.node_weights() {
         match node {
             DesiredNode::Iso(iso) => {
@@ -173,6 +214,9 @@ pub async fn collect(
             }
             DesiredNode::Vm(vm) => {
                 managed.insert(vm.vmid.get());
+                if vm.start {
+                    want_running.insert(vm.vmid.get());
+                }
             }
         }
     }
@@ -193,28 +237,40 @@ pub async fn collect(
         live.isos.insert((node, storage), vols);
     }
 
-    // Config (and status) of managed VMs that exist, bounded concurrency.
-    let targets: Vec<(u32, String)> = managed
+    // Config of managed VMs that exist, and their node-local status where
+    // the lagging listing could start a VM that already runs.
+    let targets: Vec<(u32, String, bool)> = managed
         .into_iter()
-        .filter_map(|id| live.vms.get(&id).map(|v| (id, v.node.clone())))
+        .filter_map(|id| {
+            let vm = live.vms.get(&id)?;
+            let confirm =
+                vm.running.is_none() || (vm.running == Some(false) && want_running.contains(&id));
+            Some((id, vm.node.clone(), confirm))
+        })
         .collect();
     let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
-    for (vmid, node) in targets {
+    for (vmid, node, confirm) in targets {
         let client = client.clone();
         let semaphore = semaphore.clone();
         tasks.spawn(async move {
             let _permit = semaphore.acquire_owned().await.expect("open semaphore");
             let config = client.vm_config(&node, vmid, false).await?;
-            let status = client.vm_status(&node, vmid).await?;
-            Ok::<_, ApiError>((vmid, config, status.is_running()))
+            let running = if confirm {
+                Some(client.vm_status(&node, vmid).await?.is_running())
+            } else {
+                None
+            };
+            Ok::<_, ApiError>((vmid, config, running))
         });
     }
     while let Some(joined) = tasks.join_next().await {
         let (vmid, config, running) = joined.expect("config reads do not panic")?;
         if let Some(vm) = live.vms.get_mut(&vmid) {
             vm.config = Some(config.into());
-            vm.running = Some(running);
+            if running.is_some() {
+                vm.running = running;
+            }
         }
     }
 
@@ -235,11 +291,14 @@ pub async fn collect(
         let vols = client
             .storage_content(&node, &storage, Some("images"), None)
             .await?;
-        live.linked_disks.extend(
-            vols.into_iter()
-                .filter(|v| v.parent.is_some())
-                .map(|v| v.volid),
-        );
+        let shows_parent = live.storages[&(node, storage)].shows_clone_parent();
+        for v in vols {
+            if !shows_parent {
+                live.clone_mode_unknown.insert(v.volid);
+            } else if v.parent.is_some() {
+                live.linked_disks.insert(v.volid);
+            }
+        }
     }
     live.calls = client.calls() - start;
     Ok(live)

@@ -16,8 +16,10 @@
 mod auth;
 pub mod cluster;
 mod config;
+pub mod formats;
 pub mod guest;
 mod handlers;
+pub mod nixos;
 pub mod options;
 pub mod params;
 pub mod pools;

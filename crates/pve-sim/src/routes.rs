@@ -7,6 +7,7 @@
 
 use std::sync::LazyLock;
 
+use crate::formats::QmFormat;
 use crate::params::{
     ARRAY, BOOL, Check, Format, INT, Kind, NODE, Param, Pattern, STR, VMID, int, opt, opt_c, req,
     req_c,
@@ -182,7 +183,7 @@ pub fn qemu_config_keys() -> Vec<Param> {
         opt("autostart", BOOL),
         opt("balloon", int(0, None)),
         opt_c("bios", STR, e(&["seabios", "ovmf"])),
-        opt("boot", STR),
+        opt_c("boot", STR, Check::Format(Format::Qm(QmFormat::Boot))),
         opt("bootdisk", STR),
         opt("cdrom", STR),
         opt("cicustom", STR),
@@ -209,7 +210,11 @@ pub fn qemu_config_keys() -> Vec<Param> {
         opt_c("hugepages", STR, e(&["any", "2", "1024"])),
         opt("ide[n]", STR),
         opt("intel-tdx", STR),
-        opt("ipconfig[n]", STR),
+        opt_c(
+            "ipconfig[n]",
+            STR,
+            Check::Format(Format::Qm(QmFormat::IpConfig)),
+        ),
         opt("ivshmem", STR),
         opt("keephugepages", BOOL),
         opt_c(
@@ -239,7 +244,7 @@ pub fn qemu_config_keys() -> Vec<Param> {
             ]),
         ),
         opt("machine", STR),
-        opt("memory", STR),
+        opt_c("memory", STR, Check::Format(Format::Qm(QmFormat::Memory))),
         opt(
             "migrate_downtime",
             Kind::Number {
@@ -250,7 +255,7 @@ pub fn qemu_config_keys() -> Vec<Param> {
         opt("migrate_speed", int(0, None)),
         opt_c("name", STR, Check::Format(Format::DnsName)),
         opt_c("nameserver", STR, Check::Format(Format::AddressList)),
-        opt("net[n]", STR),
+        opt_c("net[n]", STR, Check::Format(Format::Qm(QmFormat::Net))),
         opt("numa", BOOL),
         opt("numa[n]", STR),
         opt("onboot", BOOL),

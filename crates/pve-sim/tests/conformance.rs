@@ -109,7 +109,9 @@ fn undocumented(route: RouteId) -> &'static [&'static str] {
     match route {
         RouteId::Nodes => &["id", "type", "disk", "maxdisk"],
         RouteId::TaskStatus => &["tokenid"],
-        RouteId::StorageContent => &["content"],
+        // `name`: pve-storage `ZFSPoolPlugin.pm` `list_images` passes its
+        // `zfs list` entries through whole.
+        RouteId::StorageContent => &["content", "name"],
         RouteId::StatusCurrent => &["ha", "agent", "disk"],
         RouteId::QemuList => &["disk"],
         RouteId::TicketPost => &["cap"],

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{default_sim, fast, start, urlencode};
+use common::{Reply, SSH_KEY, default_sim, fast, start, urlencode};
 use pve_sim::cluster::StorageSpec;
 use pve_sim::{ClusterSpec, RemoteFile, SimOptions};
 use serde_json::Value;
@@ -211,10 +211,14 @@ async fn tasks_fail_inside_where_proxmox_fails_them() {
         .await,
         "OK"
     );
+    // ZFS names the base in the clone's volume and lists the snapshot it
+    // was cloned from (pve-storage `ZFSPoolPlugin.pm` `clone_image`,
+    // `list_images`).
     let clone = s.config(101).await;
-    assert_eq!(clone["scsi0"], "tank:vm-101-disk-0,size=8G");
+    assert_eq!(clone["scsi0"], "tank:base-100-disk-0/vm-101-disk-0,size=8G");
     let content = s.get("/nodes/pve/storage/tank/content?vmid=101").await;
-    assert_eq!(content.data()[0]["parent"], "tank:base-100-disk-0");
+    assert_eq!(content.data()[0]["parent"], "base-100-disk-0@__base__");
+    assert_eq!(content.data()[0]["name"], "vm-101-disk-0");
     let r = s.delete("/nodes/pve/qemu/100").await;
     assert_eq!(
         s.wait(r.data().as_str().unwrap()).await,
@@ -337,32 +341,42 @@ async fn config_locks_time_out_under_contention() {
 }
 
 #[tokio::test]
-async fn full_clones_on_one_storage_contend_for_its_lock() {
+async fn full_clones_into_one_storage_share_its_bandwidth_and_never_time_out() {
+    // qemu-server `PVE/API2/Qemu.pm` clone_vm: the worker holds the source
+    // config lock shared (`lock_config_shared($vmid, 1, …)`) and the target
+    // exclusively for the whole clone. pve-storage `PVE/Storage.pm`
+    // `vdisk_alloc` takes `cluster_lock_storage` only around `alloc_image`;
+    // `clone_disk` copies afterwards without it. So parallel full clones of
+    // one template do not fail on the storage lock: their copies compete for
+    // the storage's bandwidth, queued here (the makespan of fair sharing).
     let mut opts = fast();
     opts.task_durations
-        .insert("qmclone".into(), Duration::from_millis(600));
-    opts.storage_lock_timeout = Duration::from_millis(200);
+        .insert("qmclone".into(), Duration::from_millis(400));
     let s = start(ClusterSpec::default(), opts).await;
     s.create_vm(100, &[]).await;
-    let a = s
-        .post(
-            "/nodes/pve/qemu/100/clone",
-            &[("newid", "101"), ("full", "1")],
-        )
-        .await;
-    let b = s
-        .post(
-            "/nodes/pve/qemu/100/clone",
-            &[("newid", "102"), ("full", "1")],
-        )
-        .await;
-    assert_eq!(s.wait(a.data().as_str().unwrap()).await, "OK");
-    assert_eq!(
-        s.wait(b.data().as_str().unwrap()).await,
-        "clone failed: can't lock file '/var/lock/pve-manager/pve-storage-tank' - got timeout"
+    assert_eq!(s.run("/nodes/pve/qemu/100/template", &[]).await, "OK");
+    let started = std::time::Instant::now();
+    let mut upids = Vec::new();
+    for newid in ["101", "102", "103"] {
+        let r = s
+            .post(
+                "/nodes/pve/qemu/100/clone",
+                &[("newid", newid), ("full", "1")],
+            )
+            .await;
+        upids.push(r.data().as_str().unwrap().to_owned());
+    }
+    for upid in &upids {
+        assert_eq!(s.wait(upid).await, "OK");
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(1200),
+        "three copies into one storage take three copy times: {:?}",
+        started.elapsed()
     );
-    let r = s.get("/nodes/pve/qemu/102/config").await;
-    assert_eq!(r.status, 500, "a failed clone leaves nothing behind");
+    for vmid in [101, 102, 103] {
+        assert!(s.config(vmid).await.get("lock").is_none());
+    }
 }
 
 #[tokio::test]
@@ -403,31 +417,105 @@ async fn vmids_are_unique_across_the_cluster_and_local_storage_stays_local() {
     assert_eq!(s.get("/nodes/pve2/qemu/201/config").await.status, 200);
 }
 
-#[tokio::test]
-async fn storage_capacity_is_enforced_inside_the_task() {
-    let mut spec = ClusterSpec::default();
-    spec.storages.push(StorageSpec {
-        id: "small".into(),
-        plugin: "lvmthin".into(),
+fn small(id: &str, plugin: &str, sparse: bool) -> StorageSpec {
+    StorageSpec {
+        id: id.into(),
+        plugin: plugin.into(),
         content: vec!["images".into()],
         shared: false,
         capacity: 10 << 30,
         nodes: None,
-    });
+        sparse,
+    }
+}
+
+/// Thick storage reserves a volume's whole size and refuses, inside the
+/// task, with the storage tool's error: pve-storage `LVMPlugin.pm`
+/// `alloc_image` ("not enough free space (free < size)", bytes against
+/// KiB as the source prints them) and `zfs create -V` without `-s`
+/// (`ZFSPoolPlugin.pm` `zfs_create_zvol`). Thin storage (LVM-thin, sparse
+/// ZFS) over-commits: only written data takes space.
+#[tokio::test]
+async fn thick_storage_reserves_and_thin_storage_over_commits() {
+    let mut spec = ClusterSpec::default();
+    spec.storages.push(small("thick", "lvm", false));
+    spec.storages.push(small("zthick", "zfspool", false));
+    spec.storages.push(small("thin", "lvmthin", false));
+    spec.storages.push(small("zthin", "zfspool", true));
     let s = start(spec, fast()).await;
-    let r = s
-        .post("/nodes/pve/qemu", &[("vmid", "100"), ("scsi0", "small:20")])
-        .await;
-    let exit = s.wait(r.data().as_str().unwrap()).await;
-    assert!(
-        exit.starts_with("not enough free space on storage 'small'"),
-        "{exit}"
+    let create = |vmid: &'static str, disk: &'static str| {
+        let s = &s;
+        async move {
+            let r = s
+                .post("/nodes/pve/qemu", &[("vmid", vmid), ("scsi0", disk)])
+                .await;
+            s.wait(r.data().as_str().unwrap()).await
+        }
+    };
+    assert_eq!(
+        create("100", "thick:20").await,
+        format!("not enough free space ({} < {})", 10u64 << 30, 20u64 << 20)
+    );
+    assert_eq!(
+        create("101", "zthick:20").await,
+        "zfs error: cannot create 'zthick/vm-101-disk-0': out of space"
     );
     assert_eq!(
         s.get("/nodes/pve/qemu/100/config").await.status,
         500,
         "create cleaned up"
     );
+    assert_eq!(create("102", "thin:20").await, "OK");
+    assert_eq!(create("103", "thin:20").await, "OK", "over-committed twice");
+    assert_eq!(create("104", "zthin:20").await, "OK");
+    // The storage status counts what thin volumes hold, not their size.
+    let thin = s.get("/nodes/pve/storage?storage=thin").await;
+    assert_eq!(thin.data()[0]["used"], 0);
+    // Growing a thin volume is free; a thick one needs the space.
+    let r = s
+        .put(
+            "/nodes/pve/qemu/102/resize",
+            &[("disk", "scsi0"), ("size", "+50G")],
+        )
+        .await;
+    assert_eq!(s.wait(r.data().as_str().unwrap()).await, "OK");
+    assert_eq!(create("105", "thick:8").await, "OK");
+    let r = s
+        .put(
+            "/nodes/pve/qemu/105/resize",
+            &[("disk", "scsi0"), ("size", "+8G")],
+        )
+        .await;
+    let exit = s.wait(r.data().as_str().unwrap()).await;
+    assert!(
+        exit.starts_with(
+            "error resizing volume '/dev/thick/vm-105-disk-0': Insufficient free space"
+        ),
+        "{exit}"
+    );
+}
+
+/// Create refuses before its worker starts when a new disk's storage does
+/// not exist or holds no images (qemu-server `API2/Qemu.pm`
+/// `$check_storage_access`: `storage_config` dies, then a parameter error
+/// on `storage`).
+#[tokio::test]
+async fn storage_errors_on_create_come_before_the_task() {
+    let s = default_sim().await;
+    let r = s
+        .post("/nodes/pve/qemu", &[("vmid", "100"), ("scsi0", "nope:8")])
+        .await;
+    assert_eq!(r.status, 500, "{}", r.raw);
+    assert_eq!(r.body["message"], "storage 'nope' does not exist\n");
+    let r = s
+        .post("/nodes/pve/qemu", &[("vmid", "100"), ("scsi0", "local:8")])
+        .await;
+    assert_eq!(r.status, 400, "{}", r.raw);
+    assert_eq!(
+        r.body["errors"]["storage"],
+        "storage 'local' does not support vm images"
+    );
+    assert_eq!(s.get("/nodes/pve/qemu/100/config").await.status, 500);
 }
 
 #[tokio::test]
@@ -535,7 +623,7 @@ async fn cloud_init_is_regenerated_at_start_and_dumped_like_proxmox() {
             ("ciuser", "ops"),
             ("ipconfig0", "ip=192.168.1.130/24,gw=192.168.1.1"),
             ("nameserver", "8.8.8.8 1.1.1.1"),
-            ("sshkeys", &urlencode("ssh-ed25519 AAAA ops@host")),
+            ("sshkeys", &urlencode(&format!("{SSH_KEY} ops@host"))),
         ],
     )
     .await;
@@ -567,7 +655,7 @@ async fn cloud_init_is_regenerated_at_start_and_dumped_like_proxmox() {
     let user = s.get("/nodes/pve/qemu/100/cloudinit/dump?type=user").await;
     let text = user.data().as_str().unwrap();
     assert!(
-        text.contains("user: ops") && text.contains("  - ssh-ed25519 AAAA ops@host"),
+        text.contains("user: ops") && text.contains(&format!("  - {SSH_KEY} ops@host")),
         "{text}"
     );
     let net = s
@@ -593,6 +681,37 @@ async fn cloud_init_is_regenerated_at_start_and_dumped_like_proxmox() {
     assert!(
         exit.contains("cloud-init drive is already attached"),
         "{exit}"
+    );
+}
+
+#[tokio::test]
+async fn the_cluster_status_of_a_vm_lags_behind_a_start() {
+    // pve-manager `PVE/API2Tools.pm` `extract_vm_stats`: `/cluster/resources`
+    // takes a VM's status from pvestatd's RRD broadcast, not from the node;
+    // `status/current` (qemu-server `vmstatus`) is fresh.
+    let mut opts: SimOptions = fast();
+    opts.resources_lag = Duration::from_secs(30);
+    let mut spec = ClusterSpec::default();
+    spec.vms.push(pve_sim::cluster::VmSpec {
+        vmid: 100,
+        node: "pve".into(),
+        config: [("memory".to_owned(), "512".to_owned())].into(),
+        template: false,
+        running: false,
+    });
+    let s = start(spec, opts).await;
+    let listed = |r: &Reply| r.data()[0]["status"].as_str().unwrap().to_owned();
+    assert_eq!(
+        listed(&s.get("/cluster/resources?type=vm").await),
+        "stopped"
+    );
+    assert_eq!(s.run("/nodes/pve/qemu/100/status/start", &[]).await, "OK");
+    let current = s.get("/nodes/pve/qemu/100/status/current").await;
+    assert_eq!(current.data()["status"], "running");
+    assert_eq!(
+        listed(&s.get("/cluster/resources?type=vm").await),
+        "stopped",
+        "the listing still shows the last broadcast"
     );
 }
 
