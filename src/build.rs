@@ -884,7 +884,8 @@ impl Build<'_> {
                 })
                 .await?;
                 self.contended("convert to a template", || async {
-                    self.wait_task(client.template(&w.node, w.vmid).await?).await
+                    self.wait_task(client.template(&w.node, w.vmid).await?)
+                        .await
                 })
                 .await
             }
