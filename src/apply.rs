@@ -301,7 +301,10 @@ pub async fn apply(
         let global = Arc::new(Semaphore::new(ctx.opts.concurrency.max(1)));
         let mut set = tokio::task::JoinSet::new();
         for (i, change) in plan.changes.iter().enumerate().filter(|(_, c)| in_phase(c)) {
-            if let Some(dep) = depends_on(change).into_iter().find(|d| failed.contains(d)) {
+            if let Some(dep) = depends_on(plan, change)
+                .into_iter()
+                .find(|d| failed.contains(d))
+            {
                 report.changes.push(ChangeReport {
                     address: change.address.clone(),
                     action: change.action,
@@ -345,11 +348,40 @@ pub async fn apply(
     report
 }
 
-/// Addresses a change waits for.
-fn depends_on(change: &Change) -> Vec<String> {
+/// Addresses a change waits for. A build waits for the download of its
+/// ISO in the same plan (on its node, or on the shared storage's one node):
+/// it never boots a file that was not downloaded and verified.
+fn depends_on(plan: &Plan, change: &Change) -> Vec<String> {
     match &change.work {
         Work::CreateVm(w) | Work::UpdateVm(w) | Work::ReplaceVm { new: w, .. } => w.after.clone(),
         Work::DestroyTemplate { after, .. } => after.iter().cloned().collect(),
+        Work::BuildTemplate { build, .. } => {
+            let downloads: Vec<(&str, &str)> = plan
+                .changes
+                .iter()
+                .filter_map(|c| match &c.work {
+                    Work::DownloadIso {
+                        node,
+                        storage,
+                        filename,
+                        ..
+                    } if format!("{storage}:iso/{filename}") == build.iso_volid => {
+                        Some((c.address.as_str(), node.as_str()))
+                    }
+                    _ => None,
+                })
+                .collect();
+            let here: Vec<String> = downloads
+                .iter()
+                .filter(|(_, node)| *node == build.node)
+                .map(|(a, _)| (*a).to_owned())
+                .collect();
+            if here.is_empty() {
+                downloads.iter().map(|(a, _)| (*a).to_owned()).collect()
+            } else {
+                here
+            }
+        }
         _ => Vec::new(),
     }
 }

@@ -365,7 +365,7 @@ pub fn plan(
             // matters only if a build would need it.
             continue;
         };
-        let filename = iso_filename(url);
+        let filename = iso_filename(url, &sha256.to_string());
         let volid = format!("{}:iso/{filename}", iso.storage);
         let present = live
             .isos

@@ -2222,3 +2222,49 @@ fn a_hung_start_is_reported_at_the_fleets_task_deadline_or_the_flags() {
         ],
     );
 }
+
+#[test]
+fn a_changed_iso_pin_downloads_and_verifies_a_new_file_before_a_build_uses_it() {
+    let s = Scenario::new(ClusterSpec::default(), &build_fleet("\"vim\""), EMPTY_LOCK);
+    s.converge();
+    let old_file = format!(
+        "local:iso/nixos-minimal-24.05-x86_64-linux.{}.iso",
+        &ISO_SHA[..16]
+    );
+    let has = |volid: &str| {
+        s.sim
+            .inspect(|st| st.volumes.values().any(|v| v.volid == volid))
+    };
+    assert!(has(&old_file), "the ISO's file name carries its checksum");
+    // The pin moves (a new release behind the same URL, or an edited
+    // checksum) while the server still has the old file.
+    let moved = "7e1d9b0c2a4f6e8d0b2c4a6e8f0d2b4c6a8e0f2d4b6c8a0e2f4d6b8c0a2e4f6d";
+    s.edit_fleet(|f| f.replace(ISO_SHA, moved));
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    assert_contains(
+        &text,
+        &[
+            "+ iso.nixos[pve]",
+            &format!("nixos-minimal-24.05-x86_64-linux.{}.iso", &moved[..16]),
+            "+ image.golden[pve]",
+        ],
+    );
+    let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_contains(
+        &out,
+        &[
+            "iso.nixos[pve]: FAILED",
+            &format!("checksum mismatch: got '{ISO_SHA}' != expect '{moved}'"),
+            "image.golden[pve]: skipped (iso.nixos[pve] failed)",
+        ],
+    );
+    let lock = read_lock(&s);
+    assert_eq!(
+        lock.images["golden"].current, 1,
+        "no generation from an unverified ISO"
+    );
+    assert_eq!(lock.images["golden"].generations.len(), 1);
+    assert!(has(&old_file), "the old file is left alone");
+}

@@ -134,6 +134,10 @@ pub struct Volume {
     /// sha256 of a downloaded file.
     #[serde(default)]
     pub sha256: Option<String>,
+    /// Where a downloaded file came from: what it is (an installer ISO's
+    /// release), whatever name it was stored under.
+    #[serde(default)]
+    pub source_url: Option<String>,
 }
 
 /// A volume [`State::alloc_disk`] makes.
@@ -512,6 +516,7 @@ impl State {
             parent: base,
             ctime: now_ms() / 1000,
             sha256: None,
+            source_url: None,
         });
         Ok(volid)
     }
@@ -1265,6 +1270,7 @@ impl State {
             parent: None,
             ctime: now_ms() / 1000,
             sha256: Some(remote.sha256.clone()),
+            source_url: Some(url.to_owned()),
         });
         Ok(vec![
             format!("downloading {url} to {path}"),
