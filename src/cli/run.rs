@@ -673,20 +673,7 @@ async fn apply_in_session(
         return Ok(0);
     }
     if !args.auto_approve && !saved {
-        if !std::io::stdin().is_terminal() {
-            return Err(Failure::Message(
-                "refusing to apply without confirmation\n  hint: review the plan and pass --auto-approve (or save it with plan --out and apply the file)".into(),
-            ));
-        }
-        eprint!("\nApply these changes? Only 'yes' is accepted: ");
-        let _ = std::io::stderr().flush();
-        let mut answer = String::new();
-        let _ = std::io::stdin().read_line(&mut answer);
-        if answer.trim() != "yes" {
-            return Err(Failure::Message(
-                "apply cancelled; nothing was changed".into(),
-            ));
-        }
+        confirm()?;
     }
     // Record allocations and pins before touching the cluster.
     plan.lock.write(&s.lock_path, locked)?;
@@ -710,8 +697,38 @@ async fn apply_in_session(
     }
     let report = apply::apply(&s.conn.client, &plan, options, tx).await;
     let _ = printer.await;
-    // Removed templates leave the lockfile; generations enter it only once
-    // built (or found built and stamped).
+    record_outcome(s, &plan, &report, locked, out)?;
+    print_report(&plan, &report, out)
+}
+
+/// Asks on the terminal; only `yes` goes on.
+fn confirm() -> Result<(), Failure> {
+    if !std::io::stdin().is_terminal() {
+        return Err(Failure::Message(
+            "refusing to apply without confirmation\n  hint: review the plan and pass --auto-approve (or save it with plan --out and apply the file)".into(),
+        ));
+    }
+    eprint!("\nApply these changes? Only 'yes' is accepted: ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    let _ = std::io::stdin().read_line(&mut answer);
+    if answer.trim() != "yes" {
+        return Err(Failure::Message(
+            "apply cancelled; nothing was changed".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Removed templates leave the lockfile; generations enter it only once
+/// built (or found built and stamped).
+fn record_outcome(
+    s: &Session,
+    plan: &Plan,
+    report: &apply::Report,
+    locked: bool,
+    out: &Output,
+) -> Result<(), Failure> {
     let removed: Vec<(&str, u32, &str)> = plan
         .changes
         .iter()
@@ -736,46 +753,36 @@ async fn apply_in_session(
         .iter()
         .chain(report.changes.iter().filter_map(|c| c.built.as_ref()))
         .collect();
-    if !built.is_empty() || !removed.is_empty() {
-        let mut lock = plan.lock.clone();
-        for (image, generation, node) in &removed {
-            lock.forget_replica(image, *generation, node);
-        }
-        for r in built {
-            let replicas = replicas_of(&s.desired, &r.image, r.generation);
-            record_build(&mut lock, r, replicas);
-            out.info(&format!(
-                "recorded image.{} generation {} on {} in {}",
-                r.image,
-                r.generation,
-                r.node,
-                s.lock_path.display()
-            ));
-        }
-        lock.write(&s.lock_path, locked)?;
+    if built.is_empty() && removed.is_empty() {
+        return Ok(());
     }
-    let mut failed = 0;
-    for c in &report.changes {
-        let line = match &c.outcome {
-            Outcome::Done => format!("  {} {}: done", c.action.symbol(), c.address),
-            Outcome::Failed { step, error } => {
-                failed += 1;
-                format!(
-                    "  {} {}: FAILED at {step}: {error}",
-                    c.action.symbol(),
-                    c.address
-                )
-            }
-            Outcome::Skipped { because } => {
-                failed += 1;
-                format!("  {} {}: skipped ({because})", c.action.symbol(), c.address)
-            }
-        };
-        if out.json {
-            continue;
-        }
-        println!("{}", crate::redact::redact(&line));
+    let mut lock = plan.lock.clone();
+    for (image, generation, node) in &removed {
+        lock.forget_replica(image, *generation, node);
     }
+    for r in built {
+        let replicas = replicas_of(&s.desired, &r.image, r.generation);
+        record_build(&mut lock, r, replicas);
+        out.info(&format!(
+            "recorded image.{} generation {} on {} in {}",
+            r.image,
+            r.generation,
+            r.node,
+            s.lock_path.display()
+        ));
+    }
+    lock.write(&s.lock_path, locked)?;
+    Ok(())
+}
+
+/// Each change's outcome (secrets redacted), then the summary; an error
+/// when some change did not complete.
+fn print_report(plan: &Plan, report: &apply::Report, out: &Output) -> Result<u8, Failure> {
+    let failed = report
+        .changes
+        .iter()
+        .filter(|c| c.outcome != Outcome::Done)
+        .count();
     if out.json {
         let items: Vec<serde_json::Value> = report
             .changes
@@ -792,7 +799,22 @@ async fn apply_in_session(
                 })
             })
             .collect();
-        println!("{}", serde_json::json!({ "changes": items }));
+        let text = serde_json::json!({ "changes": items }).to_string();
+        println!("{}", crate::redact::redact(&text));
+    } else {
+        for c in &report.changes {
+            let (symbol, address) = (c.action.symbol(), &c.address);
+            let line = match &c.outcome {
+                Outcome::Done => format!("  {symbol} {address}: done"),
+                Outcome::Failed { step, error } => {
+                    format!("  {symbol} {address}: FAILED at {step}: {error}")
+                }
+                Outcome::Skipped { because } => {
+                    format!("  {symbol} {address}: skipped ({because})")
+                }
+            };
+            println!("{}", crate::redact::redact(&line));
+        }
     }
     if failed > 0 {
         return Err(Failure::Message(format!(
