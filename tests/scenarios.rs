@@ -1921,6 +1921,15 @@ fn a_killed_applys_lock_is_broken_by_force_unlock_and_an_expired_lease_by_the_ne
             &format!("`nixgold force-unlock {id}` breaks the lock"),
         ],
     );
+    // rollback takes the lock too; drift only reports it.
+    let (code, _, err) = s.run(&["rollback", "fleet.yaml", "--image", "golden"]);
+    assert_eq!(code, 1);
+    assert_contains(&err, &["fleet `homelab` is locked by another run:"]);
+    let (_, _, err) = s.run(&["drift", "fleet.yaml"]);
+    assert_contains(
+        &err,
+        &["note: fleet `homelab` is being changed right now: locked by"],
+    );
     // The wrong ID breaks nothing.
     let (code, _, err) = s.run(&["force-unlock", "0000000000000000", "fleet.yaml"]);
     assert_eq!(code, 1);
