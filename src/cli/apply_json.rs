@@ -31,7 +31,8 @@ fn emit(kind: &str, level: &str, message: String, fields: Value) {
         line.extend(fields);
     }
     let mut stdout = std::io::stdout().lock();
-    let _ = writeln!(stdout, "{line}");
+    // Secret values never reach the stream (errors and build output may carry them).
+    let _ = writeln!(stdout, "{}", crate::redact::redact(&line.to_string()));
     let _ = stdout.flush();
 }
 

@@ -26,7 +26,7 @@ pub struct Call<'a> {
 }
 
 impl Call<'_> {
-    fn get(&self, name: &str) -> Option<&str> {
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
         self.params.get(name).map(String::as_str)
     }
 
@@ -72,7 +72,19 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
     use RouteId::*;
     if !matches!(
         route,
-        Version | ClusterResources | ClusterNextid | Nodes | TicketGet | TicketPost
+        Version
+            | ClusterResources
+            | ClusterNextid
+            | Nodes
+            | TicketGet
+            | TicketPost
+            | PoolIndex
+            | PoolCreate
+            | PoolUpdate
+            | PoolDelete
+            | PoolRead
+            | PoolUpdateById
+            | PoolDeleteById
     ) {
         state.check_node(call.node())?;
     }
@@ -200,6 +212,11 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
             state.stop_task(&upid);
             Ok(Value::Null)
         }
+        PoolIndex => crate::pools::list(state, call),
+        PoolRead => crate::pools::read(state, call),
+        PoolCreate => crate::pools::create(state, call),
+        PoolUpdate | PoolUpdateById => crate::pools::update(state, call),
+        PoolDelete | PoolDeleteById => crate::pools::delete(state, call),
         TicketGet => Ok(Value::Null),
         TicketPost => unreachable!("the server answers /access/ticket itself"),
     }

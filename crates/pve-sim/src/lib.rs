@@ -22,6 +22,7 @@ mod handlers;
 pub mod nixos;
 pub mod options;
 pub mod params;
+pub mod pools;
 pub mod routes;
 mod server;
 pub mod state;

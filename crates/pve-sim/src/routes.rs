@@ -72,6 +72,15 @@ pub enum RouteId {
     TaskStop,
     TicketGet,
     TicketPost,
+    PoolIndex,
+    PoolCreate,
+    PoolUpdate,
+    PoolDelete,
+    /// The per-id forms PVE 9 keeps for older clients (deprecated there,
+    /// the only ones before 8.1).
+    PoolRead,
+    PoolUpdateById,
+    PoolDeleteById,
 }
 
 #[derive(Debug, Clone)]
@@ -300,6 +309,20 @@ pub fn qemu_config_keys() -> Vec<Param> {
         opt("vmgenid", STR),
         opt_c("vmstatestorage", STR, Check::Format(Format::PveStorageId)),
         opt("watchdog", STR),
+    ]
+}
+
+const POOLID: Param = req_c("poolid", STR, Check::Format(Format::PoolId));
+
+/// `PUT /pools` and `PUT /pools/{poolid}` take the same parameters.
+fn pool_update() -> Vec<Param> {
+    vec![
+        POOLID,
+        opt("allow-move", BOOL),
+        opt("comment", STR),
+        opt("delete", BOOL),
+        opt("storage", STR),
+        opt("vms", STR),
     ]
 }
 
@@ -666,6 +689,49 @@ static ROUTES: LazyLock<Vec<RouteDef>> = LazyLock::new(|| {
             "DELETE",
             "/nodes/{node}/tasks/{upid}",
             vec![NODE, UPID],
+            Returns::Null,
+        ),
+        r(
+            PoolIndex,
+            "GET",
+            "/pools",
+            vec![
+                opt_c("poolid", STR, Check::Format(Format::PoolId)),
+                opt_c("type", STR, Check::Enum(&["qemu", "lxc", "storage"])),
+            ],
+            Returns::Array,
+        ),
+        r(
+            PoolCreate,
+            "POST",
+            "/pools",
+            vec![POOLID, opt("comment", STR)],
+            Returns::Null,
+        ),
+        r(PoolUpdate, "PUT", "/pools", pool_update(), Returns::Null),
+        r(PoolDelete, "DELETE", "/pools", vec![POOLID], Returns::Null),
+        r(
+            PoolRead,
+            "GET",
+            "/pools/{poolid}",
+            vec![
+                POOLID,
+                opt_c("type", STR, Check::Enum(&["qemu", "lxc", "storage"])),
+            ],
+            Returns::Object,
+        ),
+        r(
+            PoolUpdateById,
+            "PUT",
+            "/pools/{poolid}",
+            pool_update(),
+            Returns::Null,
+        ),
+        r(
+            PoolDeleteById,
+            "DELETE",
+            "/pools/{poolid}",
+            vec![POOLID],
             Returns::Null,
         ),
         RouteDef {

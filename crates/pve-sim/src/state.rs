@@ -134,6 +134,10 @@ pub struct Volume {
     /// sha256 of a downloaded file.
     #[serde(default)]
     pub sha256: Option<String>,
+    /// Where a downloaded file came from: what it is (an installer ISO's
+    /// release), whatever name it was stored under.
+    #[serde(default)]
+    pub source_url: Option<String>,
 }
 
 /// A volume [`State::alloc_disk`] makes.
@@ -280,6 +284,9 @@ pub struct State {
     pub mac_counter: u64,
     /// Node boot time in seconds (pstart base and uptime).
     pub boot_time: u64,
+    /// Resource pools by id (`user.cfg`'s `pool:` lines).
+    #[serde(default)]
+    pub pools: BTreeMap<String, crate::pools::Pool>,
 }
 
 pub fn now_ms() -> u64 {
@@ -310,6 +317,7 @@ impl State {
             next_pid: 0x1000,
             mac_counter: 0,
             boot_time: now / 1000 - 3600,
+            pools: BTreeMap::new(),
         };
         for vm in &spec.vms {
             let mut values = BTreeMap::new();
@@ -511,6 +519,7 @@ impl State {
             parent: base,
             ctime: now_ms() / 1000,
             sha256: None,
+            source_url: None,
         });
         Ok(volid)
     }
@@ -1328,6 +1337,7 @@ impl State {
             parent: None,
             ctime: now_ms() / 1000,
             sha256: Some(remote.sha256.clone()),
+            source_url: Some(url.to_owned()),
         });
         Ok(Some(remote.size))
     }
