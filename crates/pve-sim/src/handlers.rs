@@ -72,7 +72,7 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
     use RouteId::*;
     if !matches!(
         route,
-        Version | ClusterResources | ClusterNextid | Nodes | TicketGet | TicketPost
+        Version | ClusterResources | ClusterNextid | ClusterStatus | Nodes | TicketGet | TicketPost
     ) {
         state.check_node(call.node())?;
     }
@@ -192,6 +192,17 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
             let vmid = call.vmid();
             let vm = state.vm_on(call.node(), vmid)?;
             Ok(Value::String(cloudinit_dump(vmid, &vm.config, call.get("type").unwrap_or("user"))))
+        }
+        TaskList => task_list(state, call).map(|(tasks, _)| tasks),
+        NodeStatus => Ok(node_status(state, call.node())),
+        ClusterStatus => Ok(cluster_status(state)),
+        Reboot => {
+            let vmid = call.vmid();
+            if !state.vm_on(call.node(), vmid)?.running {
+                return Err(ApiError::fail(format!("VM {vmid} not running")));
+            }
+            let work = Work::Reboot { vmid };
+            Ok(json!(spawn(state, opts, call, "qmreboot", vmid.to_string(), work, exclusive(vmid))))
         }
         TaskStatus => task_status(state, call),
         TaskLog => task_log(state, call),
@@ -1216,6 +1227,116 @@ pub fn task_log_page(state: &State, call: &Call) -> Result<(Value, usize), ApiEr
         .map(|(i, line)| json!({"n": i + 1, "t": line}))
         .collect();
     Ok((Value::Array(lines), t.log.len()))
+}
+
+/// The `total` attribute a listing carries next to `data`
+/// (`set_result_attrib('total', …)` in the task log and task list).
+pub fn result_total(state: &State, route: RouteId, call: &Call) -> Option<usize> {
+    match route {
+        RouteId::TaskLog => task_log_page(state, call).ok().map(|(_, total)| total),
+        RouteId::TaskList => task_list(state, call).ok().map(|(_, total)| total),
+        _ => None,
+    }
+}
+
+/// `GET /nodes/{node}/tasks` (pve-manager `API2/Tasks.pm` `node_tasks`):
+/// finished tasks by default (`source=archive`), newest first, filtered,
+/// then paged by `start`/`limit` (50); `status` is the exit status and
+/// `endtime` is set once a task stopped.
+fn task_list(state: &State, call: &Call) -> Result<(Value, usize), ApiError> {
+    let node = call.node();
+    let source = call.get("source").unwrap_or("archive");
+    let num = |k: &str| call.get(k).and_then(|v| v.parse::<u64>().ok());
+    let statuses: Vec<&str> = call
+        .get("statusfilter")
+        .map(|s| split_list(s).collect())
+        .unwrap_or_default();
+    let mut tasks: Vec<&crate::state::Task> = state
+        .tasks
+        .values()
+        .filter(|t| t.node == node)
+        .filter(|t| match source {
+            "active" => t.exitstatus.is_none(),
+            "all" => true,
+            _ => t.exitstatus.is_some(),
+        })
+        .filter(|t| call.get("vmid").is_none_or(|v| t.id == v))
+        .filter(|t| call.get("typefilter").is_none_or(|k| t.kind == k))
+        .filter(|t| call.get("userfilter").is_none_or(|u| t.user.contains(u)))
+        .filter(|t| num("since").is_none_or(|s| t.starttime >= s))
+        .filter(|t| num("until").is_none_or(|u| t.starttime <= u))
+        .filter(|t| {
+            let kind = match t.exitstatus.as_deref() {
+                None => "unknown",
+                Some("OK") => "ok",
+                Some(e) if e.starts_with("WARNINGS") => "warning",
+                Some(_) => "error",
+            };
+            let error = call.flag("errors") == Some(true);
+            (statuses.is_empty() || statuses.contains(&kind)) && (!error || kind == "error")
+        })
+        .collect();
+    tasks.sort_by_key(|t| std::cmp::Reverse((t.starttime, t.pid)));
+    let total = tasks.len();
+    let start = num("start").unwrap_or(0) as usize;
+    let limit = num("limit").unwrap_or(50) as usize;
+    let items = tasks
+        .into_iter()
+        .skip(start)
+        .take(limit)
+        .map(|t| {
+            let mut item = json!({
+                "upid": t.upid, "node": t.node, "pid": t.pid, "pstart": t.pstart,
+                "starttime": t.starttime, "type": t.kind, "id": t.id, "user": t.user,
+            });
+            if let (Some(exit), Some(end)) = (&t.exitstatus, t.ends_ms) {
+                item["status"] = json!(exit);
+                item["endtime"] = json!(end / 1000);
+            }
+            item
+        })
+        .collect();
+    Ok((Value::Array(items), total))
+}
+
+/// `GET /nodes/{node}/status`: the fields the 9.1 schema requires, and
+/// `uptime`/`kversion` that pve-manager `API2/Nodes.pm` `status` adds.
+fn node_status(state: &State, node: &str) -> Value {
+    let spec = state.spec.node(node).expect("the node was checked");
+    json!({
+        "cpu": 0.02,
+        "cpuinfo": {"cores": spec.cpus / 2, "cpus": spec.cpus, "model": "QEMU Virtual CPU", "sockets": 1},
+        "memory": {"total": spec.memory, "used": spec.memory / 8, "free": spec.memory - spec.memory / 8, "available": spec.memory - spec.memory / 8},
+        "rootfs": {"total": 100u64 << 30, "used": 8u64 << 30, "free": 92u64 << 30, "avail": 87u64 << 30},
+        "loadavg": ["0.12", "0.10", "0.09"],
+        "pveversion": format!("pve-manager/{VERSION}/{REPOID}"),
+        "boot-info": {"mode": "efi", "secureboot": 0},
+        "current-kernel": {"sysname": "Linux", "release": "6.14.8-2-pve", "machine": "x86_64", "version": "#1 SMP PREEMPT_DYNAMIC PMX 6.14.8-2"},
+        "kversion": "Linux 6.14.8-2-pve #1 SMP PREEMPT_DYNAMIC PMX 6.14.8-2",
+        "uptime": now_ms() / 1000 - state.boot_time,
+    })
+}
+
+/// `GET /cluster/status`: a `cluster` row when the nodes form a cluster,
+/// then one row per node; booleans are 0/1 (pve-manager
+/// `API2/ClusterStatus.pm`).
+fn cluster_status(state: &State) -> Value {
+    let nodes = &state.spec.nodes;
+    let mut rows = Vec::new();
+    if let Some(name) = &state.spec.cluster_name {
+        rows.push(json!({
+            "type": "cluster", "id": "cluster", "name": name,
+            "nodes": nodes.len(), "quorate": 1, "version": nodes.len() + 1,
+        }));
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        rows.push(json!({
+            "type": "node", "id": format!("node/{}", n.name), "name": n.name,
+            "ip": format!("192.0.2.{}", i + 10), "local": u8::from(i == 0),
+            "nodeid": i + 1, "online": 1, "level": "",
+        }));
+    }
+    Value::Array(rows)
 }
 
 fn task_log(state: &State, call: &Call) -> ApiResult {

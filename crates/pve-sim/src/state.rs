@@ -155,6 +155,10 @@ pub enum Work {
     Stop {
         vmid: u32,
     },
+    /// `qm reboot`: a shutdown and a start in one task.
+    Reboot {
+        vmid: u32,
+    },
     Destroy {
         vmid: u32,
         unreferenced: bool,
@@ -838,6 +842,17 @@ impl State {
                 description,
             ),
             Work::Start { vmid } => self.complete_start(&task.node, vmid),
+            Work::Reboot { vmid } => {
+                let vm = self
+                    .vms
+                    .get_mut(&vmid)
+                    .ok_or_else(|| missing_config(&task.node, vmid).message)?;
+                if !vm.running {
+                    return Err(format!("VM {vmid} not running"));
+                }
+                vm.running = false;
+                self.complete_start(&task.node, vmid)
+            }
             Work::Stop { vmid } => {
                 if let Some(vm) = self.vms.get_mut(&vmid) {
                     vm.running = false;

@@ -115,6 +115,8 @@ fn undocumented(route: RouteId) -> &'static [&'static str] {
         RouteId::StatusCurrent => &["ha", "agent", "disk"],
         RouteId::QemuList => &["disk"],
         RouteId::TicketPost => &["cap"],
+        // pve-manager `API2/Nodes.pm` `status` sets both.
+        RouteId::NodeStatus => &["uptime", "kversion"],
         _ => &[],
     }
 }
@@ -322,6 +324,20 @@ async fn live_requests_follow_the_schema() {
                 .post(s.url("/nodes/pve/qemu"))
                 .form(&[("vmid", "102")]),
         ),
+        (
+            RouteId::Start,
+            s.http.post(s.url("/nodes/pve/qemu/100/status/start")),
+        ),
+        (
+            RouteId::Reboot,
+            s.http.post(s.url("/nodes/pve/qemu/100/status/reboot")),
+        ),
+        (
+            RouteId::TaskList,
+            s.http.get(s.url("/nodes/pve/tasks?source=all")),
+        ),
+        (RouteId::NodeStatus, s.http.get(s.url("/nodes/pve/status"))),
+        (RouteId::ClusterStatus, s.http.get(s.url("/cluster/status"))),
         (RouteId::TicketGet, s.http.get(s.url("/access/ticket"))),
         (
             RouteId::TicketPost,

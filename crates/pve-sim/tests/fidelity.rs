@@ -325,3 +325,68 @@ async fn an_unknown_node_is_a_500() {
         r.raw
     );
 }
+
+/// pve-manager `API2/Tasks.pm` `node_tasks`: finished tasks unless
+/// `source` says otherwise, newest first, `total` beside the page, filters
+/// by VMID, type and error; each row has the UPID's fields, the exit
+/// status as `status` and an `endtime`.
+#[tokio::test]
+async fn the_task_list_pages_and_filters_finished_tasks() {
+    let s = default_sim().await;
+    s.create_vm(100, &[]).await;
+    s.create_vm(101, &[]).await;
+    assert_eq!(s.run("/nodes/pve/qemu/100/status/start", &[]).await, "OK");
+    let hung = s.post("/nodes/pve/qemu/101/template", &[]).await;
+    s.wait(hung.data().as_str().unwrap()).await;
+    let r = s.post("/nodes/pve/qemu/101/status/start", &[]).await;
+    s.wait(r.data().as_str().unwrap()).await;
+    let all = s.get("/nodes/pve/tasks").await;
+    let rows = all.data().as_array().unwrap();
+    assert_eq!(all.body["total"], 5, "{}", all.raw);
+    assert_eq!(rows[0]["type"], "qmstart", "newest first");
+    assert_eq!(rows[0]["id"], "101");
+    assert_eq!(rows[0]["status"], "you can't start a vm if it's a template");
+    assert!(rows[0]["endtime"].is_u64() && rows[0]["pid"].is_u64());
+    let errors = s.get("/nodes/pve/tasks?errors=1").await;
+    assert_eq!(errors.body["total"], 1);
+    let created = s.get("/nodes/pve/tasks?typefilter=qmcreate&limit=1").await;
+    assert_eq!(created.body["total"], 2);
+    assert_eq!(created.data().as_array().unwrap().len(), 1);
+    let vm100 = s.get("/nodes/pve/tasks?vmid=100").await;
+    assert!(
+        vm100
+            .data()
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["id"] == "100"),
+        "{}",
+        vm100.raw
+    );
+    let active = s.get("/nodes/pve/tasks?source=active").await;
+    assert_eq!(active.body["total"], 0);
+}
+
+/// qemu-server `API2/Qemu.pm` `vm_reboot`: refused at once for a stopped
+/// VM; for a running one a `qmreboot` task that shuts down and starts
+/// again, so pending changes apply (`vm_start` applies them).
+#[tokio::test]
+async fn reboot_applies_pending_changes() {
+    let s = default_sim().await;
+    s.create_vm(100, &[]).await;
+    let r = s.post("/nodes/pve/qemu/100/status/reboot", &[]).await;
+    assert_eq!(r.status, 500, "{}", r.raw);
+    assert_eq!(r.body["message"], "VM 100 not running\n");
+    assert_eq!(s.run("/nodes/pve/qemu/100/status/start", &[]).await, "OK");
+    s.put("/nodes/pve/qemu/100/config", &[("cores", "4")]).await;
+    let current = s.get("/nodes/pve/qemu/100/config?current=1").await;
+    assert_eq!(current.data()["cores"], 2);
+    let r = s.post("/nodes/pve/qemu/100/status/reboot", &[]).await;
+    let upid = r.data().as_str().unwrap().to_owned();
+    assert!(upid.contains(":qmreboot:100:"), "{upid}");
+    assert_eq!(s.wait(&upid).await, "OK");
+    let current = s.get("/nodes/pve/qemu/100/config?current=1").await;
+    assert_eq!(current.data()["cores"], 4);
+    let status = s.get("/nodes/pve/qemu/100/status/current").await;
+    assert_eq!(status.data()["status"], "running");
+}
