@@ -48,7 +48,7 @@ pub const RELEASE: &str = "9.1";
 pub const REPOID: &str = "8a3f1c2e";
 
 /// Parameters that are not config keys on create/config.
-const NON_CONFIG: &[&str] = &[
+pub(crate) const NON_CONFIG: &[&str] = &[
     "node",
     "vmid",
     "archive",
@@ -72,10 +72,22 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
     use RouteId::*;
     if !matches!(
         route,
-        Version | ClusterResources | ClusterNextid | ClusterStatus | Nodes | TicketGet | TicketPost
+        Version
+            | ClusterResources
+            | ClusterNextid
+            | ClusterStatus
+            | Nodes
+            | TicketGet
+            | TicketPost
+            | Permissions
+            | UserCreate
+            | TokenCreate
+            | AclPut
+            | RoleCreate
     ) {
         state.check_node(call.node())?;
     }
+    crate::access_routes::authorize(state, route, call)?;
     match route {
         Version => Ok(json!({ "version": VERSION, "release": RELEASE, "repoid": REPOID })),
         ClusterResources => Ok(cluster_resources(state, opts, call.get("type"))),
@@ -210,6 +222,9 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
             let upid = find_task(state, call)?.upid.clone();
             state.stop_task(&upid);
             Ok(Value::Null)
+        }
+        Permissions | UserCreate | TokenCreate | AclPut | RoleCreate => {
+            crate::access_routes::handle(state, route, call)
         }
         TicketGet => Ok(Value::Null),
         TicketPost => unreachable!("the server answers /access/ticket itself"),

@@ -76,6 +76,11 @@ pub enum RouteId {
     Reboot,
     TicketGet,
     TicketPost,
+    Permissions,
+    UserCreate,
+    TokenCreate,
+    AclPut,
+    RoleCreate,
 }
 
 #[derive(Debug, Clone)]
@@ -712,6 +717,69 @@ static ROUTES: LazyLock<Vec<RouteDef>> = LazyLock::new(|| {
             vec![NODE, UPID],
             Returns::Null,
         ),
+        r(
+            Permissions,
+            "GET",
+            "/access/permissions",
+            vec![
+                opt("path", STR),
+                opt_c("userid", STR, Check::Pattern(Pattern::AuthId)),
+            ],
+            Returns::Object,
+        ),
+        r(
+            UserCreate,
+            "POST",
+            "/access/users",
+            vec![
+                req_c("userid", STR, Check::Pattern(Pattern::UserId)),
+                opt("comment", STR),
+                opt("email", STR),
+                opt("enable", BOOL),
+                opt("expire", int(0, None)),
+                opt("firstname", STR),
+                opt("groups", STR),
+                opt("keys", STR),
+                opt("lastname", STR),
+                opt("password", STR),
+            ],
+            Returns::Null,
+        ),
+        r(
+            TokenCreate,
+            "POST",
+            "/access/users/{userid}/token/{tokenid}",
+            vec![
+                req_c("userid", STR, Check::Pattern(Pattern::UserId)),
+                req_c("tokenid", STR, Check::Pattern(Pattern::TokenName)),
+                opt("comment", STR),
+                opt("expire", int(0, None)),
+                opt("privsep", BOOL),
+            ],
+            Returns::Object,
+        ),
+        r(
+            AclPut,
+            "PUT",
+            "/access/acl",
+            vec![
+                req("path", STR),
+                req("roles", STR),
+                opt("delete", BOOL),
+                opt("groups", STR),
+                opt("propagate", BOOL),
+                opt("tokens", STR),
+                opt("users", STR),
+            ],
+            Returns::Null,
+        ),
+        r(
+            RoleCreate,
+            "POST",
+            "/access/roles",
+            vec![req("roleid", STR), opt("privs", STR)],
+            Returns::Null,
+        ),
         RouteDef {
             public: true,
             ..r(TicketGet, "GET", "/access/ticket", vec![], Returns::Null)
@@ -737,6 +805,89 @@ static ROUTES: LazyLock<Vec<RouteDef>> = LazyLock::new(|| {
         },
     ]
 });
+
+/// The privileges a route's schema asks for (its `permissions`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Perm {
+    /// `user => 'world'`: no authentication at all.
+    World,
+    /// `user => 'all'`: any authenticated identity; the handler filters
+    /// or checks more (create, task access).
+    All,
+    /// `check => ['perm', path, privs]`, with `any` for `'any', 1`.
+    Check {
+        path: &'static str,
+        privs: &'static [&'static str],
+        any: bool,
+    },
+    /// Compound checks (`and`/`or`, `userid-param`, `perm-modify`): the
+    /// handler makes them.
+    Compound,
+}
+
+const CONFIG_PRIVS: &[&str] = &[
+    "VM.Config.Disk",
+    "VM.Config.CDROM",
+    "VM.Config.CPU",
+    "VM.Config.Memory",
+    "VM.Config.Network",
+    "VM.Config.HWType",
+    "VM.Config.Options",
+    "VM.Config.Cloudinit",
+];
+
+/// `permissions` of each route, as the 9.1 schema has them (the
+/// conformance test compares).
+pub fn permission(id: RouteId) -> Perm {
+    use RouteId::*;
+    let vm = |privs: &'static [&'static str]| Perm::Check {
+        path: "/vms/{vmid}",
+        privs,
+        any: false,
+    };
+    let vm_any = |privs: &'static [&'static str]| Perm::Check {
+        path: "/vms/{vmid}",
+        privs,
+        any: true,
+    };
+    match id {
+        TicketGet | TicketPost => Perm::World,
+        Version | ClusterResources | ClusterNextid | Nodes | NodeStorage | QemuList
+        | QemuCreate | QemuIndex | TaskList | TaskStatus | TaskLog | TaskStop | Permissions => {
+            Perm::All
+        }
+        DownloadUrl | Clone | UserCreate | TokenCreate | AclPut => Perm::Compound,
+        StorageContent => Perm::Check {
+            path: "/storage/{storage}",
+            privs: &["Datastore.Audit", "Datastore.AllocateSpace"],
+            any: true,
+        },
+        NodeStatus => Perm::Check {
+            path: "/nodes/{node}",
+            privs: &["Sys.Audit"],
+            any: false,
+        },
+        ClusterStatus => Perm::Check {
+            path: "/",
+            privs: &["Sys.Audit"],
+            any: false,
+        },
+        RoleCreate => Perm::Check {
+            path: "/access",
+            privs: &["Sys.Modify"],
+            any: false,
+        },
+        QemuDestroy | Template => vm(&["VM.Allocate"]),
+        ConfigGet | Pending | StatusCurrent | CloudinitGet | CloudinitDump => vm(&["VM.Audit"]),
+        ConfigPost | ConfigPut => vm_any(CONFIG_PRIVS),
+        Start | Stop | Shutdown | Reboot => vm(&["VM.PowerMgmt"]),
+        Resize => vm(&["VM.Config.Disk"]),
+        Sendkey => vm(&["VM.Console"]),
+        AgentNetwork | AgentPing => vm_any(&["VM.GuestAgent.Audit", "VM.GuestAgent.Unrestricted"]),
+        AgentExec | AgentExecStatus => vm(&["VM.GuestAgent.Unrestricted"]),
+        CloudinitPut => vm(&["VM.Config.Cloudinit"]),
+    }
+}
 
 /// Every route the simulator serves.
 pub fn routes() -> &'static [RouteDef] {

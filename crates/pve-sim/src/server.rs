@@ -275,13 +275,19 @@ async fn serve_api(
             via_ticket: false,
         }
     } else {
-        match inner.auth.authenticate(
-            authorization.as_deref(),
-            cookie.as_deref(),
-            csrf.as_deref(),
-            method,
-            now_ms() / 1000,
-        ) {
+        let headers = crate::auth::Headers {
+            authorization: authorization.as_deref(),
+            cookie: cookie.as_deref(),
+            csrf: csrf.as_deref(),
+        };
+        let api_token = |id: &str, secret: &str| {
+            let state = inner.state.lock().expect("state");
+            state.access.token(id).is_some_and(|t| t.secret == secret)
+        };
+        match inner
+            .auth
+            .authenticate(headers, method, now_ms() / 1000, &api_token)
+        {
             Ok(who) => who,
             Err(unauthorized) => {
                 tokio::time::sleep(inner.opts.auth_failure_delay).await;

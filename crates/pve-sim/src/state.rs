@@ -258,6 +258,9 @@ pub struct State {
     pub mac_counter: u64,
     /// Node boot time in seconds (pstart base and uptime).
     pub boot_time: u64,
+    /// Users, tokens, roles and ACLs (`user.cfg`).
+    #[serde(default)]
+    pub access: crate::access::AccessConfig,
 }
 
 pub fn now_ms() -> u64 {
@@ -288,6 +291,7 @@ impl State {
             next_pid: 0x1000,
             mac_counter: 0,
             boot_time: now / 1000 - 3600,
+            access: crate::access::AccessConfig::default(),
         };
         for vm in &spec.vms {
             let mut values = BTreeMap::new();

@@ -338,6 +338,34 @@ async fn live_requests_follow_the_schema() {
         ),
         (RouteId::NodeStatus, s.http.get(s.url("/nodes/pve/status"))),
         (RouteId::ClusterStatus, s.http.get(s.url("/cluster/status"))),
+        (
+            RouteId::Permissions,
+            s.http.get(s.url("/access/permissions?path=/vms/100")),
+        ),
+        (
+            RouteId::UserCreate,
+            s.http
+                .post(s.url("/access/users"))
+                .form(&[("userid", "ops@pve")]),
+        ),
+        (
+            RouteId::TokenCreate,
+            s.http.post(s.url("/access/users/ops@pve/token/ci")),
+        ),
+        (
+            RouteId::RoleCreate,
+            s.http
+                .post(s.url("/access/roles"))
+                .form(&[("roleid", "Ops"), ("privs", "VM.Audit")]),
+        ),
+        (
+            RouteId::AclPut,
+            s.http.put(s.url("/access/acl")).form(&[
+                ("path", "/vms"),
+                ("roles", "Ops"),
+                ("tokens", "ops@pve!ci"),
+            ]),
+        ),
         (RouteId::TicketGet, s.http.get(s.url("/access/ticket"))),
         (
             RouteId::TicketPost,
@@ -379,4 +407,47 @@ async fn live_requests_follow_the_schema() {
         "integer"
     );
     assert!(r.data().is_string());
+}
+
+/// Each route's permission check is the schema's `permissions`: a `perm`
+/// check with the same path, privileges and `any`, `user => 'all'` or
+/// `'world'`, or a compound check the handler makes.
+#[test]
+fn every_route_checks_the_schemas_permissions() {
+    use pve_sim::routes::{Perm, permission};
+    let Some(index) = schema() else { return };
+    for route in routes() {
+        let here = format!("{} {}", route.method, route.path);
+        let perms = &method_info(&index, route.path, route.method)["permissions"];
+        let declared = permission(route.id);
+        let check = perms["check"].as_array();
+        match (check, perms["user"].as_str()) {
+            (Some(c), _) if c[0] == "perm" => {
+                let privs: Vec<&str> = c[2]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p.as_str().unwrap())
+                    .collect();
+                let any = c.get(3).is_some_and(|a| a == "any");
+                let Perm::Check {
+                    path,
+                    privs: got,
+                    any: got_any,
+                } = declared
+                else {
+                    panic!("{here}: declared {declared:?}, the schema has a perm check");
+                };
+                assert_eq!(
+                    (path, got.to_vec(), got_any),
+                    (c[1].as_str().unwrap(), privs, any),
+                    "{here}"
+                );
+            }
+            (Some(_), _) => assert_eq!(declared, Perm::Compound, "{here}"),
+            (None, Some("all")) => assert_eq!(declared, Perm::All, "{here}"),
+            (None, Some("world")) => assert_eq!(declared, Perm::World, "{here}"),
+            other => panic!("{here}: unexpected permissions {other:?}"),
+        }
+    }
 }

@@ -390,3 +390,138 @@ async fn reboot_applies_pending_changes() {
     let status = s.get("/nodes/pve/qemu/100/status/current").await;
     assert_eq!(status.data()["status"], "running");
 }
+
+/// Sends `method path` with another API token.
+async fn as_token(
+    s: &common::Sim,
+    token: &str,
+    method: reqwest::Method,
+    path: &str,
+    form: &[(&str, &str)],
+) -> common::Reply {
+    let req = s
+        .http
+        .request(method, s.url(path))
+        .form(form)
+        .header("Authorization", format!("PVEAPIToken={token}"));
+    s.send(req).await
+}
+
+/// pve-access-control: `RPCEnvironment.pm` `permissions` intersects a
+/// privilege-separated token's ACL with its user's; `AccessControl.pm`
+/// `roles` lets entries propagate down the path unless `propagate=0`, and
+/// `create_roles` defines the built-in roles; a failed check is pve-common
+/// `raise_perm_exc`'s 403 "Permission check failed (path, privilege)".
+/// The configured root token keeps every privilege.
+#[tokio::test]
+async fn privilege_separated_tokens_get_what_their_acls_and_user_allow() {
+    use reqwest::Method;
+    let s = default_sim().await;
+    s.create_vm(100, &[]).await;
+    assert_eq!(
+        s.post("/access/users", &[("userid", "ops@pve")])
+            .await
+            .status,
+        200
+    );
+    let made = s.post("/access/users/ops@pve/token/ci", &[]).await;
+    assert_eq!(made.data()["full-tokenid"], "ops@pve!ci");
+    assert_eq!(made.data()["info"]["privsep"], 1);
+    let token = format!("ops@pve!ci={}", made.data()["value"].as_str().unwrap());
+
+    let config = || as_token(&s, &token, Method::GET, "/nodes/pve/qemu/100/config", &[]);
+    let r = config().await;
+    assert_eq!(r.status, 403, "{}", r.raw);
+    assert_eq!(
+        r.body["message"],
+        "Permission check failed (/vms/100, VM.Audit)\n"
+    );
+
+    // The token's own ACL is not enough: its user must hold the privilege too.
+    let acl = |who: &'static str, id: &'static str, role: &'static str, path: &'static str| {
+        let s = &s;
+        async move {
+            let r = s
+                .put("/access/acl", &[("path", path), ("roles", role), (who, id)])
+                .await;
+            assert_eq!(r.status, 200, "{}", r.raw);
+        }
+    };
+    acl("tokens", "ops@pve!ci", "PVEAuditor", "/").await;
+    assert_eq!(config().await.status, 403);
+    acl("users", "ops@pve", "PVEVMAdmin", "/vms").await;
+    assert_eq!(config().await.status, 200, "propagated from / and /vms");
+    let start = as_token(
+        &s,
+        &token,
+        Method::POST,
+        "/nodes/pve/qemu/100/status/start",
+        &[],
+    )
+    .await;
+    assert_eq!(start.status, 403);
+    assert_eq!(
+        start.body["message"],
+        "Permission check failed (/vms/100, VM.PowerMgmt)\n"
+    );
+    let create = as_token(
+        &s,
+        &token,
+        Method::POST,
+        "/nodes/pve/qemu",
+        &[("vmid", "101")],
+    )
+    .await;
+    assert_eq!(
+        create.body["message"],
+        "Permission check failed (/vms/101, VM.Allocate)\n"
+    );
+
+    // A custom role on the VM itself; an entry that does not propagate
+    // stays on its path.
+    let r = s
+        .post(
+            "/access/roles",
+            &[("roleid", "Power"), ("privs", "VM.PowerMgmt,VM.Audit")],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    acl("tokens", "ops@pve!ci", "Power", "/vms/100").await;
+    let start = as_token(
+        &s,
+        &token,
+        Method::POST,
+        "/nodes/pve/qemu/100/status/start",
+        &[],
+    )
+    .await;
+    assert_eq!(start.status, 200, "{}", start.raw);
+    let r = s
+        .put(
+            "/access/acl",
+            &[
+                ("path", "/nodes"),
+                ("roles", "PVEAuditor"),
+                ("users", "ops@pve"),
+                ("propagate", "0"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let perms = as_token(
+        &s,
+        &token,
+        Method::GET,
+        "/access/permissions?path=/vms/100",
+        &[],
+    )
+    .await;
+    let privs = perms.data()["/vms/100"].as_object().unwrap();
+    assert!(privs.contains_key("VM.PowerMgmt") && privs.contains_key("VM.Audit"));
+    assert!(!privs.contains_key("VM.Allocate"), "{}", perms.raw);
+    let perms = s.get("/access/permissions?path=/vms/100").await;
+    assert!(
+        perms.data()["/vms/100"]["VM.Allocate"] == 1,
+        "root's token has all"
+    );
+}
