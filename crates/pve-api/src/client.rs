@@ -154,6 +154,14 @@ impl Client {
         .to_owned()
     }
 
+    /// Who the client authenticates as: `user@realm!token` or `user@realm`.
+    pub fn auth_id(&self) -> &str {
+        match &self.inner.opts.credentials {
+            Credentials::Token { id, .. } => id,
+            Credentials::Password { username, .. } => username,
+        }
+    }
+
     /// API requests sent so far (retries included).
     pub fn calls(&self) -> u64 {
         self.inner.calls.load(Ordering::Relaxed)
@@ -341,6 +349,21 @@ impl Client {
                 context: "GET /cluster/nextid".into(),
                 message: format!("not a VMID: {v}"),
             })
+    }
+
+    /// The privileges the caller holds on `path` (`GET
+    /// /access/permissions?path=…`: `{path: {privilege: 1, …}}`).
+    pub async fn permissions(
+        &self,
+        path: &str,
+    ) -> Result<std::collections::BTreeSet<String>, ApiError> {
+        let v: Value = self
+            .call(Method::Get, "/access/permissions", vec![p("path", path)])
+            .await?;
+        Ok(v.get(path)
+            .and_then(Value::as_object)
+            .map(|privs| privs.keys().cloned().collect())
+            .unwrap_or_default())
     }
 
     pub async fn nodes(&self) -> Result<Vec<Node>, ApiError> {
