@@ -214,9 +214,9 @@ async fn main() {
     }
     let _ = writeln!(
         md,
-        "\nOne `resources?type=vm`, one `?type=storage`, one ISO listing, then a config and a status read per managed VM \
-         (and the template), and one disk listing per storage holding a managed VM's disk (to tell linked clones): \
-         2·(managed+1)+3+1 here. Unmanaged VMs cost nothing.\n"
+        "\nOne `resources?type=vm`, one `?type=storage`, one ISO listing, then a config read per managed VM \
+         (and the template; running state comes from the listing), and one disk listing per storage holding a managed \
+         VM's disk (to tell linked clones): managed+1+3+1 here. Unmanaged VMs cost nothing.\n"
     );
 
     // Plan time and memory against fleet size (everything to create).

@@ -3,8 +3,9 @@
 //! Phases run in dependency order — destroys (they free VMIDs and space),
 //! ISO downloads, then VM clones/updates — each with bounded concurrency
 //! that respects Proxmox's serialisation points: clones from one template
-//! and full clones into one storage are limited separately, because those
-//! are where "can't lock file … got timeout" comes from. Lock contention
+//! and full clones into one storage each run under an [`AdaptiveLimit`]
+//! that grows while clones succeed and halves on "can't lock file … got
+//! timeout" (the configured numbers are ceilings). Lock contention
 //! and 595/596/599 are retried with backoff after re-reading state; other
 //! errors fail the change and the changes that depend on it, and
 //! independent changes go on. Every step is reported as an [`Event`].
@@ -23,15 +24,18 @@ use pve_api::{ApiError, Client, CloneRequest, ConfigUpdate, Upid};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::connect::read_secret;
+use crate::limit::AdaptiveLimit;
 use crate::plan::{Action, Change, Plan, VmWork, Work};
 
 #[derive(Debug, Clone)]
 pub struct ApplyOptions {
     /// Changes in flight at once.
     pub concurrency: usize,
-    /// Clones from one template at once.
+    /// The most clones from one template at once (an adaptive limit's
+    /// ceiling).
     pub per_template: usize,
-    /// Full clones into one storage at once.
+    /// The most full clones into one storage at once (likewise): their
+    /// copies share the storage's bandwidth, so more buys little.
     pub per_storage: usize,
     pub attempts: u32,
     pub retry_base: Duration,
@@ -51,9 +55,9 @@ pub struct ApplyOptions {
 impl Default for ApplyOptions {
     fn default() -> Self {
         ApplyOptions {
-            concurrency: 8,
-            per_template: 2,
-            per_storage: 2,
+            concurrency: 32,
+            per_template: 32,
+            per_storage: 4,
             attempts: 6,
             retry_base: Duration::from_millis(500),
             task_timeout: Duration::from_secs(30 * 60),
@@ -131,8 +135,8 @@ struct Ctx {
     client: Client,
     opts: ApplyOptions,
     events: mpsc::UnboundedSender<Event>,
-    templates: std::sync::Mutex<BTreeMap<u32, Arc<Semaphore>>>,
-    storages: std::sync::Mutex<BTreeMap<String, Arc<Semaphore>>>,
+    templates: std::sync::Mutex<BTreeMap<u32, Arc<AdaptiveLimit>>>,
+    storages: std::sync::Mutex<BTreeMap<String, Arc<AdaptiveLimit>>>,
     /// Static build addresses in use.
     addresses: std::sync::Mutex<BTreeMap<String, Arc<Semaphore>>>,
 }
@@ -142,15 +146,14 @@ impl Ctx {
         let _ = self.events.send(e);
     }
 
-    fn limiter<K: Ord>(
-        map: &std::sync::Mutex<BTreeMap<K, Arc<Semaphore>>>,
+    /// The limiter of `key`, made by `make` the first time.
+    fn limiter<K: Ord, L>(
+        map: &std::sync::Mutex<BTreeMap<K, Arc<L>>>,
         key: K,
-        n: usize,
-    ) -> Arc<Semaphore> {
+        make: impl FnOnce() -> L,
+    ) -> Arc<L> {
         let mut m = map.lock().expect("limiters");
-        m.entry(key)
-            .or_insert_with(|| Arc::new(Semaphore::new(n.max(1))))
-            .clone()
+        m.entry(key).or_insert_with(|| Arc::new(make())).clone()
     }
 
     /// Runs one step: reports it, retries what is worth retrying.
@@ -326,7 +329,7 @@ async fn build_template(
     // Builds that share a static address take turns.
     let _address = match &w.access {
         crate::build::Access::Static { address, .. } => Some(
-            Ctx::limiter(&ctx.addresses, address.clone(), 1)
+            Ctx::limiter(&ctx.addresses, address.clone(), || Semaphore::new(1))
                 .acquire_owned()
                 .await
                 .expect("open semaphore"),
@@ -491,24 +494,46 @@ async fn destroy_vm(ctx: &Ctx, address: &str, vmid: u32, node: &str) -> Result<(
 }
 
 async fn create_vm(ctx: &Ctx, address: &str, w: &VmWork) -> Result<(), Outcome> {
-    let template_limit = Ctx::limiter(&ctx.templates, w.template_vmid, ctx.opts.per_template);
-    let storage_limit = w
-        .storage
-        .as_ref()
-        .map(|s| Ctx::limiter(&ctx.storages, s.clone(), ctx.opts.per_storage));
-    {
-        let _t = template_limit.acquire().await.expect("open semaphore");
-        let _s = match &storage_limit {
-            Some(l) => Some(l.acquire().await.expect("open semaphore")),
-            None => None,
-        };
-        let step = format!(
-            "{} clone of template {}",
-            if w.full_clone { "full" } else { "linked" },
-            w.template_vmid
-        );
-        ctx.step(address, &step, || clone_once(ctx, w)).await?;
-    }
+    let template = Ctx::limiter(&ctx.templates, w.template_vmid, || {
+        AdaptiveLimit::new(ctx.opts.per_template)
+    });
+    let storage = w.storage.as_ref().map(|s| {
+        Ctx::limiter(&ctx.storages, s.clone(), || {
+            AdaptiveLimit::new(ctx.opts.per_storage)
+        })
+    });
+    let step = format!(
+        "{} clone of template {}",
+        if w.full_clone { "full" } else { "linked" },
+        w.template_vmid
+    );
+    // Each attempt takes its slots anew, so a retry waits behind the
+    // limit that its own contention lowered.
+    ctx.step(address, &step, || async {
+        let slots = [
+            Some(template.acquire().await),
+            match &storage {
+                Some(l) => Some(l.acquire().await),
+                None => None,
+            },
+        ];
+        let result = clone_once(ctx, w).await;
+        for slot in slots.iter().flatten() {
+            match &result {
+                Ok(()) => slot.succeeded(),
+                Err(e) if e.is_lock_contention() => {
+                    let now = slot.contended();
+                    ctx.emit(Event::Progress {
+                        address: address.to_owned(),
+                        line: format!("lock contention: at most {now} such clones at once now"),
+                    });
+                }
+                Err(_) => {}
+            }
+        }
+        result
+    })
+    .await?;
     configure(ctx, address, w, None).await
 }
 

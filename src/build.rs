@@ -569,6 +569,48 @@ pub fn static_address_line(address: &str, gateway: Option<&str>) -> String {
     line
 }
 
+/// What verify runs on the installed system: the NixOS version, the
+/// system's store path, and the services' states (followed by their names).
+pub const VERIFY_VERSION: &str = "nixos-version";
+pub const VERIFY_SYSTEM: &str = "readlink -f /run/current-system";
+pub const VERIFY_SERVICES: &str = "systemctl is-active";
+
+/// The units verify asks `systemctl is-active` for, by what the image
+/// enables: sshd (its socket, when extra_config makes sshd
+/// socket-activated with `services.openssh.startWhenNeeded = true`,
+/// nixos/modules/services/networking/ssh/sshd.nix), the guest agent,
+/// cloud-init. cloud-init's stages after `cloud-init.service` are left
+/// out: without a datasource (the build VM has none) cloud-final warns
+/// "Used fallback datasource" and exits 2, which NixOS's unit (no
+/// SuccessExitStatus) reports as failed on a healthy image (docs/nixos.md).
+pub fn verified_services(name: &str, image: &crate::fleet::Image) -> Vec<String> {
+    let nixos = &image.nixos;
+    let socket = pve_sim::nixos::literal(
+        &crate::nixos::configuration_nix(name, image),
+        "services.openssh.startWhenNeeded",
+    ) == Some(pve_sim::nixos::eval::Value::Bool(true));
+    [
+        (
+            nixos.openssh.enable,
+            if socket { "sshd.socket" } else { "sshd" },
+        ),
+        (nixos.guest_agent, "qemu-guest-agent"),
+        (nixos.cloud_init, "cloud-init"),
+    ]
+    .into_iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, s)| s.to_owned())
+    .collect()
+}
+
+/// What sealing runs on the installed system. cloud-init's state goes by
+/// path (what `cloud-init clean --logs` removes, canonical/cloud-init:
+/// cloudinit/cmd/clean.py `remove_artifacts`: its logs and
+/// /var/lib/cloud): NixOS puts the `cloud-init` program only on the path of
+/// its own units (nixos/modules/services/system/cloud-init.nix), and the
+/// paths simply do not exist on an image without cloud-init.
+pub const SEAL: &str = "truncate -s 0 /etc/machine-id && rm -f /etc/ssh/ssh_host_* && rm -rf /var/lib/cloud /var/log/cloud-init.log /var/log/cloud-init-output.log && rm -f /root/.ssh/authorized_keys";
+
 /// The commands that authorise the per-build key for root.
 fn key_commands(public: &str) -> [String; 4] {
     [
@@ -726,8 +768,12 @@ impl Build<'_> {
                     &w.configuration_nix,
                 )
                 .await?;
-                self.run_checked("upload install.sh", "cat > /tmp/nixgold/install.sh", &w.install_script)
-                    .await?;
+                self.run_checked(
+                    "upload install.sh",
+                    "cat > /tmp/nixgold/install.sh",
+                    &w.install_script,
+                )
+                .await?;
                 let observe = self.observe;
                 let (code, out) = self
                     .ssh()?
@@ -771,15 +817,7 @@ impl Build<'_> {
                 self.connect(self.left()).await
             }
             Step::Verify => self.verify().await,
-            Step::Seal => {
-                self.run_checked(
-                    "seal",
-                    "truncate -s 0 /etc/machine-id && rm -f /etc/ssh/ssh_host_* && cloud-init clean --logs && rm -f /root/.ssh/authorized_keys",
-                    "",
-                )
-                .await
-                .map(drop)
-            }
+            Step::Seal => self.run_checked("seal", SEAL, "").await.map(drop),
             Step::PowerOff => {
                 if let Some(ssh) = self.ssh.take() {
                     let _ = ssh.run("poweroff", "", |_| {}).await;
@@ -1006,41 +1044,53 @@ impl Build<'_> {
     async fn verify(&mut self) -> Result<(), BuildError> {
         let w = self.w;
         self.version = self
-            .run_checked("nixos-version", "nixos-version", "")
+            .run_checked("nixos-version", VERIFY_VERSION, "")
             .await?
             .trim()
             .to_owned();
         self.system = self
-            .run_checked(
-                "read the system path",
-                "readlink -f /run/current-system",
-                "",
-            )
+            .run_checked("read the system path", VERIFY_SYSTEM, "")
             .await?
             .trim()
             .to_owned();
         if w.services.is_empty() {
             return Ok(());
         }
-        let (code, states) = self
-            .ssh()?
-            .run(
-                &format!("systemctl is-active {}", w.services.join(" ")),
-                "",
-                |_| {},
-            )
-            .await?;
-        let inactive: Vec<String> = w
-            .services
-            .iter()
-            .zip(states.lines().chain(std::iter::repeat("unknown")))
-            .filter(|(_, s)| *s != "active")
-            .map(|(svc, s)| format!("{svc} is {s}"))
-            .collect();
-        if code != 0 || !inactive.is_empty() {
+        self.check_services().await
+    }
+
+    /// `systemctl is-active` until no service is still starting, then every
+    /// one must be `active`. A `Type=oneshot` unit (cloud-init's) is
+    /// `activating` until its process exits (systemd.service(5)), which can
+    /// be after sshd already answers; with `RemainAfterExit=yes` it is
+    /// `active` once it exited 0, `failed` otherwise.
+    async fn check_services(&self) -> Result<(), BuildError> {
+        let w = self.w;
+        let command = format!("{VERIFY_SERVICES} {}", w.services.join(" "));
+        loop {
+            let (_, out) = self.ssh()?.run(&command, "", |_| {}).await?;
+            let states: Vec<(&String, &str)> = w
+                .services
+                .iter()
+                .zip(out.lines().chain(std::iter::repeat("unknown")))
+                .collect();
+            let starting = states
+                .iter()
+                .any(|(_, s)| matches!(*s, "activating" | "reloading"));
+            if starting && Instant::now() < self.step_deadline {
+                tokio::time::sleep(Duration::from_secs(1).min(self.left())).await;
+                continue;
+            }
+            let inactive: Vec<String> = states
+                .iter()
+                .filter(|(_, s)| *s != "active")
+                .map(|(svc, s)| format!("{svc} is {s}"))
+                .collect();
+            if inactive.is_empty() {
+                return Ok(());
+            }
             return Err(step_err("verify services", inactive.join(", ")));
         }
-        Ok(())
     }
 
     fn result(&self) -> BuildResult {

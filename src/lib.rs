@@ -18,6 +18,7 @@ pub mod doctor;
 pub mod drift;
 pub mod fleet;
 pub mod ids;
+pub mod limit;
 pub mod live;
 pub mod lock;
 pub mod nixos;

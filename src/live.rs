@@ -3,10 +3,13 @@
 //! One `GET /cluster/resources?type=vm` finds every VM and its node, name,
 //! tags and lock; one `type=storage` listing says which storages exist
 //! where and whether they are shared; one content listing per (node,
-//! storage) that holds a desired ISO; and a config read (plus a status read
-//! for running state) only for the VMs the fleet manages — by VMID, or by
-//! this fleet's ownership tag. The number of calls does not grow with VMs
-//! the fleet does not manage; it is reported with the plan.
+//! storage) that holds a desired ISO; and a config read only for the VMs the
+//! fleet manages — by VMID, or by this fleet's ownership tag. Whether a VM
+//! runs comes from the same resource listing; since that status lags (it is
+//! pvestatd's RRD broadcast), `status/current` is read only where the lag
+//! could cause a change: a VM the fleet wants started that the listing does
+//! not show running. The number of calls does not grow with VMs the fleet
+//! does not manage; it is reported with the plan.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -167,7 +170,11 @@ pub async fn collect(
                 tags,
                 lock: r.lock,
                 config: None,
-                running: None,
+                running: match r.status.as_deref() {
+                    Some("running") => Some(true),
+                    Some("stopped") => Some(false),
+                    _ => None,
+                },
             },
         );
     }
@@ -196,6 +203,7 @@ pub async fn collect(
     // ISO listings, once per (node, storage).
     let mut iso_places = BTreeSet::new();
     let mut managed: BTreeSet<u32> = BTreeSet::new();
+    let mut want_running: BTreeSet<u32> = BTreeSet::new();
     for node in desired.graph.node_weights() {
         match node {
             DesiredNode::Iso(iso) => {
@@ -206,6 +214,9 @@ pub async fn collect(
             }
             DesiredNode::Vm(vm) => {
                 managed.insert(vm.vmid.get());
+                if vm.start {
+                    want_running.insert(vm.vmid.get());
+                }
             }
         }
     }
@@ -226,28 +237,40 @@ pub async fn collect(
         live.isos.insert((node, storage), vols);
     }
 
-    // Config (and status) of managed VMs that exist, bounded concurrency.
-    let targets: Vec<(u32, String)> = managed
+    // Config of managed VMs that exist, and their node-local status where
+    // the lagging listing could start a VM that already runs.
+    let targets: Vec<(u32, String, bool)> = managed
         .into_iter()
-        .filter_map(|id| live.vms.get(&id).map(|v| (id, v.node.clone())))
+        .filter_map(|id| {
+            let vm = live.vms.get(&id)?;
+            let confirm =
+                vm.running.is_none() || (vm.running == Some(false) && want_running.contains(&id));
+            Some((id, vm.node.clone(), confirm))
+        })
         .collect();
     let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
-    for (vmid, node) in targets {
+    for (vmid, node, confirm) in targets {
         let client = client.clone();
         let semaphore = semaphore.clone();
         tasks.spawn(async move {
             let _permit = semaphore.acquire_owned().await.expect("open semaphore");
             let config = client.vm_config(&node, vmid, false).await?;
-            let status = client.vm_status(&node, vmid).await?;
-            Ok::<_, ApiError>((vmid, config, status.is_running()))
+            let running = if confirm {
+                Some(client.vm_status(&node, vmid).await?.is_running())
+            } else {
+                None
+            };
+            Ok::<_, ApiError>((vmid, config, running))
         });
     }
     while let Some(joined) = tasks.join_next().await {
         let (vmid, config, running) = joined.expect("config reads do not panic")?;
         if let Some(vm) = live.vms.get_mut(&vmid) {
             vm.config = Some(config.into());
-            vm.running = Some(running);
+            if running.is_some() {
+                vm.running = running;
+            }
         }
     }
 

@@ -874,15 +874,7 @@ fn build_change(
         });
     };
     let nixos = &image.nixos;
-    let services: Vec<String> = [
-        (nixos.openssh.enable, "sshd"),
-        (nixos.guest_agent, "qemu-guest-agent"),
-        (nixos.cloud_init, "cloud-init"),
-    ]
-    .into_iter()
-    .filter(|(on, _)| *on)
-    .map(|(_, s)| s.to_owned())
-    .collect();
+    let services = crate::build::verified_services(&t.image, image);
     let build = crate::build::BuildWork {
         image: t.image.clone(),
         generation: n,

@@ -8,6 +8,7 @@
 //! [`validate`].
 
 pub mod load;
+mod nixos_rules;
 pub mod validate;
 
 use std::collections::BTreeMap;

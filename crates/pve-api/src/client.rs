@@ -72,6 +72,7 @@ struct Inner {
     ticket: Mutex<Option<Ticket>>,
     limiter: Semaphore,
     calls: AtomicU64,
+    pacer: crate::pacer::TaskPacer,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +133,7 @@ impl Client {
                 opts,
                 ticket: Mutex::new(None),
                 calls: AtomicU64::new(0),
+                pacer: Default::default(),
             }),
         })
     }
@@ -805,15 +807,17 @@ impl Client {
         Ok((lines, total))
     }
 
-    /// Polls a task until it stops (backoff 100 ms → 2 s). Deliberately no
+    /// Polls a task until it stops, paced by what tasks of its type took
+    /// before (see `pacer`). Deliberately no
     /// deadline: callers wrap it (see [`Client::wait_task_for`]). `OK` and
     /// `WARNINGS: n` succeed; anything else is [`ApiError::Task`] with the
     /// log's last lines.
     pub async fn wait_task(&self, upid: &Upid) -> Result<TaskStatus, ApiError> {
-        let mut delay = Duration::from_millis(100);
+        let started = std::time::Instant::now();
         loop {
             let status = self.task_status(upid).await?;
             if !status.is_running() {
+                self.inner.pacer.observe(&upid.kind, started.elapsed());
                 if status.succeeded() {
                     return Ok(status);
                 }
@@ -826,8 +830,8 @@ impl Client {
                     log_tail: tail,
                 });
             }
+            let delay = self.inner.pacer.next_delay(&upid.kind, started.elapsed());
             tokio::time::sleep(delay).await;
-            delay = (delay * 3 / 2).min(Duration::from_secs(2));
         }
     }
 

@@ -15,6 +15,7 @@
 mod auth;
 mod client;
 mod error;
+mod pacer;
 pub mod property;
 mod tls;
 pub mod types;

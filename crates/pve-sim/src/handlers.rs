@@ -231,7 +231,8 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
     }
 }
 
-/// The locks a worker takes: exclusive and shared VM locks, a storage lock.
+/// The locks a worker takes: exclusive and shared VM locks; and the
+/// storage a full clone copies into (its bandwidth, not a lock).
 #[derive(Default)]
 struct Locks {
     exclusive: Vec<u32>,

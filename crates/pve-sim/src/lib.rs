@@ -21,6 +21,7 @@ mod config;
 pub mod formats;
 pub mod guest;
 mod handlers;
+pub mod nixos;
 pub mod options;
 pub mod params;
 pub mod routes;

@@ -37,14 +37,16 @@ pub struct SimOptions {
     pub vm_lock_timeout: Duration,
     /// Lock wait of clone source and target (1 s on Proxmox).
     pub clone_lock_timeout: Duration,
-    /// Storage lock wait during allocation (10 s on Proxmox).
-    pub storage_lock_timeout: Duration,
     /// Delay of every 401 (about 3 s on Proxmox).
     pub auth_failure_delay: Duration,
     /// How long a new VM shows `status: unknown` in /cluster/resources.
     pub resources_lag: Duration,
     /// How long after start the guest agent answers.
     pub agent_delay: Duration,
+    /// How long the installed system's oneshot units (cloud-init's) run
+    /// after boot: until then `systemctl is-active` says `activating`, as
+    /// systemd does for a `Type=oneshot` unit whose process has not exited.
+    pub units_settle: Duration,
     /// How long an installer ISO takes to boot to its console; keys typed
     /// earlier are lost.
     pub guest_boot: Duration,
@@ -84,10 +86,10 @@ impl Default for SimOptions {
             default_task_duration: ms(200),
             vm_lock_timeout: Duration::from_secs(10),
             clone_lock_timeout: Duration::from_secs(1),
-            storage_lock_timeout: Duration::from_secs(10),
             auth_failure_delay: Duration::from_secs(3),
             resources_lag: Duration::from_secs(2),
             agent_delay: Duration::from_secs(3),
+            units_settle: Duration::from_secs(5),
             guest_boot: Duration::from_secs(8),
             guest_ssh_port: 22,
             remote_files: BTreeMap::new(),
@@ -105,10 +107,10 @@ impl SimOptions {
             default_task_duration: task,
             vm_lock_timeout: Duration::from_millis(300),
             clone_lock_timeout: Duration::from_millis(100),
-            storage_lock_timeout: Duration::from_millis(300),
             auth_failure_delay: Duration::ZERO,
             resources_lag: Duration::ZERO,
             agent_delay: Duration::ZERO,
+            units_settle: Duration::ZERO,
             guest_boot: Duration::ZERO,
             ..SimOptions::default()
         }

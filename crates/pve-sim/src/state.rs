@@ -64,6 +64,14 @@ pub struct Vm {
     pub config: VmConfig,
     #[serde(default)]
     pub running: bool,
+    /// When `running` last changed and what it was before: the
+    /// `/cluster/resources` status comes from pvestatd's RRD broadcast, so it
+    /// shows the old state for a while (`extract_vm_stats` in pve-manager's
+    /// `PVE/API2Tools.pm` reads `status` from the RRD entry).
+    #[serde(default)]
+    pub status_changed_ms: u64,
+    #[serde(default)]
+    pub was_running: bool,
     /// When the VM started (ms), for uptime and the guest agent.
     #[serde(default)]
     pub started_ms: u64,
@@ -87,10 +95,22 @@ impl Vm {
             node: node.to_owned(),
             config,
             running: false,
+            status_changed_ms: 0,
+            was_running: false,
             started_ms: 0,
             created_ms: now_ms(),
             console: Vec::new(),
             installed: None,
+        }
+    }
+
+    /// Starts or stops it, remembering the old state for the lagging
+    /// cluster-wide status.
+    pub fn set_running(&mut self, running: bool) {
+        if self.running != running {
+            self.was_running = self.running;
+            self.status_changed_ms = now_ms();
+            self.running = running;
         }
     }
 }
@@ -213,7 +233,10 @@ pub struct Task {
     /// holders may run, exclusive ones wait.
     #[serde(default)]
     pub shared: Vec<u32>,
-    /// Storage lock (`storage@node` or `storage`) held while it runs.
+    /// The storage (`storage@node` or `storage`) whose bandwidth a full
+    /// clone's copy uses while it runs. Not a lock: pve-storage takes
+    /// `cluster_lock_storage` only around `alloc_image` (`vdisk_alloc` in
+    /// `PVE/Storage.pm`), and qemu-server's `clone_disk` copies after that.
     pub holds_storage: Option<String>,
     /// An injected failure: the worker ends with this error, no effect.
     #[serde(default)]
@@ -318,6 +341,8 @@ impl State {
                     node: vm.node.clone(),
                     config,
                     running: vm.running && !vm.template,
+                    status_changed_ms: 0,
+                    was_running: false,
                     started_ms: now,
                     created_ms: 0,
                     console: Vec::new(),
@@ -668,7 +693,6 @@ impl State {
             format!("UPID:{node}:{pid:08X}:{pstart:08X}:{starttime:08X}:{kind}:{id}:{user}:");
         let mut begins = now;
         let mut work = work;
-        let mut holds_storage = holds_storage;
         // Wait for the VM locks held by other workers, or time out.
         let waits = holds
             .iter()
@@ -690,29 +714,16 @@ impl State {
                 begins = until;
             }
         }
-        // A full clone holds the storage lock through alloc and copy.
-        if let Some(key) = &holds_storage
-            && let Some(until) = self.storage_busy_until(key)
-            && until > begins
+        // A full clone's copy shares the target storage's bandwidth with the
+        // other copies: queued behind them (the same makespan as fair
+        // sharing). It never waits for the storage *lock*, which Proxmox
+        // holds only while allocating the volume.
+        let holds_storage = holds_storage.filter(|_| !matches!(work, Work::Fail { .. }));
+        if let Some(until) = holds_storage
+            .as_deref()
+            .and_then(|key| self.storage_busy_until(key))
         {
-            if until - begins > opts.storage_lock_timeout.as_millis() as u64 {
-                let storage = key.split('@').next().unwrap_or(key);
-                let shared = self.spec.storage(storage).is_some_and(|s| s.shared);
-                let reason = if shared {
-                    format!("cfs-lock 'storage-{storage}' error: got lock request timeout")
-                } else {
-                    format!(
-                        "can't lock file '/var/lock/pve-manager/pve-storage-{storage}' - got timeout"
-                    )
-                };
-                begins += opts.storage_lock_timeout.as_millis() as u64;
-                work = Work::Fail {
-                    message: format!("clone failed: {reason}"),
-                };
-                holds_storage = None;
-            } else {
-                begins = until;
-            }
+            begins = begins.max(until);
         }
         let duration = opts.task_duration(&kind).as_millis() as u64;
         let (ends_ms, injected) = match fault {
@@ -859,7 +870,7 @@ impl State {
             }
             Work::Stop { vmid } => {
                 if let Some(vm) = self.vms.get_mut(&vmid) {
-                    vm.running = false;
+                    vm.set_running(false);
                     apply_pending(&mut vm.config);
                 }
                 Ok(vec![])
@@ -1075,7 +1086,7 @@ impl State {
         // A cold start applies pending changes, then regenerates cloud-init.
         apply_pending(&mut vm.config);
         regenerate_cloudinit(&mut vm.config);
-        vm.running = true;
+        vm.set_running(true);
         vm.started_ms = now_ms();
         vm.console.clear();
         Ok(vec![])
@@ -1381,13 +1392,19 @@ impl State {
 
     pub fn vm_resource(&self, vmid: u32, vm: &Vm, opts: &SimOptions) -> Value {
         let c = &vm.config;
-        let fresh = now_ms().saturating_sub(vm.created_ms) < opts.resources_lag.as_millis() as u64;
+        let lag = opts.resources_lag.as_millis() as u64;
+        let fresh = now_ms().saturating_sub(vm.created_ms) < lag;
+        let running = if now_ms().saturating_sub(vm.status_changed_ms) < lag {
+            vm.was_running
+        } else {
+            vm.running
+        };
         let mut entry = json!({
             "id": format!("qemu/{vmid}"),
             "vmid": vmid,
             "node": vm.node,
             "type": "qemu",
-            "status": if fresh { "unknown" } else if vm.running { "running" } else { "stopped" },
+            "status": if fresh { "unknown" } else if running { "running" } else { "stopped" },
         });
         let obj = entry.as_object_mut().expect("object");
         if !fresh {
@@ -1398,9 +1415,9 @@ impl State {
             obj.insert("template".into(), json!(u8::from(c.is_template())));
             let (cpus, mem, disk) = vm_sizes(c);
             obj.insert("maxcpu".into(), json!(cpus));
-            obj.insert("cpu".into(), json!(if vm.running { 0.0123 } else { 0.0 }));
+            obj.insert("cpu".into(), json!(if running { 0.0123 } else { 0.0 }));
             obj.insert("maxmem".into(), json!(mem));
-            obj.insert("mem".into(), json!(if vm.running { mem / 4 } else { 0 }));
+            obj.insert("mem".into(), json!(if running { mem / 4 } else { 0 }));
             obj.insert("maxdisk".into(), json!(disk));
             obj.insert("disk".into(), json!(0));
             obj.insert("netin".into(), json!(0));
