@@ -174,3 +174,37 @@ pub fn placement_checks(fleet: &Fleet, desired: &DesiredGraph, live: &LiveState)
     }
     checks
 }
+
+/// Checks every bridge the fleet's VMs and build VMs attach to exists on
+/// their node (one network listing per node).
+pub async fn bridge_checks(
+    client: &Client,
+    fleet: &Fleet,
+    desired: &DesiredGraph,
+) -> Result<Vec<Check>, ApiError> {
+    let mut wanted: BTreeSet<(String, String)> = BTreeSet::new();
+    for n in desired.graph.node_weights() {
+        match n {
+            DesiredNode::Template(t) => {
+                let bridge = fleet.images[&t.image].hardware.bridge.clone();
+                wanted.insert((t.node.to_string(), bridge));
+            }
+            DesiredNode::Vm(v) => {
+                wanted.insert((v.node.to_string(), v.bridge.clone()));
+            }
+            DesiredNode::Iso(_) => {}
+        }
+    }
+    let mut checks = Vec::new();
+    let mut listed: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (node, bridge) in wanted {
+        if !listed.contains_key(&node) {
+            listed.insert(node.clone(), client.bridges(&node).await?);
+        }
+        checks.push(Check {
+            ok: listed[&node].contains(&bridge),
+            what: format!("bridge `{bridge}` exists on {node}"),
+        });
+    }
+    Ok(checks)
+}

@@ -1824,6 +1824,7 @@ fn an_auditor_token_gets_the_missing_privileges_named_and_changes_nothing() {
         &out,
         &[
             "ok   reached the API as deploy@pve!ci",
+            "ok   bridge `vmbr0` exists on pve",
             "FAIL the token holds the privileges the fleet needs",
             "/vms/400: VM.Allocate, VM.Config.CPU,",
             "/vms/9400: VM.Allocate, VM.Clone,",
@@ -1880,4 +1881,30 @@ fn the_documented_least_privilege_role_builds_and_converges() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(!out.contains("FAIL"), "{out}");
     assert!(s.sim.inspect(|st| st.vms[&400].running));
+}
+
+/// doctor reads what the fleet names and fails on what is not there: a
+/// bridge missing on the node, a storage without the content type it needs.
+#[test]
+fn doctor_names_a_missing_bridge_and_a_storage_without_images() {
+    let mut cluster = single_node();
+    cluster.nodes[0].bridges = vec!["vmbr1".into()];
+    cluster
+        .storages
+        .iter_mut()
+        .find(|s| s.id == "tank")
+        .unwrap()
+        .content = vec!["rootdir".into()];
+    let s = Scenario::new(cluster, &base_fleet(WEB_01), &golden_lock());
+    let (code, out, err) = s.run(&["doctor", "fleet.yaml"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_contains(
+        &out,
+        &[
+            "FAIL bridge `vmbr0` exists on pve",
+            "FAIL storage `tank` on pve holds images",
+            "ok   storage `local` on pve holds iso",
+            "ok   the token holds the privileges the fleet needs",
+        ],
+    );
 }

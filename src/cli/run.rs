@@ -270,6 +270,7 @@ pub async fn cmd_doctor(fleet: &Path, lock: &Path, sim: bool, out: &Output) -> R
         &s.desired,
         &s.live,
     ));
+    checks.extend(doctor::bridge_checks(client, &s.loaded.fleet, &s.desired).await?);
     let mut notes = Vec::new();
     match compute(&s, &PlanOptions::default()) {
         Ok(plan) => notes.extend(plan.notes),

@@ -368,6 +368,22 @@ impl Client {
             .unwrap_or_default())
     }
 
+    /// The names of a node's bridges (`GET /nodes/{node}/network?type=any_bridge`).
+    pub async fn bridges(&self, node: &str) -> Result<Vec<String>, ApiError> {
+        let v: Value = self
+            .call(
+                Method::Get,
+                &format!("/nodes/{}/network", seg(node)),
+                vec![p("type", "any_bridge")],
+            )
+            .await?;
+        Ok(v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i.get("iface").and_then(Value::as_str).map(str::to_owned))
+            .collect())
+    }
+
     pub async fn nodes(&self) -> Result<Vec<Node>, ApiError> {
         self.call(Method::Get, "/nodes", vec![]).await
     }

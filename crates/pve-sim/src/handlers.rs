@@ -207,6 +207,7 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
         }
         TaskList => task_list(state, call).map(|(tasks, _)| tasks),
         NodeStatus => Ok(node_status(state, call.node())),
+        NodeNetwork => Ok(node_network(state, call)),
         ClusterStatus => Ok(cluster_status(state)),
         Reboot => {
             let vmid = call.vmid();
@@ -1331,6 +1332,33 @@ fn node_status(state: &State, node: &str) -> Value {
         "kversion": "Linux 6.14.8-2-pve #1 SMP PREEMPT_DYNAMIC PMX 6.14.8-2",
         "uptime": now_ms() / 1000 - state.boot_time,
     })
+}
+
+/// `GET /nodes/{node}/network` (pve-manager `API2/Network.pm` `index`):
+/// the node's uplink `eth0` and its Linux bridges, filtered by `type`
+/// (`any_bridge` and `any_local_bridge` include bridges).
+fn node_network(state: &State, call: &Call) -> Value {
+    let spec = state.spec.node(call.node()).expect("the node was checked");
+    let kind = call.get("type");
+    let wants = |t: &str| {
+        kind.is_none_or(|k| {
+            k == t || (t == "bridge" && matches!(k, "any_bridge" | "any_local_bridge"))
+        })
+    };
+    let mut ifaces = Vec::new();
+    if wants("eth") {
+        ifaces.push(json!({"iface": "eth0", "type": "eth", "active": 1, "exists": 1, "method": "manual", "families": ["inet"], "priority": 1}));
+    }
+    if wants("bridge") {
+        for (i, bridge) in spec.bridges.iter().enumerate() {
+            ifaces.push(json!({
+                "iface": bridge, "type": "bridge", "active": 1, "autostart": 1, "method": "manual",
+                "bridge_ports": if i == 0 { "eth0" } else { "" }, "bridge_stp": "off", "bridge_fd": "0",
+                "families": ["inet"], "priority": i + 2,
+            }));
+        }
+    }
+    Value::Array(ifaces)
 }
 
 /// `GET /cluster/status`: a `cluster` row when the nodes form a cluster,

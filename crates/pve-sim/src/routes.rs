@@ -72,6 +72,7 @@ pub enum RouteId {
     TaskLog,
     TaskStop,
     NodeStatus,
+    NodeNetwork,
     ClusterStatus,
     Reboot,
     TicketGet,
@@ -677,6 +678,35 @@ static ROUTES: LazyLock<Vec<RouteDef>> = LazyLock::new(|| {
             Returns::Object,
         ),
         r(
+            NodeNetwork,
+            "GET",
+            "/nodes/{node}/network",
+            vec![
+                NODE,
+                opt_c(
+                    "type",
+                    STR,
+                    Check::Enum(&[
+                        "bridge",
+                        "bond",
+                        "eth",
+                        "alias",
+                        "vlan",
+                        "fabric",
+                        "OVSBridge",
+                        "OVSBond",
+                        "OVSPort",
+                        "OVSIntPort",
+                        "vnet",
+                        "any_bridge",
+                        "any_local_bridge",
+                        "include_sdn",
+                    ]),
+                ),
+            ],
+            Returns::Array,
+        ),
+        r(
             ClusterStatus,
             "GET",
             "/cluster/status",
@@ -853,9 +883,8 @@ pub fn permission(id: RouteId) -> Perm {
     match id {
         TicketGet | TicketPost => Perm::World,
         Version | ClusterResources | ClusterNextid | Nodes | NodeStorage | QemuList
-        | QemuCreate | QemuIndex | TaskList | TaskStatus | TaskLog | TaskStop | Permissions => {
-            Perm::All
-        }
+        | QemuCreate | QemuIndex | TaskList | TaskStatus | TaskLog | TaskStop | Permissions
+        | NodeNetwork => Perm::All,
         DownloadUrl | Clone | UserCreate | TokenCreate | AclPut => Perm::Compound,
         StorageContent => Perm::Check {
             path: "/storage/{storage}",

@@ -117,6 +117,8 @@ fn undocumented(route: RouteId) -> &'static [&'static str] {
         RouteId::TicketPost => &["cap"],
         // pve-manager `API2/Nodes.pm` `status` sets both.
         RouteId::NodeStatus => &["uptime", "kversion"],
+        // ifupdown2's bridge options, which `API2/Network.pm` passes on.
+        RouteId::NodeNetwork => &["bridge_stp", "bridge_fd"],
         _ => &[],
     }
 }
@@ -337,6 +339,10 @@ async fn live_requests_follow_the_schema() {
             s.http.get(s.url("/nodes/pve/tasks?source=all")),
         ),
         (RouteId::NodeStatus, s.http.get(s.url("/nodes/pve/status"))),
+        (
+            RouteId::NodeNetwork,
+            s.http.get(s.url("/nodes/pve/network?type=any_bridge")),
+        ),
         (RouteId::ClusterStatus, s.http.get(s.url("/cluster/status"))),
         (
             RouteId::Permissions,
