@@ -157,7 +157,12 @@ impl Scenario {
     }
 
     fn run(&self, args: &[&str]) -> (i32, String, String) {
-        let out = self.command(args).output().unwrap();
+        self.finish(&mut self.command(args))
+    }
+
+    /// Runs `cmd`; (exit code, stdout, stderr), checked for leaked secrets.
+    fn finish(&self, cmd: &mut Command) -> (i32, String, String) {
+        let out = cmd.output().unwrap();
         let (stdout, stderr) = (
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -1796,16 +1801,13 @@ impl Scenario {
     }
 
     fn run_as(&self, token: &str, args: &[&str]) -> (i32, String, String) {
-        let out = self
-            .command(args)
-            .env("PROXMOX_VE_API_TOKEN", token)
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let (code, out, err) = self.finish(self.command(args).env("PROXMOX_VE_API_TOKEN", token));
+        let secret = token.rsplit('=').next().unwrap();
+        assert!(
+            !out.contains(secret) && !err.contains(secret),
+            "the token leaked"
+        );
+        (code, out, err)
     }
 }
 

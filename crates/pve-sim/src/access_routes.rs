@@ -193,7 +193,8 @@ pub fn handle(state: &mut State, route: RouteId, call: &Call) -> ApiResult {
                 return Err(ApiError::fail("Token already exists."));
             }
             let privsep = get("privsep") != Some("0");
-            let secret = new_secret();
+            // `TokenConfig`'s secret is a random UUID.
+            let secret = crate::state::new_uuid();
             tokens.insert(
                 name.to_owned(),
                 Token {
@@ -228,19 +229,6 @@ pub fn handle(state: &mut State, route: RouteId, call: &Call) -> ApiResult {
         }
         _ => unreachable!("only /access routes come here"),
     }
-}
-
-/// A token secret: a random UUID, as `TokenConfig` generates.
-fn new_secret() -> String {
-    let h = format!("{:032x}", rand::random::<u128>());
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
 }
 
 /// `GET /access/permissions` (pve-access-control `API2/AccessControl.pm`

@@ -1625,7 +1625,7 @@ pub fn vm_sizes(c: &VmConfig) -> (u64, u64, u64) {
 }
 
 /// A random (version 4) UUID, as `PVE::QemuServer::generate_uuid` makes.
-fn new_uuid() -> String {
+pub(crate) fn new_uuid() -> String {
     let n = (rand::random::<u128>() & !(0xF << 76) & !(0x3 << 62)) | (0x4 << 76) | (0x2 << 62);
     let h = format!("{n:032x}");
     format!(
