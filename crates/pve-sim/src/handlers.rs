@@ -138,8 +138,17 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
                 ])));
             }
             let vm = state.vm_on(call.node(), call.vmid())?;
-            if let Some(snap) = call.get("snapshot") {
-                return Err(ApiError::fail(format!("snapshot '{snap}' does not exist")));
+            if let Some(name) = call.get("snapshot") {
+                let snap = vm
+                    .config
+                    .snapshots
+                    .get(name)
+                    .ok_or_else(|| ApiError::fail(format!("snapshot '{name}' does not exist")))?;
+                let config = VmConfig {
+                    values: snap.values.clone(),
+                    ..VmConfig::default()
+                };
+                return Ok(config.to_api_json(true));
             }
             Ok(vm.config.to_api_json(call.flag("current").unwrap_or(false)))
         }
@@ -209,6 +218,11 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
         NodeStatus => Ok(node_status(state, call.node())),
         NodeNetwork => Ok(node_network(state, call)),
         ClusterStatus => Ok(cluster_status(state)),
+        SnapshotList => {
+            let vm = state.vm_on(call.node(), call.vmid())?;
+            Ok(crate::snapshots::list(&vm.config, vm.running))
+        }
+        SnapshotCreate | SnapshotDelete | SnapshotRollback => snapshot_task(state, opts, call, route),
         Reboot => {
             let vmid = call.vmid();
             if !state.vm_on(call.node(), vmid)?.running {
@@ -802,6 +816,45 @@ fn pending(config: &VmConfig) -> Value {
         .collect();
     rows.push(json!({ "key": "digest", "value": config.digest() }));
     Value::Array(rows)
+}
+
+/// `snapshot`, `delsnapshot` and `rollback` in qemu-server `API2/Qemu.pm`:
+/// the names `current` and `pending` are reserved; the work happens in
+/// `qmsnapshot`, `qmdelsnapshot` and `qmrollback` workers.
+fn snapshot_task(state: &mut State, opts: &SimOptions, call: &Call, route: RouteId) -> ApiResult {
+    let vmid = call.vmid();
+    state.vm_on(call.node(), vmid)?;
+    let name = call.get("snapname").unwrap_or_default().to_owned();
+    let (kind, work) = match route {
+        RouteId::SnapshotCreate => {
+            if matches!(name.as_str(), "current" | "pending") {
+                return Err(ApiError::fail(format!(
+                    "unable to use snapshot name '{name}' (reserved name)"
+                )));
+            }
+            let work = Work::Snapshot {
+                vmid,
+                name,
+                description: call.get("description").unwrap_or_default().to_owned(),
+                vmstate: call.flag("vmstate").unwrap_or(false),
+            };
+            ("qmsnapshot", work)
+        }
+        RouteId::SnapshotDelete => ("qmdelsnapshot", Work::DeleteSnapshot { vmid, name }),
+        _ => {
+            let start = call.flag("start").unwrap_or(false);
+            ("qmrollback", Work::Rollback { vmid, name, start })
+        }
+    };
+    Ok(json!(spawn(
+        state,
+        opts,
+        call,
+        kind,
+        vmid.to_string(),
+        work,
+        exclusive(vmid)
+    )))
 }
 
 fn power(state: &mut State, opts: &SimOptions, call: &Call, route: RouteId) -> ApiResult {

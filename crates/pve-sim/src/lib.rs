@@ -26,6 +26,7 @@ pub mod options;
 pub mod params;
 pub mod routes;
 mod server;
+mod snapshots;
 pub mod state;
 
 use std::collections::BTreeMap;

@@ -70,6 +70,8 @@ pub enum Format {
     DnsName,
     TagList,
     ConfigIdList,
+    /// `pve-configid`: one id, at most 40 characters here (snapshot names).
+    ConfigId,
     UrlEncoded,
     AddressList,
     PoolId,
@@ -326,6 +328,16 @@ fn check_format(format: Format, name: &str, value: &str) -> Result<(), String> {
                 && b.iter()
                     .all(|c| c.is_ascii_alphanumeric() || b"_-+.".contains(c))
         }),
+        Format::ConfigId => {
+            value.len() <= 40
+                && value
+                    .as_bytes()
+                    .first()
+                    .is_some_and(u8::is_ascii_alphabetic)
+                && value
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+        }
         Format::ConfigIdList => split_list(value).all(|k| {
             !k.is_empty()
                 && k.bytes()

@@ -71,6 +71,10 @@ pub enum RouteId {
     TaskStatus,
     TaskLog,
     TaskStop,
+    SnapshotList,
+    SnapshotCreate,
+    SnapshotDelete,
+    SnapshotRollback,
     NodeStatus,
     NodeNetwork,
     ClusterStatus,
@@ -107,6 +111,7 @@ impl RouteDef {
 const STORAGE: Param = req_c("storage", STR, Check::Format(Format::PveStorageId));
 const UPID: Param = req("upid", STR);
 const VMID_P: Param = req("vmid", VMID);
+const SNAPNAME: Param = req_c("snapname", STR, Check::Format(Format::ConfigId));
 const DISKS: &[&str] = &[
     "ide0",
     "ide1",
@@ -678,6 +683,40 @@ static ROUTES: LazyLock<Vec<RouteDef>> = LazyLock::new(|| {
             Returns::Object,
         ),
         r(
+            SnapshotList,
+            "GET",
+            "/nodes/{node}/qemu/{vmid}/snapshot",
+            vec![NODE, VMID_P],
+            Returns::Array,
+        ),
+        r(
+            SnapshotCreate,
+            "POST",
+            "/nodes/{node}/qemu/{vmid}/snapshot",
+            vec![
+                NODE,
+                VMID_P,
+                SNAPNAME,
+                opt("description", STR),
+                opt("vmstate", BOOL),
+            ],
+            Returns::String,
+        ),
+        r(
+            SnapshotDelete,
+            "DELETE",
+            "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}",
+            vec![NODE, VMID_P, SNAPNAME, opt("force", BOOL)],
+            Returns::String,
+        ),
+        r(
+            SnapshotRollback,
+            "POST",
+            "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}/rollback",
+            vec![NODE, VMID_P, SNAPNAME, opt("start", BOOL)],
+            Returns::String,
+        ),
+        r(
             NodeNetwork,
             "GET",
             "/nodes/{node}/network",
@@ -907,7 +946,11 @@ pub fn permission(id: RouteId) -> Perm {
             any: false,
         },
         QemuDestroy | Template => vm(&["VM.Allocate"]),
-        ConfigGet | Pending | StatusCurrent | CloudinitGet | CloudinitDump => vm(&["VM.Audit"]),
+        ConfigGet | Pending | StatusCurrent | CloudinitGet | CloudinitDump | SnapshotList => {
+            vm(&["VM.Audit"])
+        }
+        SnapshotCreate | SnapshotDelete => vm(&["VM.Snapshot"]),
+        SnapshotRollback => vm_any(&["VM.Snapshot", "VM.Snapshot.Rollback"]),
         ConfigPost | ConfigPut => vm_any(CONFIG_PRIVS),
         Start | Stop | Shutdown | Reboot => vm(&["VM.PowerMgmt"]),
         Resize => vm(&["VM.Config.Disk"]),

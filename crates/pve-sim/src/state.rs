@@ -179,6 +179,21 @@ pub enum Work {
     Reboot {
         vmid: u32,
     },
+    Snapshot {
+        vmid: u32,
+        name: String,
+        description: String,
+        vmstate: bool,
+    },
+    DeleteSnapshot {
+        vmid: u32,
+        name: String,
+    },
+    Rollback {
+        vmid: u32,
+        name: String,
+        start: bool,
+    },
     Destroy {
         vmid: u32,
         unreferenced: bool,
@@ -857,6 +872,20 @@ impl State {
                 description,
             ),
             Work::Start { vmid } => self.complete_start(&task.node, vmid),
+            Work::Snapshot {
+                vmid,
+                name,
+                description,
+                vmstate,
+            } => crate::snapshots::take(self, vmid, &name, &description, vmstate),
+            Work::DeleteSnapshot { vmid, name } => crate::snapshots::delete(self, vmid, &name),
+            Work::Rollback { vmid, name, start } => {
+                let log = crate::snapshots::rollback(self, vmid, &name)?;
+                if start {
+                    return self.complete_start(&task.node, vmid);
+                }
+                Ok(log)
+            }
             Work::Reboot { vmid } => {
                 let vm = self
                     .vms

@@ -115,6 +115,8 @@ fn undocumented(route: RouteId) -> &'static [&'static str] {
         RouteId::StatusCurrent => &["ha", "agent", "disk"],
         RouteId::QemuList => &["disk"],
         RouteId::TicketPost => &["cap"],
+        // `snapshot_list`'s `current` row (qemu-server `API2/Qemu.pm`).
+        RouteId::SnapshotList => &["digest", "running"],
         // pve-manager `API2/Nodes.pm` `status` sets both.
         RouteId::NodeStatus => &["uptime", "kversion"],
         // ifupdown2's bridge options, which `API2/Network.pm` passes on.
@@ -200,6 +202,7 @@ async fn live_requests_follow_the_schema() {
             .replace("{node}", "pve")
             .replace("{vmid}", "100")
             .replace("{storage}", "local")
+            .replace("{snapname}", "before")
             .replace("{upid}", &upid_e);
         // An unknown parameter is rejected with 400, by name.
         let bogus = [("nixgold_bogus", "1")];
@@ -337,6 +340,26 @@ async fn live_requests_follow_the_schema() {
         (
             RouteId::TaskList,
             s.http.get(s.url("/nodes/pve/tasks?source=all")),
+        ),
+        (
+            RouteId::SnapshotCreate,
+            s.http
+                .post(s.url("/nodes/pve/qemu/100/snapshot"))
+                .form(&[("snapname", "before")]),
+        ),
+        (
+            RouteId::SnapshotList,
+            s.http.get(s.url("/nodes/pve/qemu/100/snapshot")),
+        ),
+        (
+            RouteId::SnapshotRollback,
+            s.http
+                .post(s.url("/nodes/pve/qemu/100/snapshot/before/rollback"))
+                .form(&[("start", "1")]),
+        ),
+        (
+            RouteId::SnapshotDelete,
+            s.http.delete(s.url("/nodes/pve/qemu/100/snapshot/before")),
         ),
         (RouteId::NodeStatus, s.http.get(s.url("/nodes/pve/status"))),
         (

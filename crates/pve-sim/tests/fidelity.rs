@@ -525,3 +525,63 @@ async fn privilege_separated_tokens_get_what_their_acls_and_user_allow() {
         "root's token has all"
     );
 }
+
+/// pve-guest-common `AbstractConfig.pm` `snapshot_create`,
+/// `snapshot_rollback` and `snapshot_delete`, and qemu-server
+/// `snapshot_list`: snapshots chain by `parent`, `current` is listed last
+/// ("You are here!"), a rollback restores the config (stopping the VM
+/// first), a delete re-links the chain; reserved names are refused.
+#[tokio::test]
+async fn snapshots_chain_roll_back_and_delete() {
+    let s = default_sim().await;
+    s.create_vm(100, &[]).await;
+    let r = s
+        .post("/nodes/pve/qemu/100/snapshot", &[("snapname", "current")])
+        .await;
+    assert_eq!(
+        r.body["message"],
+        "unable to use snapshot name 'current' (reserved name)\n"
+    );
+    let snap = |name: &'static str| {
+        let s = &s;
+        async move {
+            s.run("/nodes/pve/qemu/100/snapshot", &[("snapname", name)])
+                .await
+        }
+    };
+    assert_eq!(snap("one").await, "OK");
+    s.put("/nodes/pve/qemu/100/config", &[("cores", "4")]).await;
+    assert_eq!(snap("two").await, "OK");
+    assert_eq!(snap("two").await, "snapshot name 'two' already used");
+    let list = s.get("/nodes/pve/qemu/100/snapshot").await;
+    let rows = list.data().as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[1]["parent"], "one");
+    assert_eq!(rows[2]["name"], "current");
+    assert_eq!(rows[2]["description"], "You are here!");
+    assert_eq!(rows[2]["parent"], "two");
+    let old = s.get("/nodes/pve/qemu/100/config?snapshot=one").await;
+    assert_eq!(old.data()["cores"], 2);
+
+    assert_eq!(s.run("/nodes/pve/qemu/100/status/start", &[]).await, "OK");
+    assert_eq!(
+        s.run("/nodes/pve/qemu/100/snapshot/one/rollback", &[])
+            .await,
+        "OK"
+    );
+    let c = s.config(100).await;
+    assert_eq!(
+        (c["cores"].clone(), c["parent"].clone()),
+        (2.into(), "one".into())
+    );
+    let status = s.get("/nodes/pve/qemu/100/status/current").await;
+    assert_eq!(status.data()["status"], "stopped", "rollback stops the VM");
+
+    let r = s.delete("/nodes/pve/qemu/100/snapshot/one").await;
+    assert_eq!(s.wait(r.data().as_str().unwrap()).await, "OK");
+    let list = s.get("/nodes/pve/qemu/100/snapshot").await;
+    let two = &list.data().as_array().unwrap()[0];
+    assert_eq!(two["name"], "two");
+    assert!(two.get("parent").is_none(), "{}", list.raw);
+    assert!(s.config(100).await.get("parent").is_none());
+}
