@@ -171,9 +171,25 @@ pub fn placement_checks(fleet: &Fleet, desired: &DesiredGraph, live: &LiveState)
             ok: found.is_some_and(|s| s.content.contains(content)),
             what: format!("storage `{storage}` on {node} holds {content}"),
         });
+        // An ISO's size is known only once downloaded: room for a NixOS
+        // installer (about 1–2 GiB) is what can be checked before.
+        if let (Some(s), "iso") = (found, content) {
+            let free = s.free();
+            checks.push(Check {
+                ok: free >= ISO_ROOM,
+                what: format!(
+                    "storage `{storage}` on {node} has {} GiB free for installer ISOs (needs {} GiB)",
+                    free >> 30,
+                    ISO_ROOM >> 30
+                ),
+            });
+        }
     }
     checks
 }
+
+/// Free space an ISO storage should have for a NixOS installer.
+const ISO_ROOM: u64 = 2 << 30;
 
 /// Checks every bridge the fleet's VMs and build VMs attach to exists on
 /// their node (one network listing per node).

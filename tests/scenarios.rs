@@ -1906,6 +1906,7 @@ fn doctor_names_a_missing_bridge_and_a_storage_without_images() {
             "FAIL bridge `vmbr0` exists on pve",
             "FAIL storage `tank` on pve holds images",
             "ok   storage `local` on pve holds iso",
+            "ok   storage `local` on pve has 100 GiB free for installer ISOs (needs 2 GiB)",
             "ok   the token holds the privileges the fleet needs",
         ],
     );
