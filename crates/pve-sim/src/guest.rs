@@ -12,10 +12,13 @@
 //! Each booted guest runs an SSH server (russh) on 127.0.0.1 that accepts
 //! only public keys listed in root's `authorized_keys` as the typed commands
 //! left it, and checks what it is asked to run: uploads with `cat > FILE`,
-//! the install script (partition → format → mount → nixos-generate-config
-//! → nixos-install, in that order) against a `configuration.nix` that must
-//! parse, then — after `reboot` into the installed system — verification,
-//! clean-up and `poweroff`. Anything else is "command not found".
+//! the install script (only programs the installer ISO has; partition →
+//! format → mount → nixos-generate-config → nixos-install, in that order)
+//! against a `configuration.nix` that NixOS must accept — decided by the
+//! NixOS facts in [`crate::nixos`], which also give the installed system
+//! its `PATH` and units — then, after `reboot` into the installed system,
+//! verification, clean-up and `poweroff`. A program NixOS did not put on
+//! `PATH` is "command not found" (exit 127), as in bash.
 //!
 //! Deliberately an approximation of a shell: it accepts the forms nixgold
 //! and the README document, and rejects the rest loudly.

@@ -298,6 +298,9 @@ pub enum UnitKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Start {
+    /// `wantedBy = [ "sysinit.target" ]`, ordered before the network:
+    /// finished before anyone can log in.
+    Sysinit,
     /// `wantedBy = [ "multi-user.target" ]`.
     Boot,
     /// udev, once the VM has the `org.qemu.guest_agent.0` virtio port
@@ -395,6 +398,7 @@ pub const PROVIDES: &[Provides] = &[
     },
     Provides {
         when: &[Cond::Is("networking.firewall.enable", Lit::Bool(true))],
+        // Type = "oneshot", RemainAfterExit = true, before network-pre.target.
         file: "nixos/modules/services/networking/firewall-iptables.nix",
         programs: &[],
         units: &[UnitFact {
@@ -402,7 +406,7 @@ pub const PROVIDES: &[Provides] = &[
             kind: UnitKind::Oneshot {
                 remain_after_exit: true,
             },
-            start: Start::Boot,
+            start: Start::Sysinit,
             exit: Exit::Success,
         }],
     },

@@ -70,7 +70,7 @@ impl System {
             UnitKind::Daemon => "active",
             // systemd.service(5): a oneshot unit is "activating" until its
             // process exits.
-            UnitKind::Oneshot { .. } if !hw.settled => "activating",
+            UnitKind::Oneshot { .. } if !hw.settled && unit.start == Start::Boot => "activating",
             UnitKind::Oneshot { .. } if code != 0 => "failed",
             UnitKind::Oneshot {
                 remain_after_exit: true,
@@ -169,16 +169,20 @@ pub fn script_programs(script: &str) -> Vec<String> {
     out
 }
 
-/// The option fact declaring `path` (or a freeform/submodule option above it).
+/// The option fact declaring `path`, or else a freeform/submodule option
+/// above it.
 pub fn fact_for(path: &[String]) -> Option<&'static OptionFact> {
-    facts::OPTIONS.iter().find(|f| {
-        let pattern: Vec<&str> = f.path.split('.').collect();
-        let beneath = matches!(
-            f.ty,
-            Type::Freeform | Type::StrOrSubmodule | Type::Submodules
-        );
-        matches_pattern(&pattern, path, beneath).is_some()
-    })
+    let matching = |beneath: bool| {
+        facts::OPTIONS.iter().find(|f| {
+            let pattern: Vec<&str> = f.path.split('.').collect();
+            let holds_options = matches!(
+                f.ty,
+                Type::Freeform | Type::StrOrSubmodule | Type::Submodules
+            );
+            (!beneath || holds_options) && matches_pattern(&pattern, path, beneath).is_some()
+        })
+    };
+    matching(false).or_else(|| matching(true))
 }
 
 /// Whether `path` matches `pattern` (exactly, or anywhere beneath it when
@@ -448,6 +452,11 @@ mod tests {
         let fine =
             "networking.defaultGateway = { address = \"10.0.0.1\"; interface = \"ens18\"; };";
         assert!(evaluate(&config(fine)).is_ok());
+        // The submodule's own options are typed too.
+        let wrong = "networking.defaultGateway = { address = \"10.0.0.1\"; interface = 18; };";
+        assert!(evaluate(&config(wrong)).unwrap_err().text.contains(
+            "A definition for option `networking.defaultGateway.interface' is not of type `string'."
+        ));
         // nixos/modules/config/users-groups.nix, bound to the user's name.
         let err = evaluate(&config("users.users.ops.shell = pkgs.zsh;"))
             .unwrap_err()
@@ -512,6 +521,8 @@ mod tests {
         };
         assert_eq!(system.unit_state("cloud-init", booting), "activating");
         assert_eq!(system.unit_state("sshd", booting), "active");
+        // The firewall's oneshot runs before the network exists.
+        assert_eq!(system.unit_state("firewall", booting), "active");
         let with_drive = Hardware {
             cloud_init_drive: true,
             ..HW
