@@ -90,7 +90,7 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
     crate::access_routes::authorize(state, route, call)?;
     match route {
         Version => Ok(json!({ "version": VERSION, "release": RELEASE, "repoid": REPOID })),
-        ClusterResources => Ok(cluster_resources(state, opts, call.get("type"))),
+        ClusterResources => Ok(cluster_resources(state, opts, call)),
         ClusterNextid => nextid(state, call),
         Nodes => Ok(Value::Array(
             state
@@ -116,6 +116,7 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
                 .vms
                 .iter()
                 .filter(|(_, vm)| vm.node == call.node())
+                .filter(|(id, _)| may(state, call, &format!("/vms/{id}"), &["VM.Audit"]))
                 .map(|(id, vm)| qemu_list_entry(state, *id, vm))
                 .collect(),
         )),
@@ -304,29 +305,61 @@ fn spawn(
     )
 }
 
-fn cluster_resources(state: &State, opts: &SimOptions, kind: Option<&str>) -> Value {
+/// Whether the caller holds any of `privs` on `path` (a list filter, not
+/// an error).
+fn may(state: &State, call: &Call, path: &str, privs: &[&str]) -> bool {
+    state
+        .access
+        .check(&call.who.authid, path, privs, true)
+        .is_ok()
+}
+
+/// `GET /cluster/resources` (pve-manager `API2/Cluster.pm` `resources`):
+/// VMs the caller has VM.Audit on, storages it has Datastore.Audit on, and
+/// every node, with its statistics only given Sys.Audit on it.
+fn cluster_resources(state: &State, opts: &SimOptions, call: &Call) -> Value {
+    let kind = call.get("type");
     let mut out = Vec::new();
     if kind.is_none() || kind == Some("vm") {
         out.extend(
             state
                 .vms
                 .iter()
+                .filter(|(id, _)| may(state, call, &format!("/vms/{id}"), &["VM.Audit"]))
                 .map(|(id, vm)| state.vm_resource(*id, vm, opts)),
         );
     }
     if kind.is_none() || kind == Some("node") {
         for n in &state.spec.nodes {
-            out.push(json!({
+            let mut entry = json!({
                 "id": format!("node/{}", n.name), "node": n.name, "type": "node", "status": "online",
-                "cpu": 0.02, "maxcpu": n.cpus, "mem": n.memory / 8, "maxmem": n.memory,
-                "disk": 8u64 << 30, "maxdisk": 100u64 << 30,
-                "uptime": now_ms() / 1000 - state.boot_time, "level": "", "cgroup-mode": 2,
-            }));
+            });
+            if may(state, call, &format!("/nodes/{}", n.name), &["Sys.Audit"]) {
+                entry.as_object_mut().expect("object").extend(
+                    json!({
+                        "cpu": 0.02, "maxcpu": n.cpus, "mem": n.memory / 8, "maxmem": n.memory,
+                        "disk": 8u64 << 30, "maxdisk": 100u64 << 30,
+                        "uptime": now_ms() / 1000 - state.boot_time, "level": "", "cgroup-mode": 2,
+                    })
+                    .as_object()
+                    .expect("object")
+                    .clone(),
+                );
+            }
+            out.push(entry);
         }
     }
     if kind.is_none() || kind == Some("storage") {
         for n in &state.spec.nodes {
-            for s in state.spec.storages.iter().filter(|s| s.on_node(&n.name)) {
+            for s in state.spec.storages.iter().filter(|s| {
+                s.on_node(&n.name)
+                    && may(
+                        state,
+                        call,
+                        &format!("/storage/{}", s.id),
+                        &["Datastore.Audit"],
+                    )
+            }) {
                 out.push(json!({
                     "id": format!("storage/{}/{}", n.name, s.id), "storage": s.id, "node": n.name,
                     "type": "storage", "plugintype": s.plugin, "status": "available",
@@ -363,6 +396,15 @@ fn node_storage(state: &State, call: &Call) -> Value {
             .storages
             .iter()
             .filter(|s| s.on_node(node))
+            .filter(|s| {
+                let path = format!("/storage/{}", s.id);
+                may(
+                    state,
+                    call,
+                    &path,
+                    &["Datastore.Audit", "Datastore.AllocateSpace"],
+                )
+            })
             .filter(|s| call.get("storage").is_none_or(|id| id == s.id))
             .filter(|s| content.is_none_or(|c| split_list(c).all(|c| s.has_content(c))))
             .map(|s| {

@@ -429,6 +429,21 @@ async fn privilege_separated_tokens_get_what_their_acls_and_user_allow() {
     assert_eq!(made.data()["info"]["privsep"], 1);
     let token = format!("ops@pve!ci={}", made.data()["value"].as_str().unwrap());
 
+    // Listings show only what the token may audit (pve-manager
+    // `API2/Cluster.pm` `resources`).
+    let seen = as_token(&s, &token, Method::GET, "/cluster/resources", &[]).await;
+    let kinds: Vec<&str> = seen
+        .data()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["node"], "{}", seen.raw);
+    assert!(
+        seen.data()[0].get("maxmem").is_none(),
+        "no Sys.Audit, no stats"
+    );
     let config = || as_token(&s, &token, Method::GET, "/nodes/pve/qemu/100/config", &[]);
     let r = config().await;
     assert_eq!(r.status, 403, "{}", r.raw);
