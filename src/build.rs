@@ -243,9 +243,7 @@ impl CallHome {
             .local_addr()
             .map_err(|e| step_err("call-home listener", e.to_string()))?
             .port();
-        let token: String = (0..24)
-            .map(|_| format!("{:x}", rand::random::<u8>() % 16))
-            .collect();
+        let token = crate::ids::random_hex(24);
         let url = format!("http://{advertise}:{port}/{token}");
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
@@ -725,11 +723,41 @@ impl Build<'_> {
     /// Waits for a task; one still running at the step's deadline is
     /// stopped, so it does not hold the VM while the VM is cleaned up.
     async fn wait(&self, upid: pve_api::Upid) -> Result<(), BuildError> {
+        self.wait_task(upid).await.map_err(BuildError::from)
+    }
+
+    /// [`Build::wait`], keeping Proxmox's error (for [`Build::contended`]).
+    async fn wait_task(&self, upid: pve_api::Upid) -> Result<(), pve_api::ApiError> {
         let result = self.client.wait_task_for(&upid, self.left()).await;
         if let Err(pve_api::ApiError::TaskTimeout { .. }) = &result {
             let _ = self.client.stop_task(&upid).await;
         }
-        result.map(|_| ()).map_err(BuildError::from)
+        result.map(|_| ())
+    }
+
+    /// Runs a config write (or the conversion) again while Proxmox reports
+    /// lock contention ("can't lock file … got timeout": a backup, a
+    /// replication or another task holds the VM), with backoff, until the
+    /// step's deadline — a finished install is not thrown away for it.
+    async fn contended<F, Fut>(&self, what: &str, mut f: F) -> Result<(), BuildError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), pve_api::ApiError>>,
+    {
+        let mut delay = Duration::from_millis(500);
+        loop {
+            match f().await {
+                Err(e) if e.is_lock_contention() && self.left() > delay => {
+                    self.note(&format!(
+                        "{what}: {e}; retrying in {}s",
+                        delay.as_secs_f32()
+                    ));
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+                other => return other.map_err(BuildError::from),
+            }
+        }
     }
 
     fn ssh(&self) -> Result<&Ssh, BuildError> {
@@ -836,7 +864,10 @@ impl Build<'_> {
                     delete: vec!["ide2".into()],
                     digest: None,
                 };
-                client.update_config_sync(&w.node, w.vmid, &detach).await?;
+                self.contended("detach the ISO", || {
+                    client.update_config_sync(&w.node, w.vmid, &detach)
+                })
+                .await?;
                 let attach = ConfigUpdate {
                     set: BTreeMap::from([
                         ("ide2".to_owned(), format!("{}:cloudinit", w.storage)),
@@ -848,8 +879,15 @@ impl Build<'_> {
                     delete: Vec::new(),
                     digest: None,
                 };
-                client.update_config_sync(&w.node, w.vmid, &attach).await?;
-                self.wait(client.template(&w.node, w.vmid).await?).await
+                self.contended("attach the cloud-init drive", || {
+                    client.update_config_sync(&w.node, w.vmid, &attach)
+                })
+                .await?;
+                self.contended("convert to a template", || async {
+                    self.wait_task(client.template(&w.node, w.vmid).await?)
+                        .await
+                })
+                .await
             }
         }
     }

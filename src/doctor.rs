@@ -19,7 +19,9 @@
 //!   `Datastore.Audit` (disk listings); on an ISO storage
 //!   `Datastore.AllocateTemplate` (downloading the ISO) and `Datastore.Audit`;
 //! - on each node that downloads an ISO: `Sys.AccessNetwork` (Proxmox
-//!   asks for it because a download probes the node's network).
+//!   asks for it because a download probes the node's network);
+//! - on the fleet's apply lock (`/pool/nixgold-lock-<fleet>`):
+//!   `Pool.Allocate` to take and release it, `Pool.Audit` to read it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -60,6 +62,8 @@ pub fn privileges(fleet: &Fleet, desired: &DesiredGraph) -> Needs {
     let mut add = |path: String, privs: &[&'static str]| {
         needs.entry(path).or_default().extend(privs.iter().copied());
     };
+    let lock = crate::apply_lock::pool_id(&fleet.fleet);
+    add(format!("/pool/{lock}"), &["Pool.Allocate", "Pool.Audit"]);
     for node in desired.graph.node_weights() {
         match node {
             DesiredNode::Iso(iso) => {

@@ -205,6 +205,14 @@ pub enum PlanError {
         node: String,
     },
     #[error(
+        "{address}: VMID {vmid} on {node} is a clone in progress (lock: clone) — wait or re-run\n  hint: a clone keeps running in Proxmox when the apply that started it was interrupted; once it finishes (the lock goes), plan or apply again and nixgold finishes the VM. Do not remove it"
+    )]
+    CloneInProgress {
+        address: String,
+        vmid: u32,
+        node: String,
+    },
+    #[error(
         "{address}: VMID {vmid} is stamped as {stamp}, not as {address} of fleet `{fleet}`\n  hint: the VMID belongs to another resource or fleet; choose another VMID"
     )]
     OtherOwner {
@@ -256,8 +264,9 @@ pub enum PlanError {
     },
 }
 
-/// Options of one planning run.
-#[derive(Debug, Clone, Default)]
+/// Options of one planning run (saved with a plan: apply re-derives the
+/// plan with them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlanOptions {
     pub allow_destroy: bool,
     /// Limit to these addresses (`vm.NAME`, `iso.NAME`); empty: everything.
@@ -356,7 +365,7 @@ pub fn plan(
             // matters only if a build would need it.
             continue;
         };
-        let filename = iso_filename(url);
+        let filename = iso_filename(url, &sha256.to_string());
         let volid = format!("{}:iso/{filename}", iso.storage);
         let present = live
             .isos
@@ -1227,6 +1236,16 @@ fn plan_vm(
     let config = existing.config.as_ref();
     let stamp = existing.stamp();
     match &stamp {
+        // During a clone its target exists as `lock: clone` with partial
+        // disks and no description yet (shared/pve-api/NOTES.md, clone):
+        // unstamped is not foreign yet.
+        None if existing.lock.as_deref() == Some("clone") => {
+            return Err(PlanError::CloneInProgress {
+                address,
+                vmid: vm.vmid.get(),
+                node: existing.node.clone(),
+            });
+        }
         None => {
             return Err(PlanError::Foreign {
                 address,

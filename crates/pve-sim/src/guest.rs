@@ -232,17 +232,27 @@ impl Guests {
     }
 }
 
-/// What booting a VM finds: the installed system, or the installer ISO.
-fn boot_mode(vm: &crate::state::Vm) -> Option<(Mode, String)> {
+/// What booting a VM finds: the installed system, or the installer ISO —
+/// named by the URL it was downloaded from (what the file *is*: the
+/// release its name carries there), else by its volume name.
+fn boot_mode(
+    vm: &crate::state::Vm,
+    volumes: &std::collections::BTreeMap<String, crate::state::Volume>,
+) -> Option<(Mode, String)> {
     if vm.installed.is_some() {
         return Some((Mode::Installed, String::new()));
     }
-    vm.config
+    let iso = vm
+        .config
         .drives()
         .filter(|(_, v)| v.contains("media=cdrom"))
         .filter_map(|(_, v)| v.split(',').next())
-        .find(|f| f.contains(":iso/") && f.to_ascii_lowercase().contains("nixos"))
-        .map(|iso| (Mode::Installer, iso.to_owned()))
+        .find(|f| f.contains(":iso/") && f.to_ascii_lowercase().contains("nixos"))?;
+    let source = volumes
+        .values()
+        .find(|v| v.volid == iso)
+        .and_then(|v| v.source_url.clone());
+    Some((Mode::Installer, source.unwrap_or_else(|| iso.to_owned())))
 }
 
 /// Brings guests in line with the VMs' power state and feeds typed keys
@@ -252,8 +262,9 @@ pub(crate) async fn sync(inner: &Arc<Inner>) {
     let mut to_boot = Vec::new();
     let mut lines: Vec<(u32, String)> = Vec::new();
     {
-        let mut state = inner.state.lock().expect("state");
-        state.advance(&inner.opts);
+        let mut guard = inner.state.lock().expect("state");
+        guard.advance(&inner.opts);
+        let state = &mut *guard;
         let mut guests = inner.guests.running.lock().expect("guests");
         // A guest lives for one boot: a VM stopped, or started again
         // (`status/reboot`), drops it.
@@ -266,7 +277,7 @@ pub(crate) async fn sync(inner: &Arc<Inner>) {
         });
         for (vmid, vm) in state.vms.iter_mut().filter(|(_, vm)| vm.running) {
             let Some(runtime) = guests.get_mut(vmid) else {
-                if let Some((mode, iso)) = boot_mode(vm) {
+                if let Some((mode, iso)) = boot_mode(vm, &state.volumes) {
                     to_boot.push((*vmid, mode, iso, vm.started_ms));
                 }
                 continue;

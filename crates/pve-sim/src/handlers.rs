@@ -26,7 +26,7 @@ pub struct Call<'a> {
 }
 
 impl Call<'_> {
-    fn get(&self, name: &str) -> Option<&str> {
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
         self.params.get(name).map(String::as_str)
     }
 
@@ -84,6 +84,13 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
             | TokenCreate
             | AclPut
             | RoleCreate
+            | PoolIndex
+            | PoolCreate
+            | PoolUpdate
+            | PoolDelete
+            | PoolRead
+            | PoolUpdateById
+            | PoolDeleteById
     ) {
         state.check_node(call.node())?;
     }
@@ -242,6 +249,11 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
         Permissions | UserCreate | TokenCreate | AclPut | RoleCreate => {
             crate::access_routes::handle(state, route, call)
         }
+        PoolIndex => crate::pools::list(state, call),
+        PoolRead => crate::pools::read(state, call),
+        PoolCreate => crate::pools::create(state, call),
+        PoolUpdate | PoolUpdateById => crate::pools::update(state, call),
+        PoolDelete | PoolDeleteById => crate::pools::delete(state, call),
         TicketGet => Ok(Value::Null),
         TicketPost => unreachable!("the server answers /access/ticket itself"),
     }

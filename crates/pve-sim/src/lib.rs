@@ -24,6 +24,7 @@ mod handlers;
 pub mod nixos;
 pub mod options;
 pub mod params;
+pub mod pools;
 pub mod routes;
 mod server;
 mod snapshots;

@@ -86,6 +86,15 @@ pub enum RouteId {
     TokenCreate,
     AclPut,
     RoleCreate,
+    PoolIndex,
+    PoolCreate,
+    PoolUpdate,
+    PoolDelete,
+    /// The per-id forms PVE 9 keeps for older clients (deprecated there,
+    /// the only ones before 8.1).
+    PoolRead,
+    PoolUpdateById,
+    PoolDeleteById,
 }
 
 #[derive(Debug, Clone)]
@@ -315,6 +324,20 @@ pub fn qemu_config_keys() -> Vec<Param> {
         opt("vmgenid", STR),
         opt_c("vmstatestorage", STR, Check::Format(Format::PveStorageId)),
         opt("watchdog", STR),
+    ]
+}
+
+const POOLID: Param = req_c("poolid", STR, Check::Format(Format::PoolId));
+
+/// `PUT /pools` and `PUT /pools/{poolid}` take the same parameters.
+fn pool_update() -> Vec<Param> {
+    vec![
+        POOLID,
+        opt("allow-move", BOOL),
+        opt("comment", STR),
+        opt("delete", BOOL),
+        opt("storage", STR),
+        opt("vms", STR),
     ]
 }
 
@@ -849,6 +872,49 @@ static ROUTES: LazyLock<Vec<RouteDef>> = LazyLock::new(|| {
             vec![req("roleid", STR), opt("privs", STR)],
             Returns::Null,
         ),
+        r(
+            PoolIndex,
+            "GET",
+            "/pools",
+            vec![
+                opt_c("poolid", STR, Check::Format(Format::PoolId)),
+                opt_c("type", STR, Check::Enum(&["qemu", "lxc", "storage"])),
+            ],
+            Returns::Array,
+        ),
+        r(
+            PoolCreate,
+            "POST",
+            "/pools",
+            vec![POOLID, opt("comment", STR)],
+            Returns::Null,
+        ),
+        r(PoolUpdate, "PUT", "/pools", pool_update(), Returns::Null),
+        r(PoolDelete, "DELETE", "/pools", vec![POOLID], Returns::Null),
+        r(
+            PoolRead,
+            "GET",
+            "/pools/{poolid}",
+            vec![
+                POOLID,
+                opt_c("type", STR, Check::Enum(&["qemu", "lxc", "storage"])),
+            ],
+            Returns::Object,
+        ),
+        r(
+            PoolUpdateById,
+            "PUT",
+            "/pools/{poolid}",
+            pool_update(),
+            Returns::Null,
+        ),
+        r(
+            PoolDeleteById,
+            "DELETE",
+            "/pools/{poolid}",
+            vec![POOLID],
+            Returns::Null,
+        ),
         RouteDef {
             public: true,
             ..r(TicketGet, "GET", "/access/ticket", vec![], Returns::Null)
@@ -925,6 +991,17 @@ pub fn permission(id: RouteId) -> Perm {
         | QemuCreate | QemuIndex | TaskList | TaskStatus | TaskLog | TaskStop | Permissions
         | NodeNetwork => Perm::All,
         DownloadUrl | Clone | UserCreate | TokenCreate | AclPut => Perm::Compound,
+        PoolIndex => Perm::All,
+        PoolCreate | PoolUpdate | PoolDelete | PoolUpdateById | PoolDeleteById => Perm::Check {
+            path: "/pool/{poolid}",
+            privs: &["Pool.Allocate"],
+            any: false,
+        },
+        PoolRead => Perm::Check {
+            path: "/pool/{poolid}",
+            privs: &["Pool.Audit"],
+            any: false,
+        },
         StorageContent => Perm::Check {
             path: "/storage/{storage}",
             privs: &["Datastore.Audit", "Datastore.AllocateSpace"],

@@ -134,6 +134,10 @@ pub struct Volume {
     /// sha256 of a downloaded file.
     #[serde(default)]
     pub sha256: Option<String>,
+    /// Where a downloaded file came from: what it is (an installer ISO's
+    /// release), whatever name it was stored under.
+    #[serde(default)]
+    pub source_url: Option<String>,
 }
 
 /// A volume [`State::alloc_disk`] makes.
@@ -299,6 +303,9 @@ pub struct State {
     /// Users, tokens, roles and ACLs (`user.cfg`).
     #[serde(default)]
     pub access: crate::access::AccessConfig,
+    /// Resource pools by id (`user.cfg`'s `pool:` lines).
+    #[serde(default)]
+    pub pools: BTreeMap<String, crate::pools::Pool>,
 }
 
 pub fn now_ms() -> u64 {
@@ -330,6 +337,7 @@ impl State {
             mac_counter: 0,
             boot_time: now / 1000 - 3600,
             access: crate::access::AccessConfig::default(),
+            pools: BTreeMap::new(),
         };
         for vm in &spec.vms {
             let mut values = BTreeMap::new();
@@ -531,6 +539,7 @@ impl State {
             parent: base,
             ctime: now_ms() / 1000,
             sha256: None,
+            source_url: None,
         });
         Ok(volid)
     }
@@ -1309,6 +1318,7 @@ impl State {
             parent: None,
             ctime: now_ms() / 1000,
             sha256: Some(remote.sha256.clone()),
+            source_url: Some(url.to_owned()),
         });
         Ok(vec![
             format!("downloading {url} to {path}"),

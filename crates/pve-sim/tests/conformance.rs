@@ -203,7 +203,8 @@ async fn live_requests_follow_the_schema() {
             .replace("{vmid}", "100")
             .replace("{storage}", "local")
             .replace("{snapname}", "before")
-            .replace("{upid}", &upid_e);
+            .replace("{upid}", &upid_e)
+            .replace("{poolid}", "nixgold-lock-homelab");
         // An unknown parameter is rejected with 400, by name.
         let bogus = [("nixgold_bogus", "1")];
         let req = match route.method {
@@ -394,6 +395,36 @@ async fn live_requests_follow_the_schema() {
                 ("roles", "Ops"),
                 ("tokens", "ops@pve!ci"),
             ]),
+        ),
+        (
+            RouteId::PoolCreate,
+            s.http
+                .post(s.url("/pools"))
+                .form(&[("poolid", "p1"), ("comment", "a comment")]),
+        ),
+        (
+            RouteId::PoolUpdate,
+            s.http
+                .put(s.url("/pools"))
+                .form(&[("poolid", "p1"), ("vms", "100")]),
+        ),
+        (RouteId::PoolIndex, s.http.get(s.url("/pools"))),
+        (RouteId::PoolIndex, s.http.get(s.url("/pools?poolid=p1"))),
+        (RouteId::PoolRead, s.http.get(s.url("/pools/p1"))),
+        (
+            RouteId::PoolUpdateById,
+            s.http
+                .put(s.url("/pools/p1"))
+                .form(&[("vms", "100"), ("delete", "1")]),
+        ),
+        (RouteId::PoolDeleteById, s.http.delete(s.url("/pools/p1"))),
+        (
+            RouteId::PoolCreate,
+            s.http.post(s.url("/pools")).form(&[("poolid", "p2")]),
+        ),
+        (
+            RouteId::PoolDelete,
+            s.http.delete(s.url("/pools?poolid=p2")),
         ),
         (RouteId::TicketGet, s.http.get(s.url("/access/ticket"))),
         (

@@ -751,3 +751,81 @@ async fn resources_lag_behind_for_new_vms() {
     assert_eq!(storage["plugintype"], "zfspool");
     let _: Value = storage;
 }
+
+/// pve-manager `PVE/API2/Pool.pm`: `create_pool` checks and writes
+/// `user.cfg` under `lock_user_config` (a pmxcfs `cfs_lock_file`), so of
+/// many creates of one pool id exactly one succeeds and the others die
+/// with "create pool failed: pool '…' already exists"; `read_pool` and
+/// `delete_pool` die with "pool '…' does not exist"; `delete_pool` refuses
+/// a pool that still holds an existing guest.
+#[tokio::test]
+async fn pool_creation_is_won_once_and_pools_go_only_empty() {
+    let s = std::sync::Arc::new(default_sim().await);
+    let mut racers = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let s = s.clone();
+        racers.spawn(async move {
+            let comment = format!("racer {i}");
+            s.post(
+                "/pools",
+                &[("poolid", "nixgold-lock-a"), ("comment", &comment)],
+            )
+            .await
+        });
+    }
+    let replies = racers.join_all().await;
+    let won: Vec<_> = replies.iter().filter(|r| r.status == 200).collect();
+    assert_eq!(won.len(), 1, "exactly one create wins");
+    for lost in replies.iter().filter(|r| r.status != 200) {
+        assert_eq!(lost.status, 500);
+        assert_eq!(
+            lost.body["message"],
+            "create pool failed: pool 'nixgold-lock-a' already exists\n"
+        );
+    }
+    let read = s.get("/pools/nixgold-lock-a").await;
+    assert!(
+        read.data()["comment"]
+            .as_str()
+            .unwrap()
+            .starts_with("racer ")
+    );
+    assert_eq!(read.data()["members"], serde_json::json!([]));
+    // The comment changes in place.
+    let r = s
+        .put("/pools/nixgold-lock-a", &[("comment", "renewed")])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert_eq!(
+        s.get("/pools/nixgold-lock-a").await.data()["comment"],
+        "renewed"
+    );
+    // A pool holding a guest cannot go; once the guest leaves it can.
+    s.create_vm(100, &[]).await;
+    let r = s
+        .put("/pools", &[("poolid", "nixgold-lock-a"), ("vms", "100")])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    let r = s.delete("/pools/nixgold-lock-a").await;
+    assert_eq!(r.status, 500);
+    assert_eq!(
+        r.body["message"],
+        "delete pool failed: pool 'nixgold-lock-a' is not empty (contains VM 100)\n"
+    );
+    let r = s
+        .put("/pools/nixgold-lock-a", &[("vms", "100"), ("delete", "1")])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert_eq!(s.delete("/pools/nixgold-lock-a").await.status, 200);
+    let gone = s.get("/pools/nixgold-lock-a").await;
+    assert_eq!(gone.status, 500);
+    assert_eq!(
+        gone.body["message"],
+        "pool 'nixgold-lock-a' does not exist\n"
+    );
+    let r = s.delete("/pools?poolid=nixgold-lock-a").await;
+    assert_eq!(
+        r.body["message"],
+        "delete pool failed: pool 'nixgold-lock-a' does not exist\n"
+    );
+}
