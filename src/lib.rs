@@ -4,8 +4,10 @@
 //! The pipeline, one module per word of DESIGN.md: [`fleet`] (what the user
 //! wrote) and [`lock`] (what is pinned, [`pin`] resolves) give the
 //! [`desired`] graph; [`live`] state is read through [`connect`]; [`plan`]
-//! diffs the two, [`render`] shows it ([`plan_json`] for programs), [`apply`] executes it; [`nixos`]
-//! renders an image's configuration. The core (fleet → desired → plan →
+//! diffs the two, [`render`] shows it ([`plan_json`] for programs),
+//! [`apply`] executes it; [`nixos`] renders an image's configuration;
+//! [`doctor`] checks a cluster can take the fleet. The core (fleet → desired
+//! → plan →
 //! render) is synchronous and pure; live, pin and apply are async.
 
 pub mod apply;
@@ -14,6 +16,7 @@ pub mod build;
 pub mod cli;
 pub mod connect;
 pub mod desired;
+pub mod doctor;
 pub mod download;
 pub mod drift;
 pub mod files;

@@ -1,7 +1,8 @@
 //! `nixgold sim serve` as a real process: a third-party client (proxmoxer,
 //! from PyPI) lists, creates, clones, polls tasks and reads configs with
 //! their digest over HTTPS with the printed CA file, and the `--state` file
-//! carries the cluster across a restart.
+//! carries the cluster across a restart; Ansible's
+//! `community.proxmox.proxmox_kvm` clones, configures and starts a VM.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -117,6 +118,59 @@ fn proxmoxer_works_unchanged_against_sim_serve_and_state_persists() {
     // A new process, a new certificate, the same state and token.
     let second = serve(dir.path(), Some(&token));
     proxmoxer(&second, dir.path(), "restarted");
+}
+
+fn ansible_available() -> bool {
+    let ok = Command::new("ansible-playbook")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "Ansible must be installed in CI (pip install ansible)"
+        );
+        eprintln!("SKIPPED: ansible-playbook is not installed");
+    }
+    ok
+}
+
+#[test]
+fn ansibles_proxmox_kvm_module_works_unchanged_against_sim_serve() {
+    if !proxmoxer_available() || !ansible_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), None);
+    proxmoxer(&server, dir.path(), "create");
+    let (token_id, secret) = server.token.rsplit_once('=').unwrap();
+    let (user, token) = token_id.split_once('!').unwrap();
+    let port = server.endpoint.rsplit(':').next().unwrap();
+    let playbook =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/ansible_proxmox_kvm.yml");
+    let out = Command::new("ansible-playbook")
+        .arg("-i")
+        .arg("localhost,")
+        .arg("-c")
+        .arg("local")
+        .arg(playbook)
+        .arg("-e")
+        .arg(format!(
+            "sim_port={port} sim_user={user} sim_token_id={token} sim_token_secret={secret} \
+             ansible_python_interpreter=python3"
+        ))
+        .env("REQUESTS_CA_BUNDLE", dir.path().join("ca.pem"))
+        .env("ANSIBLE_LOCAL_TEMP", dir.path().join("ansible-tmp"))
+        .env("ANSIBLE_NOCOLOR", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the playbook failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("failed=0"), "{text}");
 }
 
 #[test]
