@@ -134,6 +134,8 @@ impl Report {
 struct Ctx {
     client: Client,
     opts: ApplyOptions,
+    /// The fleet whose ownership stamp every VM apply touches must carry.
+    fleet: String,
     events: mpsc::UnboundedSender<Event>,
     templates: std::sync::Mutex<BTreeMap<u32, Arc<AdaptiveLimit>>>,
     storages: std::sync::Mutex<BTreeMap<String, Arc<AdaptiveLimit>>>,
@@ -142,7 +144,35 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// Sends an event, secrets redacted (an API error or a build's output
+    /// may echo one).
     fn emit(&self, e: Event) {
+        let r = |text: String| crate::redact::redact(&text).into_owned();
+        let e = match e {
+            Event::Retrying {
+                address,
+                step,
+                error,
+            } => Event::Retrying {
+                address,
+                step,
+                error: r(error),
+            },
+            Event::Failed {
+                address,
+                step,
+                error,
+            } => Event::Failed {
+                address,
+                step,
+                error: r(error),
+            },
+            Event::Progress { address, line } => Event::Progress {
+                address,
+                line: r(line),
+            },
+            other => other,
+        };
         let _ = self.events.send(e);
     }
 
@@ -207,11 +237,34 @@ impl Ctx {
         }
     }
 
+    /// Waits for a task up to the task deadline; a task still running then
+    /// is reported with what it is and what its log says it waits for.
     async fn wait(&self, upid: &Upid) -> Result<(), ApiError> {
-        self.client
+        match self
+            .client
             .wait_task_for(upid, self.opts.task_timeout)
             .await
-            .map(|_| ())
+        {
+            Err(ApiError::TaskTimeout { seconds, .. }) => {
+                let log = self.client.log_tail(upid, 1).await;
+                Err(ApiError::Timeout {
+                    what: format!(
+                        "the {} task of {} on {} ({upid}; the deadline is task_timeout or --task-timeout; its log {})",
+                        upid.kind,
+                        if upid.id.is_empty() {
+                            "the node".to_owned()
+                        } else {
+                            format!("VM {}", upid.id)
+                        },
+                        upid.node,
+                        log.last()
+                            .map_or("is still empty".to_owned(), |l| format!("ends: {l:?}"))
+                    ),
+                    seconds,
+                })
+            }
+            other => other.map(|_| ()),
+        }
     }
 }
 
@@ -225,6 +278,7 @@ pub async fn apply(
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         opts,
+        fleet: plan.fleet.clone(),
         events,
         templates: Default::default(),
         storages: Default::default(),
@@ -247,7 +301,10 @@ pub async fn apply(
         let global = Arc::new(Semaphore::new(ctx.opts.concurrency.max(1)));
         let mut set = tokio::task::JoinSet::new();
         for (i, change) in plan.changes.iter().enumerate().filter(|(_, c)| in_phase(c)) {
-            if let Some(dep) = depends_on(change).into_iter().find(|d| failed.contains(d)) {
+            if let Some(dep) = depends_on(plan, change)
+                .into_iter()
+                .find(|d| failed.contains(d))
+            {
                 report.changes.push(ChangeReport {
                     address: change.address.clone(),
                     action: change.action,
@@ -291,11 +348,40 @@ pub async fn apply(
     report
 }
 
-/// Addresses a change waits for.
-fn depends_on(change: &Change) -> Vec<String> {
+/// Addresses a change waits for. A build waits for the download of its
+/// ISO in the same plan (on its node, or on the shared storage's one node):
+/// it never boots a file that was not downloaded and verified.
+fn depends_on(plan: &Plan, change: &Change) -> Vec<String> {
     match &change.work {
         Work::CreateVm(w) | Work::UpdateVm(w) | Work::ReplaceVm { new: w, .. } => w.after.clone(),
         Work::DestroyTemplate { after, .. } => after.iter().cloned().collect(),
+        Work::BuildTemplate { build, .. } => {
+            let downloads: Vec<(&str, &str)> = plan
+                .changes
+                .iter()
+                .filter_map(|c| match &c.work {
+                    Work::DownloadIso {
+                        node,
+                        storage,
+                        filename,
+                        ..
+                    } if format!("{storage}:iso/{filename}") == build.iso_volid => {
+                        Some((c.address.as_str(), node.as_str()))
+                    }
+                    _ => None,
+                })
+                .collect();
+            let here: Vec<String> = downloads
+                .iter()
+                .filter(|(_, node)| *node == build.node)
+                .map(|(a, _)| (*a).to_owned())
+                .collect();
+            if here.is_empty() {
+                downloads.iter().map(|(a, _)| (*a).to_owned()).collect()
+            } else {
+                here
+            }
+        }
         _ => Vec::new(),
     }
 }
@@ -323,8 +409,12 @@ async fn build_template(
     w: &crate::build::BuildWork,
     cleanup_first: bool,
 ) -> Result<crate::build::BuildResult, Outcome> {
+    let build_vm = [
+        ("resource", format!("image.{}", w.image)),
+        ("generation", w.generation.to_string()),
+    ];
     if cleanup_first {
-        destroy_vm(ctx, address, w.vmid, &w.node).await?;
+        destroy_vm(ctx, address, w.vmid, &w.node, &build_vm).await?;
     }
     // Builds that share a static address take turns.
     let _address = match &w.access {
@@ -400,7 +490,9 @@ async fn build_template(
                     w.vmid, w.node
                 )));
             } else {
-                let _ = destroy_vm(ctx, address, w.vmid, &w.node).await;
+                // Only the build's own VM: a VM someone created at this
+                // VMID after the plan (the create then failed) stays.
+                let _ = destroy_vm(ctx, address, w.vmid, &w.node, &build_vm).await;
             }
             Err(Outcome::Failed { step, error })
         }
@@ -432,6 +524,7 @@ impl BuildLog {
     fn write(&self, line: &str) {
         use std::io::Write as _;
         let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        let line = crate::redact::redact(line);
         let _ = writeln!(self.file.lock().expect("log"), "[{at}] {line}");
     }
 }
@@ -462,18 +555,89 @@ async fn run_vm_change(ctx: &Ctx, change: &Change) -> Result<(), Outcome> {
         Work::CreateVm(w) => create_vm(ctx, address, w).await,
         Work::UpdateVm(w) => update_vm(ctx, address, w).await,
         Work::ReplaceVm { old_node, new } => {
-            destroy_vm(ctx, address, new.vmid, old_node).await?;
+            let this_vm = [("resource", address.to_owned())];
+            destroy_vm(ctx, address, new.vmid, old_node, &this_vm).await?;
             create_vm(ctx, address, new).await
         }
-        Work::DestroyVm { vmid, node } | Work::DestroyTemplate { vmid, node, .. } => {
-            destroy_vm(ctx, address, *vmid, node).await
+        Work::DestroyVm { vmid, node } => {
+            let this_vm = [("resource", address.to_owned())];
+            destroy_vm(ctx, address, *vmid, node, &this_vm).await
+        }
+        Work::DestroyTemplate {
+            image,
+            generation,
+            vmid,
+            node,
+            ..
+        } => {
+            let template = [
+                ("resource", format!("image.{image}")),
+                ("generation", generation.to_string()),
+            ];
+            destroy_vm(ctx, address, *vmid, node, &template).await
         }
         Work::BuildTemplate { .. } => unreachable!("builds run in build_template"),
     }
 }
 
-async fn destroy_vm(ctx: &Ctx, address: &str, vmid: u32, node: &str) -> Result<(), Outcome> {
+/// Stamp fields (besides the fleet) a VM must carry for apply to touch it.
+type Owner<'a> = [(&'a str, String)];
+
+/// Checks, at the moment of writing, that `cfg` (VMID `vmid` on `node`,
+/// just read) is still the VM the plan meant: stamped by this fleet with
+/// `owner`'s values. Anything else — a VM created at that VMID after the
+/// plan, a stamp edited away — is left alone, and the change fails.
+fn check_owner(
+    ctx: &Ctx,
+    cfg: &pve_api::types::VmConfig,
+    vmid: u32,
+    node: &str,
+    owner: &Owner<'_>,
+) -> Result<(), ApiError> {
+    let stamp = cfg
+        .get("description")
+        .and_then(crate::plan::read_stamp)
+        .unwrap_or_default();
+    let ours = stamp.get("fleet") == Some(&ctx.fleet)
+        && owner.iter().all(|(k, v)| stamp.get(*k) == Some(v));
+    if ours {
+        return Ok(());
+    }
+    Err(ApiError::Conflict {
+        message: format!(
+            "VMID {vmid} on {node} is not the VM the plan meant (`{}`, {}); nixgold left it alone",
+            cfg.get("name").unwrap_or("unnamed"),
+            match stamp.get("resource") {
+                Some(r) => format!(
+                    "stamped as {r} of fleet {}",
+                    stamp.get("fleet").map_or("?", String::as_str)
+                ),
+                None => "not stamped by nixgold".to_owned(),
+            }
+        ),
+    })
+}
+
+/// Re-reads the VM and checks its owner; `Ok(false)`: it is gone.
+async fn still_ours(ctx: &Ctx, vmid: u32, node: &str, owner: &Owner<'_>) -> Result<bool, ApiError> {
+    match ctx.client.vm_config(node, vmid, false).await {
+        Ok(cfg) => check_owner(ctx, &cfg, vmid, node, owner).map(|()| true),
+        Err(e) if e.is_not_found() => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+async fn destroy_vm(
+    ctx: &Ctx,
+    address: &str,
+    vmid: u32,
+    node: &str,
+    owner: &Owner<'_>,
+) -> Result<(), Outcome> {
     ctx.step(address, "stop", || async {
+        if !still_ours(ctx, vmid, node, owner).await? {
+            return Ok(());
+        }
         match ctx.client.vm_status(node, vmid).await {
             Ok(s) if s.is_running() => ctx.wait(&ctx.client.stop(node, vmid).await?).await,
             Ok(_) => Ok(()),
@@ -483,6 +647,9 @@ async fn destroy_vm(ctx: &Ctx, address: &str, vmid: u32, node: &str) -> Result<(
     })
     .await?;
     ctx.step(address, "destroy", || async {
+        if !still_ours(ctx, vmid, node, owner).await? {
+            return Ok(());
+        }
         match ctx.client.destroy(node, vmid, true, false).await {
             Ok(upid) => ctx.wait(&upid).await,
             // Already gone (an earlier attempt whose answer was lost).
@@ -612,6 +779,13 @@ async fn configure(
             first = false;
             async move {
                 let current = ctx.client.vm_config(&w.node, w.vmid, false).await?;
+                check_owner(
+                    ctx,
+                    &current,
+                    w.vmid,
+                    &w.node,
+                    &[("resource", address.to_owned())],
+                )?;
                 // Keep the MAC Proxmox generated at clone time.
                 if let Some(net) = set.get_mut("net0") {
                     let mut want = Net::parse(net);

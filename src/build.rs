@@ -243,9 +243,7 @@ impl CallHome {
             .local_addr()
             .map_err(|e| step_err("call-home listener", e.to_string()))?
             .port();
-        let token: String = (0..24)
-            .map(|_| format!("{:x}", rand::random::<u8>() % 16))
-            .collect();
+        let token = crate::ids::random_hex(24);
         let url = format!("http://{advertise}:{port}/{token}");
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
@@ -569,6 +567,48 @@ pub fn static_address_line(address: &str, gateway: Option<&str>) -> String {
     line
 }
 
+/// What verify runs on the installed system: the NixOS version, the
+/// system's store path, and the services' states (followed by their names).
+pub const VERIFY_VERSION: &str = "nixos-version";
+pub const VERIFY_SYSTEM: &str = "readlink -f /run/current-system";
+pub const VERIFY_SERVICES: &str = "systemctl is-active";
+
+/// The units verify asks `systemctl is-active` for, by what the image
+/// enables: sshd (its socket, when extra_config makes sshd
+/// socket-activated with `services.openssh.startWhenNeeded = true`,
+/// nixos/modules/services/networking/ssh/sshd.nix), the guest agent,
+/// cloud-init. cloud-init's stages after `cloud-init.service` are left
+/// out: without a datasource (the build VM has none) cloud-final warns
+/// "Used fallback datasource" and exits 2, which NixOS's unit (no
+/// SuccessExitStatus) reports as failed on a healthy image (docs/nixos.md).
+pub fn verified_services(name: &str, image: &crate::fleet::Image) -> Vec<String> {
+    let nixos = &image.nixos;
+    let socket = pve_sim::nixos::literal(
+        &crate::nixos::configuration_nix(name, image),
+        "services.openssh.startWhenNeeded",
+    ) == Some(pve_sim::nixos::eval::Value::Bool(true));
+    [
+        (
+            nixos.openssh.enable,
+            if socket { "sshd.socket" } else { "sshd" },
+        ),
+        (nixos.guest_agent, "qemu-guest-agent"),
+        (nixos.cloud_init, "cloud-init"),
+    ]
+    .into_iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, s)| s.to_owned())
+    .collect()
+}
+
+/// What sealing runs on the installed system. cloud-init's state goes by
+/// path (what `cloud-init clean --logs` removes, canonical/cloud-init:
+/// cloudinit/cmd/clean.py `remove_artifacts`: its logs and
+/// /var/lib/cloud): NixOS puts the `cloud-init` program only on the path of
+/// its own units (nixos/modules/services/system/cloud-init.nix), and the
+/// paths simply do not exist on an image without cloud-init.
+pub const SEAL: &str = "truncate -s 0 /etc/machine-id && rm -f /etc/ssh/ssh_host_* && rm -rf /var/lib/cloud /var/log/cloud-init.log /var/log/cloud-init-output.log && rm -f /root/.ssh/authorized_keys";
+
 /// The commands that authorise the per-build key for root.
 fn key_commands(public: &str) -> [String; 4] {
     [
@@ -683,11 +723,41 @@ impl Build<'_> {
     /// Waits for a task; one still running at the step's deadline is
     /// stopped, so it does not hold the VM while the VM is cleaned up.
     async fn wait(&self, upid: pve_api::Upid) -> Result<(), BuildError> {
+        self.wait_task(upid).await.map_err(BuildError::from)
+    }
+
+    /// [`Build::wait`], keeping Proxmox's error (for [`Build::contended`]).
+    async fn wait_task(&self, upid: pve_api::Upid) -> Result<(), pve_api::ApiError> {
         let result = self.client.wait_task_for(&upid, self.left()).await;
         if let Err(pve_api::ApiError::TaskTimeout { .. }) = &result {
             let _ = self.client.stop_task(&upid).await;
         }
-        result.map(|_| ()).map_err(BuildError::from)
+        result.map(|_| ())
+    }
+
+    /// Runs a config write (or the conversion) again while Proxmox reports
+    /// lock contention ("can't lock file … got timeout": a backup, a
+    /// replication or another task holds the VM), with backoff, until the
+    /// step's deadline — a finished install is not thrown away for it.
+    async fn contended<F, Fut>(&self, what: &str, mut f: F) -> Result<(), BuildError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), pve_api::ApiError>>,
+    {
+        let mut delay = Duration::from_millis(500);
+        loop {
+            match f().await {
+                Err(e) if e.is_lock_contention() && self.left() > delay => {
+                    self.note(&format!(
+                        "{what}: {e}; retrying in {}s",
+                        delay.as_secs_f32()
+                    ));
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+                other => return other.map_err(BuildError::from),
+            }
+        }
     }
 
     fn ssh(&self) -> Result<&Ssh, BuildError> {
@@ -726,8 +796,12 @@ impl Build<'_> {
                     &w.configuration_nix,
                 )
                 .await?;
-                self.run_checked("upload install.sh", "cat > /tmp/nixgold/install.sh", &w.install_script)
-                    .await?;
+                self.run_checked(
+                    "upload install.sh",
+                    "cat > /tmp/nixgold/install.sh",
+                    &w.install_script,
+                )
+                .await?;
                 let observe = self.observe;
                 let (code, out) = self
                     .ssh()?
@@ -771,15 +845,7 @@ impl Build<'_> {
                 self.connect(self.left()).await
             }
             Step::Verify => self.verify().await,
-            Step::Seal => {
-                self.run_checked(
-                    "seal",
-                    "truncate -s 0 /etc/machine-id && rm -f /etc/ssh/ssh_host_* && cloud-init clean --logs && rm -f /root/.ssh/authorized_keys",
-                    "",
-                )
-                .await
-                .map(drop)
-            }
+            Step::Seal => self.run_checked("seal", SEAL, "").await.map(drop),
             Step::PowerOff => {
                 if let Some(ssh) = self.ssh.take() {
                     let _ = ssh.run("poweroff", "", |_| {}).await;
@@ -798,7 +864,10 @@ impl Build<'_> {
                     delete: vec!["ide2".into()],
                     digest: None,
                 };
-                client.update_config_sync(&w.node, w.vmid, &detach).await?;
+                self.contended("detach the ISO", || {
+                    client.update_config_sync(&w.node, w.vmid, &detach)
+                })
+                .await?;
                 let attach = ConfigUpdate {
                     set: BTreeMap::from([
                         ("ide2".to_owned(), format!("{}:cloudinit", w.storage)),
@@ -810,8 +879,15 @@ impl Build<'_> {
                     delete: Vec::new(),
                     digest: None,
                 };
-                client.update_config_sync(&w.node, w.vmid, &attach).await?;
-                self.wait(client.template(&w.node, w.vmid).await?).await
+                self.contended("attach the cloud-init drive", || {
+                    client.update_config_sync(&w.node, w.vmid, &attach)
+                })
+                .await?;
+                self.contended("convert to a template", || async {
+                    self.wait_task(client.template(&w.node, w.vmid).await?)
+                        .await
+                })
+                .await
             }
         }
     }
@@ -1006,41 +1082,53 @@ impl Build<'_> {
     async fn verify(&mut self) -> Result<(), BuildError> {
         let w = self.w;
         self.version = self
-            .run_checked("nixos-version", "nixos-version", "")
+            .run_checked("nixos-version", VERIFY_VERSION, "")
             .await?
             .trim()
             .to_owned();
         self.system = self
-            .run_checked(
-                "read the system path",
-                "readlink -f /run/current-system",
-                "",
-            )
+            .run_checked("read the system path", VERIFY_SYSTEM, "")
             .await?
             .trim()
             .to_owned();
         if w.services.is_empty() {
             return Ok(());
         }
-        let (code, states) = self
-            .ssh()?
-            .run(
-                &format!("systemctl is-active {}", w.services.join(" ")),
-                "",
-                |_| {},
-            )
-            .await?;
-        let inactive: Vec<String> = w
-            .services
-            .iter()
-            .zip(states.lines().chain(std::iter::repeat("unknown")))
-            .filter(|(_, s)| *s != "active")
-            .map(|(svc, s)| format!("{svc} is {s}"))
-            .collect();
-        if code != 0 || !inactive.is_empty() {
+        self.check_services().await
+    }
+
+    /// `systemctl is-active` until no service is still starting, then every
+    /// one must be `active`. A `Type=oneshot` unit (cloud-init's) is
+    /// `activating` until its process exits (systemd.service(5)), which can
+    /// be after sshd already answers; with `RemainAfterExit=yes` it is
+    /// `active` once it exited 0, `failed` otherwise.
+    async fn check_services(&self) -> Result<(), BuildError> {
+        let w = self.w;
+        let command = format!("{VERIFY_SERVICES} {}", w.services.join(" "));
+        loop {
+            let (_, out) = self.ssh()?.run(&command, "", |_| {}).await?;
+            let states: Vec<(&String, &str)> = w
+                .services
+                .iter()
+                .zip(out.lines().chain(std::iter::repeat("unknown")))
+                .collect();
+            let starting = states
+                .iter()
+                .any(|(_, s)| matches!(*s, "activating" | "reloading"));
+            if starting && Instant::now() < self.step_deadline {
+                tokio::time::sleep(Duration::from_secs(1).min(self.left())).await;
+                continue;
+            }
+            let inactive: Vec<String> = states
+                .iter()
+                .filter(|(_, s)| *s != "active")
+                .map(|(svc, s)| format!("{svc} is {s}"))
+                .collect();
+            if inactive.is_empty() {
+                return Ok(());
+            }
             return Err(step_err("verify services", inactive.join(", ")));
         }
-        Ok(())
     }
 
     fn result(&self) -> BuildResult {

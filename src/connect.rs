@@ -39,28 +39,58 @@ fn setting(what: &str, reason: impl Into<String>, hint: &str) -> ConnectError {
     }
 }
 
-/// Reads a secret from its reference; relative files start at `base`.
+/// Reads a secret from its reference; relative files start at `base`. The
+/// value is registered for redaction ([`crate::redact`]).
 pub fn read_secret(reference: &SecretRef, base: &Path, what: &str) -> Result<Secret, ConnectError> {
-    match reference {
-        SecretRef::Env { env } => std::env::var(env).map(Secret::new).map_err(|_| {
-            setting(
-                what,
-                format!("environment variable {env} is not set"),
-                &format!("export {env}=…"),
-            )
-        }),
+    let value = match reference {
+        SecretRef::Env { env } => std::env::var(env).map_err(|_| unset(env, what))?,
         SecretRef::File { file } => {
             let path = base.join(file);
             std::fs::read_to_string(&path)
-                .map(|s| Secret::new(s.trim_end_matches(['\n', '\r'])))
+                .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
                 .map_err(|e| {
                     setting(
                         what,
                         format!("cannot read {}: {e}", path.display()),
                         "check the file reference",
                     )
-                })
+                })?
         }
+    };
+    crate::redact::register(&value);
+    Ok(Secret::new(value))
+}
+
+/// "environment variable X is not set" — naming X only when it looks like a
+/// variable name (upper case, digits, `_`): anything else is more likely
+/// the secret itself, written where the name belongs.
+fn unset(env: &str, what: &str) -> ConnectError {
+    let conventional = env
+        .chars()
+        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+    if conventional {
+        return setting(
+            what,
+            format!("environment variable {env} is not set"),
+            &format!("export {env}=…"),
+        );
+    }
+    setting(
+        what,
+        "the environment variable it names is not set (the name is not shown: it does not look like a variable name — is it the secret itself?)",
+        "write the NAME of the variable that holds the secret, e.g. { env = \"PROXMOX_VE_API_TOKEN\" }, and export that variable",
+    )
+}
+
+/// Registers the value of every secret reference in the fleet that can be
+/// read now, so no message can print one ([`crate::redact`]).
+pub fn register_secrets(fleet: &Fleet, base: &Path) {
+    let references = [&fleet.proxmox.token, &fleet.proxmox.password]
+        .into_iter()
+        .chain(fleet.vms.values().map(|vm| &vm.password))
+        .flatten();
+    for reference in references {
+        let _ = read_secret(reference, base, "secret");
     }
 }
 
@@ -187,6 +217,7 @@ pub fn cluster_for(fleet: &Fleet) -> ClusterSpec {
             shared,
             capacity: 4 << 40,
             nodes: None,
+            sparse: false,
         });
     };
     for iso in fleet.isos.values() {

@@ -247,9 +247,11 @@ pub fn build(fleet: &Fleet, lock: &Lockfile) -> Result<DesiredGraph, DesiredErro
         let pin = iso_pin(name, iso, &lock);
         for node in nodes {
             let volid = match &pin {
-                IsoPinState::Pinned { url, .. } => {
-                    Some(format!("{}:iso/{}", iso.storage(), iso_filename(url)))
-                }
+                IsoPinState::Pinned { url, sha256 } => Some(format!(
+                    "{}:iso/{}",
+                    iso.storage(),
+                    iso_filename(url, &sha256.to_string())
+                )),
                 IsoPinState::Unresolved { .. } => None,
             };
             let idx = graph.add_node(DesiredNode::Iso(DesiredIso {
@@ -462,12 +464,17 @@ fn iso_pin(name: &str, iso: &Iso, lock: &Lockfile) -> IsoPinState {
     }
 }
 
-/// The file name Proxmox stores a downloaded ISO under: the URL's last path
+/// The file name nixgold downloads a pinned ISO to: the URL's last path
 /// segment with every character outside `[A-Za-z0-9_.-]` replaced by `_`
-/// (what `download-url` does to `filename`).
-pub fn iso_filename(url: &str) -> String {
+/// (what `download-url` does to `filename`), with the first 16 hex digits
+/// of the pinned sha256 before the extension. A pin that moves to another
+/// checksum therefore names another file, which is downloaded and verified
+/// before a build uses it, instead of reusing the old file unchecked
+/// (Proxmox keeps an existing file of the same name).
+pub fn iso_filename(url: &str, sha256: &str) -> String {
     let last = url.rsplit('/').next().unwrap_or(url);
-    last.chars()
+    let clean: String = last
+        .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || "_.-".contains(c) {
                 c
@@ -475,7 +482,15 @@ pub fn iso_filename(url: &str) -> String {
                 '_'
             }
         })
-        .collect()
+        .collect();
+    let (stem, ext) = match clean.rsplit_once('.') {
+        Some((stem, ext)) if ext.eq_ignore_ascii_case("iso") || ext.eq_ignore_ascii_case("img") => {
+            (stem, ext)
+        }
+        _ => (clean.as_str(), "iso"),
+    };
+    let short = sha256.get(..16).unwrap_or(sha256);
+    format!("{stem}.{short}.{ext}")
 }
 
 impl DesiredGraph {

@@ -274,6 +274,13 @@ impl fmt::Display for HumanDuration {
 }
 serde_via_str!(HumanDuration);
 
+/// `len` random hexadecimal digits: per-run tokens and lock IDs.
+pub fn random_hex(len: usize) -> String {
+    (0..len)
+        .map(|_| format!("{:x}", rand::random::<u8>() % 16))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,11 +9,13 @@
 //! render) is synchronous and pure; live, pin and apply are async.
 
 pub mod apply;
+pub mod apply_lock;
 pub mod build;
 pub mod cli;
 pub mod connect;
 pub mod desired;
 pub mod drift;
+pub mod files;
 pub mod fleet;
 pub mod ids;
 pub mod limit;
@@ -23,4 +25,5 @@ pub mod nixos;
 pub mod pin;
 pub mod plan;
 pub mod problem;
+pub mod redact;
 pub mod render;

@@ -69,6 +69,33 @@ impl From<VmConfig> for LiveConfig {
 pub struct LiveStorage {
     pub shared: bool,
     pub content: BTreeSet<String>,
+    /// The plugin type (`lvmthin`, `zfspool`, `dir`, …).
+    pub plugin: String,
+    /// Bytes in use and in all, as the storage reports them (for thin
+    /// storage: what is written, not what volumes could grow to).
+    pub used: u64,
+    pub total: u64,
+}
+
+impl LiveStorage {
+    /// Thin storage over-commits: a volume takes space as it is written.
+    /// ZFS counts as thick: `sparse` is off unless configured, and the
+    /// resources listing does not show it.
+    pub fn is_thin(&self) -> bool {
+        !matches!(self.plugin.as_str(), "lvm" | "zfspool")
+    }
+
+    pub fn free(&self) -> u64 {
+        self.total.saturating_sub(self.used)
+    }
+
+    /// Whether a content listing shows a linked clone's base: ZFS and RBD
+    /// name it (`parent`: `base-…@__base__`), files too (the base file);
+    /// LVM-thin lists a linked clone like any other volume
+    /// (pve-storage `LvmThinPlugin.pm` `list_images`).
+    pub fn shows_clone_parent(&self) -> bool {
+        self.plugin != "lvmthin"
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -80,6 +107,9 @@ pub struct LiveState {
     pub isos: BTreeMap<(String, String), Vec<Volume>>,
     /// Managed VMs' disk volumes that are linked clones (have a `parent`).
     pub linked_disks: BTreeSet<String>,
+    /// Managed VMs' disk volumes on storage whose listing cannot tell a
+    /// linked clone from a full one (LVM-thin).
+    pub clone_mode_unknown: BTreeSet<String>,
     /// API calls it took.
     pub calls: u64,
 }
@@ -163,6 +193,9 @@ pub async fn collect(
             LiveStorage {
                 shared: r.shared,
                 content,
+                plugin: r.plugintype.unwrap_or_default(),
+                used: r.disk.unwrap_or(0),
+                total: r.maxdisk.unwrap_or(0),
             },
         );
     }
@@ -258,11 +291,14 @@ pub async fn collect(
         let vols = client
             .storage_content(&node, &storage, Some("images"), None)
             .await?;
-        live.linked_disks.extend(
-            vols.into_iter()
-                .filter(|v| v.parent.is_some())
-                .map(|v| v.volid),
-        );
+        let shows_parent = live.storages[&(node, storage)].shows_clone_parent();
+        for v in vols {
+            if !shows_parent {
+                live.clone_mode_unknown.insert(v.volid);
+            } else if v.parent.is_some() {
+                live.linked_disks.insert(v.volid);
+            }
+        }
     }
     live.calls = client.calls() - start;
     Ok(live)

@@ -205,6 +205,14 @@ pub enum PlanError {
         node: String,
     },
     #[error(
+        "{address}: VMID {vmid} on {node} is a clone in progress (lock: clone) — wait or re-run\n  hint: a clone keeps running in Proxmox when the apply that started it was interrupted; once it finishes (the lock goes), plan or apply again and nixgold finishes the VM. Do not remove it"
+    )]
+    CloneInProgress {
+        address: String,
+        vmid: u32,
+        node: String,
+    },
+    #[error(
         "{address}: VMID {vmid} is stamped as {stamp}, not as {address} of fleet `{fleet}`\n  hint: the VMID belongs to another resource or fleet; choose another VMID"
     )]
     OtherOwner {
@@ -256,8 +264,9 @@ pub enum PlanError {
     },
 }
 
-/// Options of one planning run.
-#[derive(Debug, Clone, Default)]
+/// Options of one planning run (saved with a plan: apply re-derives the
+/// plan with them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlanOptions {
     pub allow_destroy: bool,
     /// Limit to these addresses (`vm.NAME`, `iso.NAME`); empty: everything.
@@ -356,7 +365,7 @@ pub fn plan(
             // matters only if a build would need it.
             continue;
         };
-        let filename = iso_filename(url);
+        let filename = iso_filename(url, &sha256.to_string());
         let volid = format!("{}:iso/{filename}", iso.storage);
         let present = live
             .isos
@@ -541,6 +550,7 @@ pub fn plan(
 
     let mut lock = desired.lock.clone();
     let retained = retire_generations(fleet, desired, live, &building, &mut lock, &mut changes);
+    notes.extend(capacity_notes(fleet, &targeted_vms, &changes, live));
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -595,11 +605,13 @@ fn retire_generations(
 ) -> Vec<(String, Vec<String>)> {
     let mut retained = Vec::new();
     // Only linked clones hold their template (Proxmox refuses to delete a
-    // base volume a linked clone uses); full clones are independent.
+    // base volume a linked clone uses); full clones are independent. Where
+    // the storage cannot say (LVM-thin), a VM is taken to hold it.
     let stamps: Vec<BTreeMap<String, String>> = owned(live, &fleet.fleet)
         .filter(|(vm, _)| {
-            vm.disk_volid()
-                .is_some_and(|volid| live.linked_disks.contains(volid))
+            vm.disk_volid().is_some_and(|volid| {
+                live.linked_disks.contains(volid) || live.clone_mode_unknown.contains(volid)
+            })
         })
         .map(|(_, s)| s)
         .collect();
@@ -686,13 +698,24 @@ fn placement_note(vm: &DesiredVm, live: &LiveState) -> Option<String> {
     let volid = live.vms.get(&vm.vmid.get())?.disk_volid()?;
     let storage = volid.split(':').next()?;
     let linked = live.linked_disks.contains(volid);
+    // Where the listing cannot tell, a disk away from its template's
+    // storage is still surely a full clone.
+    let template_storage = live
+        .vms
+        .get(&vm.template_vmid.get())
+        .and_then(LiveVm::disk_volid)
+        .and_then(|v| v.split(':').next());
+    let known =
+        !live.clone_mode_unknown.contains(volid) || template_storage.is_some_and(|t| t != storage);
     let mode = |linked: bool| if linked { "linked" } else { "full" };
     let found = match vm.clone {
         CloneMode::Full if !linked && storage != vm.storage => format!(
             "vm.{}'s disk is on storage `{storage}`, the fleet says `{}`",
             vm.name, vm.storage
         ),
-        CloneMode::Full | CloneMode::Linked if linked != (vm.clone == CloneMode::Linked) => {
+        CloneMode::Full | CloneMode::Linked
+            if known && linked != (vm.clone == CloneMode::Linked) =>
+        {
             format!(
                 "vm.{} is a {} clone, the fleet says {}",
                 vm.name,
@@ -706,6 +729,113 @@ fn placement_note(vm: &DesiredVm, live: &LiveState) -> Option<String> {
         "{found}; nixgold does not move disks: `--replace vm.{}` re-creates the VM that way.",
         vm.name
     ))
+}
+
+/// What the plan's new volumes take from each storage, against what it has
+/// free: a warning when thick storage (LVM, ZFS) cannot hold them, since
+/// it reserves every volume's whole size and apply would fail; a note when
+/// thin storage is over-committed, since its volumes take space only as
+/// guests write. Template builds and full clones allocate their disk, a
+/// grown disk its growth; linked clones share their template's blocks.
+pub fn capacity_notes(
+    fleet: &Fleet,
+    vms: &[&DesiredVm],
+    changes: &[Change],
+    live: &LiveState,
+) -> Vec<String> {
+    let alloc = planned_allocations(fleet, vms, changes, live);
+    // Shared storage is one pool, whichever node allocates.
+    let mut pools: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for ((node, storage), bytes) in alloc {
+        let shared = live
+            .storages
+            .get(&(node.clone(), storage.clone()))
+            .is_some_and(|s| s.shared);
+        let place = if shared { "*".to_owned() } else { node };
+        *pools.entry((place, storage)).or_default() += bytes;
+    }
+    let gib = |b: u64| format!("{:.1}G", b as f64 / (1u64 << 30) as f64).replace(".0G", "G");
+    let mut notes = Vec::new();
+    for ((place, storage), bytes) in pools {
+        let found = live
+            .storages
+            .iter()
+            .find(|((n, s), _)| *s == storage && (place == "*" || *n == place));
+        let Some(((node, _), st)) = found else {
+            continue;
+        };
+        let free = st.free();
+        if bytes <= free || bytes == 0 {
+            continue;
+        }
+        let on = if st.shared {
+            String::new()
+        } else {
+            format!(" on {node}")
+        };
+        notes.push(if st.is_thin() {
+            format!(
+                "storage `{storage}`{on} is thin ({}): the plan's new volumes ({}) over-commit its {} free; they take space only as guests write, and fill it when they do",
+                st.plugin,
+                gib(bytes),
+                gib(free)
+            )
+        } else {
+            format!(
+                "warning: storage `{storage}`{on} ({}) cannot hold what the plan allocates: {} needed, {} free; thick storage reserves every volume's size, so apply will fail there",
+                st.plugin,
+                gib(bytes),
+                gib(free)
+            )
+        });
+    }
+    notes
+}
+
+/// Bytes the plan's new volumes take, by (node, storage).
+fn planned_allocations(
+    fleet: &Fleet,
+    vms: &[&DesiredVm],
+    changes: &[Change],
+    live: &LiveState,
+) -> BTreeMap<(String, String), u64> {
+    let mut alloc: BTreeMap<(String, String), u64> = BTreeMap::new();
+    let mut add = |node: &str, storage: &str, bytes: u64| {
+        *alloc
+            .entry((node.to_owned(), storage.to_owned()))
+            .or_default() += bytes;
+    };
+    let disk = |vmid: u32| {
+        vms.iter()
+            .find(|v| v.vmid.get() == vmid)
+            .map(|v| (v.storage.as_str(), v.disk.mib() << 20))
+    };
+    for change in changes {
+        match &change.work {
+            Work::BuildTemplate { build, .. } => {
+                let image = &fleet.images[&build.image];
+                add(&build.node, &build.storage, image.hardware.disk.mib() << 20);
+            }
+            Work::CreateVm(w) | Work::ReplaceVm { new: w, .. } if w.full_clone => {
+                if let Some((storage, bytes)) = disk(w.vmid) {
+                    add(&w.node, w.storage.as_deref().unwrap_or(storage), bytes);
+                }
+            }
+            Work::UpdateVm(w) if w.resize.is_some() => {
+                let live_vm = live.vms.get(&w.vmid);
+                let have = live_vm
+                    .and_then(|v| v.config.as_ref()?.values.get("scsi0"))
+                    .and_then(|d| Drive::parse(d).size())
+                    .unwrap_or(0);
+                let storage = live_vm.and_then(|v| v.disk_volid()?.split(':').next());
+                if let (Some((_, want)), Some(storage)) = (disk(w.vmid), storage) {
+                    add(&w.node, storage, want.saturating_sub(have));
+                }
+            }
+            _ => {}
+        }
+    }
+    alloc
 }
 
 /// The change that builds generation `n` of `t.image` on `t.node`.
@@ -753,15 +883,7 @@ fn build_change(
         });
     };
     let nixos = &image.nixos;
-    let services: Vec<String> = [
-        (nixos.openssh.enable, "sshd"),
-        (nixos.guest_agent, "qemu-guest-agent"),
-        (nixos.cloud_init, "cloud-init"),
-    ]
-    .into_iter()
-    .filter(|(on, _)| *on)
-    .map(|(_, s)| s.to_owned())
-    .collect();
+    let services = crate::build::verified_services(&t.image, image);
     let build = crate::build::BuildWork {
         image: t.image.clone(),
         generation: n,
@@ -1114,6 +1236,16 @@ fn plan_vm(
     let config = existing.config.as_ref();
     let stamp = existing.stamp();
     match &stamp {
+        // During a clone its target exists as `lock: clone` with partial
+        // disks and no description yet (shared/pve-api/NOTES.md, clone):
+        // unstamped is not foreign yet.
+        None if existing.lock.as_deref() == Some("clone") => {
+            return Err(PlanError::CloneInProgress {
+                address,
+                vmid: vm.vmid.get(),
+                node: existing.node.clone(),
+            });
+        }
         None => {
             return Err(PlanError::Foreign {
                 address,

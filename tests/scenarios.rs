@@ -232,6 +232,77 @@ impl Scenario {
     }
 }
 
+impl Scenario {
+    /// Waits until the simulator has seen a request whose route ends with
+    /// `suffix`.
+    fn wait_for_request(&self, suffix: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !self.sim.journal().iter().any(|e| e.route.ends_with(suffix)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "apply never sent {suffix}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs apply with a start task that hangs, kills nixgold while it
+    /// waits for it, and stops the hung task (as an operator would).
+    /// Returns the killed process's id.
+    fn apply_killed_while_starting(&self) -> u32 {
+        self.fault("POST /nodes/*/qemu/*/status/start => task-hang*1");
+        let mut child = self
+            .command(&["apply", "fleet.yaml", "--auto-approve"])
+            .spawn()
+            .unwrap();
+        self.wait_for_request("/status/start");
+        child.kill().unwrap();
+        let _ = child.wait();
+        self.stop_running_task("qmstart");
+        child.id()
+    }
+
+    /// Stops a still running task of `kind` through the API.
+    fn stop_running_task(&self, kind: &str) {
+        let upid = self.sim.inspect(|st| {
+            st.tasks
+                .values()
+                .find(|t| t.kind == kind && t.exitstatus.is_none())
+                .map(|t| t.upid.clone())
+        });
+        if let Some(upid) = upid {
+            let path = format!("/nodes/pve/tasks/{}", percent(&upid));
+            let url = format!("{}/api2/json{path}", self.handle.as_ref().unwrap().url());
+            self.rt.block_on(async {
+                reqwest::Client::new()
+                    .delete(url)
+                    .header("Authorization", format!("PVEAPIToken={TOKEN}"))
+                    .send()
+                    .await
+                    .unwrap();
+            });
+        }
+    }
+
+    /// The apply lock's comment (the pool `nixgold-lock-homelab`), if held.
+    fn lock_comment(&self) -> Option<String> {
+        self.sim.inspect(|st| {
+            st.pools
+                .get("nixgold-lock-homelab")
+                .map(|p| p.comment.clone().unwrap_or_default())
+        })
+    }
+
+    /// The ID of the apply lock held now.
+    fn lock_id(&self) -> String {
+        let comment = self.lock_comment().expect("the fleet is locked");
+        let id = comment
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("id="));
+        id.expect("a lock ID").to_owned()
+    }
+}
+
 impl Drop for Scenario {
     fn drop(&mut self) {
         if let Some(h) = self.handle.take() {
@@ -244,6 +315,20 @@ fn single_node() -> ClusterSpec {
     let mut spec = ClusterSpec::default();
     spec.vms.push(template(9400, "pve", "golden", 1, "tank"));
     spec
+}
+
+/// `cluster` plus a running VM `someone-elses` that nixgold does not own.
+fn with_foreign_vm(mut cluster: ClusterSpec, vmid: u32) -> ClusterSpec {
+    cluster.vms.push(VmSpec {
+        vmid,
+        node: "pve".into(),
+        config: [("name".to_owned(), "someone-elses".to_owned())]
+            .into_iter()
+            .collect(),
+        template: false,
+        running: true,
+    });
+    cluster
 }
 
 fn golden_lock() -> String {
@@ -478,17 +563,11 @@ fn removed_vms_are_kept_unless_destroy_is_allowed() {
 
 #[test]
 fn a_vmid_taken_by_a_foreign_vm_is_an_error_not_an_adoption() {
-    let mut cluster = single_node();
-    cluster.vms.push(VmSpec {
-        vmid: 400,
-        node: "pve".into(),
-        config: [("name".to_owned(), "someone-elses".to_owned())]
-            .into_iter()
-            .collect(),
-        template: false,
-        running: true,
-    });
-    let s = Scenario::new(cluster, &base_fleet(WEB_01), &golden_lock());
+    let s = Scenario::new(
+        with_foreign_vm(single_node(), 400),
+        &base_fleet(WEB_01),
+        &golden_lock(),
+    );
     let (code, _, stderr) = s.run(&["plan", "fleet.yaml"]);
     assert_eq!(code, 1);
     assert!(
@@ -704,6 +783,62 @@ vms:
     }
 }
 
+/// `tank` shrunk to `gib`, on another plugin.
+fn small_tank(plugin: &str, gib: u64) -> ClusterSpec {
+    let mut cluster = single_node();
+    let tank = cluster
+        .storages
+        .iter_mut()
+        .find(|s| s.id == "tank")
+        .unwrap();
+    tank.capacity = gib << 30;
+    tank.plugin = plugin.into();
+    cluster
+}
+
+/// Thick storage reserves every volume's size, so a plan that does not fit
+/// fails on the real cluster too (pve-storage `zfs create -V` without
+/// `-s`): plan warns before apply. A thin pool over-commits and applies;
+/// plan says so.
+#[test]
+fn plan_warns_when_thick_storage_cannot_hold_it_and_notes_thin_over_commit() {
+    // The thick template's 30G leave 10G free.
+    let s = Scenario::new(
+        small_tank("zfspool", 40),
+        &base_fleet(WEB_01),
+        &golden_lock(),
+    );
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    assert_contains(
+        &text,
+        &[
+            "Note: warning: storage `tank` on pve (zfspool) cannot hold what the plan allocates: 30G needed, 10G free",
+        ],
+    );
+    let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_ne!(code, 0, "{out}");
+    assert_contains(
+        &err,
+        &["zfs error: cannot create 'tank/vm-400-disk-0': out of space"],
+    );
+
+    // A thin template holds only what was written: 20G stay free.
+    let s = Scenario::new(
+        small_tank("lvmthin", 20),
+        &base_fleet(WEB_01),
+        &golden_lock(),
+    );
+    let (_, text) = s.plan();
+    assert_contains(
+        &text,
+        &[
+            "Note: storage `tank` on pve is thin (lvmthin): the plan's new volumes (30G) over-commit its 20G free",
+        ],
+    );
+    s.converge();
+}
+
 #[test]
 fn locked_refuses_to_plan_with_a_lockfile_that_must_change() {
     let two = format!("{WEB_01}  web-02:\n    image: golden\n");
@@ -884,46 +1019,9 @@ fn lock_timeouts_on_clones_lower_the_concurrency_and_every_clone_goes_through() 
 #[test]
 fn a_kill_between_clone_and_start_is_finished_by_the_next_apply() {
     let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
-    // The start task hangs; kill nixgold while it waits for it.
-    s.fault("POST /nodes/*/qemu/*/status/start => task-hang*1");
-    let mut child = s
-        .command(&["apply", "fleet.yaml", "--auto-approve"])
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !s
-        .sim
-        .journal()
-        .iter()
-        .any(|e| e.route.ends_with("/status/start"))
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "apply never reached start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    let _ = child.wait();
-    // Stop the hung start task (as an operator would), then re-plan.
-    let upid = s.sim.inspect(|st| {
-        st.tasks
-            .values()
-            .find(|t| t.kind == "qmstart" && t.exitstatus.is_none())
-            .map(|t| t.upid.clone())
-    });
-    if let Some(upid) = upid {
-        let path = format!("/nodes/pve/tasks/{}", percent(&upid));
-        let url = format!("{}/api2/json{path}", s.handle.as_ref().unwrap().url());
-        s.rt.block_on(async {
-            reqwest::Client::new()
-                .delete(url)
-                .header("Authorization", format!("PVEAPIToken={TOKEN}"))
-                .send()
-                .await
-                .unwrap();
-        });
-    }
+    s.apply_killed_while_starting();
+    // The killed run's apply lock stays behind; break it, then re-plan.
+    s.run(&["force-unlock", &s.lock_id(), "fleet.yaml"]);
     let (code, text) = s.plan();
     assert_eq!(code, 2);
     assert_contains(&text, &["~ vm.web-01", "\"stopped\" -> \"running\""]);
@@ -1551,6 +1649,128 @@ fn a_static_address_nobody_answers_on_is_a_clear_error() {
     );
 }
 
+// ----- what NixOS does with the image ---------------------------------------
+//
+// The simulated guest evaluates the rendered configuration against facts
+// read from nixpkgs (pve-sim's `nixos::facts`): NixOS's assertions fail
+// `nixos-install` with their own text, and the installed system has only
+// the programs and units NixOS would give it.
+
+/// The build fleet with `fields` added to the image's `nixos`.
+fn nixos_fleet(fields: &str) -> String {
+    build_fleet("\"vim\"").replace(
+        "packages: [\"vim\"] }",
+        &format!("packages: [\"vim\"], {fields} }}"),
+    )
+}
+
+/// Builds generation 1 of `fleet` and returns the sealed system.
+fn build_and_seal(fleet: &str) -> pve_sim::guest::Installed {
+    let s = Scenario::new(ClusterSpec::default(), fleet, EMPTY_LOCK);
+    s.converge();
+    assert_eq!(read_lock(&s).images["golden"].current, 1);
+    s.sim
+        .inspect(|st| st.vms[&9400].installed.clone())
+        .expect("the template holds the installed system")
+}
+
+/// nixos/modules/services/system/cloud-init.nix puts cloud-init only on
+/// the `path` of its own units, never in environment.systemPackages:
+/// `cloud-init clean` exits 127 on NixOS. The seal removes cloud-init's
+/// state by path instead, with or without cloud-init, agent on or off.
+#[test]
+fn sealing_works_with_and_without_cloud_init_and_the_guest_agent() {
+    for (cloud_init, agent) in [(true, true), (false, true), (true, false), (false, false)] {
+        let fleet = nixos_fleet(&format!("cloud_init: {cloud_init}, guest_agent: {agent}"));
+        let sealed = build_and_seal(&fleet);
+        assert!(
+            sealed.cloud_init_clean
+                && sealed.machine_id_empty
+                && !sealed.host_keys
+                && sealed.root_keys.is_empty(),
+            "cloud_init={cloud_init} guest_agent={agent}: {sealed:?}"
+        );
+        assert!(
+            !sealed.system.has_program("cloud-init"),
+            "NixOS does not put cloud-init on PATH"
+        );
+    }
+}
+
+/// nixos/modules/tasks/network-interfaces-systemd.nix asserts
+/// "networking.defaultGateway.interface is not optional when using
+/// networkd": a static image network names its interface on the gateway.
+#[test]
+fn a_static_image_network_installs_with_networkd() {
+    let fleet = nixos_fleet(
+        "network: { interface: ens18, address: 192.168.1.250/24, gateway: 192.168.1.1, dns: [1.1.1.1] }",
+    );
+    let sealed = build_and_seal(&fleet);
+    assert!(
+        sealed
+            .system
+            .units
+            .iter()
+            .any(|u| u.name == "systemd-networkd"),
+        "{sealed:?}"
+    );
+}
+
+/// cloud-init's units are `Type=oneshot`: `activating` until cloud-init
+/// exits, which can be after sshd answers (without an agent to wait for,
+/// verify runs right after the reboot). Verify waits for them to finish
+/// instead of failing a healthy image.
+#[test]
+fn verify_waits_for_oneshot_units_to_finish() {
+    let mut opts = options();
+    opts.units_settle = Duration::from_millis(2500);
+    let fleet = nixos_fleet("guest_agent: false");
+    let s = Scenario::with_options(ClusterSpec::default(), &fleet, EMPTY_LOCK, opts);
+    s.converge();
+    let history = s.sim.guests().history(9400);
+    let checks = history
+        .iter()
+        .filter(|l| l.starts_with("ssh$ systemctl is-active"))
+        .count();
+    assert!(
+        checks > 1,
+        "verify asked again while cloud-init ran: {history:?}"
+    );
+}
+
+/// A system whose cloud-init unit is switched off would give clones no
+/// user, keys or network: verify fails it, naming the unit's state.
+#[test]
+fn verify_fails_an_image_whose_cloud_init_never_runs() {
+    let s = Scenario::new(
+        ClusterSpec::default(),
+        &nixos_fleet("extra_config: \"systemd.services.cloud-init.enable = false;\""),
+        EMPTY_LOCK,
+    );
+    apply_fails_cleanly(
+        &s,
+        &[
+            "FAILED at generation 1 (VMID 9400): verify the installed system",
+            "verify services: cloud-init is inactive",
+        ],
+    );
+}
+
+/// nixos/modules/services/networking/ssh/sshd.nix: with
+/// `startWhenNeeded` there is no sshd.service, only sshd.socket. A healthy
+/// socket-activated image passes verification (its socket is checked).
+#[test]
+fn a_socket_activated_sshd_passes_verification() {
+    let sealed = build_and_seal(&nixos_fleet(
+        "extra_config: \"services.openssh.startWhenNeeded = true;\"",
+    ));
+    assert!(
+        sealed.system.units.iter().any(|u| u.name == "sshd.socket")
+            && !sealed.system.units.iter().any(|u| u.name == "sshd"),
+        "{sealed:?}"
+    );
+}
+
 /// Applies, expecting the build to fail with every needle in the report,
 /// and to leave no build VM and no half-registered generation behind.
 fn apply_fails_cleanly(s: &Scenario, needles: &[&str]) {
@@ -1572,4 +1792,488 @@ fn assert_contains(text: &str, needles: &[&str]) {
     for needle in needles {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
+}
+
+// ----- one apply at a time (the apply lock) --------------------------------
+
+/// A scenario whose VM start answers only after `ms`: an apply of it
+/// holds the apply lock at least that long.
+fn slow_start(ms: u64) -> Scenario {
+    let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
+    s.fault(&format!("POST /nodes/*/qemu/*/status/start => slow:{ms}*1"));
+    s
+}
+
+fn output_of(child: std::process::Child) -> (i32, String, String) {
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn two_applies_started_together_one_runs_and_the_other_refuses_naming_the_holder() {
+    let s = slow_start(3000);
+    let spawn = || {
+        s.command(&["apply", "fleet.yaml", "--auto-approve"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let (pids, results) = ([a.id(), b.id()], [output_of(a), output_of(b)]);
+    let winners: Vec<usize> = (0..2).filter(|i| results[*i].0 == 0).collect();
+    assert_eq!(winners.len(), 1, "exactly one apply runs: {results:?}");
+    let (winner, loser) = (winners[0], 1 - winners[0]);
+    let (code, _, err) = &results[loser];
+    assert_eq!(*code, 1);
+    assert_contains(
+        err,
+        &[
+            "fleet `homelab` is locked by another run:",
+            &format!("(pid {}, `nixgold apply`) since ", pids[winner]),
+            "--lock-timeout",
+            "nixgold force-unlock ",
+        ],
+    );
+    // The refused run changed nothing; the winner finished and let go.
+    assert_eq!(
+        s.sim.inspect(|st| st.vms.len()),
+        2,
+        "the template and web-01"
+    );
+    assert!(s.sim.inspect(|st| st.vms[&400].running));
+    assert_eq!(s.lock_comment(), None, "released");
+    let creates = s
+        .sim
+        .journal()
+        .iter()
+        .filter(|e| e.method == "POST" && e.route.ends_with("/clone"))
+        .count();
+    assert_eq!(creates, 1, "one clone, by the winner");
+}
+
+#[test]
+fn an_apply_a_second_after_another_refuses_and_with_lock_timeout_waits_then_has_nothing_to_do() {
+    let s = slow_start(6000);
+    let first = s
+        .command(&["apply", "fleet.yaml", "--auto-approve"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = first.id();
+    std::thread::sleep(Duration::from_secs(1));
+    s.wait_for_request("/pools");
+    let (code, _, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 1, "{err}");
+    assert_contains(
+        &err,
+        &[
+            "locked by another run: ",
+            &format!("(pid {pid}, `nixgold apply`)"),
+        ],
+    );
+    // plan does not need the lock, but says who holds it.
+    let (_, _, err) = s.run(&["plan", "fleet.yaml"]);
+    assert_contains(
+        &err,
+        &[
+            "note: fleet `homelab` is being changed right now: locked by",
+            &format!("(pid {pid}, "),
+        ],
+    );
+    let (code, out, err) = s.run(&[
+        "apply",
+        "fleet.yaml",
+        "--auto-approve",
+        "--lock-timeout",
+        "5m",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_contains(&err, &["waiting up to 5m for the apply lock held by"]);
+    assert!(out.starts_with("No changes."), "{out}");
+    let (code, out, err) = output_of(first);
+    assert_eq!(code, 0, "the first apply finished: {out}{err}");
+    assert_eq!(
+        s.sim.inspect(|st| st.vms.len()),
+        2,
+        "the template and web-01"
+    );
+}
+
+#[test]
+fn a_killed_applys_lock_is_broken_by_force_unlock_and_an_expired_lease_by_the_next_run() {
+    let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
+    let pid = s.apply_killed_while_starting();
+    // The dead run's lock stays until its lease runs out.
+    let (code, _, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 1);
+    let id = s.lock_id();
+    assert_contains(
+        &err,
+        &[
+            &format!("(pid {pid}, `nixgold apply`)"),
+            &format!("lock ID {id}, lease until "),
+            &format!("`nixgold force-unlock {id}` breaks the lock"),
+        ],
+    );
+    // rollback takes the lock too; drift only reports it.
+    let (code, _, err) = s.run(&["rollback", "fleet.yaml", "--image", "golden"]);
+    assert_eq!(code, 1);
+    assert_contains(&err, &["fleet `homelab` is locked by another run:"]);
+    let (_, _, err) = s.run(&["drift", "fleet.yaml"]);
+    assert_contains(
+        &err,
+        &["note: fleet `homelab` is being changed right now: locked by"],
+    );
+    // The wrong ID breaks nothing.
+    let (code, _, err) = s.run(&["force-unlock", "0000000000000000", "fleet.yaml"]);
+    assert_eq!(code, 1);
+    assert_contains(
+        &err,
+        &[&format!("is locked under ID {id}, not 0000000000000000")],
+    );
+    let (code, out, err) = s.run(&["force-unlock", &id, "fleet.yaml"]);
+    assert_eq!(code, 0, "{err}");
+    assert_contains(&out, &["fleet `homelab`: broke the apply lock of"]);
+    assert_eq!(s.lock_comment(), None);
+    s.converge();
+    // A lease that ran out (a holder that crashed elsewhere) is broken by
+    // the next run, which says so.
+    s.api(
+        "POST",
+        "/pools",
+        &[
+            ("poolid", "nixgold-lock-homelab"),
+            (
+                "comment",
+                "nixgold-apply-lock id=00112233aabbccdd user=ci host=runner-7 pid=4242 command=apply since=2026-01-01T10:00:00Z expires=2026-01-01T10:05:00Z",
+            ),
+        ],
+    );
+    let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_contains(
+        &err,
+        &[
+            "breaking the expired apply lock of ci@runner-7 (pid 4242, `nixgold apply`) since 2026-01-01T10:00:00Z",
+        ],
+    );
+    assert_eq!(s.lock_comment(), None);
+    // A pool of that name that is not a nixgold lock is never taken over.
+    s.api(
+        "POST",
+        "/pools",
+        &[("poolid", "nixgold-lock-homelab"), ("comment", "team pool")],
+    );
+    let (code, _, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 1);
+    assert_contains(
+        &err,
+        &["the pool `nixgold-lock-homelab` exists but is not a nixgold apply lock"],
+    );
+    assert_eq!(s.lock_comment().as_deref(), Some("team pool"));
+}
+
+// ----- saved plans that cannot be forged -----------------------------------
+
+#[test]
+fn a_saved_plan_edited_to_another_vmid_other_settings_or_a_destroy_is_refused() {
+    let s = Scenario::new(
+        with_foreign_vm(single_node(), 500),
+        &base_fleet(WEB_01),
+        &golden_lock(),
+    );
+    s.converge();
+    s.edit_fleet(|f| f.replace("tags: [prod]", "tags: [prod, web]"));
+    let (code, _, err) = s.run(&["plan", "fleet.yaml", "--out", "web.plan"]);
+    assert_eq!(code, 0, "{err}");
+    let path = s.dir.path().join("web.plan");
+    let original: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(original["plan"]["changes"][0]["address"], "vm.web-01");
+    type Forge = fn(&mut serde_json::Value);
+    let forgeries: [(&str, Forge); 3] = [
+        ("another VMID", |c| c["work"]["vmid"] = 500.into()),
+        ("other settings", |c| {
+            c["work"]["set"]["memory"] = "65536".into();
+            c["work"]["set"]["args"] = "-no-reboot".into();
+        }),
+        ("a destroy", |c| {
+            c["action"] = "destroy".into();
+            c["work"] = serde_json::json!({ "kind": "destroy_vm", "vmid": 400, "node": "pve" });
+        }),
+    ];
+    let before = (s.config(400), s.config(500));
+    let lock = std::fs::read_to_string(s.dir.path().join("nixgold.lock")).unwrap();
+    for (what, forge) in forgeries {
+        let mut edited = original.clone();
+        forge(&mut edited["plan"]["changes"][0]);
+        std::fs::write(&path, serde_json::to_string_pretty(&edited).unwrap()).unwrap();
+        let (code, out, err) = s.run(&["apply", "web.plan"]);
+        assert_eq!(code, 1, "{what}: {out}{err}");
+        assert_contains(
+            &err,
+            &[
+                "refusing the saved plan: change `vm.web-01` (",
+                "Nothing was changed.",
+            ],
+        );
+        assert_eq!(
+            (s.config(400), s.config(500)),
+            before,
+            "{what}: nothing changed"
+        );
+        assert_eq!(
+            std::fs::read_to_string(s.dir.path().join("nixgold.lock")).unwrap(),
+            lock
+        );
+    }
+    // A change added to the plan is refused too, named.
+    let mut edited = original.clone();
+    let mut extra = edited["plan"]["changes"][0].clone();
+    extra["address"] = "vm.intruder".into();
+    edited["plan"]["changes"]
+        .as_array_mut()
+        .unwrap()
+        .push(extra);
+    std::fs::write(&path, serde_json::to_string_pretty(&edited).unwrap()).unwrap();
+    let (code, _, err) = s.run(&["apply", "web.plan"]);
+    assert_eq!(code, 1);
+    assert_contains(
+        &err,
+        &[
+            "change `vm.intruder` (update) is not justified by the fleet, the lockfile and the cluster",
+        ],
+    );
+    // The plan as saved applies.
+    std::fs::write(&path, serde_json::to_string_pretty(&original).unwrap()).unwrap();
+    let (code, out, err) = s.run(&["apply", "web.plan"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(s.config(400)["tags"].contains("web"), "{:?}", s.config(400));
+    assert_eq!(s.config(500), before.1);
+}
+
+// ----- never touch what is not ours ----------------------------------------
+
+#[test]
+fn a_foreign_vm_created_at_the_builds_vmid_mid_apply_survives_and_the_build_fails_cleanly() {
+    let s = Scenario::new(
+        with_foreign_vm(ClusterSpec::default(), 500),
+        &build_fleet("\"vim\""),
+        EMPTY_LOCK,
+    );
+    // The build VM's create reaches Proxmox late; just before it does,
+    // someone clones their VM to the VMID the plan gave the build.
+    s.fault("POST /nodes/*/qemu => slow:3000*1");
+    let child = s
+        .command(&["apply", "fleet.yaml", "--auto-approve"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    s.wait_for_request("/download-url");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while s.sim.inspect(|st| {
+        st.tasks
+            .values()
+            .any(|t| t.kind == "download" && t.exitstatus.is_none())
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the download never ended"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    s.api(
+        "POST",
+        "/nodes/pve/qemu/500/clone",
+        &[("newid", "9400"), ("name", "someone-elses")],
+    );
+    let (code, out, err) = output_of(child);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_contains(&out, &["image.golden[pve]: FAILED", "already exists"]);
+    assert_contains(
+        &format!("{out}{err}"),
+        &[
+            "VMID 9400 on pve is not the VM the plan meant (",
+            "not stamped by nixgold); nixgold left it alone",
+        ],
+    );
+    assert_eq!(
+        s.config(9400).get("name").map(String::as_str),
+        Some("someone-elses"),
+        "the foreign VM survives"
+    );
+    assert!(read_lock(&s).images.is_empty(), "no generation recorded");
+    assert!(
+        s.sim.inspect(|st| !st.vms.contains_key(&400)),
+        "no clone of a build that failed"
+    );
+}
+
+// ----- files keep the mode their readers need --------------------------------
+
+#[cfg(unix)]
+#[test]
+fn a_rewritten_lockfile_keeps_its_mode_and_the_prometheus_file_is_0644() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
+    let lock = s.dir.path().join("nixgold.lock");
+    for (i, wanted) in [0o644, 0o640].into_iter().enumerate() {
+        std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(wanted)).unwrap();
+        let before = std::fs::read_to_string(&lock).unwrap();
+        // A new VM gets a VMID: the plan rewrites the lockfile.
+        s.edit_fleet(|f| format!("{f}  extra-{i}:\n    image: golden\n"));
+        s.plan();
+        assert_ne!(std::fs::read_to_string(&lock).unwrap(), before, "rewritten");
+        assert_eq!(mode(&lock), wanted, "the lockfile kept mode {wanted:o}");
+    }
+    let (code, out, err) = s.run(&["drift", "fleet.yaml", "--prometheus", "drift.prom"]);
+    assert!(code == 0 || code == 2, "{out}{err}");
+    assert_eq!(
+        mode(&s.dir.path().join("drift.prom")),
+        0o644,
+        "node_exporter can read it"
+    );
+}
+
+#[test]
+fn lock_timeouts_on_the_template_conversions_writes_are_retried_and_the_build_is_kept() {
+    let s = Scenario::new(ClusterSpec::default(), &build_fleet("\"vim\""), EMPTY_LOCK);
+    // A backup or another task holds the VM's config lock when the build
+    // swaps the ISO for the cloud-init drive, and again at the conversion.
+    s.fault("PUT /nodes/*/qemu/*/config => lock-timeout*1");
+    s.fault("POST /nodes/*/qemu/*/template => lock-timeout*1");
+    let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_contains(
+        &err,
+        &[
+            "detach the ISO: lock contention: can't lock file '/var/lock/qemu-server/lock-9400.conf' - got timeout; retrying",
+            "convert to a template: task ",
+        ],
+    );
+    assert_eq!(s.config(9400)["template"], "1");
+    let lock = read_lock(&s);
+    assert_eq!(lock.images["golden"].current, 1, "the generation was kept");
+    let (code, text) = s.plan();
+    assert_eq!(code, 0, "{text}");
+}
+
+#[test]
+fn a_clone_still_running_after_a_kill_is_reported_as_in_progress_not_foreign() {
+    let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
+    s.fault("POST /nodes/*/qemu/*/clone => task-hang*1");
+    let mut child = s
+        .command(&["apply", "fleet.yaml", "--auto-approve"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    s.wait_for_request("/clone");
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert_eq!(
+        s.config(400).get("lock").map(String::as_str),
+        Some("clone"),
+        "the clone is still running in Proxmox"
+    );
+    let (code, out, err) = s.run(&["plan", "fleet.yaml"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_contains(
+        &err,
+        &["vm.web-01: VMID 400 on pve is a clone in progress (lock: clone) — wait or re-run"],
+    );
+    assert!(!err.contains("does not own"), "{err}");
+}
+
+#[test]
+fn a_hung_start_is_reported_at_the_fleets_task_deadline_or_the_flags() {
+    let fleet = base_fleet(WEB_01).replace("isos:\n", "task_timeout: 3s\nisos:\n");
+    let s = Scenario::new(single_node(), &fleet, &golden_lock());
+    s.fault("POST /nodes/*/qemu/*/status/start => task-hang*2");
+    let started = std::time::Instant::now();
+    let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_contains(
+        &out,
+        &[
+            "vm.web-01: FAILED at start: the qmstart task of VM 400 on pve (UPID:pve:",
+            "the deadline is task_timeout or --task-timeout; its log ",
+            "did not finish within 3s",
+        ],
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "reported at the deadline"
+    );
+    s.stop_running_task("qmstart");
+    // The flag overrides the fleet.
+    let (code, out, err) = s.run(&[
+        "apply",
+        "fleet.yaml",
+        "--auto-approve",
+        "--task-timeout",
+        "1s",
+    ]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_contains(
+        &out,
+        &[
+            "vm.web-01: FAILED at start: the qmstart task of VM 400",
+            "did not finish within 1s",
+        ],
+    );
+}
+
+#[test]
+fn a_changed_iso_pin_downloads_and_verifies_a_new_file_before_a_build_uses_it() {
+    let s = Scenario::new(ClusterSpec::default(), &build_fleet("\"vim\""), EMPTY_LOCK);
+    s.converge();
+    let old_file = format!(
+        "local:iso/nixos-minimal-24.05-x86_64-linux.{}.iso",
+        &ISO_SHA[..16]
+    );
+    let has = |volid: &str| {
+        s.sim
+            .inspect(|st| st.volumes.values().any(|v| v.volid == volid))
+    };
+    assert!(has(&old_file), "the ISO's file name carries its checksum");
+    // The pin moves (a new release behind the same URL, or an edited
+    // checksum) while the server still has the old file.
+    let moved = "7e1d9b0c2a4f6e8d0b2c4a6e8f0d2b4c6a8e0f2d4b6c8a0e2f4d6b8c0a2e4f6d";
+    s.edit_fleet(|f| f.replace(ISO_SHA, moved));
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    assert_contains(
+        &text,
+        &[
+            "+ iso.nixos[pve]",
+            &format!("nixos-minimal-24.05-x86_64-linux.{}.iso", &moved[..16]),
+            "+ image.golden[pve]",
+        ],
+    );
+    let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_contains(
+        &out,
+        &[
+            "iso.nixos[pve]: FAILED",
+            &format!("checksum mismatch: got '{ISO_SHA}' != expect '{moved}'"),
+            "image.golden[pve]: skipped (iso.nixos[pve] failed)",
+        ],
+    );
+    let lock = read_lock(&s);
+    assert_eq!(
+        lock.images["golden"].current, 1,
+        "no generation from an unverified ISO"
+    );
+    assert_eq!(lock.images["golden"].generations.len(), 1);
+    assert!(has(&old_file), "the old file is left alone");
 }

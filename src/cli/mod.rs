@@ -136,6 +136,12 @@ enum Command {
         /// Changes in flight at once.
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
+        /// How long to wait for one Proxmox task before reporting it as
+        /// hung [default: the fleet's task_timeout, 30m].
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        task_timeout: Option<std::time::Duration>,
+        #[command(flatten)]
+        wait: LockWait,
         #[command(flatten)]
         scope: Scope,
     },
@@ -161,6 +167,17 @@ enum Command {
         /// The generation to return to (default: the one before current).
         #[arg(long, value_name = "N")]
         to: Option<u32>,
+        #[command(flatten)]
+        wait: LockWait,
+    },
+    /// Break the fleet's apply lock left by a run that is gone (its lock ID
+    /// is in the error of the run that found it).
+    ForceUnlock {
+        /// The lock ID.
+        #[arg(value_name = "LOCK_ID")]
+        id: String,
+        #[command(flatten)]
+        fleet: FleetArg,
     },
     /// Print the fleet file's JSON Schema (for YAML editors).
     Schema,
@@ -176,6 +193,14 @@ struct FleetArg {
     /// Fleet file; overrides --fleet.
     #[arg(value_name = "FLEET")]
     path: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct LockWait {
+    /// Wait this long for another run's apply lock of the fleet (e.g. 5m)
+    /// instead of failing at once.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "0s")]
+    lock_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Args)]
@@ -247,6 +272,14 @@ impl Output {
     }
 
     fn print_failure(&self, failure: &Failure) {
+        let redacted;
+        let failure = match failure {
+            Failure::Message(m) => {
+                redacted = Failure::Message(crate::redact::redact(m).into_owned());
+                &redacted
+            }
+            Failure::Problems { .. } => failure,
+        };
         if self.json {
             let value = match failure {
                 Failure::Problems { problems, .. } => {
@@ -254,21 +287,21 @@ impl Output {
                 }
                 Failure::Message(m) => serde_json::json!({ "ok": false, "error": m }),
             };
-            println!("{value:#}");
+            println!("{}", crate::redact::redact(&format!("{value:#}")));
             return;
         }
         let mut stderr = std::io::stderr().lock();
         match failure {
             Failure::Problems { problems, detail } => {
                 for p in problems {
-                    let text = p.to_string();
+                    let text = crate::redact::redact(&p.to_string()).into_owned();
                     let text = text
                         .strip_prefix("error")
                         .map_or(text.clone(), |rest| format!("{}{rest}", self.error_label()));
                     let _ = writeln!(stderr, "{text}");
                 }
                 if let (Some(detail), true) = (detail, self.verbose > 0) {
-                    let _ = writeln!(stderr, "\n{detail}");
+                    let _ = writeln!(stderr, "\n{}", crate::redact::redact(detail));
                 }
                 let _ = writeln!(
                     stderr,
@@ -330,7 +363,7 @@ fn init_tracing(verbose: u8, quiet: bool, color: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("nixgold={level}")));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| crate::redact::Stderr)
         .with_ansi(color)
         .try_init();
 }
@@ -375,6 +408,8 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
             auto_approve,
             keep_failed_build,
             concurrency,
+            task_timeout,
+            wait,
             scope,
         } => {
             let path = path.clone().or_else(|| g.fleet.clone()).ok_or_else(|| {
@@ -382,6 +417,8 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
             })?;
             let args = run::ApplyArgs {
                 auto_approve: *auto_approve,
+                lock_timeout: wait.lock_timeout,
+                task_timeout: *task_timeout,
                 keep_failed_build: *keep_failed_build,
                 options: scope.options(),
                 concurrency: *concurrency,
@@ -517,42 +554,23 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
             print!("{}", fleet::load::json_schema());
             Ok(0)
         }
-        Command::Rollback { fleet, image, to } => {
-            let (_loaded, mut current) = load_checked(&fleet_path(g, fleet)?, &lock)?;
-            let entry = current.images.get_mut(image).ok_or_else(|| {
-                Failure::Message(format!(
-                    "image `{image}` has no generations in {}",
-                    lock.display()
-                ))
-            })?;
-            let mut numbers: Vec<u32> = entry.generations.iter().map(|g| g.number).collect();
-            numbers.sort_unstable();
-            let target = match to {
-                Some(n) => *n,
-                None => numbers
-                    .iter()
-                    .rev()
-                    .copied()
-                    .find(|n| *n < entry.current)
-                    .ok_or_else(|| {
-                        Failure::Message(format!(
-                            "image `{image}` has no generation older than {}",
-                            entry.current
-                        ))
-                    })?,
+        Command::Rollback {
+            fleet,
+            image,
+            to,
+            wait,
+        } => {
+            let path = fleet_path(g, fleet)?;
+            let args = run::RollbackArgs {
+                image: image.clone(),
+                to: *to,
+                lock_timeout: wait.lock_timeout,
             };
-            if !numbers.contains(&target) {
-                return Err(Failure::Message(format!(
-                    "image `{image}` has no kept generation {target}\n  hint: kept generations: {numbers:?}"
-                )));
-            }
-            let from = entry.current;
-            entry.current = target;
-            current.write(&lock, g.locked)?;
-            out.info(&format!(
-                "image.{image}: generation {from} -> {target}; new clones use it. Revert the fleet's image changes too, or the next plan builds a new generation from the current fleet."
-            ));
-            Ok(0)
+            runtime()?.block_on(run::cmd_rollback(&path, &lock, g.locked, g.sim, &args, out))
+        }
+        Command::ForceUnlock { id, fleet } => {
+            let path = fleet_path(g, fleet)?;
+            runtime()?.block_on(run::cmd_force_unlock(&path, &lock, g.sim, id, out))
         }
         Command::Sim { command } => sim::run(command).map(|()| 0),
     }
@@ -573,6 +591,7 @@ pub(crate) fn load_checked(
     path: &Path,
     lock_path: &Path,
 ) -> Result<(LoadedFleet, Lockfile), Failure> {
+    crate::redact::register_environment();
     let loaded = fleet::load(path).map_err(|e| match e {
         fleet::FleetError::Invalid { problems, report } => Failure::Problems {
             problems,
@@ -580,6 +599,8 @@ pub(crate) fn load_checked(
         },
         other => Failure::from(other),
     })?;
+    let base = loaded.path.parent().unwrap_or(Path::new("."));
+    crate::connect::register_secrets(&loaded.fleet, base);
     let lock = Lockfile::read_for(lock_path, &loaded.fleet.fleet)?;
     let problems = fleet::validate::validate(&loaded, &lock);
     if !problems.is_empty() {

@@ -6,6 +6,7 @@
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use pve_api::Client;
 use serde::{Deserialize, Serialize};
@@ -13,6 +14,7 @@ use tokio::sync::mpsc;
 
 use super::{Failure, Output};
 use crate::apply::{self, ApplyOptions, Event, Outcome};
+use crate::apply_lock::{self, HeldLock, LockState};
 use crate::connect::{self, Embedded};
 use crate::desired::{self, DesiredGraph};
 use crate::fleet::LoadedFleet;
@@ -79,14 +81,30 @@ pub struct Session {
     pub desired: DesiredGraph,
     pub conn: Connection,
     pub live: LiveState,
+    /// The apply lock, when the command took it ([`LockUse::Take`]).
+    pub apply_lock: Option<HeldLock>,
 }
 
-/// Load, pin, build, connect, collect.
+/// What a command does with the fleet's apply lock.
+#[derive(Debug, Clone, Copy)]
+pub enum LockUse {
+    /// Read it and say who holds it (`plan`, `drift`, `output`).
+    Report,
+    /// Take it before reading live state (`apply`, `rollback`), waiting up
+    /// to `wait` for another holder.
+    Take {
+        command: &'static str,
+        wait: Duration,
+    },
+}
+
+/// Load, pin, build, connect, (lock), collect.
 pub async fn session(
     fleet: &Path,
     lock_path: &Path,
     locked: bool,
     sim: bool,
+    lock_use: LockUse,
     out: &Output,
 ) -> Result<Session, Failure> {
     let (loaded, lock) = super::load_checked(fleet, lock_path)?;
@@ -114,32 +132,15 @@ pub async fn session(
         pinned.isos.insert(name.clone(), pin);
     }
     let desired = desired::build(&loaded.fleet, &pinned)?;
-    let conn = if sim {
-        let embedded = connect::embedded(&loaded.fleet, &desired.lock, &sim_dir())
-            .await
-            .map_err(Failure::from)?;
-        out.info(&format!(
-            "using the embedded Proxmox simulator (state in {})",
-            sim_dir().display()
-        ));
-        Connection {
-            client: embedded.client.clone(),
-            embedded: Some(embedded),
-        }
-    } else {
-        let base = loaded.path.parent().unwrap_or(Path::new("."));
-        let options = connect::client_options(&loaded.fleet, base).map_err(Failure::from)?;
-        if matches!(options.tls, pve_api::Tls::Insecure) {
-            out.info("warning: TLS verification is OFF for the Proxmox API (proxmox.tls.insecure)");
-        }
-        Connection {
-            client: Client::new(options).map_err(Failure::from)?,
-            embedded: None,
+    let conn = connect(&loaded, &desired, sim, out).await?;
+    let apply_lock = lock_or_report(&conn.client, &loaded.fleet.fleet, lock_use, out).await?;
+    let live = match live::collect(&conn.client, &desired, &loaded.fleet.fleet, 8).await {
+        Ok(live) => live,
+        Err(e) => {
+            release(apply_lock, out).await;
+            return Err(Failure::from(e));
         }
     };
-    let live = live::collect(&conn.client, &desired, &loaded.fleet.fleet, 8)
-        .await
-        .map_err(Failure::from)?;
     tracing::info!("live state: {} API calls", live.calls);
     Ok(Session {
         loaded,
@@ -147,7 +148,85 @@ pub async fn session(
         desired,
         conn,
         live,
+        apply_lock,
     })
+}
+
+/// Connects to the fleet's cluster, or with `--sim` starts the embedded
+/// simulator.
+pub async fn connect(
+    loaded: &LoadedFleet,
+    desired: &DesiredGraph,
+    sim: bool,
+    out: &Output,
+) -> Result<Connection, Failure> {
+    if sim {
+        let embedded = connect::embedded(&loaded.fleet, &desired.lock, &sim_dir())
+            .await
+            .map_err(Failure::from)?;
+        out.info(&format!(
+            "using the embedded Proxmox simulator (state in {})",
+            sim_dir().display()
+        ));
+        return Ok(Connection {
+            client: embedded.client.clone(),
+            embedded: Some(embedded),
+        });
+    }
+    let base = loaded.path.parent().unwrap_or(Path::new("."));
+    let options = connect::client_options(&loaded.fleet, base).map_err(Failure::from)?;
+    if matches!(options.tls, pve_api::Tls::Insecure) {
+        out.info("warning: TLS verification is OFF for the Proxmox API (proxmox.tls.insecure)");
+    }
+    Ok(Connection {
+        client: Client::new(options).map_err(Failure::from)?,
+        embedded: None,
+    })
+}
+
+/// Takes the apply lock, or reports who holds it.
+async fn lock_or_report(
+    client: &Client,
+    fleet: &str,
+    lock_use: LockUse,
+    out: &Output,
+) -> Result<Option<HeldLock>, Failure> {
+    match lock_use {
+        LockUse::Take { command, wait } => {
+            let held = apply_lock::acquire(client, fleet, command, wait, |m| out.info(m)).await?;
+            tracing::info!("took the apply lock: {}", held.holder().describe());
+            Ok(Some(held))
+        }
+        LockUse::Report => {
+            match apply_lock::read(client, fleet).await {
+                Ok(LockState::Held(h)) => out.info(&format!(
+                    "note: fleet `{fleet}` is being changed right now: locked by {}{}",
+                    h.describe(),
+                    if h.is_expired() { " (expired)" } else { "" }
+                )),
+                Ok(LockState::NotALock(_)) => out.info(&format!(
+                    "note: the pool `{}` is not a nixgold lock; apply will refuse to run until it is renamed",
+                    apply_lock::pool_id(fleet)
+                )),
+                Ok(LockState::Free) => {}
+                Err(e) => tracing::info!("cannot read the apply lock: {e}"),
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// Gives the apply lock back; a failure to do so is a warning (the lease
+/// runs out on its own).
+pub async fn release(lock: Option<HeldLock>, out: &Output) {
+    if let Some(held) = lock
+        && let Err(e) = held.release().await
+    {
+        out.info(&format!(
+            "warning: could not release the apply lock (it expires by itself within {}): {e}",
+            humantime::format_duration(apply_lock::LEASE)
+        ));
+    }
 }
 
 fn compute(s: &Session, options: &PlanOptions) -> Result<Plan, Failure> {
@@ -171,6 +250,10 @@ pub struct SavedPlan {
     pub lock_path: PathBuf,
     /// The lockfile text the plan goes with.
     pub lock_text: String,
+    /// The options the plan was made with; apply re-derives the plan with
+    /// them and refuses any change they do not give.
+    #[serde(default)]
+    pub options: PlanOptions,
     pub plan: Plan,
 }
 
@@ -205,7 +288,7 @@ pub async fn cmd_plan(
     args: &PlanArgs,
     out: &Output,
 ) -> Result<u8, Failure> {
-    let s = session(fleet, lock, locked, sim, out).await?;
+    let s = session(fleet, lock, locked, sim, LockUse::Report, out).await?;
     let plan = compute(&s, &args.options)?;
     let changed = plan.lock.write(lock, locked)?;
     if changed {
@@ -221,6 +304,7 @@ pub async fn cmd_plan(
             fleet_path: s.loaded.path.clone(),
             lock_path: lock.to_owned(),
             lock_text: s.desired.lock.render(),
+            options: args.options.clone(),
             plan: plan.clone(),
         };
         let text = serde_json::to_string_pretty(&saved).expect("plans serialise");
@@ -251,7 +335,7 @@ pub async fn cmd_drift(
     out: &Output,
 ) -> Result<u8, Failure> {
     let checked = async {
-        let s = session(fleet, lock, locked, sim, out).await?;
+        let s = session(fleet, lock, locked, sim, LockUse::Report, out).await?;
         let plan = compute(&s, &PlanOptions::default())?;
         let mut drift = crate::drift::Drift::new(&plan, &s.live, &s.desired.lock);
         // One `/pending` read per running VM, concurrently (the client
@@ -431,7 +515,7 @@ pub async fn cmd_plan_order(
     text: bool,
     out: &Output,
 ) -> Result<u8, Failure> {
-    let s = session(fleet, lock, locked, sim, out).await?;
+    let s = session(fleet, lock, locked, sim, LockUse::Report, out).await?;
     let plan = compute(&s, &PlanOptions::default())?;
     plan.lock.write(lock, locked)?;
     if text {
@@ -443,13 +527,7 @@ pub async fn cmd_plan_order(
 }
 
 fn write_atomic(path: &Path, text: &str) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(text.as_bytes())?;
-    tmp.persist(path).map(|_| ()).map_err(|e| e.error)
+    crate::files::write_atomic(path, text, ".nixgold.")
 }
 
 /// Reads `path` as a saved plan, if it is one.
@@ -466,6 +544,10 @@ pub fn read_saved(path: &Path) -> Option<Result<SavedPlan, Failure>> {
 #[derive(Debug, Clone, Default)]
 pub struct ApplyArgs {
     pub auto_approve: bool,
+    /// How long to wait for another run's apply lock (0: fail at once).
+    pub lock_timeout: Duration,
+    /// Overrides the fleet's `task_timeout`.
+    pub task_timeout: Option<Duration>,
     pub keep_failed_build: bool,
     pub options: PlanOptions,
     pub concurrency: usize,
@@ -479,9 +561,13 @@ pub async fn cmd_apply(
     args: &ApplyArgs,
     out: &Output,
 ) -> Result<u8, Failure> {
-    let (s, plan, saved) = match read_saved(target) {
+    let take = LockUse::Take {
+        command: "apply",
+        wait: args.lock_timeout,
+    };
+    let saved = read_saved(target).transpose()?;
+    let mut s = match &saved {
         Some(saved) => {
-            let saved = saved?;
             let current = std::fs::read_to_string(&saved.lock_path).unwrap_or_default();
             if current != saved.lock_text {
                 return Err(Failure::Message(format!(
@@ -489,22 +575,91 @@ pub async fn cmd_apply(
                     saved.lock_path.display()
                 )));
             }
-            let s = session(&saved.fleet_path, &saved.lock_path, true, sim, out).await?;
-            if s.live.fingerprint() != saved.plan.live_fingerprint {
-                return Err(Failure::Message(
-                    "the cluster changed since the plan was saved\n  hint: run `nixgold plan` again and review the new plan".into(),
+            session(&saved.fleet_path, &saved.lock_path, true, sim, take, out).await?
+        }
+        None => session(target, lock, locked, sim, take, out).await?,
+    };
+    let held = s.apply_lock.take();
+    let result = apply_in_session(&s, saved, locked, args, out).await;
+    release(held, out).await;
+    result
+}
+
+/// The saved plan, checked against the cluster and re-derived from its own
+/// fleet and lockfile.
+fn saved_plan_to_apply(s: &Session, saved: SavedPlan) -> Result<Plan, Failure> {
+    if s.live.fingerprint() != saved.plan.live_fingerprint {
+        return Err(Failure::Message(
+            "the cluster changed since the plan was saved\n  hint: run `nixgold plan` again and review the new plan".into(),
+        ));
+    }
+    verify_saved(&compute(s, &saved.options)?, &saved.plan)?;
+    let mut plan = saved.plan;
+    // The lockfile is not part of the serialised plan: the saved text is.
+    plan.lock = crate::lock::Lockfile::parse(&saved.lock_path, &saved.lock_text)?;
+    Ok(plan)
+}
+
+/// Refuses a saved plan unless every change in it is the one the plan's
+/// own fleet, lockfile and the live cluster give now: an edited VMID,
+/// setting or action, an added change or a dropped one is named and
+/// nothing runs. (The cluster and the lockfile are the ones the plan was
+/// made against: their fingerprints were checked before.)
+fn verify_saved(derived: &Plan, saved: &Plan) -> Result<(), Failure> {
+    let refuse = |address: &str, action: plan::Action, why: &str| {
+        Failure::Message(format!(
+            "refusing the saved plan: change `{address}` ({}) {why}\n  hint: the plan file was edited after `nixgold plan --out` (or by another nixgold version); plan again and review it. Nothing was changed.",
+            format!("{action:?}").to_lowercase()
+        ))
+    };
+    for change in &saved.changes {
+        match derived.changes.iter().find(|d| d.address == change.address) {
+            None => {
+                return Err(refuse(
+                    &change.address,
+                    change.action,
+                    "is not justified by the fleet, the lockfile and the cluster",
                 ));
             }
-            let mut plan = saved.plan.clone();
-            // The lockfile is not part of the serialised plan: the saved text is.
-            plan.lock = crate::lock::Lockfile::parse(&saved.lock_path, &saved.lock_text)?;
-            (s, plan, true)
+            Some(d) if d != change => {
+                return Err(refuse(
+                    &change.address,
+                    change.action,
+                    "differs from what the fleet, the lockfile and the cluster give",
+                ));
+            }
+            Some(_) => {}
         }
-        None => {
-            let s = session(target, lock, locked, sim, out).await?;
-            let plan = compute(&s, &args.options)?;
-            (s, plan, false)
-        }
+    }
+    if let Some(missing) = derived
+        .changes
+        .iter()
+        .find(|d| !saved.changes.iter().any(|c| c.address == d.address))
+    {
+        return Err(refuse(
+            &missing.address,
+            missing.action,
+            "was removed from the plan file",
+        ));
+    }
+    if derived.changes != saved.changes || derived.adopted != saved.adopted {
+        return Err(Failure::Message(
+            "refusing the saved plan: its changes are in another order, or its adopted templates differ, from what the fleet, the lockfile and the cluster give\n  hint: plan again and review it. Nothing was changed.".into(),
+        ));
+    }
+    Ok(())
+}
+
+async fn apply_in_session(
+    s: &Session,
+    saved: Option<SavedPlan>,
+    locked: bool,
+    args: &ApplyArgs,
+    out: &Output,
+) -> Result<u8, Failure> {
+    let (plan, saved) = match saved {
+        Some(saved) => (saved_plan_to_apply(s, saved)?, true),
+        None => (compute(s, &args.options)?, false),
     };
     let mut plan = plan;
     if let Some(guest_port) = s.conn.sim_guest_port() {
@@ -518,20 +673,7 @@ pub async fn cmd_apply(
         return Ok(0);
     }
     if !args.auto_approve && !saved {
-        if !std::io::stdin().is_terminal() {
-            return Err(Failure::Message(
-                "refusing to apply without confirmation\n  hint: review the plan and pass --auto-approve (or save it with plan --out and apply the file)".into(),
-            ));
-        }
-        eprint!("\nApply these changes? Only 'yes' is accepted: ");
-        let _ = std::io::stderr().flush();
-        let mut answer = String::new();
-        let _ = std::io::stdin().read_line(&mut answer);
-        if answer.trim() != "yes" {
-            return Err(Failure::Message(
-                "apply cancelled; nothing was changed".into(),
-            ));
-        }
+        confirm()?;
     }
     // Record allocations and pins before touching the cluster.
     plan.lock.write(&s.lock_path, locked)?;
@@ -540,6 +682,9 @@ pub async fn cmd_apply(
     let mut options = ApplyOptions {
         base_dir: s.loaded.path.parent().unwrap_or(Path::new(".")).to_owned(),
         keep_failed_build: args.keep_failed_build,
+        task_timeout: args
+            .task_timeout
+            .unwrap_or(s.loaded.fleet.task_timeout.get()),
         endpoint_host: s.conn.client.endpoint_host(),
         log_dir: Some(
             std::env::var_os("NIXGOLD_LOG_DIR")
@@ -552,8 +697,38 @@ pub async fn cmd_apply(
     }
     let report = apply::apply(&s.conn.client, &plan, options, tx).await;
     let _ = printer.await;
-    // Removed templates leave the lockfile; generations enter it only once
-    // built (or found built and stamped).
+    record_outcome(s, &plan, &report, locked, out)?;
+    print_report(&plan, &report, out)
+}
+
+/// Asks on the terminal; only `yes` goes on.
+fn confirm() -> Result<(), Failure> {
+    if !std::io::stdin().is_terminal() {
+        return Err(Failure::Message(
+            "refusing to apply without confirmation\n  hint: review the plan and pass --auto-approve (or save it with plan --out and apply the file)".into(),
+        ));
+    }
+    eprint!("\nApply these changes? Only 'yes' is accepted: ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    let _ = std::io::stdin().read_line(&mut answer);
+    if answer.trim() != "yes" {
+        return Err(Failure::Message(
+            "apply cancelled; nothing was changed".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Removed templates leave the lockfile; generations enter it only once
+/// built (or found built and stamped).
+fn record_outcome(
+    s: &Session,
+    plan: &Plan,
+    report: &apply::Report,
+    locked: bool,
+    out: &Output,
+) -> Result<(), Failure> {
     let removed: Vec<(&str, u32, &str)> = plan
         .changes
         .iter()
@@ -578,46 +753,36 @@ pub async fn cmd_apply(
         .iter()
         .chain(report.changes.iter().filter_map(|c| c.built.as_ref()))
         .collect();
-    if !built.is_empty() || !removed.is_empty() {
-        let mut lock = plan.lock.clone();
-        for (image, generation, node) in &removed {
-            lock.forget_replica(image, *generation, node);
-        }
-        for r in built {
-            let replicas = replicas_of(&s.desired, &r.image, r.generation);
-            record_build(&mut lock, r, replicas);
-            out.info(&format!(
-                "recorded image.{} generation {} on {} in {}",
-                r.image,
-                r.generation,
-                r.node,
-                s.lock_path.display()
-            ));
-        }
-        lock.write(&s.lock_path, locked)?;
+    if built.is_empty() && removed.is_empty() {
+        return Ok(());
     }
-    let mut failed = 0;
-    for c in &report.changes {
-        let line = match &c.outcome {
-            Outcome::Done => format!("  {} {}: done", c.action.symbol(), c.address),
-            Outcome::Failed { step, error } => {
-                failed += 1;
-                format!(
-                    "  {} {}: FAILED at {step}: {error}",
-                    c.action.symbol(),
-                    c.address
-                )
-            }
-            Outcome::Skipped { because } => {
-                failed += 1;
-                format!("  {} {}: skipped ({because})", c.action.symbol(), c.address)
-            }
-        };
-        if out.json {
-            continue;
-        }
-        println!("{line}");
+    let mut lock = plan.lock.clone();
+    for (image, generation, node) in &removed {
+        lock.forget_replica(image, *generation, node);
     }
+    for r in built {
+        let replicas = replicas_of(&s.desired, &r.image, r.generation);
+        record_build(&mut lock, r, replicas);
+        out.info(&format!(
+            "recorded image.{} generation {} on {} in {}",
+            r.image,
+            r.generation,
+            r.node,
+            s.lock_path.display()
+        ));
+    }
+    lock.write(&s.lock_path, locked)?;
+    Ok(())
+}
+
+/// Each change's outcome (secrets redacted), then the summary; an error
+/// when some change did not complete.
+fn print_report(plan: &Plan, report: &apply::Report, out: &Output) -> Result<u8, Failure> {
+    let failed = report
+        .changes
+        .iter()
+        .filter(|c| c.outcome != Outcome::Done)
+        .count();
     if out.json {
         let items: Vec<serde_json::Value> = report
             .changes
@@ -634,7 +799,22 @@ pub async fn cmd_apply(
                 })
             })
             .collect();
-        println!("{}", serde_json::json!({ "changes": items }));
+        let text = serde_json::json!({ "changes": items }).to_string();
+        println!("{}", crate::redact::redact(&text));
+    } else {
+        for c in &report.changes {
+            let (symbol, address) = (c.action.symbol(), &c.address);
+            let line = match &c.outcome {
+                Outcome::Done => format!("  {symbol} {address}: done"),
+                Outcome::Failed { step, error } => {
+                    format!("  {symbol} {address}: FAILED at {step}: {error}")
+                }
+                Outcome::Skipped { because } => {
+                    format!("  {symbol} {address}: skipped ({because})")
+                }
+            };
+            println!("{}", crate::redact::redact(&line));
+        }
     }
     if failed > 0 {
         return Err(Failure::Message(format!(
@@ -727,7 +907,7 @@ async fn print_events(mut rx: mpsc::UnboundedReceiver<Event>, quiet: bool) {
 }
 
 pub async fn cmd_output(fleet: &Path, lock: &Path, sim: bool, out: &Output) -> Result<u8, Failure> {
-    let s = session(fleet, lock, true, sim, out).await?;
+    let s = session(fleet, lock, true, sim, LockUse::Report, out).await?;
     let mut rows = Vec::new();
     for (vm, stamp) in plan::owned(&s.live, &s.loaded.fleet.fleet) {
         let name = stamp.get("resource").cloned().unwrap_or_default();
@@ -826,4 +1006,118 @@ fn record_build(lock: &mut crate::lock::Lockfile, r: &crate::build::BuildResult,
         },
         replicas,
     );
+}
+
+/// Loads the fleet and connects, for the commands that read no live
+/// state (`rollback`, `force-unlock`).
+async fn connect_only(
+    fleet: &Path,
+    lock_path: &Path,
+    sim: bool,
+    out: &Output,
+) -> Result<(LoadedFleet, Connection), Failure> {
+    let (loaded, lock) = super::load_checked(fleet, lock_path)?;
+    let desired = desired::build(&loaded.fleet, &lock)?;
+    let conn = connect(&loaded, &desired, sim, out).await?;
+    Ok((loaded, conn))
+}
+
+#[derive(Debug, Clone)]
+pub struct RollbackArgs {
+    pub image: String,
+    pub to: Option<u32>,
+    pub lock_timeout: Duration,
+}
+
+/// `rollback`: under the fleet's apply lock (an apply running elsewhere
+/// must not record a generation in between), point an image back at an
+/// older kept generation in the lockfile.
+pub async fn cmd_rollback(
+    fleet: &Path,
+    lock_path: &Path,
+    locked: bool,
+    sim: bool,
+    args: &RollbackArgs,
+    out: &Output,
+) -> Result<u8, Failure> {
+    let (loaded, conn) = connect_only(fleet, lock_path, sim, out).await?;
+    let take = LockUse::Take {
+        command: "rollback",
+        wait: args.lock_timeout,
+    };
+    let held = lock_or_report(&conn.client, &loaded.fleet.fleet, take, out).await?;
+    let result = crate::lock::Lockfile::read_for(lock_path, &loaded.fleet.fleet)
+        .map_err(Failure::from)
+        .and_then(|current| rollback(current, lock_path, locked, args, out));
+    release(held, out).await;
+    result
+}
+
+fn rollback(
+    mut current: crate::lock::Lockfile,
+    lock_path: &Path,
+    locked: bool,
+    args: &RollbackArgs,
+    out: &Output,
+) -> Result<u8, Failure> {
+    let image = &args.image;
+    let entry = current.images.get_mut(image).ok_or_else(|| {
+        Failure::Message(format!(
+            "image `{image}` has no generations in {}",
+            lock_path.display()
+        ))
+    })?;
+    let mut numbers: Vec<u32> = entry.generations.iter().map(|g| g.number).collect();
+    numbers.sort_unstable();
+    let target = match args.to {
+        Some(n) => n,
+        None => numbers
+            .iter()
+            .rev()
+            .copied()
+            .find(|n| *n < entry.current)
+            .ok_or_else(|| {
+                Failure::Message(format!(
+                    "image `{image}` has no generation older than {}",
+                    entry.current
+                ))
+            })?,
+    };
+    if !numbers.contains(&target) {
+        return Err(Failure::Message(format!(
+            "image `{image}` has no kept generation {target}\n  hint: kept generations: {numbers:?}"
+        )));
+    }
+    let from = entry.current;
+    entry.current = target;
+    current.write(lock_path, locked)?;
+    out.info(&format!(
+        "image.{image}: generation {from} -> {target}; new clones use it. Revert the fleet's image changes too, or the next plan builds a new generation from the current fleet."
+    ));
+    Ok(0)
+}
+
+/// `force-unlock ID`: breaks the fleet's apply lock if it is held under ID.
+pub async fn cmd_force_unlock(
+    fleet: &Path,
+    lock_path: &Path,
+    sim: bool,
+    id: &str,
+    out: &Output,
+) -> Result<u8, Failure> {
+    let (loaded, conn) = connect_only(fleet, lock_path, sim, out).await?;
+    let fleet = &loaded.fleet.fleet;
+    let holder = apply_lock::force_unlock(&conn.client, fleet, id).await?;
+    if out.json {
+        println!(
+            "{:#}",
+            serde_json::json!({ "ok": true, "fleet": fleet, "lock_id": holder.id })
+        );
+    } else {
+        println!(
+            "fleet `{fleet}`: broke the apply lock of {}",
+            holder.describe()
+        );
+    }
+    Ok(0)
 }

@@ -21,8 +21,12 @@ use crate::problem::Problem;
 /// Name of the in-memory program that applies the contract to the fleet.
 const WRAPPER_NAME: &str = "<nixgold>";
 
-/// The contract's reason for a secret written in the fleet (schema/fleet.ncl).
-const SECRET_INLINE: &str = "a secret is written inline";
+/// The contract's reasons for a secret written in the fleet
+/// (schema/fleet.ncl): inline, or where a variable's name belongs.
+const SECRET_REASONS: [&str; 2] = [
+    "a secret is written inline",
+    "a secret is written where a variable name belongs",
+];
 
 /// The schema, compiled into the binary so nixgold needs no files at run time.
 pub const SCHEMA_SOURCE: &str = include_str!("../../schema/fleet.ncl");
@@ -65,10 +69,38 @@ impl FleetError {
     }
 }
 
+/// How deeply records and lists may nest in a fleet file. A real fleet
+/// nests about six levels; Nickel's evaluator and export recurse once per
+/// level, so thousands of levels would overflow the stack and abort.
+pub const MAX_NESTING: usize = 200;
+
+/// The stack fleet evaluation runs on: deep enough for any fleet within
+/// [`MAX_NESTING`], and for Nickel code that builds nesting by recursion.
+const EVAL_STACK: usize = 256 << 20;
+
 /// Loads and contract-checks a fleet file. Semantic validation is separate
 /// (`validate::validate`) so it can report every problem at once.
 pub fn load(path: &Path) -> Result<LoadedFleet, FleetError> {
-    let json = evaluate(path, "Fleet")?;
+    if let Ok(text) = std::fs::read_to_string(path)
+        && let Some(problem) = too_deep(path, &text)
+    {
+        return Err(FleetError::Invalid {
+            problems: vec![problem],
+            report: String::new(),
+        });
+    }
+    let json = std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("fleet-eval".into())
+            .stack_size(EVAL_STACK)
+            .spawn_scoped(scope, || evaluate(path, "Fleet"))
+            .map_err(|source| FleetError::Read {
+                path: path.to_owned(),
+                source,
+            })?
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })?;
     let fleet: Fleet =
         serde_json::from_str(&json).map_err(|source| FleetError::Model { source })?;
     Ok(LoadedFleet {
@@ -193,13 +225,100 @@ fn invalid(
             }
         })
         .collect::<Vec<Problem>>();
-    // The snippet of an inline secret would print the secret itself.
-    let report = if problems.iter().any(|p| p.reason == SECRET_INLINE) {
+    // The snippet of a misplaced secret, or of anything written where a
+    // secret reference belongs, may print the secret itself.
+    let report = if problems
+        .iter()
+        .any(|p| SECRET_REASONS.contains(&p.reason.as_str()) || is_secret_field(&p.field))
+    {
         "(source snippet withheld: it contains a secret)".to_owned()
     } else {
         report
     };
     FleetError::Invalid { problems, report }
+}
+
+/// The first place where `text` nests records or lists (`{`, `[`, `(`)
+/// deeper than [`MAX_NESTING`], outside strings and comments.
+fn too_deep(path: &Path, text: &str) -> Option<Problem> {
+    let (mut depth, mut line, mut column) = (0usize, 1usize, 0usize);
+    let mut chars = text.chars();
+    let mut in_string = false;
+    while let Some(c) = chars.next() {
+        column += 1;
+        match c {
+            '\n' => (line, column) = (line + 1, 0),
+            '\\' if in_string => {
+                chars.next();
+                column += 1;
+            }
+            '"' => in_string = !in_string,
+            '#' if !in_string => {
+                // A comment: skip to the end of the line.
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        (line, column) = (line + 1, 0);
+                        break;
+                    }
+                }
+            }
+            '{' | '[' | '(' if !in_string => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Some(Problem {
+                        file: path.to_owned(),
+                        position: Some((line, column)),
+                        field: String::new(),
+                        reason: format!("records and lists nest deeper than {MAX_NESTING} levels"),
+                        hints: vec!["a fleet nests a few levels; flatten the structure".into()],
+                    });
+                }
+            }
+            '}' | ']' | ')' if !in_string => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// True when `field` (`vms.web-01.password.env`) is, or is inside, a field
+/// the schema marks `x-secret`.
+fn is_secret_field(field: &str) -> bool {
+    static PATHS: std::sync::LazyLock<Vec<Vec<String>>> = std::sync::LazyLock::new(|| {
+        let schema: serde_json::Value =
+            serde_json::from_str(&json_schema()).expect("the schema is JSON");
+        let mut paths = Vec::new();
+        secret_paths(&schema, &mut Vec::new(), &mut paths);
+        paths
+    });
+    let segments: Vec<&str> = field.split('.').collect();
+    PATHS.iter().any(|path| {
+        path.len() <= segments.len() && path.iter().zip(&segments).all(|(p, s)| p == "*" || p == s)
+    })
+}
+
+/// Collects the paths of the schema's `x-secret` nodes (`*` for any key or
+/// list index).
+fn secret_paths(node: &serde_json::Value, at: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+    if node.get("x-secret").is_some() {
+        out.push(at.clone());
+        return;
+    }
+    let mut visit = |child: &serde_json::Value, key: &str| {
+        at.push(key.to_owned());
+        secret_paths(child, at, out);
+        at.pop();
+    };
+    if let Some(props) = node.get("properties").and_then(|p| p.as_object()) {
+        for (key, child) in props {
+            visit(child, key);
+        }
+    }
+    for key in ["additionalProperties", "items"] {
+        if let Some(child) = node.get(key).filter(|c| c.is_object()) {
+            visit(child, "*");
+        }
+    }
 }
 
 fn nickel_string_escape(s: &str) -> String {

@@ -8,6 +8,7 @@
 //! [`validate`].
 
 pub mod load;
+mod nixos_rules;
 pub mod validate;
 
 use std::collections::BTreeMap;
@@ -37,6 +38,8 @@ pub struct Fleet {
     pub fleet: String,
     pub proxmox: Proxmox,
     pub vm_vmid_range: Option<VmidRange>,
+    /// How long apply waits for one Proxmox task.
+    pub task_timeout: HumanDuration,
     pub isos: BTreeMap<String, Iso>,
     pub images: BTreeMap<String, Image>,
     pub vms: BTreeMap<String, Vm>,

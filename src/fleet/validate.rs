@@ -35,6 +35,7 @@ pub fn validate(loaded: &LoadedFleet, lock: &Lockfile) -> Vec<Problem> {
     check_sizes(fleet, &mut out);
     check_extra_config(fleet, &mut out);
     check_build_access(fleet, &mut out);
+    super::nixos_rules::check(fleet, &mut out);
     // Report in field order, so problems read top to bottom like the file.
     out.list.sort_by(|a, b| a.field.cmp(&b.field));
     out.list
@@ -84,13 +85,13 @@ fn check_extra_config(fleet: &Fleet, out: &mut Problems) {
     }
 }
 
-struct Problems<'a> {
+pub(super) struct Problems<'a> {
     file: &'a Path,
     list: Vec<Problem>,
 }
 
 impl Problems<'_> {
-    fn push(
+    pub(super) fn push(
         &mut self,
         field: impl Into<String>,
         reason: impl Into<String>,

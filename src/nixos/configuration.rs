@@ -67,11 +67,12 @@ pub fn configuration_nix(name: &str, image: &Image) -> String {
             gateway,
             dns,
         } => {
+            let iface = nix_str(interface);
             let _ = writeln!(
                 out,
-                "  networking.useDHCP = false;\n  networking.interfaces.{}.ipv4.addresses = [\n    {{ address = {}; prefixLength = {}; }}\n  ];\n  \
-                 networking.defaultGateway = {};\n  networking.nameservers = [ {}];",
-                nix_str(interface),
+                "  networking.useDHCP = false;\n  networking.interfaces.{iface}.ipv4.addresses = [\n    {{ address = {}; prefixLength = {}; }}\n  ];\n  \
+                 # networkd needs the gateway's interface (network-interfaces-systemd.nix).\n  \
+                 networking.defaultGateway = {{ address = {}; interface = {iface}; }};\n  networking.nameservers = [ {}];",
                 nix_str(&address.addr().to_string()),
                 address.prefix_len(),
                 nix_str(&gateway.to_string()),

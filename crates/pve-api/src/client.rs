@@ -592,6 +592,39 @@ impl Client {
             .await
     }
 
+    // ----- pools ------------------------------------------------------------
+
+    /// A resource pool (`GET /pools/{poolid}`; the per-id form every PVE
+    /// version since 4 serves). A missing pool is [`ApiError::NotFound`].
+    pub async fn pool(&self, poolid: &str) -> Result<PoolInfo, ApiError> {
+        self.call(Method::Get, &format!("/pools/{}", seg(poolid)), vec![])
+            .await
+    }
+
+    /// Creates a pool. Proxmox creates a pool id once cluster-wide: a second
+    /// create fails with "pool '…' already exists".
+    pub async fn create_pool(&self, poolid: &str, comment: &str) -> Result<(), ApiError> {
+        let params = vec![p("poolid", poolid), p("comment", comment)];
+        let _: Value = self.call(Method::Post, "/pools", params).await?;
+        Ok(())
+    }
+
+    /// Replaces a pool's comment.
+    pub async fn set_pool_comment(&self, poolid: &str, comment: &str) -> Result<(), ApiError> {
+        let path = format!("/pools/{}", seg(poolid));
+        let _: Value = self
+            .call(Method::Put, &path, vec![p("comment", comment)])
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes an empty pool.
+    pub async fn delete_pool(&self, poolid: &str) -> Result<(), ApiError> {
+        let path = format!("/pools/{}", seg(poolid));
+        let _: Value = self.call(Method::Delete, &path, vec![]).await?;
+        Ok(())
+    }
+
     /// Grows `disk` to `size` (`40G`, or `+10G`). Asynchronous since PVE 8.
     pub async fn resize(
         &self,
@@ -840,7 +873,8 @@ impl Client {
             })
     }
 
-    async fn log_tail(&self, upid: &Upid, lines: u64) -> Vec<String> {
+    /// The last `lines` lines of a task's log (empty when it cannot be read).
+    pub async fn log_tail(&self, upid: &Upid, lines: u64) -> Vec<String> {
         let Ok((_, total)) = self.task_log(upid, 0, 1).await else {
             return Vec::new();
         };

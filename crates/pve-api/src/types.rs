@@ -339,3 +339,12 @@ pub struct AgentExit {
     pub out: String,
     pub err: String,
 }
+
+/// `GET /pools/{poolid}`: a resource pool's comment and members.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct PoolInfo {
+    #[serde(default)]
+    pub comment: Option<String>,
+    #[serde(default)]
+    pub members: Vec<Value>,
+}

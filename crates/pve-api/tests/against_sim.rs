@@ -17,6 +17,9 @@ use pve_sim::{
 
 const TOKEN: &str = "root@pam!nixgold=5b0a2c1e-0d1f-4c6e-9a27-4f1f3e2d9c10";
 const PASSWORD: &str = "battery staple";
+/// A well-formed public key: the simulator checks keys as `ssh-keygen -l` would.
+const SSH_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIF4uCRRocy7VnWKg3xDEVQ9/84PtcagPU5KyqtjJnFsK";
 
 struct Env {
     sim: Simulator,
@@ -374,7 +377,7 @@ async fn exercise_every_method(c: &Client) {
             ("ciuser", "ops"),
             (
                 "sshkeys",
-                &pve_api::property::encode_sshkeys(["ssh-ed25519 AAAA ops@x"]),
+                &pve_api::property::encode_sshkeys([format!("{SSH_KEY} ops@x").as_str()]),
             ),
             ("ipconfig0", "ip=10.0.0.5/24,gw=10.0.0.1"),
             ("nameserver", "1.1.1.1"),

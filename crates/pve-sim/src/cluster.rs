@@ -59,6 +59,10 @@ pub struct StorageSpec {
     /// Nodes that have this storage; all when absent.
     #[serde(default)]
     pub nodes: Option<Vec<String>>,
+    /// A zfspool's `sparse` option (pve-storage `ZFSPoolPlugin.pm`):
+    /// volumes are created without a reservation (`zfs create -s`).
+    #[serde(default)]
+    pub sparse: bool,
 }
 
 impl StorageSpec {
@@ -67,6 +71,17 @@ impl StorageSpec {
             self.plugin.as_str(),
             "dir" | "nfs" | "cephfs" | "cifs" | "glusterfs"
         )
+    }
+
+    /// Thin storage over-commits: volumes take space as data is written.
+    /// LVM-thin, RBD and files always; ZFS only when `sparse`; plain LVM
+    /// and ZFS reserve the whole size.
+    pub fn is_thin(&self) -> bool {
+        match self.plugin.as_str() {
+            "lvm" => false,
+            "zfspool" => self.sparse,
+            _ => true,
+        }
     }
 
     /// Linked clones need copy-on-write: thin LVM, ZFS, RBD, or qcow2 files.
@@ -120,6 +135,7 @@ impl Default for ClusterSpec {
                     shared: false,
                     capacity: 100 << 30,
                     nodes: None,
+                    sparse: false,
                 },
                 StorageSpec {
                     id: "local-lvm".to_owned(),
@@ -128,6 +144,7 @@ impl Default for ClusterSpec {
                     shared: false,
                     capacity: 200 << 30,
                     nodes: None,
+                    sparse: false,
                 },
                 StorageSpec {
                     id: "tank".to_owned(),
@@ -136,6 +153,7 @@ impl Default for ClusterSpec {
                     shared: false,
                     capacity: 2 << 40,
                     nodes: None,
+                    sparse: false,
                 },
             ],
             vms: Vec::new(),
@@ -162,6 +180,7 @@ impl ClusterSpec {
             shared: true,
             capacity: 100 << 40,
             nodes: None,
+            sparse: false,
         });
         spec
     }

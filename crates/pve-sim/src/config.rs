@@ -132,17 +132,7 @@ impl VmConfig {
     pub fn to_api_json(&self, current: bool) -> Value {
         let mut map = Map::new();
         for (k, v) in self.effective(current) {
-            let value = if k == "cipassword" {
-                Value::String("**********".to_owned())
-            } else if k == "description" {
-                Value::String(v.trim_end().to_owned())
-            } else if INT_KEYS.contains(&k.as_str()) || BOOL_KEYS.contains(&k.as_str()) {
-                v.parse::<i64>()
-                    .map(Value::from)
-                    .unwrap_or(Value::String(v))
-            } else {
-                Value::String(v)
-            };
+            let value = api_value(&k, &v);
             map.insert(k, value);
         }
         map.insert("digest".to_owned(), Value::String(self.digest()));
@@ -152,6 +142,23 @@ impl VmConfig {
     /// Disk keys (drives with a volume) in key order.
     pub fn drives(&self) -> impl Iterator<Item = (&String, &String)> {
         self.values.iter().filter(|(k, _)| is_drive_key(k))
+    }
+}
+
+/// One stored value as the API shows it: qemu-server's `check_type` makes
+/// integer and boolean keys numbers when it parses the file; `cipassword`
+/// is masked; a description loses its trailing whitespace.
+pub fn api_value(key: &str, v: &str) -> Value {
+    if key == "cipassword" {
+        Value::String("**********".to_owned())
+    } else if key == "description" {
+        Value::String(v.trim_end().to_owned())
+    } else if INT_KEYS.contains(&key) || BOOL_KEYS.contains(&key) {
+        v.parse::<i64>()
+            .map(Value::from)
+            .unwrap_or_else(|_| Value::String(v.to_owned()))
+    } else {
+        Value::String(v.to_owned())
     }
 }
 
@@ -232,22 +239,7 @@ fn normalise_bool(v: &str) -> Option<&'static str> {
     }
 }
 
-const NIC_MODELS: &[&str] = &[
-    "e1000",
-    "e1000-82540em",
-    "e1000-82544gc",
-    "e1000-82545em",
-    "e1000e",
-    "i82551",
-    "i82557b",
-    "i82559er",
-    "ne2k_isa",
-    "ne2k_pci",
-    "pcnet",
-    "rtl8139",
-    "virtio",
-    "vmxnet3",
-];
+use crate::formats::NIC_MODELS;
 
 /// Canonical `netN`: `model=MAC` first (a MAC is generated when missing),
 /// then the other keys sorted with booleans as 0/1.

@@ -12,16 +12,20 @@
 //! Each booted guest runs an SSH server (russh) on 127.0.0.1 that accepts
 //! only public keys listed in root's `authorized_keys` as the typed commands
 //! left it, and checks what it is asked to run: uploads with `cat > FILE`,
-//! the install script (partition → format → mount → nixos-generate-config
-//! → nixos-install, in that order) against a `configuration.nix` that must
-//! parse, then — after `reboot` into the installed system — verification,
-//! clean-up and `poweroff`. Anything else is "command not found".
+//! the install script (only programs the installer ISO has; partition →
+//! format → mount → nixos-generate-config → nixos-install, in that order)
+//! against a `configuration.nix` that NixOS must accept — decided by the
+//! NixOS facts in [`crate::nixos`], which also give the installed system
+//! its `PATH` and units — then, after `reboot` into the installed system,
+//! verification, clean-up and `poweroff`. A program NixOS did not put on
+//! `PATH` is "command not found" (exit 127), as in bash.
 //!
 //! Deliberately an approximation of a shell: it accepts the forms nixgold
 //! and the README document, and rejects the rest loudly.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use russh::server::{Auth, Handler, Msg, Server as _, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId};
@@ -48,9 +52,23 @@ pub struct Installed {
     pub machine_id_empty: bool,
     pub host_keys: bool,
     pub cloud_init_clean: bool,
-    /// The configuration enabled qemu-guest-agent.
+    /// What NixOS built from the configuration: programs on `PATH`, units.
     #[serde(default)]
-    pub guest_agent: bool,
+    pub system: crate::nixos::System,
+}
+
+impl Installed {
+    /// `systemctl is-active UNIT` on the VM `vm` this system boots on,
+    /// `settle` after boot its oneshot units have finished.
+    pub fn unit_state(&self, unit: &str, vm: &crate::state::Vm, settle: Duration) -> &'static str {
+        let hw = crate::nixos::Hardware {
+            agent_port: crate::handlers::agent_enabled(&vm.config),
+            cloud_init_drive: vm.config.drives().any(|(_, v)| v.contains("cloudinit")),
+            settled: crate::state::now_ms().saturating_sub(vm.started_ms)
+                >= settle.as_millis() as u64,
+        };
+        self.system.unit_state(unit, hw)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,17 +232,27 @@ impl Guests {
     }
 }
 
-/// What booting a VM finds: the installed system, or the installer ISO.
-fn boot_mode(vm: &crate::state::Vm) -> Option<(Mode, String)> {
+/// What booting a VM finds: the installed system, or the installer ISO —
+/// named by the URL it was downloaded from (what the file *is*: the
+/// release its name carries there), else by its volume name.
+fn boot_mode(
+    vm: &crate::state::Vm,
+    volumes: &std::collections::BTreeMap<String, crate::state::Volume>,
+) -> Option<(Mode, String)> {
     if vm.installed.is_some() {
         return Some((Mode::Installed, String::new()));
     }
-    vm.config
+    let iso = vm
+        .config
         .drives()
         .filter(|(_, v)| v.contains("media=cdrom"))
         .filter_map(|(_, v)| v.split(',').next())
-        .find(|f| f.contains(":iso/") && f.to_ascii_lowercase().contains("nixos"))
-        .map(|iso| (Mode::Installer, iso.to_owned()))
+        .find(|f| f.contains(":iso/") && f.to_ascii_lowercase().contains("nixos"))?;
+    let source = volumes
+        .values()
+        .find(|v| v.volid == iso)
+        .and_then(|v| v.source_url.clone());
+    Some((Mode::Installer, source.unwrap_or_else(|| iso.to_owned())))
 }
 
 /// Brings guests in line with the VMs' power state and feeds typed keys
@@ -234,13 +262,14 @@ pub(crate) async fn sync(inner: &Arc<Inner>) {
     let mut to_boot = Vec::new();
     let mut lines: Vec<(u32, String)> = Vec::new();
     {
-        let mut state = inner.state.lock().expect("state");
-        state.advance(&inner.opts);
+        let mut guard = inner.state.lock().expect("state");
+        guard.advance(&inner.opts);
+        let state = &mut *guard;
         let mut guests = inner.guests.running.lock().expect("guests");
         guests.retain(|vmid, _| state.vms.get(vmid).is_some_and(|vm| vm.running));
         for (vmid, vm) in state.vms.iter_mut().filter(|(_, vm)| vm.running) {
             let Some(runtime) = guests.get_mut(vmid) else {
-                if let Some((mode, iso)) = boot_mode(vm) {
+                if let Some((mode, iso)) = boot_mode(vm, &state.volumes) {
                     to_boot.push((*vmid, mode, iso, vm.started_ms));
                 }
                 continue;
@@ -777,7 +806,15 @@ pub(crate) fn agent_ready(
     }
     match inner.guests.running.lock().expect("guests").get(&vmid) {
         Some(g) if g.mode == Mode::Installer => Err(not_running()),
-        Some(_) if !vm.installed.as_ref().is_some_and(|i| i.guest_agent) => Err(not_running()),
+        // The installed system's agent runs only if its configuration
+        // enables the unit (and the VM has the agent's port).
+        Some(_)
+            if vm.installed.as_ref().is_none_or(|i| {
+                i.unit_state("qemu-guest-agent", vm, Duration::ZERO) != "active"
+            }) =>
+        {
+            Err(not_running())
+        }
         _ => Ok(()),
     }
 }
@@ -954,6 +991,38 @@ fn execute(inner: &Arc<Inner>, vmid: u32, command: &str, stdin: &str) -> (u32, S
     (0, output, after)
 }
 
+/// What running the install script would hit first: a program the
+/// installer ISO does not have on `PATH` (bash's message, exit 127), or the
+/// install steps out of order. Prints the steps it passes.
+fn check_install_script(path: &str, script: &str, out: &mut String) -> Result<(), u32> {
+    let missing = crate::nixos::script_programs(script)
+        .into_iter()
+        .find(|p| !crate::nixos::facts::INSTALLER_PROGRAMS.contains(&p.as_str()));
+    if let Some(program) = missing {
+        let line = script
+            .lines()
+            .position(|l| l.split_whitespace().any(|w| w == program))
+            .map_or(1, |n| n + 1);
+        out.push_str(&format!(
+            "{path}: line {line}: {program}: command not found\n"
+        ));
+        return Err(127);
+    }
+    // Each step must appear after the previous one.
+    let mut last = 0;
+    for (step, marker) in INSTALL_STEPS {
+        let Some(at) = script[last..].find(marker) else {
+            out.push_str(&format!(
+                "install script: step `{step}` ({marker}) is missing or out of order\n"
+            ));
+            return Err(1);
+        };
+        last += at + marker.len();
+        out.push_str(&format!("[nixgold] {step}\n"));
+    }
+    Ok(())
+}
+
 fn execute_one(
     inner: &Arc<Inner>,
     vmid: u32,
@@ -978,37 +1047,27 @@ fn execute_one(
     match (mode, cmd) {
         (Mode::Installer, c) if c.starts_with("bash ") => {
             let args: Vec<&str> = c.split_whitespace().collect();
-            let (Some(script), Some(config)) = (args.get(1), args.get(2)) else {
+            let (Some(path), Some(config)) = (args.get(1), args.get(2)) else {
                 out.push_str("usage: bash SCRIPT CONFIGURATION_NIX\n");
                 return 2;
             };
             let (Some(script), Some(config)) =
-                (g.files.get(*script).cloned(), g.files.get(*config).cloned())
+                (g.files.get(*path).cloned(), g.files.get(*config).cloned())
             else {
                 out.push_str("bash: no such file\n");
                 return 127;
             };
-            // Each step must appear after the previous one.
-            let mut last = 0;
-            for (step, marker) in INSTALL_STEPS {
-                match script[last..].find(marker) {
-                    Some(at) => {
-                        last += at + marker.len();
-                        out.push_str(&format!("[nixgold] {step}\n"));
-                    }
-                    _ => {
-                        out.push_str(&format!(
-                            "install script: step `{step}` ({marker}) is missing or out of order\n"
-                        ));
-                        return 1;
-                    }
+            if let Err(code) = check_install_script(path, &script, out) {
+                return code;
+            }
+            let system = match crate::nixos::evaluate(&config) {
+                Ok(system) => system,
+                Err(e) => {
+                    out.push_str(&e.text);
+                    out.push('\n');
+                    return 1;
                 }
-            }
-            let errors = rnix::Root::parse(&config).errors().to_vec();
-            if let Some(e) = errors.first() {
-                out.push_str(&format!("error: syntax error in configuration.nix: {e}\n"));
-                return 1;
-            }
+            };
             let version = version_from_iso(&g.iso);
             let digest: String = Sha256::digest(config.as_bytes())
                 .iter()
@@ -1024,7 +1083,6 @@ fn execute_one(
                 Vec::new()
             };
             drop(guests);
-            let guest_agent = config.contains("services.qemuGuest.enable = true;");
             let installed = Installed {
                 nixos_version: version.clone(),
                 system_path: format!("/nix/store/{digest}-nixos-system-nixos-{version}"),
@@ -1032,7 +1090,7 @@ fn execute_one(
                 machine_id_empty: false,
                 host_keys: true,
                 cloud_init_clean: false,
-                guest_agent,
+                system,
             };
             if let Some(vm) = inner.state.lock().expect("state").vms.get_mut(&vmid) {
                 vm.installed = Some(installed);
@@ -1051,41 +1109,76 @@ fn execute_one(
         (Mode::Installed, c) => {
             drop(guests);
             let mut state = inner.state.lock().expect("state");
-            let Some(installed) = state
-                .vms
-                .get_mut(&vmid)
-                .and_then(|vm| vm.installed.as_mut())
-            else {
-                return 255;
-            };
-            match c {
-                "nixos-version" => {
-                    out.push_str(&format!("{} (Simulated)\n", installed.nixos_version))
-                }
-                "readlink -f /run/current-system" => {
-                    out.push_str(&format!("{}\n", installed.system_path))
-                }
-                c if c.starts_with("systemctl is-active") => {
-                    for _ in c.split_whitespace().skip(2) {
-                        out.push_str("active\n");
-                    }
-                }
-                "truncate -s 0 /etc/machine-id" => installed.machine_id_empty = true,
-                "rm -f /etc/ssh/ssh_host_*" => installed.host_keys = false,
-                "cloud-init clean --logs" => installed.cloud_init_clean = true,
-                "rm -f /root/.ssh/authorized_keys" => installed.root_keys.clear(),
-                other => {
-                    out.push_str(&format!("{other}: command not found\n"));
-                    return 127;
-                }
+            match state.vms.get_mut(&vmid) {
+                Some(vm) => installed_command(vm, c, inner.opts.units_settle, out),
+                None => 255,
             }
-            0
         }
         (Mode::Installer, other) => {
             out.push_str(&format!("{other}: command not found\n"));
             127
         }
     }
+}
+
+/// The program a command line runs: its first word, without the system
+/// profile's directory.
+fn program_of(cmd: &str) -> &str {
+    let first = cmd.split_whitespace().next().unwrap_or_default();
+    first
+        .strip_prefix("/run/current-system/sw/bin/")
+        .unwrap_or(first)
+}
+
+/// One SSH command on the installed system: programs NixOS did not put on
+/// `PATH` are not found, as in bash (exit 127).
+fn installed_command(
+    vm: &mut crate::state::Vm,
+    cmd: &str,
+    settle: Duration,
+    out: &mut String,
+) -> u32 {
+    let Some(installed) = vm.installed.as_ref() else {
+        return 255;
+    };
+    let program = program_of(cmd);
+    if !installed.system.has_program(program) {
+        out.push_str(&format!("bash: line 1: {program}: command not found\n"));
+        return 127;
+    }
+    if let Some(units) = cmd.strip_prefix("systemctl is-active ") {
+        let states: Vec<&str> = units
+            .split_whitespace()
+            .map(|u| installed.unit_state(u, vm, settle))
+            .collect();
+        for state in &states {
+            out.push_str(state);
+            out.push('\n');
+        }
+        // systemctl(1): 0 when at least one of the units is active.
+        return if states.contains(&"active") { 0 } else { 3 };
+    }
+    let Some(installed) = vm.installed.as_mut() else {
+        return 255;
+    };
+    match cmd {
+        "nixos-version" => out.push_str(&format!("{} (Simulated)\n", installed.nixos_version)),
+        "readlink -f /run/current-system" => out.push_str(&format!("{}\n", installed.system_path)),
+        "truncate -s 0 /etc/machine-id" => installed.machine_id_empty = true,
+        "rm -f /etc/ssh/ssh_host_*" => installed.host_keys = false,
+        // What `cloud-init clean --logs` removes (canonical/cloud-init:
+        // cloudinit/cmd/clean.py `remove_artifacts`:
+        // the logs and the cloud_dir), by path, or cloud-init itself when
+        // the configuration put it on PATH.
+        "rm -rf /var/lib/cloud /var/log/cloud-init.log /var/log/cloud-init-output.log"
+        | "cloud-init clean --logs" => installed.cloud_init_clean = true,
+        "rm -f /root/.ssh/authorized_keys" => installed.root_keys.clear(),
+        other => {
+            out.push_str(&format!("{other}: not supported by the simulated guest\n"));
+            return 127;
+        }
+    }
+    0
 }
 
 #[cfg(test)]

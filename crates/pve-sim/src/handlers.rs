@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde_json::{Value, json};
 
 use crate::auth::Identity;
-use crate::config::{PropertyString, VmConfig, is_drive_key, net_mac};
+use crate::config::{PropertyString, VmConfig, api_value, is_drive_key, net_mac};
 use crate::options::SimOptions;
 use crate::params::split_list;
 use crate::routes::RouteId;
@@ -26,7 +26,7 @@ pub struct Call<'a> {
 }
 
 impl Call<'_> {
-    fn get(&self, name: &str) -> Option<&str> {
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
         self.params.get(name).map(String::as_str)
     }
 
@@ -72,7 +72,19 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
     use RouteId::*;
     if !matches!(
         route,
-        Version | ClusterResources | ClusterNextid | Nodes | TicketGet | TicketPost
+        Version
+            | ClusterResources
+            | ClusterNextid
+            | Nodes
+            | TicketGet
+            | TicketPost
+            | PoolIndex
+            | PoolCreate
+            | PoolUpdate
+            | PoolDelete
+            | PoolRead
+            | PoolUpdateById
+            | PoolDeleteById
     ) {
         state.check_node(call.node())?;
     }
@@ -200,6 +212,11 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
             state.stop_task(&upid);
             Ok(Value::Null)
         }
+        PoolIndex => crate::pools::list(state, call),
+        PoolRead => crate::pools::read(state, call),
+        PoolCreate => crate::pools::create(state, call),
+        PoolUpdate | PoolUpdateById => crate::pools::update(state, call),
+        PoolDelete | PoolDeleteById => crate::pools::delete(state, call),
         TicketGet => Ok(Value::Null),
         TicketPost => unreachable!("the server answers /access/ticket itself"),
     }
@@ -345,23 +362,53 @@ fn storage_content(state: &State, call: &Call) -> ApiResult {
         .volumes_on(&spec, node)
         .filter(|v| call.get("content").is_none_or(|c| c == v.content))
         .filter(|v| vmid.is_none() || v.vmid == vmid)
-        .map(|v| {
-            let mut item = json!({
-                "volid": v.volid, "content": v.content, "format": v.format, "size": v.size, "ctime": v.ctime,
-            });
-            let obj = item.as_object_mut().expect("object");
-            if let Some(id) = v.vmid {
-                obj.insert("vmid".into(), json!(id));
-                obj.insert("used".into(), json!(0));
-            }
-            if let Some(parent) = &v.parent {
-                obj.insert("parent".into(), json!(parent));
-            }
-            item
-        })
+        .map(|v| content_item(&spec, v))
         .collect();
     items.sort_by(|a, b| a["volid"].as_str().cmp(&b["volid"].as_str()));
     Ok(Value::Array(items))
+}
+
+/// One content listing entry with the fields the storage plugin's
+/// `list_images` returns (pve-storage; `API2/Storage/Content.pm` `index`
+/// makes `size`, `used` and `vmid` integers): LVM gives `ctime` and no
+/// parent (an LVM-thin linked clone cannot be told from a full one); ZFS
+/// and RBD give the bare `name` and a `parent` snapshot
+/// (`base-9000-disk-0@__base__`) but no `ctime`; files give `used` (what
+/// is really allocated), `ctime` and the base file as `parent`.
+fn content_item(spec: &crate::cluster::StorageSpec, v: &crate::state::Volume) -> Value {
+    let mut item = json!({
+        "volid": v.volid, "content": v.content, "format": v.format, "size": v.size,
+    });
+    let obj = item.as_object_mut().expect("object");
+    if let Some(id) = v.vmid {
+        obj.insert("vmid".into(), json!(id));
+    }
+    let base_name = |base: &str| base.split_once(':').map_or(base, |(_, n)| n).to_owned();
+    match spec.plugin.as_str() {
+        "zfspool" | "rbd" if v.vmid.is_some() => {
+            let name = v.volid.rsplit(['/', ':']).next().unwrap_or_default();
+            obj.insert("name".into(), json!(name));
+            if let Some(base) = &v.parent {
+                obj.insert(
+                    "parent".into(),
+                    json!(format!("{}@__base__", base_name(base))),
+                );
+            }
+        }
+        "lvm" | "lvmthin" => {
+            obj.insert("ctime".into(), json!(v.ctime));
+        }
+        _ => {
+            obj.insert("ctime".into(), json!(v.ctime));
+            if v.vmid.is_some() {
+                obj.insert("used".into(), json!(v.written));
+            }
+            if let Some(base) = &v.parent {
+                obj.insert("parent".into(), json!(format!("../{}", base_name(base))));
+            }
+        }
+    }
+    item
 }
 
 fn download_url(state: &mut State, opts: &SimOptions, call: &Call) -> ApiResult {
@@ -517,6 +564,16 @@ fn check_config_values(
     node: &str,
     values: &BTreeMap<String, String>,
 ) -> Result<(), ApiError> {
+    if let Some(keys) = values.get("sshkeys") {
+        let decoded = percent_encoding::percent_decode_str(keys).decode_utf8_lossy();
+        if !decoded
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .all(is_ssh_public_key)
+        {
+            return Err(ApiError::fail("SSH public key validation error"));
+        }
+    }
     let mut errors = BTreeMap::new();
     let bridges = state
         .spec
@@ -531,11 +588,26 @@ fn check_config_values(
         {
             errors.insert(k.clone(), format!("bridge '{bridge}' does not exist"));
         }
-        if is_drive_key(k)
-            && let Ok(ps) = PropertyString::parse(v, "file")
-            && let Some((storage, _)) = ps.head.as_deref().and_then(|f| f.split_once(':'))
-            && let Err(e) = state.storage_spec_on(storage, node)
-        {
+        let Some((storage, volname)) = is_drive_key(k)
+            .then(|| PropertyString::parse(v, "file").ok()?.head)
+            .flatten()
+            .and_then(|f| f.split_once(':').map(|(s, n)| (s.to_owned(), n.to_owned())))
+        else {
+            continue;
+        };
+        // `$check_storage_access` in qemu-server `API2/Qemu.pm`, before
+        // the worker: a new disk's storage must exist (`storage_config`
+        // dies) and hold images.
+        let new_disk = volname != "cloudinit"
+            && !volname.is_empty()
+            && volname.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+        if new_disk && !state.storage_spec(&storage)?.has_content("images") {
+            return Err(ApiError::param(
+                "storage",
+                format!("storage '{storage}' does not support vm images"),
+            ));
+        }
+        if let Err(e) = state.storage_spec_on(&storage, node) {
             errors.insert(k.clone(), e.message);
         }
     }
@@ -544,6 +616,35 @@ fn check_config_values(
     } else {
         Err(ApiError::params(errors))
     }
+}
+
+/// What `ssh-keygen -l` accepts in pve-common's
+/// `validate_ssh_public_keys`: an authorized_keys line (options allowed
+/// before the key) whose base64 blob starts with its own key type.
+fn is_ssh_public_key(line: &str) -> bool {
+    use base64::Engine;
+    const TYPES: &[&str] = &[
+        "ssh-ed25519",
+        "ssh-rsa",
+        "ssh-dss",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+        "sk-ssh-ed25519@openssh.com",
+        "sk-ecdsa-sha2-nistp256@openssh.com",
+    ];
+    let words: Vec<&str> = line.split_whitespace().collect();
+    words.windows(2).any(|pair| {
+        TYPES.contains(&pair[0])
+            && base64::engine::general_purpose::STANDARD
+                .decode(pair[1])
+                .is_ok_and(|blob| {
+                    let name = pair[0].as_bytes();
+                    blob.len() > 4 + name.len()
+                        && blob[..4] == (name.len() as u32).to_be_bytes()
+                        && &blob[4..4 + name.len()] == name
+                })
+    })
 }
 
 fn destroy(state: &mut State, opts: &SimOptions, call: &Call) -> ApiResult {
@@ -660,6 +761,9 @@ fn config_write(state: &mut State, opts: &SimOptions, call: &Call, is_async: boo
     }
 }
 
+/// `GET …/pending`: `config_with_pending_array` (pve-guest-common
+/// `GuestHelpers.pm`) over the loaded config, so the `digest` the loader
+/// adds is a row too; values typed as `check_type` parsed them.
 fn pending(config: &VmConfig) -> Value {
     let mut keys: Vec<&String> = config
         .values
@@ -669,32 +773,25 @@ fn pending(config: &VmConfig) -> Value {
         .collect();
     keys.sort();
     keys.dedup();
-    Value::Array(
-        keys.into_iter()
-            .filter(|k| k.as_str() != "lock" || config.values.contains_key("lock"))
-            .map(|k| {
-                let mut e = json!({ "key": k });
-                let obj = e.as_object_mut().expect("object");
-                let mask = |v: &str| {
-                    if k == "cipassword" {
-                        "**********".to_owned()
-                    } else {
-                        v.to_owned()
-                    }
-                };
-                if let Some(v) = config.values.get(k) {
-                    obj.insert("value".into(), json!(mask(v)));
-                }
-                if let Some(v) = config.pending.get(k) {
-                    obj.insert("pending".into(), json!(mask(v)));
-                }
-                if config.pending_delete.contains(k) {
-                    obj.insert("delete".into(), json!(1));
-                }
-                e
-            })
-            .collect(),
-    )
+    let mut rows: Vec<Value> = keys
+        .into_iter()
+        .map(|k| {
+            let mut e = json!({ "key": k });
+            let obj = e.as_object_mut().expect("object");
+            if let Some(v) = config.values.get(k) {
+                obj.insert("value".into(), api_value(k, v));
+            }
+            if let Some(v) = config.pending.get(k) {
+                obj.insert("pending".into(), api_value(k, v));
+            }
+            if config.pending_delete.contains(k) {
+                obj.insert("delete".into(), json!(1));
+            }
+            e
+        })
+        .collect();
+    rows.push(json!({ "key": "digest", "value": config.digest() }));
+    Value::Array(rows)
 }
 
 fn power(state: &mut State, opts: &SimOptions, call: &Call, route: RouteId) -> ApiResult {

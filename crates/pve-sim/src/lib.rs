@@ -16,10 +16,13 @@
 mod auth;
 pub mod cluster;
 mod config;
+pub mod formats;
 pub mod guest;
 mod handlers;
+pub mod nixos;
 pub mod options;
 pub mod params;
+pub mod pools;
 pub mod routes;
 mod server;
 pub mod state;

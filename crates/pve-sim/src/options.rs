@@ -43,6 +43,10 @@ pub struct SimOptions {
     pub resources_lag: Duration,
     /// How long after start the guest agent answers.
     pub agent_delay: Duration,
+    /// How long the installed system's oneshot units (cloud-init's) run
+    /// after boot: until then `systemctl is-active` says `activating`, as
+    /// systemd does for a `Type=oneshot` unit whose process has not exited.
+    pub units_settle: Duration,
     /// How long an installer ISO takes to boot to its console; keys typed
     /// earlier are lost.
     pub guest_boot: Duration,
@@ -85,6 +89,7 @@ impl Default for SimOptions {
             auth_failure_delay: Duration::from_secs(3),
             resources_lag: Duration::from_secs(2),
             agent_delay: Duration::from_secs(3),
+            units_settle: Duration::from_secs(5),
             guest_boot: Duration::from_secs(8),
             guest_ssh_port: 22,
             remote_files: BTreeMap::new(),
@@ -105,6 +110,7 @@ impl SimOptions {
             auth_failure_delay: Duration::ZERO,
             resources_lag: Duration::ZERO,
             agent_delay: Duration::ZERO,
+            units_settle: Duration::ZERO,
             guest_boot: Duration::ZERO,
             ..SimOptions::default()
         }

@@ -67,6 +67,8 @@ pub enum Format {
     UrlEncoded,
     AddressList,
     PoolId,
+    /// A QEMU property string checked field by field ([`crate::formats`]).
+    Qm(crate::formats::QmFormat),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -164,7 +166,7 @@ pub fn validate(params: &[Param], given: &BTreeMap<String, String>) -> BTreeMap<
                 );
             }
             Some(param) => {
-                if let Err(reason) = check_value(param, value) {
+                if let Err(reason) = check_value(param, name, value) {
                     errors.insert(name.clone(), reason);
                 }
             }
@@ -211,7 +213,7 @@ where
     Ok(())
 }
 
-fn check_value(param: &Param, value: &str) -> Result<(), String> {
+fn check_value(param: &Param, name: &str, value: &str) -> Result<(), String> {
     match param.kind {
         Kind::Integer { min, max } => check_range(value, "integer", min, max)?,
         Kind::Number { min, max } => check_range(value, "number", min, max)?,
@@ -241,7 +243,7 @@ fn check_value(param: &Param, value: &str) -> Result<(), String> {
                 Err("value does not match the regex pattern".to_owned())
             }
         }
-        Check::Format(format) => check_format(format, value),
+        Check::Format(format) => check_format(format, name, value),
     }
 }
 
@@ -276,7 +278,7 @@ pub fn is_dns_label(s: &str) -> bool {
         && b[b.len() - 1] != b'-'
 }
 
-fn check_format(format: Format, value: &str) -> Result<(), String> {
+fn check_format(format: Format, name: &str, value: &str) -> Result<(), String> {
     let ok = match format {
         Format::PveNode => is_dns_label(value),
         Format::PveStorageId | Format::PoolId => {
@@ -303,6 +305,7 @@ fn check_format(format: Format, value: &str) -> Result<(), String> {
             .bytes()
             .all(|c| c.is_ascii_alphanumeric() || b"-%_.!~*'()".contains(&c)),
         Format::AddressList => split_list(value).all(|a| a.parse::<std::net::IpAddr>().is_ok()),
+        Format::Qm(format) => return crate::formats::check(format, name, value),
     };
     if ok {
         Ok(())

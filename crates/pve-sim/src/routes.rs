@@ -7,6 +7,7 @@
 
 use std::sync::LazyLock;
 
+use crate::formats::QmFormat;
 use crate::params::{
     ARRAY, BOOL, Check, Format, INT, Kind, NODE, Param, Pattern, STR, VMID, int, opt, opt_c, req,
     req_c,
@@ -71,6 +72,15 @@ pub enum RouteId {
     TaskStop,
     TicketGet,
     TicketPost,
+    PoolIndex,
+    PoolCreate,
+    PoolUpdate,
+    PoolDelete,
+    /// The per-id forms PVE 9 keeps for older clients (deprecated there,
+    /// the only ones before 8.1).
+    PoolRead,
+    PoolUpdateById,
+    PoolDeleteById,
 }
 
 #[derive(Debug, Clone)]
@@ -173,7 +183,7 @@ pub fn qemu_config_keys() -> Vec<Param> {
         opt("autostart", BOOL),
         opt("balloon", int(0, None)),
         opt_c("bios", STR, e(&["seabios", "ovmf"])),
-        opt("boot", STR),
+        opt_c("boot", STR, Check::Format(Format::Qm(QmFormat::Boot))),
         opt("bootdisk", STR),
         opt("cdrom", STR),
         opt("cicustom", STR),
@@ -200,7 +210,11 @@ pub fn qemu_config_keys() -> Vec<Param> {
         opt_c("hugepages", STR, e(&["any", "2", "1024"])),
         opt("ide[n]", STR),
         opt("intel-tdx", STR),
-        opt("ipconfig[n]", STR),
+        opt_c(
+            "ipconfig[n]",
+            STR,
+            Check::Format(Format::Qm(QmFormat::IpConfig)),
+        ),
         opt("ivshmem", STR),
         opt("keephugepages", BOOL),
         opt_c(
@@ -230,7 +244,7 @@ pub fn qemu_config_keys() -> Vec<Param> {
             ]),
         ),
         opt("machine", STR),
-        opt("memory", STR),
+        opt_c("memory", STR, Check::Format(Format::Qm(QmFormat::Memory))),
         opt(
             "migrate_downtime",
             Kind::Number {
@@ -241,7 +255,7 @@ pub fn qemu_config_keys() -> Vec<Param> {
         opt("migrate_speed", int(0, None)),
         opt_c("name", STR, Check::Format(Format::DnsName)),
         opt_c("nameserver", STR, Check::Format(Format::AddressList)),
-        opt("net[n]", STR),
+        opt_c("net[n]", STR, Check::Format(Format::Qm(QmFormat::Net))),
         opt("numa", BOOL),
         opt("numa[n]", STR),
         opt("onboot", BOOL),
@@ -295,6 +309,20 @@ pub fn qemu_config_keys() -> Vec<Param> {
         opt("vmgenid", STR),
         opt_c("vmstatestorage", STR, Check::Format(Format::PveStorageId)),
         opt("watchdog", STR),
+    ]
+}
+
+const POOLID: Param = req_c("poolid", STR, Check::Format(Format::PoolId));
+
+/// `PUT /pools` and `PUT /pools/{poolid}` take the same parameters.
+fn pool_update() -> Vec<Param> {
+    vec![
+        POOLID,
+        opt("allow-move", BOOL),
+        opt("comment", STR),
+        opt("delete", BOOL),
+        opt("storage", STR),
+        opt("vms", STR),
     ]
 }
 
@@ -661,6 +689,49 @@ static ROUTES: LazyLock<Vec<RouteDef>> = LazyLock::new(|| {
             "DELETE",
             "/nodes/{node}/tasks/{upid}",
             vec![NODE, UPID],
+            Returns::Null,
+        ),
+        r(
+            PoolIndex,
+            "GET",
+            "/pools",
+            vec![
+                opt_c("poolid", STR, Check::Format(Format::PoolId)),
+                opt_c("type", STR, Check::Enum(&["qemu", "lxc", "storage"])),
+            ],
+            Returns::Array,
+        ),
+        r(
+            PoolCreate,
+            "POST",
+            "/pools",
+            vec![POOLID, opt("comment", STR)],
+            Returns::Null,
+        ),
+        r(PoolUpdate, "PUT", "/pools", pool_update(), Returns::Null),
+        r(PoolDelete, "DELETE", "/pools", vec![POOLID], Returns::Null),
+        r(
+            PoolRead,
+            "GET",
+            "/pools/{poolid}",
+            vec![
+                POOLID,
+                opt_c("type", STR, Check::Enum(&["qemu", "lxc", "storage"])),
+            ],
+            Returns::Object,
+        ),
+        r(
+            PoolUpdateById,
+            "PUT",
+            "/pools/{poolid}",
+            pool_update(),
+            Returns::Null,
+        ),
+        r(
+            PoolDeleteById,
+            "DELETE",
+            "/pools/{poolid}",
+            vec![POOLID],
             Returns::Null,
         ),
         RouteDef {

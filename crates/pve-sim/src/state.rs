@@ -121,7 +121,11 @@ pub struct Volume {
     /// `None` on shared storage.
     pub node: Option<String>,
     pub volid: String,
+    /// The virtual size.
     pub size: u64,
+    /// What was really written: what a thin storage has allocated.
+    #[serde(default)]
+    pub written: u64,
     pub format: String,
     pub content: String,
     pub vmid: Option<u32>,
@@ -130,6 +134,25 @@ pub struct Volume {
     /// sha256 of a downloaded file.
     #[serde(default)]
     pub sha256: Option<String>,
+    /// Where a downloaded file came from: what it is (an installer ISO's
+    /// release), whatever name it was stored under.
+    #[serde(default)]
+    pub source_url: Option<String>,
+}
+
+/// A volume [`State::alloc_disk`] makes.
+enum NewVolume {
+    /// A disk of `size` bytes, `written` of them with data (a full copy).
+    Disk {
+        size: u64,
+        written: u64,
+    },
+    CloudInit,
+    /// A copy-on-write clone of the base volume `base`.
+    Linked {
+        base: String,
+        size: u64,
+    },
 }
 
 /// What a worker does when its task ends.
@@ -258,6 +281,9 @@ pub struct State {
     pub mac_counter: u64,
     /// Node boot time in seconds (pstart base and uptime).
     pub boot_time: u64,
+    /// Resource pools by id (`user.cfg`'s `pool:` lines).
+    #[serde(default)]
+    pub pools: BTreeMap<String, crate::pools::Pool>,
 }
 
 pub fn now_ms() -> u64 {
@@ -288,6 +314,7 @@ impl State {
             next_pid: 0x1000,
             mac_counter: 0,
             boot_time: now / 1000 - 3600,
+            pools: BTreeMap::new(),
         };
         for vm in &spec.vms {
             let mut values = BTreeMap::new();
@@ -297,6 +324,7 @@ impl State {
                     values.insert(k.clone(), v);
                 }
             }
+            add_generated_keys(&mut values);
             if vm.template {
                 values.insert("template".into(), "1".into());
             }
@@ -331,12 +359,11 @@ impl State {
         if self.spec.node(node).is_some() {
             Ok(())
         } else {
-            Err(ApiError::new(
-                595,
-                format!(
-                    "hostname lookup '{node}' failed - failed to get address info for: {node}: Name or service not known"
-                ),
-            ))
+            // pveproxy resolves the node named in the path to proxy the
+            // call; the lookup fails in the handler: a plain 500.
+            Err(ApiError::fail(format!(
+                "hostname lookup '{node}' failed - failed to get address info for: {node}: Name or service not known"
+            )))
         }
     }
 
@@ -390,7 +417,13 @@ impl State {
         self.volumes
             .iter()
             .filter(|(k, v)| v.storage == storage.id && k.starts_with(&format!("{loc}|")))
-            .map(|(_, v)| v.size)
+            .map(|(_, v)| {
+                if storage.is_thin() || v.parent.is_some() {
+                    v.written
+                } else {
+                    v.size
+                }
+            })
             .sum()
     }
 
@@ -407,15 +440,19 @@ impl State {
             .remove(&format!("{}|{volid}", Self::location(&storage, node)))
     }
 
-    /// Allocates a new volume for `vmid`: `vm-<vmid>-disk-N`, or the one
-    /// `vm-<vmid>-cloudinit` (4 MiB); `.qcow2` files on file storage.
+    /// Allocates a new volume for `vmid` on `storage_id`: a blank disk
+    /// (`vm-<vmid>-disk-N`), the one cloud-init image (`vm-<vmid>-cloudinit`,
+    /// 4 MiB), or a linked clone of a base volume, named as each plugin
+    /// names it (`clone_image` in pve-storage): ZFS and RBD put the base in
+    /// the volume name (`base-9000-disk-0/vm-101-disk-0`), directories the
+    /// base file (`9000/base-9000-disk-0.qcow2/101/vm-101-disk-0.qcow2`),
+    /// LVM-thin only the new name. Files are `.qcow2`.
     fn alloc_disk(
         &mut self,
         vmid: u32,
         node: &str,
         storage_id: &str,
-        size: u64,
-        cloudinit: bool,
+        new: NewVolume,
     ) -> Result<String, String> {
         let storage = self
             .storage_on(storage_id, node)
@@ -424,49 +461,107 @@ impl State {
         if !storage.has_content("images") {
             return Err(format!("storage '{storage_id}' does not support vm images"));
         }
-        let free = storage
-            .capacity
-            .saturating_sub(self.used_bytes(&storage, node));
-        if size > free {
-            return Err(format!(
-                "not enough free space on storage '{storage_id}' (requested {}, free {})",
-                format_size(size),
-                format_size(free)
-            ));
-        }
         let file_based = storage.is_file_based();
-        let file_name = |stem: String| {
+        let file_name = |stem: &str| {
             if file_based {
-                format!("{vmid}/{stem}.qcow2")
+                format!("{stem}.qcow2")
             } else {
-                stem
+                stem.to_owned()
             }
         };
-        let name = if cloudinit {
-            file_name(format!("vm-{vmid}-cloudinit"))
-        } else {
-            (0..)
-                .map(|n| file_name(format!("vm-{vmid}-disk-{n}")))
-                .find(|name| {
-                    self.volume(&storage, node, &format!("{storage_id}:{name}"))
-                        .is_none()
-                })
-                .expect("an unused disk name exists")
+        let taken = |state: &Self, name: &str| {
+            state.volumes_on(&storage, node).any(|v| {
+                v.volid
+                    .rsplit(['/', ':'])
+                    .next()
+                    .is_some_and(|last| last == name)
+            })
         };
-        let volid = format!("{storage_id}:{name}");
+        let stem = match new {
+            NewVolume::CloudInit => format!("vm-{vmid}-cloudinit"),
+            _ => (0..)
+                .map(|n| format!("vm-{vmid}-disk-{n}"))
+                .find(|stem| !taken(self, &file_name(stem)))
+                .expect("an unused disk name exists"),
+        };
+        let name = file_name(&stem);
+        let (size, written, base) = match &new {
+            NewVolume::Disk { size, written } => (*size, *written, None),
+            NewVolume::CloudInit => (4 << 20, 4 << 20, None),
+            NewVolume::Linked { base, size } => (*size, 0, Some(base.clone())),
+        };
+        self.check_space(&storage, node, &name, size, written, base.is_some())?;
+        let volname = match &base {
+            Some(base) => {
+                let base_name = base.split_once(':').map_or(base.as_str(), |(_, n)| n);
+                match storage.plugin.as_str() {
+                    "zfspool" | "rbd" => format!("{base_name}/{name}"),
+                    _ if file_based => format!("{base_name}/{vmid}/{name}"),
+                    _ => name.clone(),
+                }
+            }
+            None if file_based => format!("{vmid}/{name}"),
+            None => name.clone(),
+        };
+        let volid = format!("{storage_id}:{volname}");
         self.add_volume(Volume {
             storage: storage_id.to_owned(),
             node: (!storage.shared).then(|| node.to_owned()),
             volid: volid.clone(),
             size,
+            written,
             format: if file_based { "qcow2" } else { "raw" }.to_owned(),
             content: "images".to_owned(),
             vmid: Some(vmid),
-            parent: None,
+            parent: base,
             ctime: now_ms() / 1000,
             sha256: None,
+            source_url: None,
         });
         Ok(volid)
+    }
+
+    /// Whether `storage` can take a new volume, refused with the storage
+    /// tool's own error. Thick storage reserves the whole size: LVM
+    /// (`LVMPlugin.pm` `alloc_image`: "not enough free space", free bytes
+    /// against the size in KiB as the source prints them) and non-sparse
+    /// ZFS (`zfs create -V` reserves it). Thin storage (LVM-thin, sparse
+    /// ZFS, RBD, files) over-commits and fails only when what was really
+    /// written fills it.
+    fn check_space(
+        &self,
+        storage: &StorageSpec,
+        node: &str,
+        name: &str,
+        size: u64,
+        written: u64,
+        linked: bool,
+    ) -> Result<(), String> {
+        let used = self.used_bytes(storage, node);
+        let free = storage.capacity.saturating_sub(used);
+        let needs = if storage.is_thin() || linked {
+            written
+        } else {
+            size
+        };
+        if needs <= free && (needs > 0 || used < storage.capacity) {
+            return Ok(());
+        }
+        Err(match storage.plugin.as_str() {
+            "lvm" => format!("not enough free space ({free} < {})", size >> 10),
+            "zfspool" => format!(
+                "zfs error: cannot create '{}/{name}': out of space",
+                storage.id
+            ),
+            "lvmthin" => format!(
+                "lvcreate '{}/{name}' error:   Cannot create new thin volume, free space in thin pool {}/data reached threshold.",
+                storage.id, storage.id
+            ),
+            "rbd" => format!("rbd create '{name}' error: (28) No space left on device"),
+            _ => format!(
+                "unable to create image: qemu-img: {name}: Could not create '{name}': No space left on device"
+            ),
+        })
     }
 
     fn new_mac(&mut self) -> String {
@@ -515,13 +610,14 @@ impl State {
                         "{file} - cloud-init drive is already attached at '{k}'"
                     ));
                 }
-                let volid = self.alloc_disk(vmid, node, storage, 4 << 20, true)?;
+                let volid = self.alloc_disk(vmid, node, storage, NewVolume::CloudInit)?;
                 ps.head = Some(volid);
                 ps.pairs.insert("media".into(), "cdrom".into());
             } else if rest.bytes().all(|b| b.is_ascii_digit() || b == b'.') && !rest.is_empty() {
                 let gib: f64 = rest.parse().map_err(|_| format!("invalid size '{rest}'"))?;
                 let size = (gib * (1u64 << 30) as f64) as u64;
-                let volid = self.alloc_disk(vmid, node, storage, size, false)?;
+                let volid =
+                    self.alloc_disk(vmid, node, storage, NewVolume::Disk { size, written: 0 })?;
                 ps.head = Some(volid);
                 ps.pairs.insert("size".into(), format_size(size));
             } else if rest.starts_with("iso/") {
@@ -834,6 +930,7 @@ impl State {
             let v = self.canonical_value(vmid, node, k, v, &stored)?;
             stored.insert(k.clone(), v);
         }
+        add_generated_keys(&mut stored);
         let vm = self.vms.get_mut(&vmid).ok_or("VM vanished during create")?;
         vm.config.values = stored;
         if start {
@@ -867,7 +964,13 @@ impl State {
         for (k, v) in &src.config.values {
             if matches!(
                 k.as_str(),
-                "template" | "lock" | "parent" | "vmstate" | "meta"
+                "template"
+                    | "lock"
+                    | "parent"
+                    | "vmstate"
+                    | "snaptime"
+                    | "runningcpu"
+                    | "runningmachine"
             ) || k.starts_with("unused")
             {
                 continue;
@@ -904,27 +1007,26 @@ impl State {
                     .get("size")
                     .and_then(|s| parse_size(s))
                     .unwrap_or(4 << 20);
+                let target_storage = storage.clone().unwrap_or_else(|| src_storage.to_owned());
                 let volid = if is_cloudinit {
                     // The cloud-init drive is always copied in full.
-                    let target_storage = storage.clone().unwrap_or_else(|| src_storage.to_owned());
-                    self.alloc_disk(newid, target, &target_storage, 4 << 20, true)?
+                    self.alloc_disk(newid, target, &target_storage, NewVolume::CloudInit)?
                 } else if full {
-                    let target_storage = storage.clone().unwrap_or_else(|| src_storage.to_owned());
                     log.push(format!(
                         "drive {k}: transferred {} of {}",
                         format_size(size),
                         format_size(size)
                     ));
-                    self.alloc_disk(newid, target, &target_storage, size, false)?
+                    let written = self
+                        .volumes
+                        .values()
+                        .find(|v| v.volid == file)
+                        .map_or(0, |v| v.written);
+                    let copy = NewVolume::Disk { size, written };
+                    self.alloc_disk(newid, target, &target_storage, copy)?
                 } else {
-                    let v = self.alloc_disk(newid, target, src_storage, 0, false)?;
-                    let spec = self.storage(src_storage).map_err(|e| e.message)?.clone();
-                    let key = format!("{}|{v}", Self::location(&spec, target));
-                    if let Some(vol) = self.volumes.get_mut(&key) {
-                        vol.parent = Some(file.clone());
-                        vol.size = size;
-                    }
-                    v
+                    let base = file.clone();
+                    self.alloc_disk(newid, target, src_storage, NewVolume::Linked { base, size })?
                 };
                 ps.head = Some(volid);
                 values.insert(k.clone(), canonical_drive(&ps)?);
@@ -936,8 +1038,20 @@ impl State {
         if let Some(d) = description {
             values.insert("description".into(), d);
         }
-        if let Some(smbios) = values.get_mut("smbios1") {
-            *smbios = format!("uuid={}", uuid_for(newid, self.mac_counter));
+        // A clone always gets a new SMBIOS uuid (other smbios1 fields stay)
+        // and a new vmgenid when the source had one (`clone_vm`).
+        let mut smbios = values
+            .get("smbios1")
+            .and_then(|v| PropertyString::parse(v, "uuid").ok())
+            .unwrap_or(PropertyString {
+                head: None,
+                pairs: BTreeMap::new(),
+            });
+        smbios.head = None;
+        smbios.pairs.insert("uuid".into(), new_uuid());
+        values.insert("smbios1".into(), smbios.render());
+        if values.contains_key("vmgenid") {
+            values.insert("vmgenid".into(), new_uuid());
         }
         let vm = self.vms.get_mut(&newid).ok_or("clone target vanished")?;
         vm.config.values = values;
@@ -1066,11 +1180,24 @@ impl State {
         let volid = ps.head.clone().unwrap_or_default();
         let storage = volid.split(':').next().unwrap_or_default().to_owned();
         let spec = self.storage(&storage).map_err(|e| e.message)?.clone();
-        let free = spec.capacity.saturating_sub(self.used_bytes(&spec, node));
-        if new_size - current > free {
-            return Err(format!("not enough free space on storage '{storage}'"));
-        }
         let key = format!("{}|{volid}", Self::location(&spec, node));
+        let linked = self.volumes.get(&key).is_some_and(|v| v.parent.is_some());
+        // Thick volumes reserve what they grow by; thin ones over-commit
+        // (`volume_resize` in pve-storage: `lvextend` and `zfs set volsize`).
+        let free = spec.capacity.saturating_sub(self.used_bytes(&spec, node));
+        if !spec.is_thin() && !linked && new_size - current > free {
+            let name = volid.rsplit(['/', ':']).next().unwrap_or_default();
+            return Err(match spec.plugin.as_str() {
+                "zfspool" => format!(
+                    "zfs error: cannot set property for '{storage}/{name}': size is greater than available space"
+                ),
+                _ => format!(
+                    "error resizing volume '/dev/{storage}/{name}': Insufficient free space: {} extents needed, but only {} available",
+                    (new_size - current) >> 22,
+                    free >> 22
+                ),
+            });
+        }
         if let Some(vol) = self.volumes.get_mut(&key) {
             vol.size = new_size;
         }
@@ -1124,21 +1251,26 @@ impl State {
                 ));
             }
         }
+        // A download writes every byte, thin storage or not.
         let free = spec.capacity.saturating_sub(self.used_bytes(&spec, node));
         if remote.size > free {
-            return Err(format!("not enough free space on storage '{storage}'"));
+            return Err(format!(
+                "download failed: write error: Cannot write to '{path}' (No space left on device)"
+            ));
         }
         self.add_volume(Volume {
             storage: storage.to_owned(),
             node: (!spec.shared).then(|| node.to_owned()),
             volid,
             size: remote.size,
+            written: remote.size,
             format: "iso".to_owned(),
             content: "iso".to_owned(),
             vmid: None,
             parent: None,
             ctime: now_ms() / 1000,
             sha256: Some(remote.sha256.clone()),
+            source_url: Some(url.to_owned()),
         });
         Ok(vec![
             format!("downloading {url} to {path}"),
@@ -1164,6 +1296,7 @@ impl State {
         let vm = self.vm_on(node, vmid)?.clone();
         let running = vm.running;
         let mut values = vm.config.effective(false);
+        check_boot_order(set, delete, &values)?;
         let mut errors = BTreeMap::new();
         let mut canonical = BTreeMap::new();
         for (k, v) in set {
@@ -1192,8 +1325,14 @@ impl State {
         for (k, v) in canonical {
             values.insert(k.clone(), v.clone());
             if running && !hotpluggable(&k) {
-                config.pending.insert(k.clone(), v);
                 config.pending_delete.remove(&k);
+                // `cleanup_pending`: a value equal to the applied one is
+                // not pending.
+                if config.values.get(&k) == Some(&v) {
+                    config.pending.remove(&k);
+                } else {
+                    config.pending.insert(k.clone(), v);
+                }
             } else {
                 if is_drive_key(&k)
                     && let Some(old) = config.values.get(&k).cloned()
@@ -1207,7 +1346,11 @@ impl State {
         }
         for k in delete {
             if running && !hotpluggable(k) {
-                config.pending_delete.insert(k.clone());
+                // `cleanup_pending` keeps only deletes of keys that exist.
+                config.pending.remove(k);
+                if config.values.contains_key(k) {
+                    config.pending_delete.insert(k.clone());
+                }
                 continue;
             }
             if let Some(old) = config.values.remove(k) {
@@ -1472,16 +1615,104 @@ pub fn vm_sizes(c: &VmConfig) -> (u64, u64, u64) {
     (cores * sockets, memory << 20, disk)
 }
 
-fn uuid_for(vmid: u32, salt: u64) -> String {
-    let h = (u64::from(vmid) << 20) ^ salt.wrapping_mul(0x2545_F491_4F6C_DD1D);
+/// A random (version 4) UUID, as `PVE::QemuServer::generate_uuid` makes.
+fn new_uuid() -> String {
+    let n = (rand::random::<u128>() & !(0xF << 76) & !(0x3 << 62)) | (0x4 << 76) | (0x2 << 62);
+    let h = format!("{n:032x}");
     format!(
-        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
-        (h >> 32) as u32,
-        (h >> 16) as u16,
-        h as u16 & 0xfff,
-        (h >> 4) as u16 & 0xfff,
-        h & 0xffff_ffff_ffff
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
     )
+}
+
+/// The QEMU version `meta` records (`kvm_user_version` at create time).
+pub const QEMU_VERSION: &str = "9.2.0";
+
+/// The keys qemu-server's `create_vm` adds when the request has none
+/// (`API2/Qemu.pm`): `meta` (creation QEMU and time), `smbios1` with a
+/// random uuid, `vmgenid` (also replacing `1`), and `boot` naming the
+/// first disk, the first CD-ROM and the first NIC
+/// (`get_default_bootdevices`).
+fn add_generated_keys(values: &mut BTreeMap<String, String>) {
+    values.insert(
+        "meta".into(),
+        format!("creation-qemu={QEMU_VERSION},ctime={}", now_ms() / 1000),
+    );
+    values
+        .entry("smbios1".into())
+        .or_insert_with(|| format!("uuid={}", new_uuid()));
+    if values.get("vmgenid").is_none_or(|v| v == "1") {
+        values.insert("vmgenid".into(), new_uuid());
+    }
+    if !values.contains_key("boot") {
+        let order = default_boot_devices(values);
+        if !order.is_empty() {
+            values.insert("boot".into(), format!("order={}", order.join(";")));
+        }
+    }
+}
+
+/// `get_default_bootdevices`: the first disk and the first CD-ROM in
+/// ide, scsi, virtio, sata order, then the first NIC.
+fn default_boot_devices(values: &BTreeMap<String, String>) -> Vec<String> {
+    let drives: Vec<(&String, bool)> = ["ide", "scsi", "virtio", "sata"]
+        .iter()
+        .flat_map(|base| {
+            let range = crate::params::index_range(base).expect("a drive base");
+            range.map(move |i| format!("{base}{i}"))
+        })
+        .filter_map(|k| values.get_key_value(&k))
+        .map(|(k, v)| (k, v.contains("media=cdrom")))
+        .collect();
+    let first = |cdrom: bool| {
+        drives
+            .iter()
+            .find(|(_, c)| *c == cdrom)
+            .map(|(k, _)| (*k).clone())
+    };
+    let net = (0..=31)
+        .map(|i| format!("net{i}"))
+        .find(|k| values.contains_key(k));
+    [first(false), first(true), net]
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// `update_vm_api`: every device a new `boot` order names must exist (or
+/// come with the same request) and not be deleted by it. The message keeps
+/// qemu-server's stray quote.
+fn check_boot_order(
+    set: &BTreeMap<String, String>,
+    delete: &[String],
+    values: &BTreeMap<String, String>,
+) -> Result<(), ApiError> {
+    let Some(boot) = set.get("boot") else {
+        return Ok(());
+    };
+    let Ok(ps) = PropertyString::parse(boot, "legacy") else {
+        return Ok(());
+    };
+    for dev in ps
+        .pairs
+        .get("order")
+        .map(String::as_str)
+        .map(crate::params::split_list)
+        .into_iter()
+        .flatten()
+    {
+        let exists = values.contains_key(dev) || set.contains_key(dev);
+        if !exists || delete.iter().any(|d| d == dev) {
+            return Err(ApiError::fail(format!(
+                "invalid bootorder: device '{dev}' does not exist'"
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -109,7 +109,9 @@ fn undocumented(route: RouteId) -> &'static [&'static str] {
     match route {
         RouteId::Nodes => &["id", "type", "disk", "maxdisk"],
         RouteId::TaskStatus => &["tokenid"],
-        RouteId::StorageContent => &["content"],
+        // `name`: pve-storage `ZFSPoolPlugin.pm` `list_images` passes its
+        // `zfs list` entries through whole.
+        RouteId::StorageContent => &["content", "name"],
         RouteId::StatusCurrent => &["ha", "agent", "disk"],
         RouteId::QemuList => &["disk"],
         RouteId::TicketPost => &["cap"],
@@ -194,7 +196,8 @@ async fn live_requests_follow_the_schema() {
             .replace("{node}", "pve")
             .replace("{vmid}", "100")
             .replace("{storage}", "local")
-            .replace("{upid}", &upid_e);
+            .replace("{upid}", &upid_e)
+            .replace("{poolid}", "nixgold-lock-homelab");
         // An unknown parameter is rejected with 400, by name.
         let bogus = [("nixgold_bogus", "1")];
         let req = match route.method {
@@ -319,6 +322,36 @@ async fn live_requests_follow_the_schema() {
             s.http
                 .post(s.url("/nodes/pve/qemu"))
                 .form(&[("vmid", "102")]),
+        ),
+        (
+            RouteId::PoolCreate,
+            s.http
+                .post(s.url("/pools"))
+                .form(&[("poolid", "p1"), ("comment", "a comment")]),
+        ),
+        (
+            RouteId::PoolUpdate,
+            s.http
+                .put(s.url("/pools"))
+                .form(&[("poolid", "p1"), ("vms", "100")]),
+        ),
+        (RouteId::PoolIndex, s.http.get(s.url("/pools"))),
+        (RouteId::PoolIndex, s.http.get(s.url("/pools?poolid=p1"))),
+        (RouteId::PoolRead, s.http.get(s.url("/pools/p1"))),
+        (
+            RouteId::PoolUpdateById,
+            s.http
+                .put(s.url("/pools/p1"))
+                .form(&[("vms", "100"), ("delete", "1")]),
+        ),
+        (RouteId::PoolDeleteById, s.http.delete(s.url("/pools/p1"))),
+        (
+            RouteId::PoolCreate,
+            s.http.post(s.url("/pools")).form(&[("poolid", "p2")]),
+        ),
+        (
+            RouteId::PoolDelete,
+            s.http.delete(s.url("/pools?poolid=p2")),
         ),
         (RouteId::TicketGet, s.http.get(s.url("/access/ticket"))),
         (

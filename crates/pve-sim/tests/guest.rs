@@ -231,8 +231,7 @@ async fn port(s: &Sim) -> u16 {
 }
 
 const SCRIPT: &str = "#!/usr/bin/env bash\nparted -s \"$DISK\" -- mklabel gpt\nmkfs.ext4 -L nixos x\nmount /dev/disk/by-label/nixos /mnt\nnixos-generate-config --root /mnt\nmkdir -p /mnt/root/.ssh && cp /root/.ssh/authorized_keys /mnt/root/.ssh/\nnixos-install --no-root-passwd\n";
-const CONFIG: &str =
-    "{ config, pkgs, ... }: { services.openssh.enable = true; system.stateVersion = \"24.05\"; }\n";
+const CONFIG: &str = "{ config, pkgs, ... }: { services.openssh.enable = true; boot.loader.grub.device = \"/dev/sda\"; fileSystems.\"/\".device = \"/dev/disk/by-label/nixos\"; system.stateVersion = \"24.05\"; }\n";
 
 async fn access(s: &Sim, k: &PrivateKey, sudo: bool) -> String {
     let script = format!(
@@ -300,7 +299,13 @@ async fn a_build_runs_end_to_end_inside_the_guest() {
                 .ends_with("-nixos-system-nixos-24.05.4242.abcdef"),
         "{path}"
     );
-    let (code, _) = exec(&h, "truncate -s 0 /etc/machine-id && rm -f /etc/ssh/ssh_host_* && cloud-init clean --logs && rm -f /root/.ssh/authorized_keys", "").await;
+    // NixOS puts cloud-init on no PATH (nixos/modules/services/system/cloud-init.nix).
+    let (code, out) = exec(&h, "cloud-init clean --logs", "").await;
+    assert_eq!(
+        (code, out.as_str()),
+        (127, "bash: line 1: cloud-init: command not found\n")
+    );
+    let (code, _) = exec(&h, "truncate -s 0 /etc/machine-id && rm -f /etc/ssh/ssh_host_* && rm -rf /var/lib/cloud /var/log/cloud-init.log /var/log/cloud-init-output.log && rm -f /root/.ssh/authorized_keys", "").await;
     assert_eq!(code, 0);
     exec(&h, "poweroff", "").await;
     let st = s.get("/nodes/pve/qemu/9400/status/current").await;
@@ -353,6 +358,17 @@ async fn broken_configurations_and_scripts_out_of_order_fail_the_install() {
     assert!(
         out.contains("step `generate the hardware configuration`"),
         "{out}"
+    );
+    // The installer ISO has what nixos/modules/profiles/base.nix and
+    // installation-device.nix give it, no Debian tooling.
+    let foreign = SCRIPT.replace("nixos-install", "apt-get install -y grub-pc\nnixos-install");
+    let (code, out) = install(&h, CONFIG, &foreign).await;
+    assert_eq!(
+        (code, out.as_str()),
+        (
+            127,
+            "/tmp/nixgold/install.sh: line 7: apt-get: command not found\n"
+        )
     );
     let (code, out) = exec(&h, "rm -rf /", "").await;
     assert_eq!((code, out.as_str()), (127, "rm -rf /: command not found\n"));

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Reply, default_sim, fast, start, urlencode};
+use common::{Reply, SSH_KEY, default_sim, fast, start, urlencode};
 use pve_sim::cluster::StorageSpec;
 use pve_sim::{ClusterSpec, RemoteFile, SimOptions};
 use serde_json::Value;
@@ -211,10 +211,14 @@ async fn tasks_fail_inside_where_proxmox_fails_them() {
         .await,
         "OK"
     );
+    // ZFS names the base in the clone's volume and lists the snapshot it
+    // was cloned from (pve-storage `ZFSPoolPlugin.pm` `clone_image`,
+    // `list_images`).
     let clone = s.config(101).await;
-    assert_eq!(clone["scsi0"], "tank:vm-101-disk-0,size=8G");
+    assert_eq!(clone["scsi0"], "tank:base-100-disk-0/vm-101-disk-0,size=8G");
     let content = s.get("/nodes/pve/storage/tank/content?vmid=101").await;
-    assert_eq!(content.data()[0]["parent"], "tank:base-100-disk-0");
+    assert_eq!(content.data()[0]["parent"], "base-100-disk-0@__base__");
+    assert_eq!(content.data()[0]["name"], "vm-101-disk-0");
     let r = s.delete("/nodes/pve/qemu/100").await;
     assert_eq!(
         s.wait(r.data().as_str().unwrap()).await,
@@ -413,31 +417,105 @@ async fn vmids_are_unique_across_the_cluster_and_local_storage_stays_local() {
     assert_eq!(s.get("/nodes/pve2/qemu/201/config").await.status, 200);
 }
 
-#[tokio::test]
-async fn storage_capacity_is_enforced_inside_the_task() {
-    let mut spec = ClusterSpec::default();
-    spec.storages.push(StorageSpec {
-        id: "small".into(),
-        plugin: "lvmthin".into(),
+fn small(id: &str, plugin: &str, sparse: bool) -> StorageSpec {
+    StorageSpec {
+        id: id.into(),
+        plugin: plugin.into(),
         content: vec!["images".into()],
         shared: false,
         capacity: 10 << 30,
         nodes: None,
-    });
+        sparse,
+    }
+}
+
+/// Thick storage reserves a volume's whole size and refuses, inside the
+/// task, with the storage tool's error: pve-storage `LVMPlugin.pm`
+/// `alloc_image` ("not enough free space (free < size)", bytes against
+/// KiB as the source prints them) and `zfs create -V` without `-s`
+/// (`ZFSPoolPlugin.pm` `zfs_create_zvol`). Thin storage (LVM-thin, sparse
+/// ZFS) over-commits: only written data takes space.
+#[tokio::test]
+async fn thick_storage_reserves_and_thin_storage_over_commits() {
+    let mut spec = ClusterSpec::default();
+    spec.storages.push(small("thick", "lvm", false));
+    spec.storages.push(small("zthick", "zfspool", false));
+    spec.storages.push(small("thin", "lvmthin", false));
+    spec.storages.push(small("zthin", "zfspool", true));
     let s = start(spec, fast()).await;
-    let r = s
-        .post("/nodes/pve/qemu", &[("vmid", "100"), ("scsi0", "small:20")])
-        .await;
-    let exit = s.wait(r.data().as_str().unwrap()).await;
-    assert!(
-        exit.starts_with("not enough free space on storage 'small'"),
-        "{exit}"
+    let create = |vmid: &'static str, disk: &'static str| {
+        let s = &s;
+        async move {
+            let r = s
+                .post("/nodes/pve/qemu", &[("vmid", vmid), ("scsi0", disk)])
+                .await;
+            s.wait(r.data().as_str().unwrap()).await
+        }
+    };
+    assert_eq!(
+        create("100", "thick:20").await,
+        format!("not enough free space ({} < {})", 10u64 << 30, 20u64 << 20)
+    );
+    assert_eq!(
+        create("101", "zthick:20").await,
+        "zfs error: cannot create 'zthick/vm-101-disk-0': out of space"
     );
     assert_eq!(
         s.get("/nodes/pve/qemu/100/config").await.status,
         500,
         "create cleaned up"
     );
+    assert_eq!(create("102", "thin:20").await, "OK");
+    assert_eq!(create("103", "thin:20").await, "OK", "over-committed twice");
+    assert_eq!(create("104", "zthin:20").await, "OK");
+    // The storage status counts what thin volumes hold, not their size.
+    let thin = s.get("/nodes/pve/storage?storage=thin").await;
+    assert_eq!(thin.data()[0]["used"], 0);
+    // Growing a thin volume is free; a thick one needs the space.
+    let r = s
+        .put(
+            "/nodes/pve/qemu/102/resize",
+            &[("disk", "scsi0"), ("size", "+50G")],
+        )
+        .await;
+    assert_eq!(s.wait(r.data().as_str().unwrap()).await, "OK");
+    assert_eq!(create("105", "thick:8").await, "OK");
+    let r = s
+        .put(
+            "/nodes/pve/qemu/105/resize",
+            &[("disk", "scsi0"), ("size", "+8G")],
+        )
+        .await;
+    let exit = s.wait(r.data().as_str().unwrap()).await;
+    assert!(
+        exit.starts_with(
+            "error resizing volume '/dev/thick/vm-105-disk-0': Insufficient free space"
+        ),
+        "{exit}"
+    );
+}
+
+/// Create refuses before its worker starts when a new disk's storage does
+/// not exist or holds no images (qemu-server `API2/Qemu.pm`
+/// `$check_storage_access`: `storage_config` dies, then a parameter error
+/// on `storage`).
+#[tokio::test]
+async fn storage_errors_on_create_come_before_the_task() {
+    let s = default_sim().await;
+    let r = s
+        .post("/nodes/pve/qemu", &[("vmid", "100"), ("scsi0", "nope:8")])
+        .await;
+    assert_eq!(r.status, 500, "{}", r.raw);
+    assert_eq!(r.body["message"], "storage 'nope' does not exist\n");
+    let r = s
+        .post("/nodes/pve/qemu", &[("vmid", "100"), ("scsi0", "local:8")])
+        .await;
+    assert_eq!(r.status, 400, "{}", r.raw);
+    assert_eq!(
+        r.body["errors"]["storage"],
+        "storage 'local' does not support vm images"
+    );
+    assert_eq!(s.get("/nodes/pve/qemu/100/config").await.status, 500);
 }
 
 #[tokio::test]
@@ -545,7 +623,7 @@ async fn cloud_init_is_regenerated_at_start_and_dumped_like_proxmox() {
             ("ciuser", "ops"),
             ("ipconfig0", "ip=192.168.1.130/24,gw=192.168.1.1"),
             ("nameserver", "8.8.8.8 1.1.1.1"),
-            ("sshkeys", &urlencode("ssh-ed25519 AAAA ops@host")),
+            ("sshkeys", &urlencode(&format!("{SSH_KEY} ops@host"))),
         ],
     )
     .await;
@@ -577,7 +655,7 @@ async fn cloud_init_is_regenerated_at_start_and_dumped_like_proxmox() {
     let user = s.get("/nodes/pve/qemu/100/cloudinit/dump?type=user").await;
     let text = user.data().as_str().unwrap();
     assert!(
-        text.contains("user: ops") && text.contains("  - ssh-ed25519 AAAA ops@host"),
+        text.contains("user: ops") && text.contains(&format!("  - {SSH_KEY} ops@host")),
         "{text}"
     );
     let net = s
@@ -672,4 +750,82 @@ async fn resources_lag_behind_for_new_vms() {
     assert_eq!(storage["shared"], 0);
     assert_eq!(storage["plugintype"], "zfspool");
     let _: Value = storage;
+}
+
+/// pve-manager `PVE/API2/Pool.pm`: `create_pool` checks and writes
+/// `user.cfg` under `lock_user_config` (a pmxcfs `cfs_lock_file`), so of
+/// many creates of one pool id exactly one succeeds and the others die
+/// with "create pool failed: pool '…' already exists"; `read_pool` and
+/// `delete_pool` die with "pool '…' does not exist"; `delete_pool` refuses
+/// a pool that still holds an existing guest.
+#[tokio::test]
+async fn pool_creation_is_won_once_and_pools_go_only_empty() {
+    let s = std::sync::Arc::new(default_sim().await);
+    let mut racers = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let s = s.clone();
+        racers.spawn(async move {
+            let comment = format!("racer {i}");
+            s.post(
+                "/pools",
+                &[("poolid", "nixgold-lock-a"), ("comment", &comment)],
+            )
+            .await
+        });
+    }
+    let replies = racers.join_all().await;
+    let won: Vec<_> = replies.iter().filter(|r| r.status == 200).collect();
+    assert_eq!(won.len(), 1, "exactly one create wins");
+    for lost in replies.iter().filter(|r| r.status != 200) {
+        assert_eq!(lost.status, 500);
+        assert_eq!(
+            lost.body["message"],
+            "create pool failed: pool 'nixgold-lock-a' already exists\n"
+        );
+    }
+    let read = s.get("/pools/nixgold-lock-a").await;
+    assert!(
+        read.data()["comment"]
+            .as_str()
+            .unwrap()
+            .starts_with("racer ")
+    );
+    assert_eq!(read.data()["members"], serde_json::json!([]));
+    // The comment changes in place.
+    let r = s
+        .put("/pools/nixgold-lock-a", &[("comment", "renewed")])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert_eq!(
+        s.get("/pools/nixgold-lock-a").await.data()["comment"],
+        "renewed"
+    );
+    // A pool holding a guest cannot go; once the guest leaves it can.
+    s.create_vm(100, &[]).await;
+    let r = s
+        .put("/pools", &[("poolid", "nixgold-lock-a"), ("vms", "100")])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    let r = s.delete("/pools/nixgold-lock-a").await;
+    assert_eq!(r.status, 500);
+    assert_eq!(
+        r.body["message"],
+        "delete pool failed: pool 'nixgold-lock-a' is not empty (contains VM 100)\n"
+    );
+    let r = s
+        .put("/pools/nixgold-lock-a", &[("vms", "100"), ("delete", "1")])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    assert_eq!(s.delete("/pools/nixgold-lock-a").await.status, 200);
+    let gone = s.get("/pools/nixgold-lock-a").await;
+    assert_eq!(gone.status, 500);
+    assert_eq!(
+        gone.body["message"],
+        "pool 'nixgold-lock-a' does not exist\n"
+    );
+    let r = s.delete("/pools?poolid=nixgold-lock-a").await;
+    assert_eq!(
+        r.body["message"],
+        "delete pool failed: pool 'nixgold-lock-a' does not exist\n"
+    );
 }

@@ -10,6 +10,9 @@ use serde_json::Value;
 
 pub const TOKEN: &str = "root@pam!test=0d6c3e9a-5c1b-4a8e-9f11-2b7d7c1e4f00";
 pub const PASSWORD: &str = "correct horse";
+/// A well-formed public key: the simulator checks keys as `ssh-keygen -l` would.
+pub const SSH_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIF4uCRRocy7VnWKg3xDEVQ9/84PtcagPU5KyqtjJnFsK";
 
 pub struct Sim {
     pub sim: Simulator,
