@@ -5,7 +5,8 @@
 //! wrote) and [`lock`] (what is pinned, [`pin`] resolves) give the
 //! [`desired`] graph; [`live`] state is read through [`connect`]; [`plan`]
 //! diffs the two, [`render`] shows it, [`apply`] executes it; [`nixos`]
-//! renders an image's configuration. The core (fleet → desired → plan →
+//! renders an image's configuration; [`doctor`] checks a cluster can take
+//! the fleet. The core (fleet → desired → plan →
 //! render) is synchronous and pure; live, pin and apply are async.
 
 pub mod apply;
@@ -14,6 +15,7 @@ pub mod build;
 pub mod cli;
 pub mod connect;
 pub mod desired;
+pub mod doctor;
 pub mod drift;
 pub mod files;
 pub mod fleet;

@@ -157,7 +157,12 @@ impl Scenario {
     }
 
     fn run(&self, args: &[&str]) -> (i32, String, String) {
-        let out = self.command(args).output().unwrap();
+        self.finish(&mut self.command(args))
+    }
+
+    /// Runs `cmd`; (exit code, stdout, stderr), checked for leaked secrets.
+    fn finish(&self, cmd: &mut Command) -> (i32, String, String) {
+        let out = cmd.output().unwrap();
         let (stdout, stderr) = (
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -1792,6 +1797,162 @@ fn assert_contains(text: &str, needles: &[&str]) {
     for needle in needles {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
+}
+
+// ----- permissions -------------------------------------------------------
+
+/// The least-privilege role the README documents for nixgold.
+const NIXGOLD_ROLE_PRIVS: &str = "Datastore.AllocateSpace,Datastore.AllocateTemplate,Datastore.Audit,Pool.Allocate,Pool.Audit,Sys.AccessNetwork,VM.Allocate,VM.Audit,VM.Clone,VM.Config.CDROM,VM.Config.CPU,VM.Config.Cloudinit,VM.Config.Disk,VM.Config.HWType,VM.Config.Memory,VM.Config.Network,VM.Config.Options,VM.Console,VM.GuestAgent.Audit,VM.PowerMgmt";
+
+impl Scenario {
+    /// Calls the API as root and returns `data`.
+    fn api_data(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        form: &[(&str, &str)],
+    ) -> serde_json::Value {
+        let url = format!("{}/api2/json{path}", self.handle.as_ref().unwrap().url());
+        self.rt.block_on(async {
+            let r = reqwest::Client::new()
+                .request(method, url)
+                .form(form)
+                .header("Authorization", format!("PVEAPIToken={TOKEN}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<serde_json::Value>().await.unwrap()["data"].clone()
+        })
+    }
+
+    /// A privilege-separated token of a new user `deploy@pve`, holding
+    /// `role` on `/` (and so does the user): `user@realm!ci=secret`.
+    fn deploy_token(&self, role: &str) -> String {
+        use reqwest::Method;
+        self.api_data(Method::POST, "/access/users", &[("userid", "deploy@pve")]);
+        let made = self.api_data(Method::POST, "/access/users/deploy@pve/token/ci", &[]);
+        for (who, id) in [("users", "deploy@pve"), ("tokens", "deploy@pve!ci")] {
+            self.api_data(
+                Method::PUT,
+                "/access/acl",
+                &[("path", "/"), ("roles", role), (who, id)],
+            );
+        }
+        format!("deploy@pve!ci={}", made["value"].as_str().unwrap())
+    }
+
+    fn run_as(&self, token: &str, args: &[&str]) -> (i32, String, String) {
+        let (code, out, err) = self.finish(self.command(args).env("PROXMOX_VE_API_TOKEN", token));
+        let secret = token.rsplit('=').next().unwrap();
+        assert!(
+            !out.contains(secret) && !err.contains(secret),
+            "the token leaked"
+        );
+        (code, out, err)
+    }
+}
+
+/// A privilege-separated token with the built-in PVEAuditor role can read
+/// the cluster but change nothing: doctor names every missing privilege
+/// with the `pveum` commands that grant it, and apply refuses before it
+/// changes anything (pve-access-control `RPCEnvironment.pm`
+/// `permissions`; the 403s never happen).
+#[test]
+fn an_auditor_token_gets_the_missing_privileges_named_and_changes_nothing() {
+    let s = Scenario::new(ClusterSpec::default(), &build_fleet("\"vim\""), EMPTY_LOCK);
+    let token = s.deploy_token("PVEAuditor");
+    let (code, out, err) = s.run_as(&token, &["doctor", "fleet.yaml"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_contains(
+        &out,
+        &[
+            "ok   reached the API as deploy@pve!ci",
+            "ok   bridge `vmbr0` exists on pve",
+            "FAIL the token holds the privileges the fleet needs",
+            "/vms/400: VM.Allocate, VM.Config.CPU,",
+            "/vms/9400: VM.Allocate, VM.Clone,",
+            "/storage/local: Datastore.AllocateTemplate",
+            "/nodes/pve: Sys.AccessNetwork",
+            "/pool/nixgold-lock-homelab: Pool.Allocate\n",
+            &format!("pveum role add NixgoldDeploy --privs \"{NIXGOLD_ROLE_PRIVS}\""),
+            "pveum acl modify /vms/400 --users deploy@pve --roles NixgoldDeploy",
+            "pveum acl modify /vms/400 --tokens 'deploy@pve!ci' --roles NixgoldDeploy",
+        ],
+    );
+    assert!(
+        !out.contains("Datastore.Audit\n"),
+        "auditors may audit: {out}"
+    );
+    let tasks = s.sim.inspect(|st| st.tasks.len());
+    let before = s.sim.journal().len();
+    let (code, out, err) = s.run_as(&token, &["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_contains(
+        &err,
+        &[
+            "the API token lacks privileges this fleet needs",
+            "nothing was changed",
+        ],
+    );
+    assert_eq!(
+        s.sim.inspect(|st| (st.vms.len(), st.tasks.len())),
+        (0, tasks)
+    );
+    assert!(
+        s.sim.journal()[before..].iter().all(|e| e.method == "GET"),
+        "no write reached the cluster"
+    );
+}
+
+/// With the README's least-privilege role (granted on `/` to the user and
+/// its privilege-separated token) the whole job — ISO download, template
+/// build, clone, start — applies and converges, and doctor is clean.
+#[test]
+fn the_documented_least_privilege_role_builds_and_converges() {
+    let s = Scenario::new(ClusterSpec::default(), &build_fleet("\"vim\""), EMPTY_LOCK);
+    s.api_data(
+        reqwest::Method::POST,
+        "/access/roles",
+        &[("roleid", "NixgoldDeploy"), ("privs", NIXGOLD_ROLE_PRIVS)],
+    );
+    let token = s.deploy_token("NixgoldDeploy");
+    let (code, out, err) = s.run_as(&token, &["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, _) = s.run_as(&token, &["plan", "fleet.yaml"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("No changes."), "{out}");
+    let (code, out, err) = s.run_as(&token, &["doctor", "fleet.yaml"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!out.contains("FAIL"), "{out}");
+    assert!(s.sim.inspect(|st| st.vms[&400].running));
+}
+
+/// doctor reads what the fleet names and fails on what is not there: a
+/// bridge missing on the node, a storage without the content type it needs.
+#[test]
+fn doctor_names_a_missing_bridge_and_a_storage_without_images() {
+    let mut cluster = single_node();
+    cluster.nodes[0].bridges = vec!["vmbr1".into()];
+    cluster
+        .storages
+        .iter_mut()
+        .find(|s| s.id == "tank")
+        .unwrap()
+        .content = vec!["rootdir".into()];
+    let s = Scenario::new(cluster, &base_fleet(WEB_01), &golden_lock());
+    let (code, out, err) = s.run(&["doctor", "fleet.yaml"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_contains(
+        &out,
+        &[
+            "FAIL bridge `vmbr0` exists on pve",
+            "FAIL storage `tank` on pve holds images",
+            "ok   storage `local` on pve holds iso",
+            "ok   storage `local` on pve has 100 GiB free for installer ISOs (needs 2 GiB)",
+            "ok   the token holds the privileges the fleet needs",
+        ],
+    );
 }
 
 // ----- one apply at a time (the apply lock) --------------------------------

@@ -155,6 +155,10 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         prometheus: Option<PathBuf>,
     },
+    /// Check the cluster can take the fleet, changing nothing: reachability,
+    /// TLS, API version, nodes, storages and their content types, space,
+    /// and every privilege nixgold needs (exit 1 when something is missing).
+    Doctor(FleetArg),
     /// Show the fleet's VMs: address, VMID, node, status, IP.
     Output(FleetArg),
     /// Point an image back at an older kept generation (lockfile only).
@@ -439,6 +443,10 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
                 prometheus.as_deref(),
                 out,
             ))
+        }
+        Command::Doctor(arg) => {
+            let path = fleet_path(g, arg)?;
+            runtime()?.block_on(run::cmd_doctor(&path, &lock, g.sim, out))
         }
         Command::Output(arg) => {
             let path = fleet_path(g, arg)?;

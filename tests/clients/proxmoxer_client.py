@@ -43,6 +43,11 @@ if phase == "create":
     assert config["name"] == "px-clone", config
     assert len(config["digest"]) == 40, config
     assert config["memory"] == "1024" and config["cores"] == 2, config
+    tasks = px.nodes("pve").tasks.get(vmid=100)
+    assert [t["type"] for t in tasks] == ["qmclone", "qmcreate"], tasks
+    assert all(t["status"] == "OK" and t["user"] == token_id for t in tasks), tasks
+    assert px.nodes("pve").status.get()["pveversion"].startswith("pve-manager/9.1"), "node status"
+    assert [n["name"] for n in px.cluster.status.get() if n["type"] == "node"] == ["pve"]
     resources = px.cluster.resources.get(type="vm")
     assert sorted(r["vmid"] for r in resources) == [100, 101], resources
     # Ticket login and a write with the CSRF token, as proxmoxer does it.

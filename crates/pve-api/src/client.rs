@@ -156,6 +156,14 @@ impl Client {
         .to_owned()
     }
 
+    /// Who the client authenticates as: `user@realm!token` or `user@realm`.
+    pub fn auth_id(&self) -> &str {
+        match &self.inner.opts.credentials {
+            Credentials::Token { id, .. } => id,
+            Credentials::Password { username, .. } => username,
+        }
+    }
+
     /// API requests sent so far (retries included).
     pub fn calls(&self) -> u64 {
         self.inner.calls.load(Ordering::Relaxed)
@@ -343,6 +351,37 @@ impl Client {
                 context: "GET /cluster/nextid".into(),
                 message: format!("not a VMID: {v}"),
             })
+    }
+
+    /// The privileges the caller holds on `path` (`GET
+    /// /access/permissions?path=…`: `{path: {privilege: 1, …}}`).
+    pub async fn permissions(
+        &self,
+        path: &str,
+    ) -> Result<std::collections::BTreeSet<String>, ApiError> {
+        let v: Value = self
+            .call(Method::Get, "/access/permissions", vec![p("path", path)])
+            .await?;
+        Ok(v.get(path)
+            .and_then(Value::as_object)
+            .map(|privs| privs.keys().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    /// The names of a node's bridges (`GET /nodes/{node}/network?type=any_bridge`).
+    pub async fn bridges(&self, node: &str) -> Result<Vec<String>, ApiError> {
+        let v: Value = self
+            .call(
+                Method::Get,
+                &format!("/nodes/{}/network", seg(node)),
+                vec![p("type", "any_bridge")],
+            )
+            .await?;
+        Ok(v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i.get("iface").and_then(Value::as_str).map(str::to_owned))
+            .collect())
     }
 
     pub async fn nodes(&self) -> Result<Vec<Node>, ApiError> {

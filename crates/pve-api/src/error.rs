@@ -16,6 +16,12 @@ pub enum ApiError {
     /// 401/403: bad credentials, or a missing privilege (named by Proxmox).
     #[error("authentication/permission error ({status}): {message}")]
     Auth { status: u16, message: String },
+    /// 403 "Permission check failed (PATH, PRIVILEGE)": the token lacks a
+    /// privilege on a path. Retrying cannot help; granting it does.
+    #[error(
+        "permission denied: {privilege} on {path} is missing\n  hint: grant it to the token, e.g. `pveum acl modify {path} --tokens USER@REALM!TOKEN --roles ROLE` with a role holding {privilege} (`nixgold doctor` lists everything the fleet needs)"
+    )]
+    Permission { path: String, privilege: String },
     /// 400 with per-parameter reasons.
     #[error("{message}{}", format_errors(errors))]
     Params {
@@ -89,7 +95,11 @@ impl ApiError {
             .unwrap_or_else(|| reason.trim().to_owned());
         match status {
             400 => ApiError::Params { message, errors },
-            401 | 403 => ApiError::Auth { status, message },
+            403 => match permission_check(&message) {
+                Some((path, privilege)) => ApiError::Permission { path, privilege },
+                None => ApiError::Auth { status, message },
+            },
+            401 => ApiError::Auth { status, message },
             595 | 596 | 599 => ApiError::Transport {
                 status: Some(status),
                 message,
@@ -147,6 +157,16 @@ impl ApiError {
     }
 }
 
+/// The path and privilege of pve-common's `raise_perm_exc` text,
+/// `Permission check failed (/vms/400, VM.Config.Cloudinit)`.
+fn permission_check(message: &str) -> Option<(String, String)> {
+    let inner = message
+        .strip_prefix("Permission check failed (")?
+        .strip_suffix(')')?;
+    let (path, privilege) = inner.split_once(", ")?;
+    Some((path.to_owned(), privilege.to_owned()))
+}
+
 fn is_lock_message(message: &str) -> bool {
     (message.contains("can't lock file") && message.contains("got timeout"))
         || message.contains("got lock request timeout")
@@ -182,6 +202,17 @@ mod tests {
             e(401, "authentication failure"),
             ApiError::Auth { .. }
         ));
+        assert_eq!(
+            e(
+                403,
+                "Permission check failed (/vms/400, VM.Config.Cloudinit)"
+            ),
+            ApiError::Permission {
+                path: "/vms/400".into(),
+                privilege: "VM.Config.Cloudinit".into()
+            }
+        );
+        assert!(!e(403, "Permission check failed (/vms/400, VM.Audit)").is_transport());
         assert!(matches!(
             e(500, "checksum mismatch (file change by other user?)"),
             ApiError::Conflict { .. }

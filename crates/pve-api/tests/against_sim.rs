@@ -582,3 +582,35 @@ async fn tickets_are_renewed_with_the_current_ticket_before_they_expire() {
         "renewed with the ticket, not the password"
     );
 }
+
+/// A token without privileges: every check fails with pve-common's 403
+/// "Permission check failed (/vms/100, VM.Audit)", which the client reports
+/// as a permission error naming the path and the privilege, and does not
+/// retry. `/access/permissions` answers what the token holds (nothing).
+#[tokio::test]
+async fn a_missing_privilege_is_a_permission_error_and_not_retried() {
+    const NOBODY: &str = "ops@pve!ro=2c9d1f0e-7a31-4c55-8f0b-0b6c1d2e3f40";
+    let sim = Simulator::new(
+        ClusterSpec::default(),
+        fast(),
+        SimCredentials::token(NOBODY).unwrap(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let env = Env {
+        handle: sim.serve(listener),
+        sim,
+    };
+    let c = client(&env, Credentials::token(NOBODY).unwrap(), Tls::Insecure);
+    let e = c.vm_config("pve", 100, false).await.unwrap_err();
+    assert_eq!(
+        e,
+        ApiError::Permission {
+            path: "/vms/100".into(),
+            privilege: "VM.Audit".into()
+        }
+    );
+    assert!(e.to_string().contains("pveum acl modify /vms/100"), "{e}");
+    assert_eq!(env.sim.journal().len(), 1, "not retried");
+    assert!(c.permissions("/vms/100").await.unwrap().is_empty());
+    assert_eq!(c.auth_id(), "ops@pve!ro");
+}

@@ -28,6 +28,14 @@ pub struct Identity {
     pub via_ticket: bool,
 }
 
+/// The headers authentication reads.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Headers<'a> {
+    pub authorization: Option<&'a str>,
+    pub cookie: Option<&'a str>,
+    pub csrf: Option<&'a str>,
+}
+
 /// Why a request was not authenticated: the 401 reason phrase.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unauthorized(pub &'static str);
@@ -77,15 +85,21 @@ impl Auth {
             .is_some_and(|(time, sig)| self.sign(&format!("{time}:{user}")) == sig)
     }
 
-    /// Authenticates a request from its headers.
+    /// Authenticates a request from its headers; `api_token` checks a
+    /// token made through the API (`user.cfg`) when it is not a configured
+    /// one.
     pub fn authenticate(
         &self,
-        authorization: Option<&str>,
-        cookie: Option<&str>,
-        csrf: Option<&str>,
+        headers: Headers,
         method: &str,
         now: u64,
+        api_token: &dyn Fn(&str, &str) -> bool,
     ) -> Result<Identity, Unauthorized> {
+        let Headers {
+            authorization,
+            cookie,
+            csrf,
+        } = headers;
         if let Some(value) = authorization.and_then(|a| a.strip_prefix("PVEAPIToken")) {
             let value = value.trim_start_matches(['=', ' ']);
             let value = value.split(';').next().unwrap_or_default();
@@ -93,12 +107,17 @@ impl Auth {
             let (tokenid, secret) = value
                 .rsplit_once('=')
                 .ok_or(Unauthorized("authentication failure"))?;
-            return match self.tokens.get(tokenid) {
-                Some(s) if s == secret => Ok(Identity {
+            let valid = match self.tokens.get(tokenid) {
+                Some(s) => s == secret,
+                None => api_token(tokenid, secret),
+            };
+            return if valid {
+                Ok(Identity {
                     authid: tokenid.to_owned(),
                     via_ticket: false,
-                }),
-                _ => Err(Unauthorized("authentication failure")),
+                })
+            } else {
+                Err(Unauthorized("authentication failure"))
             };
         }
         let ticket = authorization
@@ -146,21 +165,34 @@ mod tests {
         )
     }
 
+    fn none(_: &str, _: &str) -> bool {
+        false
+    }
+
+    fn token(authorization: &str) -> Headers<'_> {
+        Headers {
+            authorization: Some(authorization),
+            ..Headers::default()
+        }
+    }
+
+    fn cookie<'a>(cookie: &'a str, csrf: Option<&'a str>) -> Headers<'a> {
+        Headers {
+            cookie: Some(cookie),
+            csrf,
+            ..Headers::default()
+        }
+    }
+
     #[test]
     fn tokens_need_no_csrf_and_split_at_the_last_equals() {
         let a = auth();
         let id = a
-            .authenticate(
-                Some("PVEAPIToken=root@pam!ci=s3cret"),
-                None,
-                None,
-                "POST",
-                0,
-            )
+            .authenticate(token("PVEAPIToken=root@pam!ci=s3cret"), "POST", 0, &none)
             .unwrap();
         assert_eq!(id.authid, "root@pam!ci");
         assert!(
-            a.authenticate(Some("PVEAPIToken=root@pam!ci=wrong"), None, None, "GET", 0)
+            a.authenticate(token("PVEAPIToken=root@pam!ci=wrong"), "GET", 0, &none)
                 .is_err()
         );
     }
@@ -169,28 +201,19 @@ mod tests {
     fn tickets_need_csrf_on_writes_and_expire() {
         let a = auth();
         let (ticket, csrf) = a.ticket("root@pam", 1000);
-        let cookie = format!("PVEAuthCookie={ticket}");
-        assert!(
-            a.authenticate(None, Some(&cookie), None, "GET", 1000)
-                .is_ok()
-        );
+        let c = format!("PVEAuthCookie={ticket}");
+        assert!(a.authenticate(cookie(&c, None), "GET", 1000, &none).is_ok());
         assert_eq!(
-            a.authenticate(None, Some(&cookie), None, "POST", 1000),
+            a.authenticate(cookie(&c, None), "POST", 1000, &none),
             Err(Unauthorized("Permission denied - invalid csrf token"))
         );
         assert!(
-            a.authenticate(None, Some(&cookie), Some(&csrf), "POST", 1000)
+            a.authenticate(cookie(&c, Some(&csrf)), "POST", 1000, &none)
                 .is_ok()
         );
         assert!(
-            a.authenticate(
-                None,
-                Some(&cookie),
-                None,
-                "GET",
-                1000 + TICKET_LIFETIME_SECS
-            )
-            .is_err()
+            a.authenticate(cookie(&c, None), "GET", 1000 + TICKET_LIFETIME_SECS, &none)
+                .is_err()
         );
         assert_eq!(
             a.login("root@pam", &ticket, 1001).as_deref(),

@@ -56,6 +56,19 @@ pub struct VmConfig {
     /// What the current cloud-init image was built from.
     #[serde(default)]
     pub cloudinit: BTreeMap<String, String>,
+    /// Snapshots by name: the `[name]` sections of the file.
+    #[serde(default)]
+    pub snapshots: BTreeMap<String, Snapshot>,
+}
+
+/// A snapshot: the config as it was, when, and the snapshot before it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub values: BTreeMap<String, String>,
+    pub snaptime: u64,
+    pub description: String,
+    pub parent: Option<String>,
+    pub vmstate: bool,
 }
 
 impl VmConfig {
@@ -91,6 +104,16 @@ impl VmConfig {
                 let _ = writeln!(out, "delete: {}", keys.join(","));
             }
             for (k, v) in &self.pending {
+                let _ = writeln!(out, "{k}: {v}");
+            }
+        }
+        for (name, snap) in &self.snapshots {
+            let _ = writeln!(out, "\n[{name}]");
+            if let Some(parent) = &snap.parent {
+                let _ = writeln!(out, "parent: {parent}");
+            }
+            let _ = writeln!(out, "snaptime: {}", snap.snaptime);
+            for (k, v) in &snap.values {
                 let _ = writeln!(out, "{k}: {v}");
             }
         }

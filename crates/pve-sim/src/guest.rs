@@ -266,7 +266,15 @@ pub(crate) async fn sync(inner: &Arc<Inner>) {
         guard.advance(&inner.opts);
         let state = &mut *guard;
         let mut guests = inner.guests.running.lock().expect("guests");
-        guests.retain(|vmid, _| state.vms.get(vmid).is_some_and(|vm| vm.running));
+        // A guest lives for one boot: a VM stopped, or started again
+        // (`status/reboot`), drops it.
+        let boot = inner.opts.guest_boot.as_millis() as u64;
+        guests.retain(|vmid, g| {
+            state
+                .vms
+                .get(vmid)
+                .is_some_and(|vm| vm.running && g.ready_ms == vm.started_ms + boot)
+        });
         for (vmid, vm) in state.vms.iter_mut().filter(|(_, vm)| vm.running) {
             let Some(runtime) = guests.get_mut(vmid) else {
                 if let Some((mode, iso)) = boot_mode(vm, &state.volumes) {

@@ -48,7 +48,7 @@ pub const RELEASE: &str = "9.1";
 pub const REPOID: &str = "8a3f1c2e";
 
 /// Parameters that are not config keys on create/config.
-const NON_CONFIG: &[&str] = &[
+pub(crate) const NON_CONFIG: &[&str] = &[
     "node",
     "vmid",
     "archive",
@@ -75,9 +75,15 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
         Version
             | ClusterResources
             | ClusterNextid
+            | ClusterStatus
             | Nodes
             | TicketGet
             | TicketPost
+            | Permissions
+            | UserCreate
+            | TokenCreate
+            | AclPut
+            | RoleCreate
             | PoolIndex
             | PoolCreate
             | PoolUpdate
@@ -88,9 +94,10 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
     ) {
         state.check_node(call.node())?;
     }
+    crate::access_routes::authorize(state, route, call)?;
     match route {
         Version => Ok(json!({ "version": VERSION, "release": RELEASE, "repoid": REPOID })),
-        ClusterResources => Ok(cluster_resources(state, opts, call.get("type"))),
+        ClusterResources => Ok(cluster_resources(state, opts, call)),
         ClusterNextid => nextid(state, call),
         Nodes => Ok(Value::Array(
             state
@@ -116,6 +123,7 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
                 .vms
                 .iter()
                 .filter(|(_, vm)| vm.node == call.node())
+                .filter(|(id, _)| may(state, call, &format!("/vms/{id}"), &["VM.Audit"]))
                 .map(|(id, vm)| qemu_list_entry(state, *id, vm))
                 .collect(),
         )),
@@ -138,8 +146,17 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
                 ])));
             }
             let vm = state.vm_on(call.node(), call.vmid())?;
-            if let Some(snap) = call.get("snapshot") {
-                return Err(ApiError::fail(format!("snapshot '{snap}' does not exist")));
+            if let Some(name) = call.get("snapshot") {
+                let snap = vm
+                    .config
+                    .snapshots
+                    .get(name)
+                    .ok_or_else(|| ApiError::fail(format!("snapshot '{name}' does not exist")))?;
+                let config = VmConfig {
+                    values: snap.values.clone(),
+                    ..VmConfig::default()
+                };
+                return Ok(config.to_api_json(true));
             }
             Ok(vm.config.to_api_json(call.flag("current").unwrap_or(false)))
         }
@@ -205,12 +222,32 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
             let vm = state.vm_on(call.node(), vmid)?;
             Ok(Value::String(cloudinit_dump(vmid, &vm.config, call.get("type").unwrap_or("user"))))
         }
+        TaskList => task_list(state, call).map(|(tasks, _)| tasks),
+        NodeStatus => Ok(node_status(state, call.node())),
+        NodeNetwork => Ok(node_network(state, call)),
+        ClusterStatus => Ok(cluster_status(state)),
+        SnapshotList => {
+            let vm = state.vm_on(call.node(), call.vmid())?;
+            Ok(crate::snapshots::list(&vm.config, vm.running))
+        }
+        SnapshotCreate | SnapshotDelete | SnapshotRollback => snapshot_task(state, opts, call, route),
+        Reboot => {
+            let vmid = call.vmid();
+            if !state.vm_on(call.node(), vmid)?.running {
+                return Err(ApiError::fail(format!("VM {vmid} not running")));
+            }
+            let work = Work::Reboot { vmid };
+            Ok(json!(spawn(state, opts, call, "qmreboot", vmid.to_string(), work, exclusive(vmid))))
+        }
         TaskStatus => task_status(state, call),
         TaskLog => task_log(state, call),
         TaskStop => {
             let upid = find_task(state, call)?.upid.clone();
             state.stop_task(&upid);
             Ok(Value::Null)
+        }
+        Permissions | UserCreate | TokenCreate | AclPut | RoleCreate => {
+            crate::access_routes::handle(state, route, call)
         }
         PoolIndex => crate::pools::list(state, call),
         PoolRead => crate::pools::read(state, call),
@@ -280,29 +317,61 @@ fn spawn(
     )
 }
 
-fn cluster_resources(state: &State, opts: &SimOptions, kind: Option<&str>) -> Value {
+/// Whether the caller holds any of `privs` on `path` (a list filter, not
+/// an error).
+fn may(state: &State, call: &Call, path: &str, privs: &[&str]) -> bool {
+    state
+        .access
+        .check(&call.who.authid, path, privs, true)
+        .is_ok()
+}
+
+/// `GET /cluster/resources` (pve-manager `API2/Cluster.pm` `resources`):
+/// VMs the caller has VM.Audit on, storages it has Datastore.Audit on, and
+/// every node, with its statistics only given Sys.Audit on it.
+fn cluster_resources(state: &State, opts: &SimOptions, call: &Call) -> Value {
+    let kind = call.get("type");
     let mut out = Vec::new();
     if kind.is_none() || kind == Some("vm") {
         out.extend(
             state
                 .vms
                 .iter()
+                .filter(|(id, _)| may(state, call, &format!("/vms/{id}"), &["VM.Audit"]))
                 .map(|(id, vm)| state.vm_resource(*id, vm, opts)),
         );
     }
     if kind.is_none() || kind == Some("node") {
         for n in &state.spec.nodes {
-            out.push(json!({
+            let mut entry = json!({
                 "id": format!("node/{}", n.name), "node": n.name, "type": "node", "status": "online",
-                "cpu": 0.02, "maxcpu": n.cpus, "mem": n.memory / 8, "maxmem": n.memory,
-                "disk": 8u64 << 30, "maxdisk": 100u64 << 30,
-                "uptime": now_ms() / 1000 - state.boot_time, "level": "", "cgroup-mode": 2,
-            }));
+            });
+            if may(state, call, &format!("/nodes/{}", n.name), &["Sys.Audit"]) {
+                entry.as_object_mut().expect("object").extend(
+                    json!({
+                        "cpu": 0.02, "maxcpu": n.cpus, "mem": n.memory / 8, "maxmem": n.memory,
+                        "disk": 8u64 << 30, "maxdisk": 100u64 << 30,
+                        "uptime": now_ms() / 1000 - state.boot_time, "level": "", "cgroup-mode": 2,
+                    })
+                    .as_object()
+                    .expect("object")
+                    .clone(),
+                );
+            }
+            out.push(entry);
         }
     }
     if kind.is_none() || kind == Some("storage") {
         for n in &state.spec.nodes {
-            for s in state.spec.storages.iter().filter(|s| s.on_node(&n.name)) {
+            for s in state.spec.storages.iter().filter(|s| {
+                s.on_node(&n.name)
+                    && may(
+                        state,
+                        call,
+                        &format!("/storage/{}", s.id),
+                        &["Datastore.Audit"],
+                    )
+            }) {
                 out.push(json!({
                     "id": format!("storage/{}/{}", n.name, s.id), "storage": s.id, "node": n.name,
                     "type": "storage", "plugintype": s.plugin, "status": "available",
@@ -339,6 +408,15 @@ fn node_storage(state: &State, call: &Call) -> Value {
             .storages
             .iter()
             .filter(|s| s.on_node(node))
+            .filter(|s| {
+                let path = format!("/storage/{}", s.id);
+                may(
+                    state,
+                    call,
+                    &path,
+                    &["Datastore.Audit", "Datastore.AllocateSpace"],
+                )
+            })
             .filter(|s| call.get("storage").is_none_or(|id| id == s.id))
             .filter(|s| content.is_none_or(|c| split_list(c).all(|c| s.has_content(c))))
             .map(|s| {
@@ -794,6 +872,45 @@ fn pending(config: &VmConfig) -> Value {
     Value::Array(rows)
 }
 
+/// `snapshot`, `delsnapshot` and `rollback` in qemu-server `API2/Qemu.pm`:
+/// the names `current` and `pending` are reserved; the work happens in
+/// `qmsnapshot`, `qmdelsnapshot` and `qmrollback` workers.
+fn snapshot_task(state: &mut State, opts: &SimOptions, call: &Call, route: RouteId) -> ApiResult {
+    let vmid = call.vmid();
+    state.vm_on(call.node(), vmid)?;
+    let name = call.get("snapname").unwrap_or_default().to_owned();
+    let (kind, work) = match route {
+        RouteId::SnapshotCreate => {
+            if matches!(name.as_str(), "current" | "pending") {
+                return Err(ApiError::fail(format!(
+                    "unable to use snapshot name '{name}' (reserved name)"
+                )));
+            }
+            let work = Work::Snapshot {
+                vmid,
+                name,
+                description: call.get("description").unwrap_or_default().to_owned(),
+                vmstate: call.flag("vmstate").unwrap_or(false),
+            };
+            ("qmsnapshot", work)
+        }
+        RouteId::SnapshotDelete => ("qmdelsnapshot", Work::DeleteSnapshot { vmid, name }),
+        _ => {
+            let start = call.flag("start").unwrap_or(false);
+            ("qmrollback", Work::Rollback { vmid, name, start })
+        }
+    };
+    Ok(json!(spawn(
+        state,
+        opts,
+        call,
+        kind,
+        vmid.to_string(),
+        work,
+        exclusive(vmid)
+    )))
+}
+
 fn power(state: &mut State, opts: &SimOptions, call: &Call, route: RouteId) -> ApiResult {
     let vmid = call.vmid();
     state.vm_on(call.node(), vmid)?;
@@ -1234,6 +1351,143 @@ pub fn task_log_page(state: &State, call: &Call) -> Result<(Value, usize), ApiEr
         .map(|(i, line)| json!({"n": i + 1, "t": line}))
         .collect();
     Ok((Value::Array(lines), t.log.len()))
+}
+
+/// The `total` attribute a listing carries next to `data`
+/// (`set_result_attrib('total', …)` in the task log and task list).
+pub fn result_total(state: &State, route: RouteId, call: &Call) -> Option<usize> {
+    match route {
+        RouteId::TaskLog => task_log_page(state, call).ok().map(|(_, total)| total),
+        RouteId::TaskList => task_list(state, call).ok().map(|(_, total)| total),
+        _ => None,
+    }
+}
+
+/// `GET /nodes/{node}/tasks` (pve-manager `API2/Tasks.pm` `node_tasks`):
+/// finished tasks by default (`source=archive`), newest first, filtered,
+/// then paged by `start`/`limit` (50); `status` is the exit status and
+/// `endtime` is set once a task stopped.
+fn task_list(state: &State, call: &Call) -> Result<(Value, usize), ApiError> {
+    let node = call.node();
+    let source = call.get("source").unwrap_or("archive");
+    let num = |k: &str| call.get(k).and_then(|v| v.parse::<u64>().ok());
+    let statuses: Vec<&str> = call
+        .get("statusfilter")
+        .map(|s| split_list(s).collect())
+        .unwrap_or_default();
+    let mut tasks: Vec<&crate::state::Task> = state
+        .tasks
+        .values()
+        .filter(|t| t.node == node)
+        .filter(|t| match source {
+            "active" => t.exitstatus.is_none(),
+            "all" => true,
+            _ => t.exitstatus.is_some(),
+        })
+        .filter(|t| call.get("vmid").is_none_or(|v| t.id == v))
+        .filter(|t| call.get("typefilter").is_none_or(|k| t.kind == k))
+        .filter(|t| call.get("userfilter").is_none_or(|u| t.user.contains(u)))
+        .filter(|t| num("since").is_none_or(|s| t.starttime >= s))
+        .filter(|t| num("until").is_none_or(|u| t.starttime <= u))
+        .filter(|t| {
+            let kind = match t.exitstatus.as_deref() {
+                None => "unknown",
+                Some("OK") => "ok",
+                Some(e) if e.starts_with("WARNINGS") => "warning",
+                Some(_) => "error",
+            };
+            let error = call.flag("errors") == Some(true);
+            (statuses.is_empty() || statuses.contains(&kind)) && (!error || kind == "error")
+        })
+        .collect();
+    tasks.sort_by_key(|t| std::cmp::Reverse((t.starttime, t.pid)));
+    let total = tasks.len();
+    let start = num("start").unwrap_or(0) as usize;
+    let limit = num("limit").unwrap_or(50) as usize;
+    let items = tasks
+        .into_iter()
+        .skip(start)
+        .take(limit)
+        .map(|t| {
+            let mut item = json!({
+                "upid": t.upid, "node": t.node, "pid": t.pid, "pstart": t.pstart,
+                "starttime": t.starttime, "type": t.kind, "id": t.id, "user": t.user,
+            });
+            if let (Some(exit), Some(end)) = (&t.exitstatus, t.ends_ms) {
+                item["status"] = json!(exit);
+                item["endtime"] = json!(end / 1000);
+            }
+            item
+        })
+        .collect();
+    Ok((Value::Array(items), total))
+}
+
+/// `GET /nodes/{node}/status`: the fields the 9.1 schema requires, and
+/// `uptime`/`kversion` that pve-manager `API2/Nodes.pm` `status` adds.
+fn node_status(state: &State, node: &str) -> Value {
+    let spec = state.spec.node(node).expect("the node was checked");
+    json!({
+        "cpu": 0.02,
+        "cpuinfo": {"cores": spec.cpus / 2, "cpus": spec.cpus, "model": "QEMU Virtual CPU", "sockets": 1},
+        "memory": {"total": spec.memory, "used": spec.memory / 8, "free": spec.memory - spec.memory / 8, "available": spec.memory - spec.memory / 8},
+        "rootfs": {"total": 100u64 << 30, "used": 8u64 << 30, "free": 92u64 << 30, "avail": 87u64 << 30},
+        "loadavg": ["0.12", "0.10", "0.09"],
+        "pveversion": format!("pve-manager/{VERSION}/{REPOID}"),
+        "boot-info": {"mode": "efi", "secureboot": 0},
+        "current-kernel": {"sysname": "Linux", "release": "6.14.8-2-pve", "machine": "x86_64", "version": "#1 SMP PREEMPT_DYNAMIC PMX 6.14.8-2"},
+        "kversion": "Linux 6.14.8-2-pve #1 SMP PREEMPT_DYNAMIC PMX 6.14.8-2",
+        "uptime": now_ms() / 1000 - state.boot_time,
+    })
+}
+
+/// `GET /nodes/{node}/network` (pve-manager `API2/Network.pm` `index`):
+/// the node's uplink `eth0` and its Linux bridges, filtered by `type`
+/// (`any_bridge` and `any_local_bridge` include bridges).
+fn node_network(state: &State, call: &Call) -> Value {
+    let spec = state.spec.node(call.node()).expect("the node was checked");
+    let kind = call.get("type");
+    let wants = |t: &str| {
+        kind.is_none_or(|k| {
+            k == t || (t == "bridge" && matches!(k, "any_bridge" | "any_local_bridge"))
+        })
+    };
+    let mut ifaces = Vec::new();
+    if wants("eth") {
+        ifaces.push(json!({"iface": "eth0", "type": "eth", "active": 1, "exists": 1, "method": "manual", "families": ["inet"], "priority": 1}));
+    }
+    if wants("bridge") {
+        for (i, bridge) in spec.bridges.iter().enumerate() {
+            ifaces.push(json!({
+                "iface": bridge, "type": "bridge", "active": 1, "autostart": 1, "method": "manual",
+                "bridge_ports": if i == 0 { "eth0" } else { "" }, "bridge_stp": "off", "bridge_fd": "0",
+                "families": ["inet"], "priority": i + 2,
+            }));
+        }
+    }
+    Value::Array(ifaces)
+}
+
+/// `GET /cluster/status`: a `cluster` row when the nodes form a cluster,
+/// then one row per node; booleans are 0/1 (pve-manager
+/// `API2/ClusterStatus.pm`).
+fn cluster_status(state: &State) -> Value {
+    let nodes = &state.spec.nodes;
+    let mut rows = Vec::new();
+    if let Some(name) = &state.spec.cluster_name {
+        rows.push(json!({
+            "type": "cluster", "id": "cluster", "name": name,
+            "nodes": nodes.len(), "quorate": 1, "version": nodes.len() + 1,
+        }));
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        rows.push(json!({
+            "type": "node", "id": format!("node/{}", n.name), "name": n.name,
+            "ip": format!("192.0.2.{}", i + 10), "local": u8::from(i == 0),
+            "nodeid": i + 1, "online": 1, "level": "",
+        }));
+    }
+    Value::Array(rows)
 }
 
 fn task_log(state: &State, call: &Call) -> ApiResult {

@@ -13,6 +13,8 @@
 //! shared type. Its route declarations are checked against the official
 //! schema by `tests/conformance.rs`.
 
+pub mod access;
+mod access_routes;
 mod auth;
 pub mod cluster;
 mod config;
@@ -25,6 +27,7 @@ pub mod params;
 pub mod pools;
 pub mod routes;
 mod server;
+mod snapshots;
 pub mod state;
 
 use std::collections::BTreeMap;
@@ -165,6 +168,18 @@ impl Simulator {
         credentials: Credentials,
         state_file: Option<PathBuf>,
     ) -> Self {
+        let mut state = state;
+        // The configured tokens are their users' own (no privilege
+        // separation): the default root token keeps every privilege.
+        for (authid, secret) in &credentials.tokens {
+            if let Some((user, name)) = authid.split_once('!') {
+                let tokens = state.access.users.entry(user.to_owned()).or_default();
+                tokens.entry(name.to_owned()).or_insert(access::Token {
+                    privsep: false,
+                    secret: secret.clone(),
+                });
+            }
+        }
         let workers = tokio::sync::Semaphore::new(opts.workers.max(1));
         Simulator {
             inner: Arc::new(Inner {

@@ -55,6 +55,12 @@ pub enum Pattern {
     HttpUrl,
     DiskSize,
     ContentSize,
+    /// `user@realm` (`pve-userid`).
+    UserId,
+    /// `user@realm` or `user@realm!token`.
+    AuthId,
+    /// A token name: `[A-Za-z][A-Za-z0-9.\-_]+`.
+    TokenName,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +70,8 @@ pub enum Format {
     DnsName,
     TagList,
     ConfigIdList,
+    /// `pve-configid`: one id, at most 40 characters here (snapshot names).
+    ConfigId,
     UrlEncoded,
     AddressList,
     PoolId,
@@ -261,12 +269,36 @@ fn pattern_matches(pattern: Pattern, value: &str) -> bool {
                 && whole.bytes().all(|b| b.is_ascii_digit())
                 && frac.is_none_or(|f| !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()))
         }
+        Pattern::UserId => is_userid(value),
+        Pattern::AuthId => match value.split_once('!') {
+            Some((user, token)) => is_userid(user) && is_token_name(token),
+            None => is_userid(value),
+        },
+        Pattern::TokenName => is_token_name(value),
         // `\d+[MG]?`
         Pattern::ContentSize => {
             let v = value.strip_suffix(['M', 'G']).unwrap_or(value);
             !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit())
         }
     }
+}
+
+/// `[^\s:/]+@[A-Za-z][A-Za-z0-9.\-_]+`.
+fn is_userid(s: &str) -> bool {
+    s.rsplit_once('@').is_some_and(|(name, realm)| {
+        !name.is_empty()
+            && !name.contains(|c: char| c.is_whitespace() || c == ':' || c == '/')
+            && is_token_name(realm)
+    })
+}
+
+/// `[A-Za-z][A-Za-z0-9.\-_]+` (realms and token names).
+fn is_token_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() >= 2
+        && b[0].is_ascii_alphabetic()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || b".-_".contains(c))
 }
 
 pub fn is_dns_label(s: &str) -> bool {
@@ -296,6 +328,16 @@ fn check_format(format: Format, name: &str, value: &str) -> Result<(), String> {
                 && b.iter()
                     .all(|c| c.is_ascii_alphanumeric() || b"_-+.".contains(c))
         }),
+        Format::ConfigId => {
+            value.len() <= 40
+                && value
+                    .as_bytes()
+                    .first()
+                    .is_some_and(u8::is_ascii_alphabetic)
+                && value
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+        }
         Format::ConfigIdList => split_list(value).all(|k| {
             !k.is_empty()
                 && k.bytes()

@@ -67,11 +67,25 @@ pub enum RouteId {
     CloudinitGet,
     CloudinitPut,
     CloudinitDump,
+    TaskList,
     TaskStatus,
     TaskLog,
     TaskStop,
+    SnapshotList,
+    SnapshotCreate,
+    SnapshotDelete,
+    SnapshotRollback,
+    NodeStatus,
+    NodeNetwork,
+    ClusterStatus,
+    Reboot,
     TicketGet,
     TicketPost,
+    Permissions,
+    UserCreate,
+    TokenCreate,
+    AclPut,
+    RoleCreate,
     PoolIndex,
     PoolCreate,
     PoolUpdate,
@@ -106,6 +120,7 @@ impl RouteDef {
 const STORAGE: Param = req_c("storage", STR, Check::Format(Format::PveStorageId));
 const UPID: Param = req("upid", STR);
 const VMID_P: Param = req("vmid", VMID);
+const SNAPNAME: Param = req_c("snapname", STR, Check::Format(Format::ConfigId));
 const DISKS: &[&str] = &[
     "ide0",
     "ide1",
@@ -665,6 +680,109 @@ static ROUTES: LazyLock<Vec<RouteDef>> = LazyLock::new(|| {
             Returns::String,
         ),
         r(
+            TaskList,
+            "GET",
+            "/nodes/{node}/tasks",
+            vec![
+                NODE,
+                opt("errors", BOOL),
+                opt("limit", int(0, None)),
+                opt("since", INT),
+                opt_c("source", STR, Check::Enum(&["archive", "active", "all"])),
+                opt("start", int(0, None)),
+                opt("statusfilter", STR),
+                opt("typefilter", STR),
+                opt("until", INT),
+                opt("userfilter", STR),
+                opt("vmid", VMID),
+            ],
+            Returns::Array,
+        ),
+        r(
+            NodeStatus,
+            "GET",
+            "/nodes/{node}/status",
+            vec![NODE],
+            Returns::Object,
+        ),
+        r(
+            SnapshotList,
+            "GET",
+            "/nodes/{node}/qemu/{vmid}/snapshot",
+            vec![NODE, VMID_P],
+            Returns::Array,
+        ),
+        r(
+            SnapshotCreate,
+            "POST",
+            "/nodes/{node}/qemu/{vmid}/snapshot",
+            vec![
+                NODE,
+                VMID_P,
+                SNAPNAME,
+                opt("description", STR),
+                opt("vmstate", BOOL),
+            ],
+            Returns::String,
+        ),
+        r(
+            SnapshotDelete,
+            "DELETE",
+            "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}",
+            vec![NODE, VMID_P, SNAPNAME, opt("force", BOOL)],
+            Returns::String,
+        ),
+        r(
+            SnapshotRollback,
+            "POST",
+            "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}/rollback",
+            vec![NODE, VMID_P, SNAPNAME, opt("start", BOOL)],
+            Returns::String,
+        ),
+        r(
+            NodeNetwork,
+            "GET",
+            "/nodes/{node}/network",
+            vec![
+                NODE,
+                opt_c(
+                    "type",
+                    STR,
+                    Check::Enum(&[
+                        "bridge",
+                        "bond",
+                        "eth",
+                        "alias",
+                        "vlan",
+                        "fabric",
+                        "OVSBridge",
+                        "OVSBond",
+                        "OVSPort",
+                        "OVSIntPort",
+                        "vnet",
+                        "any_bridge",
+                        "any_local_bridge",
+                        "include_sdn",
+                    ]),
+                ),
+            ],
+            Returns::Array,
+        ),
+        r(
+            ClusterStatus,
+            "GET",
+            "/cluster/status",
+            vec![],
+            Returns::Array,
+        ),
+        r(
+            Reboot,
+            "POST",
+            "/nodes/{node}/qemu/{vmid}/status/reboot",
+            vec![NODE, VMID_P, opt("timeout", int(0, None))],
+            Returns::String,
+        ),
+        r(
             TaskStatus,
             "GET",
             "/nodes/{node}/tasks/{upid}/status",
@@ -689,6 +807,69 @@ static ROUTES: LazyLock<Vec<RouteDef>> = LazyLock::new(|| {
             "DELETE",
             "/nodes/{node}/tasks/{upid}",
             vec![NODE, UPID],
+            Returns::Null,
+        ),
+        r(
+            Permissions,
+            "GET",
+            "/access/permissions",
+            vec![
+                opt("path", STR),
+                opt_c("userid", STR, Check::Pattern(Pattern::AuthId)),
+            ],
+            Returns::Object,
+        ),
+        r(
+            UserCreate,
+            "POST",
+            "/access/users",
+            vec![
+                req_c("userid", STR, Check::Pattern(Pattern::UserId)),
+                opt("comment", STR),
+                opt("email", STR),
+                opt("enable", BOOL),
+                opt("expire", int(0, None)),
+                opt("firstname", STR),
+                opt("groups", STR),
+                opt("keys", STR),
+                opt("lastname", STR),
+                opt("password", STR),
+            ],
+            Returns::Null,
+        ),
+        r(
+            TokenCreate,
+            "POST",
+            "/access/users/{userid}/token/{tokenid}",
+            vec![
+                req_c("userid", STR, Check::Pattern(Pattern::UserId)),
+                req_c("tokenid", STR, Check::Pattern(Pattern::TokenName)),
+                opt("comment", STR),
+                opt("expire", int(0, None)),
+                opt("privsep", BOOL),
+            ],
+            Returns::Object,
+        ),
+        r(
+            AclPut,
+            "PUT",
+            "/access/acl",
+            vec![
+                req("path", STR),
+                req("roles", STR),
+                opt("delete", BOOL),
+                opt("groups", STR),
+                opt("propagate", BOOL),
+                opt("tokens", STR),
+                opt("users", STR),
+            ],
+            Returns::Null,
+        ),
+        r(
+            RoleCreate,
+            "POST",
+            "/access/roles",
+            vec![req("roleid", STR), opt("privs", STR)],
             Returns::Null,
         ),
         r(
@@ -759,6 +940,103 @@ static ROUTES: LazyLock<Vec<RouteDef>> = LazyLock::new(|| {
         },
     ]
 });
+
+/// The privileges a route's schema asks for (its `permissions`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Perm {
+    /// `user => 'world'`: no authentication at all.
+    World,
+    /// `user => 'all'`: any authenticated identity; the handler filters
+    /// or checks more (create, task access).
+    All,
+    /// `check => ['perm', path, privs]`, with `any` for `'any', 1`.
+    Check {
+        path: &'static str,
+        privs: &'static [&'static str],
+        any: bool,
+    },
+    /// Compound checks (`and`/`or`, `userid-param`, `perm-modify`): the
+    /// handler makes them.
+    Compound,
+}
+
+const CONFIG_PRIVS: &[&str] = &[
+    "VM.Config.Disk",
+    "VM.Config.CDROM",
+    "VM.Config.CPU",
+    "VM.Config.Memory",
+    "VM.Config.Network",
+    "VM.Config.HWType",
+    "VM.Config.Options",
+    "VM.Config.Cloudinit",
+];
+
+/// `permissions` of each route, as the 9.1 schema has them (the
+/// conformance test compares).
+pub fn permission(id: RouteId) -> Perm {
+    use RouteId::*;
+    let vm = |privs: &'static [&'static str]| Perm::Check {
+        path: "/vms/{vmid}",
+        privs,
+        any: false,
+    };
+    let vm_any = |privs: &'static [&'static str]| Perm::Check {
+        path: "/vms/{vmid}",
+        privs,
+        any: true,
+    };
+    match id {
+        TicketGet | TicketPost => Perm::World,
+        Version | ClusterResources | ClusterNextid | Nodes | NodeStorage | QemuList
+        | QemuCreate | QemuIndex | TaskList | TaskStatus | TaskLog | TaskStop | Permissions
+        | NodeNetwork => Perm::All,
+        DownloadUrl | Clone | UserCreate | TokenCreate | AclPut => Perm::Compound,
+        PoolIndex => Perm::All,
+        PoolCreate | PoolUpdate | PoolDelete | PoolUpdateById | PoolDeleteById => Perm::Check {
+            path: "/pool/{poolid}",
+            privs: &["Pool.Allocate"],
+            any: false,
+        },
+        PoolRead => Perm::Check {
+            path: "/pool/{poolid}",
+            privs: &["Pool.Audit"],
+            any: false,
+        },
+        StorageContent => Perm::Check {
+            path: "/storage/{storage}",
+            privs: &["Datastore.Audit", "Datastore.AllocateSpace"],
+            any: true,
+        },
+        NodeStatus => Perm::Check {
+            path: "/nodes/{node}",
+            privs: &["Sys.Audit"],
+            any: false,
+        },
+        ClusterStatus => Perm::Check {
+            path: "/",
+            privs: &["Sys.Audit"],
+            any: false,
+        },
+        RoleCreate => Perm::Check {
+            path: "/access",
+            privs: &["Sys.Modify"],
+            any: false,
+        },
+        QemuDestroy | Template => vm(&["VM.Allocate"]),
+        ConfigGet | Pending | StatusCurrent | CloudinitGet | CloudinitDump | SnapshotList => {
+            vm(&["VM.Audit"])
+        }
+        SnapshotCreate | SnapshotDelete => vm(&["VM.Snapshot"]),
+        SnapshotRollback => vm_any(&["VM.Snapshot", "VM.Snapshot.Rollback"]),
+        ConfigPost | ConfigPut => vm_any(CONFIG_PRIVS),
+        Start | Stop | Shutdown | Reboot => vm(&["VM.PowerMgmt"]),
+        Resize => vm(&["VM.Config.Disk"]),
+        Sendkey => vm(&["VM.Console"]),
+        AgentNetwork | AgentPing => vm_any(&["VM.GuestAgent.Audit", "VM.GuestAgent.Unrestricted"]),
+        AgentExec | AgentExecStatus => vm(&["VM.GuestAgent.Unrestricted"]),
+        CloudinitPut => vm(&["VM.Config.Cloudinit"]),
+    }
+}
 
 /// Every route the simulator serves.
 pub fn routes() -> &'static [RouteDef] {

@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 
 use crate::Inner;
 use crate::auth::Identity;
-use crate::handlers::{Call, handle, task_log_page};
+use crate::handlers::{Call, handle, result_total};
 use crate::options::{FaultAction, FaultRule};
 use crate::routes::{RouteId, find};
 use crate::state::{ApiError, TaskFault, lock_timeout_message, now_ms};
@@ -275,13 +275,19 @@ async fn serve_api(
             via_ticket: false,
         }
     } else {
-        match inner.auth.authenticate(
-            authorization.as_deref(),
-            cookie.as_deref(),
-            csrf.as_deref(),
-            method,
-            now_ms() / 1000,
-        ) {
+        let headers = crate::auth::Headers {
+            authorization: authorization.as_deref(),
+            cookie: cookie.as_deref(),
+            csrf: csrf.as_deref(),
+        };
+        let api_token = |id: &str, secret: &str| {
+            let state = inner.state.lock().expect("state");
+            state.access.token(id).is_some_and(|t| t.secret == secret)
+        };
+        match inner
+            .auth
+            .authenticate(headers, method, now_ms() / 1000, &api_token)
+        {
             Ok(who) => who,
             Err(unauthorized) => {
                 tokio::time::sleep(inner.opts.auth_failure_delay).await;
@@ -349,8 +355,9 @@ async fn serve_api(
         let mut state = inner.state.lock().expect("state");
         state.advance(&inner.opts);
         let result = handle(&mut state, &inner.opts, route.id, &call);
-        let total = (route.id == RouteId::TaskLog && result.is_ok())
-            .then(|| task_log_page(&state, &call).map(|(_, total)| total).ok())
+        let total = result
+            .is_ok()
+            .then(|| result_total(&state, route.id, &call))
             .flatten();
         if method != "GET" && result.is_ok() {
             inner.persist(&state);

@@ -179,6 +179,25 @@ pub enum Work {
     Stop {
         vmid: u32,
     },
+    /// `qm reboot`: a shutdown and a start in one task.
+    Reboot {
+        vmid: u32,
+    },
+    Snapshot {
+        vmid: u32,
+        name: String,
+        description: String,
+        vmstate: bool,
+    },
+    DeleteSnapshot {
+        vmid: u32,
+        name: String,
+    },
+    Rollback {
+        vmid: u32,
+        name: String,
+        start: bool,
+    },
     Destroy {
         vmid: u32,
         unreferenced: bool,
@@ -281,6 +300,9 @@ pub struct State {
     pub mac_counter: u64,
     /// Node boot time in seconds (pstart base and uptime).
     pub boot_time: u64,
+    /// Users, tokens, roles and ACLs (`user.cfg`).
+    #[serde(default)]
+    pub access: crate::access::AccessConfig,
     /// Resource pools by id (`user.cfg`'s `pool:` lines).
     #[serde(default)]
     pub pools: BTreeMap<String, crate::pools::Pool>,
@@ -314,6 +336,7 @@ impl State {
             next_pid: 0x1000,
             mac_counter: 0,
             boot_time: now / 1000 - 3600,
+            access: crate::access::AccessConfig::default(),
             pools: BTreeMap::new(),
         };
         for vm in &spec.vms {
@@ -858,6 +881,31 @@ impl State {
                 description,
             ),
             Work::Start { vmid } => self.complete_start(&task.node, vmid),
+            Work::Snapshot {
+                vmid,
+                name,
+                description,
+                vmstate,
+            } => crate::snapshots::take(self, vmid, &name, &description, vmstate),
+            Work::DeleteSnapshot { vmid, name } => crate::snapshots::delete(self, vmid, &name),
+            Work::Rollback { vmid, name, start } => {
+                let log = crate::snapshots::rollback(self, vmid, &name)?;
+                if start {
+                    return self.complete_start(&task.node, vmid);
+                }
+                Ok(log)
+            }
+            Work::Reboot { vmid } => {
+                let vm = self
+                    .vms
+                    .get_mut(&vmid)
+                    .ok_or_else(|| missing_config(&task.node, vmid).message)?;
+                if !vm.running {
+                    return Err(format!("VM {vmid} not running"));
+                }
+                vm.running = false;
+                self.complete_start(&task.node, vmid)
+            }
             Work::Stop { vmid } => {
                 if let Some(vm) = self.vms.get_mut(&vmid) {
                     vm.set_running(false);
@@ -1616,7 +1664,7 @@ pub fn vm_sizes(c: &VmConfig) -> (u64, u64, u64) {
 }
 
 /// A random (version 4) UUID, as `PVE::QemuServer::generate_uuid` makes.
-fn new_uuid() -> String {
+pub(crate) fn new_uuid() -> String {
     let n = (rand::random::<u128>() & !(0xF << 76) & !(0x3 << 62)) | (0x4 << 76) | (0x2 << 62);
     let h = format!("{n:032x}");
     format!(

@@ -115,6 +115,12 @@ fn undocumented(route: RouteId) -> &'static [&'static str] {
         RouteId::StatusCurrent => &["ha", "agent", "disk"],
         RouteId::QemuList => &["disk"],
         RouteId::TicketPost => &["cap"],
+        // `snapshot_list`'s `current` row (qemu-server `API2/Qemu.pm`).
+        RouteId::SnapshotList => &["digest", "running"],
+        // pve-manager `API2/Nodes.pm` `status` sets both.
+        RouteId::NodeStatus => &["uptime", "kversion"],
+        // ifupdown2's bridge options, which `API2/Network.pm` passes on.
+        RouteId::NodeNetwork => &["bridge_stp", "bridge_fd"],
         _ => &[],
     }
 }
@@ -196,6 +202,7 @@ async fn live_requests_follow_the_schema() {
             .replace("{node}", "pve")
             .replace("{vmid}", "100")
             .replace("{storage}", "local")
+            .replace("{snapname}", "before")
             .replace("{upid}", &upid_e)
             .replace("{poolid}", "nixgold-lock-homelab");
         // An unknown parameter is rejected with 400, by name.
@@ -324,6 +331,72 @@ async fn live_requests_follow_the_schema() {
                 .form(&[("vmid", "102")]),
         ),
         (
+            RouteId::Start,
+            s.http.post(s.url("/nodes/pve/qemu/100/status/start")),
+        ),
+        (
+            RouteId::Reboot,
+            s.http.post(s.url("/nodes/pve/qemu/100/status/reboot")),
+        ),
+        (
+            RouteId::TaskList,
+            s.http.get(s.url("/nodes/pve/tasks?source=all")),
+        ),
+        (
+            RouteId::SnapshotCreate,
+            s.http
+                .post(s.url("/nodes/pve/qemu/100/snapshot"))
+                .form(&[("snapname", "before")]),
+        ),
+        (
+            RouteId::SnapshotList,
+            s.http.get(s.url("/nodes/pve/qemu/100/snapshot")),
+        ),
+        (
+            RouteId::SnapshotRollback,
+            s.http
+                .post(s.url("/nodes/pve/qemu/100/snapshot/before/rollback"))
+                .form(&[("start", "1")]),
+        ),
+        (
+            RouteId::SnapshotDelete,
+            s.http.delete(s.url("/nodes/pve/qemu/100/snapshot/before")),
+        ),
+        (RouteId::NodeStatus, s.http.get(s.url("/nodes/pve/status"))),
+        (
+            RouteId::NodeNetwork,
+            s.http.get(s.url("/nodes/pve/network?type=any_bridge")),
+        ),
+        (RouteId::ClusterStatus, s.http.get(s.url("/cluster/status"))),
+        (
+            RouteId::Permissions,
+            s.http.get(s.url("/access/permissions?path=/vms/100")),
+        ),
+        (
+            RouteId::UserCreate,
+            s.http
+                .post(s.url("/access/users"))
+                .form(&[("userid", "ops@pve")]),
+        ),
+        (
+            RouteId::TokenCreate,
+            s.http.post(s.url("/access/users/ops@pve/token/ci")),
+        ),
+        (
+            RouteId::RoleCreate,
+            s.http
+                .post(s.url("/access/roles"))
+                .form(&[("roleid", "Ops"), ("privs", "VM.Audit")]),
+        ),
+        (
+            RouteId::AclPut,
+            s.http.put(s.url("/access/acl")).form(&[
+                ("path", "/vms"),
+                ("roles", "Ops"),
+                ("tokens", "ops@pve!ci"),
+            ]),
+        ),
+        (
             RouteId::PoolCreate,
             s.http
                 .post(s.url("/pools"))
@@ -394,4 +467,47 @@ async fn live_requests_follow_the_schema() {
         "integer"
     );
     assert!(r.data().is_string());
+}
+
+/// Each route's permission check is the schema's `permissions`: a `perm`
+/// check with the same path, privileges and `any`, `user => 'all'` or
+/// `'world'`, or a compound check the handler makes.
+#[test]
+fn every_route_checks_the_schemas_permissions() {
+    use pve_sim::routes::{Perm, permission};
+    let Some(index) = schema() else { return };
+    for route in routes() {
+        let here = format!("{} {}", route.method, route.path);
+        let perms = &method_info(&index, route.path, route.method)["permissions"];
+        let declared = permission(route.id);
+        let check = perms["check"].as_array();
+        match (check, perms["user"].as_str()) {
+            (Some(c), _) if c[0] == "perm" => {
+                let privs: Vec<&str> = c[2]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p.as_str().unwrap())
+                    .collect();
+                let any = c.get(3).is_some_and(|a| a == "any");
+                let Perm::Check {
+                    path,
+                    privs: got,
+                    any: got_any,
+                } = declared
+                else {
+                    panic!("{here}: declared {declared:?}, the schema has a perm check");
+                };
+                assert_eq!(
+                    (path, got.to_vec(), got_any),
+                    (c[1].as_str().unwrap(), privs, any),
+                    "{here}"
+                );
+            }
+            (Some(_), _) => assert_eq!(declared, Perm::Compound, "{here}"),
+            (None, Some("all")) => assert_eq!(declared, Perm::All, "{here}"),
+            (None, Some("world")) => assert_eq!(declared, Perm::World, "{here}"),
+            other => panic!("{here}: unexpected permissions {other:?}"),
+        }
+    }
 }

@@ -325,3 +325,278 @@ async fn an_unknown_node_is_a_500() {
         r.raw
     );
 }
+
+/// pve-manager `API2/Tasks.pm` `node_tasks`: finished tasks unless
+/// `source` says otherwise, newest first, `total` beside the page, filters
+/// by VMID, type and error; each row has the UPID's fields, the exit
+/// status as `status` and an `endtime`.
+#[tokio::test]
+async fn the_task_list_pages_and_filters_finished_tasks() {
+    let s = default_sim().await;
+    s.create_vm(100, &[]).await;
+    s.create_vm(101, &[]).await;
+    assert_eq!(s.run("/nodes/pve/qemu/100/status/start", &[]).await, "OK");
+    let hung = s.post("/nodes/pve/qemu/101/template", &[]).await;
+    s.wait(hung.data().as_str().unwrap()).await;
+    let r = s.post("/nodes/pve/qemu/101/status/start", &[]).await;
+    s.wait(r.data().as_str().unwrap()).await;
+    let all = s.get("/nodes/pve/tasks").await;
+    let rows = all.data().as_array().unwrap();
+    assert_eq!(all.body["total"], 5, "{}", all.raw);
+    assert_eq!(rows[0]["type"], "qmstart", "newest first");
+    assert_eq!(rows[0]["id"], "101");
+    assert_eq!(rows[0]["status"], "you can't start a vm if it's a template");
+    assert!(rows[0]["endtime"].is_u64() && rows[0]["pid"].is_u64());
+    let errors = s.get("/nodes/pve/tasks?errors=1").await;
+    assert_eq!(errors.body["total"], 1);
+    let created = s.get("/nodes/pve/tasks?typefilter=qmcreate&limit=1").await;
+    assert_eq!(created.body["total"], 2);
+    assert_eq!(created.data().as_array().unwrap().len(), 1);
+    let vm100 = s.get("/nodes/pve/tasks?vmid=100").await;
+    assert!(
+        vm100
+            .data()
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["id"] == "100"),
+        "{}",
+        vm100.raw
+    );
+    let active = s.get("/nodes/pve/tasks?source=active").await;
+    assert_eq!(active.body["total"], 0);
+}
+
+/// qemu-server `API2/Qemu.pm` `vm_reboot`: refused at once for a stopped
+/// VM; for a running one a `qmreboot` task that shuts down and starts
+/// again, so pending changes apply (`vm_start` applies them).
+#[tokio::test]
+async fn reboot_applies_pending_changes() {
+    let s = default_sim().await;
+    s.create_vm(100, &[]).await;
+    let r = s.post("/nodes/pve/qemu/100/status/reboot", &[]).await;
+    assert_eq!(r.status, 500, "{}", r.raw);
+    assert_eq!(r.body["message"], "VM 100 not running\n");
+    assert_eq!(s.run("/nodes/pve/qemu/100/status/start", &[]).await, "OK");
+    s.put("/nodes/pve/qemu/100/config", &[("cores", "4")]).await;
+    let current = s.get("/nodes/pve/qemu/100/config?current=1").await;
+    assert_eq!(current.data()["cores"], 2);
+    let r = s.post("/nodes/pve/qemu/100/status/reboot", &[]).await;
+    let upid = r.data().as_str().unwrap().to_owned();
+    assert!(upid.contains(":qmreboot:100:"), "{upid}");
+    assert_eq!(s.wait(&upid).await, "OK");
+    let current = s.get("/nodes/pve/qemu/100/config?current=1").await;
+    assert_eq!(current.data()["cores"], 4);
+    let status = s.get("/nodes/pve/qemu/100/status/current").await;
+    assert_eq!(status.data()["status"], "running");
+}
+
+/// Sends `method path` with another API token.
+async fn as_token(
+    s: &common::Sim,
+    token: &str,
+    method: reqwest::Method,
+    path: &str,
+    form: &[(&str, &str)],
+) -> common::Reply {
+    let req = s
+        .http
+        .request(method, s.url(path))
+        .form(form)
+        .header("Authorization", format!("PVEAPIToken={token}"));
+    s.send(req).await
+}
+
+/// pve-access-control: `RPCEnvironment.pm` `permissions` intersects a
+/// privilege-separated token's ACL with its user's; `AccessControl.pm`
+/// `roles` lets entries propagate down the path unless `propagate=0`, and
+/// `create_roles` defines the built-in roles; a failed check is pve-common
+/// `raise_perm_exc`'s 403 "Permission check failed (path, privilege)".
+/// The configured root token keeps every privilege.
+#[tokio::test]
+async fn privilege_separated_tokens_get_what_their_acls_and_user_allow() {
+    use reqwest::Method;
+    let s = default_sim().await;
+    s.create_vm(100, &[]).await;
+    assert_eq!(
+        s.post("/access/users", &[("userid", "ops@pve")])
+            .await
+            .status,
+        200
+    );
+    let made = s.post("/access/users/ops@pve/token/ci", &[]).await;
+    assert_eq!(made.data()["full-tokenid"], "ops@pve!ci");
+    assert_eq!(made.data()["info"]["privsep"], 1);
+    let token = format!("ops@pve!ci={}", made.data()["value"].as_str().unwrap());
+
+    // Listings show only what the token may audit (pve-manager
+    // `API2/Cluster.pm` `resources`).
+    let seen = as_token(&s, &token, Method::GET, "/cluster/resources", &[]).await;
+    let kinds: Vec<&str> = seen
+        .data()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["node"], "{}", seen.raw);
+    assert!(
+        seen.data()[0].get("maxmem").is_none(),
+        "no Sys.Audit, no stats"
+    );
+    let config = || as_token(&s, &token, Method::GET, "/nodes/pve/qemu/100/config", &[]);
+    let r = config().await;
+    assert_eq!(r.status, 403, "{}", r.raw);
+    assert_eq!(
+        r.body["message"],
+        "Permission check failed (/vms/100, VM.Audit)\n"
+    );
+
+    // The token's own ACL is not enough: its user must hold the privilege too.
+    let acl = |who: &'static str, id: &'static str, role: &'static str, path: &'static str| {
+        let s = &s;
+        async move {
+            let r = s
+                .put("/access/acl", &[("path", path), ("roles", role), (who, id)])
+                .await;
+            assert_eq!(r.status, 200, "{}", r.raw);
+        }
+    };
+    acl("tokens", "ops@pve!ci", "PVEAuditor", "/").await;
+    assert_eq!(config().await.status, 403);
+    acl("users", "ops@pve", "PVEVMAdmin", "/vms").await;
+    assert_eq!(config().await.status, 200, "propagated from / and /vms");
+    let start = as_token(
+        &s,
+        &token,
+        Method::POST,
+        "/nodes/pve/qemu/100/status/start",
+        &[],
+    )
+    .await;
+    assert_eq!(start.status, 403);
+    assert_eq!(
+        start.body["message"],
+        "Permission check failed (/vms/100, VM.PowerMgmt)\n"
+    );
+    let create = as_token(
+        &s,
+        &token,
+        Method::POST,
+        "/nodes/pve/qemu",
+        &[("vmid", "101")],
+    )
+    .await;
+    assert_eq!(
+        create.body["message"],
+        "Permission check failed (/vms/101, VM.Allocate)\n"
+    );
+
+    // A custom role on the VM itself; an entry that does not propagate
+    // stays on its path.
+    let r = s
+        .post(
+            "/access/roles",
+            &[("roleid", "Power"), ("privs", "VM.PowerMgmt,VM.Audit")],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.raw);
+    acl("tokens", "ops@pve!ci", "Power", "/vms/100").await;
+    let start = as_token(
+        &s,
+        &token,
+        Method::POST,
+        "/nodes/pve/qemu/100/status/start",
+        &[],
+    )
+    .await;
+    assert_eq!(start.status, 200, "{}", start.raw);
+    let r = s
+        .put(
+            "/access/acl",
+            &[
+                ("path", "/nodes"),
+                ("roles", "PVEAuditor"),
+                ("users", "ops@pve"),
+                ("propagate", "0"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let perms = as_token(
+        &s,
+        &token,
+        Method::GET,
+        "/access/permissions?path=/vms/100",
+        &[],
+    )
+    .await;
+    let privs = perms.data()["/vms/100"].as_object().unwrap();
+    assert!(privs.contains_key("VM.PowerMgmt") && privs.contains_key("VM.Audit"));
+    assert!(!privs.contains_key("VM.Allocate"), "{}", perms.raw);
+    let perms = s.get("/access/permissions?path=/vms/100").await;
+    assert!(
+        perms.data()["/vms/100"]["VM.Allocate"] == 1,
+        "root's token has all"
+    );
+}
+
+/// pve-guest-common `AbstractConfig.pm` `snapshot_create`,
+/// `snapshot_rollback` and `snapshot_delete`, and qemu-server
+/// `snapshot_list`: snapshots chain by `parent`, `current` is listed last
+/// ("You are here!"), a rollback restores the config (stopping the VM
+/// first), a delete re-links the chain; reserved names are refused.
+#[tokio::test]
+async fn snapshots_chain_roll_back_and_delete() {
+    let s = default_sim().await;
+    s.create_vm(100, &[]).await;
+    let r = s
+        .post("/nodes/pve/qemu/100/snapshot", &[("snapname", "current")])
+        .await;
+    assert_eq!(
+        r.body["message"],
+        "unable to use snapshot name 'current' (reserved name)\n"
+    );
+    let snap = |name: &'static str| {
+        let s = &s;
+        async move {
+            s.run("/nodes/pve/qemu/100/snapshot", &[("snapname", name)])
+                .await
+        }
+    };
+    assert_eq!(snap("one").await, "OK");
+    s.put("/nodes/pve/qemu/100/config", &[("cores", "4")]).await;
+    assert_eq!(snap("two").await, "OK");
+    assert_eq!(snap("two").await, "snapshot name 'two' already used");
+    let list = s.get("/nodes/pve/qemu/100/snapshot").await;
+    let rows = list.data().as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[1]["parent"], "one");
+    assert_eq!(rows[2]["name"], "current");
+    assert_eq!(rows[2]["description"], "You are here!");
+    assert_eq!(rows[2]["parent"], "two");
+    let old = s.get("/nodes/pve/qemu/100/config?snapshot=one").await;
+    assert_eq!(old.data()["cores"], 2);
+
+    assert_eq!(s.run("/nodes/pve/qemu/100/status/start", &[]).await, "OK");
+    assert_eq!(
+        s.run("/nodes/pve/qemu/100/snapshot/one/rollback", &[])
+            .await,
+        "OK"
+    );
+    let c = s.config(100).await;
+    assert_eq!(
+        (c["cores"].clone(), c["parent"].clone()),
+        (2.into(), "one".into())
+    );
+    let status = s.get("/nodes/pve/qemu/100/status/current").await;
+    assert_eq!(status.data()["status"], "stopped", "rollback stops the VM");
+
+    let r = s.delete("/nodes/pve/qemu/100/snapshot/one").await;
+    assert_eq!(s.wait(r.data().as_str().unwrap()).await, "OK");
+    let list = s.get("/nodes/pve/qemu/100/snapshot").await;
+    let two = &list.data().as_array().unwrap()[0];
+    assert_eq!(two["name"], "two");
+    assert!(two.get("parent").is_none(), "{}", list.raw);
+    assert!(s.config(100).await.get("parent").is_none());
+}
