@@ -45,6 +45,10 @@ fn lock_text(fleet: &fleet::Fleet) -> String {
 
 fn cluster(unmanaged: usize) -> ClusterSpec {
     let mut spec = ClusterSpec::default();
+    // Room for a hundred full clones of a 30 GiB template.
+    for storage in &mut spec.storages {
+        storage.capacity = storage.capacity.max(8 << 40);
+    }
     let mut config: std::collections::BTreeMap<String, String> = [
         ("name", "golden-g1"),
         ("memory", "2048"),
