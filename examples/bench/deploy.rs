@@ -1,0 +1,303 @@
+//! "Deploy N VMs from one template" — nixgold against its peers (a parallel
+//! proxmoxer script, Ansible's community.proxmox.proxmox_kvm) on the same
+//! simulator, one after the other, each on a fresh cluster, with the lower
+//! bound the simulator's own rules allow.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use nixgold::apply::{ApplyOptions, apply};
+use pve_sim::{Credentials as SimCreds, SimOptions, Simulator};
+
+use crate::{TOKEN, cluster, fleet_yaml, plan_for, realistic};
+
+/// One tool's run: wall time, VMs deployed, failures by message.
+struct Outcome {
+    wall: f64,
+    ok: usize,
+    failures: Vec<(String, usize)>,
+}
+
+/// Where the peers' Python packages live: installed on first use.
+fn peers_venv() -> Result<PathBuf, String> {
+    let venv = std::env::var_os("NIXGOLD_PEERS_VENV").map_or_else(
+        || PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/nixgold-peers"),
+        PathBuf::from,
+    );
+    if venv.join("bin/ansible-playbook").exists() {
+        return Ok(venv);
+    }
+    let run = |cmd: &mut Command| -> Result<(), String> {
+        let out = cmd.output().map_err(|e| e.to_string())?;
+        out.status
+            .success()
+            .then_some(())
+            .ok_or_else(|| String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    run(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "-q",
+        "ansible",
+        "proxmoxer",
+        "requests",
+    ]))?;
+    Ok(venv)
+}
+
+/// The lower bound of deploying `vms` VMs from one template on one storage,
+/// from the simulator's rules: clones of a template hold its config lock
+/// shared, so linked clones run side by side; full clones' copies share the
+/// storage's bandwidth, so they take one copy time each in a row. Then one
+/// config write and one start per VM, in parallel.
+fn lower_bound(opts: &SimOptions, vms: usize, full: bool) -> f64 {
+    let t = |kind: &str| opts.task_duration(kind).as_secs_f64();
+    let clones = if full { vms as f64 } else { 1.0 };
+    clones * t("qmclone") + t("qmconfig") + t("qmstart")
+}
+
+async fn fresh() -> (Simulator, pve_sim::ServerHandle, tempfile::TempDir) {
+    let sim = Simulator::new(cluster(0), realistic(), SimCreds::token(TOKEN).unwrap());
+    let handle = sim
+        .serve_tls(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap())
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pem = &handle.certificate.as_ref().unwrap().pem;
+    std::fs::write(dir.path().join("ca.pem"), pem).unwrap();
+    (sim, handle, dir)
+}
+
+async fn nixgold(vms: usize, full: bool) -> Outcome {
+    let (_sim, handle, dir) = fresh().await;
+    let mode = if full { "full" } else { "linked" };
+    let fleet = fleet_yaml(vms).replace("clone: linked", &format!("clone: {mode}"));
+    std::fs::write(dir.path().join("fleet.yaml"), fleet).unwrap();
+    let client = pve_api::Client::new(pve_api::ClientOptions::new(
+        handle.url(),
+        pve_api::Credentials::token(TOKEN).unwrap(),
+        pve_api::Tls::CaFile(dir.path().join("ca.pem")),
+    ))
+    .unwrap();
+    let t = Instant::now();
+    let mut plan = plan_for(&client, &dir.path().join("fleet.yaml"), crate::lock_text).await;
+    // The peers find the ISO in place; so does nixgold here.
+    plan.changes
+        .retain(|c| matches!(c.work, nixgold::plan::Work::CreateVm(_)));
+    let report = apply(
+        &client,
+        &plan,
+        ApplyOptions::default(),
+        tokio::sync::mpsc::unbounded_channel().0,
+    )
+    .await;
+    let wall = t.elapsed().as_secs_f64();
+    let mut failures = Vec::new();
+    for c in &report.changes {
+        if let nixgold::apply::Outcome::Failed { error, .. } = &c.outcome {
+            failures.push((error.clone(), 1));
+        }
+    }
+    handle.shutdown().await;
+    Outcome {
+        wall,
+        ok: report.changes.len() - failures.len(),
+        failures,
+    }
+}
+
+/// Runs a peer off the runtime's threads: the simulator it talks to runs
+/// on them.
+async fn output(mut cmd: Command) -> std::process::Output {
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/bench/peers")
+        .join(name)
+}
+
+async fn proxmoxer(venv: &Path, vms: usize, full: bool, threads: usize) -> Outcome {
+    let (_sim, handle, dir) = fresh().await;
+    let mut cmd = Command::new(venv.join("bin/python"));
+    cmd.arg(script("proxmoxer_deploy.py")).args([
+        handle.url(),
+        TOKEN.to_owned(),
+        dir.path().join("ca.pem").display().to_string(),
+        "pve".into(),
+        "9400".into(),
+        "1000".into(),
+        vms.to_string(),
+        u8::from(full).to_string(),
+        threads.to_string(),
+    ]);
+    let out = output(cmd).await;
+    handle.shutdown().await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("proxmoxer script: {}", String::from_utf8_lossy(&out.stderr)));
+    Outcome {
+        wall: v["wall"].as_f64().unwrap(),
+        ok: v["ok"].as_u64().unwrap() as usize,
+        failures: v["failures"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, n)| (k.clone(), n.as_u64().unwrap() as usize))
+            .collect(),
+    }
+}
+
+async fn ansible(venv: &Path, vms: usize, full: bool, forks: usize) -> Outcome {
+    let (_sim, handle, dir) = fresh().await;
+    let (token_id, secret) = TOKEN.rsplit_once('=').unwrap();
+    let (user, token) = token_id.split_once('!').unwrap();
+    let mut inventory = String::from("[vms]\n");
+    for vmid in 1000..1000 + vms {
+        let _ = writeln!(inventory, "vm-{vmid} newid={vmid}");
+    }
+    let _ = write!(
+        inventory,
+        "[vms:vars]\nansible_connection=local\nansible_python_interpreter={}\npve_host=127.0.0.1\npve_port={}\n\
+         pve_user={user}\npve_token_id={token}\npve_token_secret={secret}\npve_node=pve\ntemplate_name=golden-g1\n\
+         template_vmid=9400\nfull={full}\n",
+        venv.join("bin/python").display(),
+        handle.addr.port(),
+    );
+    let inv = dir.path().join("inventory.ini");
+    std::fs::write(&inv, inventory).unwrap();
+    let t = Instant::now();
+    let mut cmd = Command::new(venv.join("bin/ansible-playbook"));
+    cmd.arg("-i")
+        .arg(&inv)
+        .args(["-f", &forks.to_string()])
+        .arg(script("ansible_deploy.yml"))
+        .env("REQUESTS_CA_BUNDLE", dir.path().join("ca.pem"))
+        .env("ANSIBLE_STDOUT_CALLBACK", "ansible.posix.json")
+        .env("ANSIBLE_LOCAL_TEMP", dir.path().join("tmp"));
+    let out = output(cmd).await;
+    let wall = t.elapsed().as_secs_f64();
+    handle.shutdown().await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("ansible-playbook: {}", String::from_utf8_lossy(&out.stderr)));
+    ansible_outcome(&v, wall)
+}
+
+/// Hosts without failures, and the failure messages of the others.
+fn ansible_outcome(v: &serde_json::Value, wall: f64) -> Outcome {
+    let ok = v["stats"].as_object().map_or(0, |s| {
+        s.values()
+            .filter(|h| h["failures"] == 0 && h["unreachable"] == 0)
+            .count()
+    });
+    let mut failures: Vec<(String, usize)> = Vec::new();
+    for task in v["plays"][0]["tasks"].as_array().into_iter().flatten() {
+        for host in task["hosts"]
+            .as_object()
+            .into_iter()
+            .flat_map(|h| h.values())
+        {
+            if host["failed"] == true {
+                let msg = host["msg"].as_str().unwrap_or("failed").to_owned();
+                match failures.iter_mut().find(|(m, _)| *m == msg) {
+                    Some((_, n)) => *n += 1,
+                    None => failures.push((msg, 1)),
+                }
+            }
+        }
+    }
+    Outcome { wall, ok, failures }
+}
+
+fn row(md: &mut String, tool: &str, vms: usize, o: &Outcome, bound: f64) {
+    let failures = o
+        .failures
+        .iter()
+        .map(|(m, n)| {
+            format!(
+                "{n}× {}",
+                m.lines()
+                    .next()
+                    .unwrap_or(m)
+                    .chars()
+                    .take(90)
+                    .collect::<String>()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    let _ = writeln!(
+        md,
+        "| {tool} | {:.1} s | {}/{vms} | {:.2}× | {} |",
+        o.wall,
+        o.ok.min(vms),
+        o.wall / bound,
+        if failures.is_empty() {
+            "—".into()
+        } else {
+            failures
+        }
+    );
+}
+
+/// The deploy benchmark, every workload and tool.
+pub async fn deploy(md: &mut String) {
+    let _ = writeln!(
+        md,
+        "\n## Deploying VMs from one template, against peers\n\n\
+         Per VM: clone the template, set cores/memory/cloud-init, start. Every tool runs against a fresh simulator \
+         (HTTPS, the performance model above) with one template on one node and storage, one tool after the other. \
+         The lower bound comes from the simulator's rules: clones hold the template's config lock shared (qemu-server \
+         `clone_vm`), so linked clones run side by side — one clone time; full clones' copies share the storage's \
+         bandwidth (pve-storage locks only the allocation), so they take one copy time each, in a row; then a config \
+         write and a start. The ratio is wall time over that bound. Peers: a proxmoxer script with 20 threads \
+         (`examples/bench/peers/proxmoxer_deploy.py`, proxmoxer's own task wait, polling every 0.1 s) and Ansible \
+         `community.proxmox.proxmox_kvm` (`examples/bench/peers/ansible_deploy.yml`), installed from PyPI into \
+         `$NIXGOLD_PEERS_VENV` (default `~/.cache/nixgold-peers`) on first use. nixgold's time includes its plan."
+    );
+    let venv = peers_venv();
+    if let Err(e) = &venv {
+        let _ = writeln!(
+            md,
+            "\nPeers not run: installing them failed ({}).",
+            e.trim()
+        );
+    }
+    let opts = realistic();
+    for (vms, full) in [(20, false), (20, true), (100, false), (100, true)] {
+        let bound = lower_bound(&opts, vms, full);
+        let _ = writeln!(
+            md,
+            "\n### {vms} VMs, {} clones (lower bound {bound:.1} s)\n\n| tool | wall | deployed | ratio to bound | failures |\n| --- | ---: | ---: | ---: | --- |",
+            if full { "full" } else { "linked" }
+        );
+        row(
+            md,
+            "nixgold `apply` (defaults)",
+            vms,
+            &nixgold(vms, full).await,
+            bound,
+        );
+        let Ok(venv) = &venv else { continue };
+        row(
+            md,
+            "proxmoxer script, 20 threads",
+            vms,
+            &proxmoxer(venv, vms, full, 20).await,
+            bound,
+        );
+        // Ansible's runs are long (forks 1: one VM after the other); they
+        // are measured where the comparison says something new.
+        if vms <= 20 || !full {
+            let o = ansible(venv, vms, full, 20).await;
+            row(md, "Ansible `proxmox_kvm`, forks 20", vms, &o, bound);
+        }
+        if vms <= 20 && !full {
+            let o = ansible(venv, vms, full, 1).await;
+            row(md, "Ansible `proxmox_kvm`, forks 1", vms, &o, bound);
+        }
+    }
+}
