@@ -193,7 +193,7 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
                 return Err(ApiError::fail(format!("VM is locked ({lock})")));
             }
             let work = Work::Template { vmid };
-            Ok(json!(spawn(state, opts, call, "qmtemplate", vmid.to_string(), work, exclusive(vmid))))
+            spawn_on_vm(state, opts, call, "qmtemplate", vmid, work)
         }
         Resize => {
             let vmid = call.vmid();
@@ -204,7 +204,7 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
                 size: call.get("size").unwrap_or_default().to_owned(),
                 digest: call.get("digest").map(str::to_owned),
             };
-            Ok(json!(spawn(state, opts, call, "resize", vmid.to_string(), work, exclusive(vmid))))
+            spawn_on_vm(state, opts, call, "resize", vmid, work)
         }
         Sendkey => sendkey(state, call),
         AgentNetwork => agent_network(state, call),
@@ -237,7 +237,7 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
                 return Err(ApiError::fail(format!("VM {vmid} not running")));
             }
             let work = Work::Reboot { vmid };
-            Ok(json!(spawn(state, opts, call, "qmreboot", vmid.to_string(), work, exclusive(vmid))))
+            spawn_on_vm(state, opts, call, "qmreboot", vmid, work)
         }
         TaskStatus => task_status(state, call),
         TaskLog => task_log(state, call),
@@ -268,11 +268,21 @@ struct Locks {
     storage: Option<String>,
 }
 
-fn exclusive(vmid: u32) -> Locks {
-    Locks {
+/// A worker on one VM, holding its config lock exclusively; answers its UPID.
+fn spawn_on_vm(
+    state: &mut State,
+    opts: &SimOptions,
+    call: &Call,
+    kind: &str,
+    vmid: u32,
+    work: Work,
+) -> ApiResult {
+    let locks = Locks {
         exclusive: vec![vmid],
         ..Locks::default()
-    }
+    };
+    let upid = spawn(state, opts, call, kind, vmid.to_string(), work, locks);
+    Ok(json!(upid))
 }
 
 fn spawn(
@@ -742,15 +752,7 @@ fn destroy(state: &mut State, opts: &SimOptions, call: &Call) -> ApiResult {
         vmid,
         unreferenced: call.flag("destroy-unreferenced-disks").unwrap_or(false),
     };
-    Ok(json!(spawn(
-        state,
-        opts,
-        call,
-        "qmdestroy",
-        vmid.to_string(),
-        work,
-        exclusive(vmid)
-    )))
+    spawn_on_vm(state, opts, call, "qmdestroy", vmid, work)
 }
 
 fn config_write(state: &mut State, opts: &SimOptions, call: &Call, is_async: bool) -> ApiResult {
@@ -824,15 +826,7 @@ fn config_write(state: &mut State, opts: &SimOptions, call: &Call, is_async: boo
             delete,
             force,
         };
-        Ok(json!(spawn(
-            state,
-            opts,
-            call,
-            "qmconfig",
-            vmid.to_string(),
-            work,
-            exclusive(vmid)
-        )))
+        spawn_on_vm(state, opts, call, "qmconfig", vmid, work)
     } else {
         state.apply_config(&node, vmid, &set, &delete, force)?;
         Ok(Value::Null)
@@ -900,15 +894,7 @@ fn snapshot_task(state: &mut State, opts: &SimOptions, call: &Call, route: Route
             ("qmrollback", Work::Rollback { vmid, name, start })
         }
     };
-    Ok(json!(spawn(
-        state,
-        opts,
-        call,
-        kind,
-        vmid.to_string(),
-        work,
-        exclusive(vmid)
-    )))
+    spawn_on_vm(state, opts, call, kind, vmid, work)
 }
 
 fn power(state: &mut State, opts: &SimOptions, call: &Call, route: RouteId) -> ApiResult {
@@ -919,15 +905,7 @@ fn power(state: &mut State, opts: &SimOptions, call: &Call, route: RouteId) -> A
         RouteId::Stop => ("qmstop", Work::Stop { vmid }),
         _ => ("qmshutdown", Work::Stop { vmid }),
     };
-    Ok(json!(spawn(
-        state,
-        opts,
-        call,
-        kind,
-        vmid.to_string(),
-        work,
-        exclusive(vmid)
-    )))
+    spawn_on_vm(state, opts, call, kind, vmid, work)
 }
 
 fn clone(state: &mut State, opts: &SimOptions, call: &Call) -> ApiResult {
