@@ -149,6 +149,18 @@ pub async fn collect(
 ) -> Result<LiveState, ApiError> {
     let start = client.calls();
     let mut live = LiveState::default();
+    read_vms(client, &mut live).await?;
+    read_storages(client, &mut live).await?;
+    let wanted = Wanted::from_graph(desired, &live, fleet);
+    read_isos(client, &mut live, &wanted.iso_places).await?;
+    read_managed(client, &mut live, &wanted, concurrency).await?;
+    read_linked_disks(client, &mut live).await?;
+    live.calls = client.calls() - start;
+    Ok(live)
+}
+
+/// Every VM from one `/cluster/resources?type=vm`, running state included.
+async fn read_vms(client: &Client, live: &mut LiveState) -> Result<(), ApiError> {
     let resources: Vec<ClusterResource> = client.cluster_resources(Some("vm")).await?;
     for r in resources.into_iter().filter(|r| r.kind == "qemu") {
         let Some(vmid) = r.vmid else { continue };
@@ -178,6 +190,11 @@ pub async fn collect(
             },
         );
     }
+    Ok(())
+}
+
+/// Every storage on every node from one `/cluster/resources?type=storage`.
+async fn read_storages(client: &Client, live: &mut LiveState) -> Result<(), ApiError> {
     for r in client.cluster_resources(Some("storage")).await? {
         let (Some(node), Some(storage)) = (r.node, r.storage) else {
             continue;
@@ -199,52 +216,88 @@ pub async fn collect(
             },
         );
     }
+    Ok(())
+}
 
-    // ISO listings, once per (node, storage).
-    let mut iso_places = BTreeSet::new();
-    let mut managed: BTreeSet<u32> = BTreeSet::new();
-    let mut want_running: BTreeSet<u32> = BTreeSet::new();
-    for node in desired.graph.node_weights() {
-        match node {
-            DesiredNode::Iso(iso) => {
-                iso_places.insert((iso.node.to_string(), iso.storage.clone()));
-            }
-            DesiredNode::Template(t) => {
-                managed.insert(t.vmid.get());
-            }
-            DesiredNode::Vm(vm) => {
-                managed.insert(vm.vmid.get());
-                if vm.start {
-                    want_running.insert(vm.vmid.get());
+/// What the plan needs read beyond the listings.
+struct Wanted {
+    /// (node, storage) that should hold an ISO.
+    iso_places: BTreeSet<(String, String)>,
+    /// VMIDs the fleet manages: declared, or carrying its tag.
+    managed: BTreeSet<u32>,
+    /// VMs the fleet wants started.
+    running: BTreeSet<u32>,
+}
+
+impl Wanted {
+    fn from_graph(desired: &DesiredGraph, live: &LiveState, fleet: &str) -> Self {
+        let mut wanted = Wanted {
+            iso_places: BTreeSet::new(),
+            managed: BTreeSet::new(),
+            running: BTreeSet::new(),
+        };
+        for node in desired.graph.node_weights() {
+            match node {
+                DesiredNode::Iso(iso) => {
+                    wanted
+                        .iso_places
+                        .insert((iso.node.to_string(), iso.storage.clone()));
+                }
+                DesiredNode::Template(t) => {
+                    wanted.managed.insert(t.vmid.get());
+                }
+                DesiredNode::Vm(vm) => {
+                    wanted.managed.insert(vm.vmid.get());
+                    if vm.start {
+                        wanted.running.insert(vm.vmid.get());
+                    }
                 }
             }
         }
+        let tag = fleet_tag(fleet);
+        wanted.managed.extend(
+            live.vms
+                .values()
+                .filter(|v| v.tags.contains(&tag))
+                .map(|v| v.vmid),
+        );
+        wanted
     }
-    let tag = fleet_tag(fleet);
-    managed.extend(
-        live.vms
-            .values()
-            .filter(|v| v.tags.contains(&tag))
-            .map(|v| v.vmid),
-    );
-    for (node, storage) in iso_places {
+}
+
+/// ISO listings, once per (node, storage) that exists.
+async fn read_isos(
+    client: &Client,
+    live: &mut LiveState,
+    places: &BTreeSet<(String, String)>,
+) -> Result<(), ApiError> {
+    for (node, storage) in places {
         if !live.storages.contains_key(&(node.clone(), storage.clone())) {
             continue; // planned as an error: the storage does not exist there
         }
         let vols = client
-            .storage_content(&node, &storage, Some("iso"), None)
+            .storage_content(node, storage, Some("iso"), None)
             .await?;
-        live.isos.insert((node, storage), vols);
+        live.isos.insert((node.clone(), storage.clone()), vols);
     }
+    Ok(())
+}
 
-    // Config of managed VMs that exist, and their node-local status where
-    // the lagging listing could start a VM that already runs.
-    let targets: Vec<(u32, String, bool)> = managed
-        .into_iter()
-        .filter_map(|id| {
+/// The config of managed VMs that exist, and their node-local status where
+/// the lagging listing could start a VM that already runs.
+async fn read_managed(
+    client: &Client,
+    live: &mut LiveState,
+    wanted: &Wanted,
+    concurrency: usize,
+) -> Result<(), ApiError> {
+    let targets: Vec<(u32, String, bool)> = wanted
+        .managed
+        .iter()
+        .filter_map(|&id| {
             let vm = live.vms.get(&id)?;
             let confirm =
-                vm.running.is_none() || (vm.running == Some(false) && want_running.contains(&id));
+                vm.running.is_none() || (vm.running == Some(false) && wanted.running.contains(&id));
             Some((id, vm.node.clone(), confirm))
         })
         .collect();
@@ -273,10 +326,13 @@ pub async fn collect(
             }
         }
     }
+    Ok(())
+}
 
-    // Whether a managed VM is a linked clone shows only in its storage's
-    // content (the volume's `parent`): one disk listing per (node,
-    // storage) holding a managed VM's disk.
+/// Whether a managed VM is a linked clone shows only in its storage's
+/// content (the volume's `parent`): one disk listing per (node, storage)
+/// holding a managed VM's disk.
+async fn read_linked_disks(client: &Client, live: &mut LiveState) -> Result<(), ApiError> {
     let disk_places: BTreeSet<(String, String)> = live
         .vms
         .values()
@@ -300,6 +356,5 @@ pub async fn collect(
             }
         }
     }
-    live.calls = client.calls() - start;
-    Ok(live)
+    Ok(())
 }
