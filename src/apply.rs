@@ -778,6 +778,42 @@ async fn update_vm(ctx: &Ctx, address: &str, w: &VmWork) -> Result<(), Outcome> 
     configure(ctx, address, w, w.digest.clone()).await
 }
 
+/// One digest-guarded config write of a VM that must still be ours.
+async fn write_config(
+    ctx: &Ctx,
+    address: &str,
+    w: &VmWork,
+    mut set: BTreeMap<String, String>,
+    planned: Option<String>,
+) -> Result<(), ApiError> {
+    let current = ctx.client.vm_config(&w.node, w.vmid, false).await?;
+    check_owner(
+        ctx,
+        &current,
+        w.vmid,
+        &w.node,
+        &[("resource", address.to_owned())],
+    )?;
+    // Keep the MAC Proxmox generated at clone time.
+    if let Some(net) = set.get_mut("net0") {
+        let mut want = Net::parse(net);
+        if want.mac.is_none() {
+            want.mac = current.get("net0").map(Net::parse).and_then(|n| n.mac);
+        }
+        *net = want.to_string();
+    }
+    // The plan-time digest guards the first write; a retry after lock
+    // contention re-reads it (the values are the same).
+    let digest = planned.unwrap_or(current.digest);
+    let update = ConfigUpdate {
+        set,
+        delete: Vec::new(),
+        digest: Some(digest),
+    };
+    let upid = ctx.client.update_config(&w.node, w.vmid, &update).await?;
+    ctx.wait(&upid).await
+}
+
 /// Config write (one, digest-guarded), resize, start — in that order, so
 /// the first boot sees the cloud-init data.
 async fn configure(
@@ -802,37 +838,10 @@ async fn configure(
     if !set.is_empty() {
         let mut first = true;
         ctx.step(address, "configure (cloud-init, resources, tags)", || {
-            let mut set = set.clone();
+            let set = set.clone();
             let planned = plan_digest.clone().filter(|_| first);
             first = false;
-            async move {
-                let current = ctx.client.vm_config(&w.node, w.vmid, false).await?;
-                check_owner(
-                    ctx,
-                    &current,
-                    w.vmid,
-                    &w.node,
-                    &[("resource", address.to_owned())],
-                )?;
-                // Keep the MAC Proxmox generated at clone time.
-                if let Some(net) = set.get_mut("net0") {
-                    let mut want = Net::parse(net);
-                    if want.mac.is_none() {
-                        want.mac = current.get("net0").map(Net::parse).and_then(|n| n.mac);
-                    }
-                    *net = want.to_string();
-                }
-                // The plan-time digest guards the first write; a retry after
-                // lock contention re-reads it (the values are the same).
-                let digest = planned.unwrap_or(current.digest);
-                let update = ConfigUpdate {
-                    set,
-                    delete: Vec::new(),
-                    digest: Some(digest),
-                };
-                let upid = ctx.client.update_config(&w.node, w.vmid, &update).await?;
-                ctx.wait(&upid).await
-            }
+            write_config(ctx, address, w, set, planned)
         })
         .await?;
     }
