@@ -1,13 +1,15 @@
 //! Apply: executes a plan's changes, one pass that converges when re-run.
 //!
-//! Phases run in dependency order — destroys (they free VMIDs and space),
-//! ISO downloads, then VM clones/updates — each with bounded concurrency
-//! that respects Proxmox's serialisation points: clones from one template
+//! A DAG scheduler: a change starts once the changes it depends on are
+//! done (an ISO before the build that boots it, a build — recorded in the
+//! lockfile — before the clones of its template and the retirement of the
+//! generation it succeeds), with bounded concurrency that respects
+//! Proxmox's serialisation points: clones from one template
 //! and full clones into one storage each run under an [`AdaptiveLimit`]
 //! that grows while clones succeed and halves on "can't lock file … got
 //! timeout" (the configured numbers are ceilings). Lock contention
 //! and 595/596/599 are retried with backoff after re-reading state; other
-//! errors fail the change and the changes that depend on it, and
+//! errors fail the change and skip exactly the changes that depend on it;
 //! independent changes go on. Every step is reported as an [`Event`].
 //!
 //! Every VM is stamped at clone time (the clone call carries the
@@ -23,6 +25,8 @@ use pve_api::property::Net;
 use pve_api::{ApiError, Client, CloneRequest, ConfigUpdate, Upid};
 use tokio::sync::{Semaphore, mpsc};
 
+use crate::address::Address;
+use crate::build::BuildResult;
 use crate::connect::read_secret;
 use crate::limit::AdaptiveLimit;
 use crate::plan::{Action, Change, Plan, VmWork, Work};
@@ -117,11 +121,9 @@ pub enum Outcome {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChangeReport {
-    pub address: String,
+    pub address: Address,
     pub action: Action,
     pub outcome: Outcome,
-    /// What a successful build produced, for the lockfile.
-    pub built: Option<crate::build::BuildResult>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -137,6 +139,8 @@ impl Report {
 
 struct Ctx {
     client: Client,
+    /// Changes in flight at once (`--concurrency`).
+    global: Arc<Semaphore>,
     opts: ApplyOptions,
     /// The fleet whose ownership stamp every VM apply touches must carry.
     fleet: String,
@@ -295,15 +299,48 @@ impl Ctx {
     }
 }
 
-/// Applies `plan`. Returns when every change has finished or failed.
+/// What apply tells the lockfile as changes finish. It is called on
+/// apply's own task, before any change that depends on the finished one
+/// starts — so an old generation is retired only after its successor is
+/// recorded. An error fails the change that finished.
+pub trait Ledger {
+    /// A build finished: record its result.
+    fn built(&mut self, result: &BuildResult) -> Result<(), String>;
+    /// A retired generation's template on `node` was destroyed.
+    fn retired(&mut self, image: &str, generation: u32, node: &str) -> Result<(), String>;
+}
+
+/// A ledger that keeps nothing: for runs whose results go nowhere (the
+/// benchmarks); `nixgold apply` uses [`crate::record::LockLedger`].
+pub struct Unrecorded;
+
+impl Ledger for Unrecorded {
+    fn built(&mut self, _: &BuildResult) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn retired(&mut self, _: &str, _: u32, _: &str) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Applies `plan`: a DAG scheduler over its changes. A change starts as
+/// soon as every change it depends on is done — there are no phase
+/// barriers — inside the limits (overall `concurrency`, clones per
+/// template and per storage, builds per static address); a change whose
+/// dependency failed or was skipped is skipped. Among changes ready at
+/// once, the plan's order decides. Returns when every change has finished,
+/// failed or been skipped; the report is in the plan's order.
 pub async fn apply(
     client: &Client,
     plan: &Plan,
     opts: ApplyOptions,
     events: mpsc::UnboundedSender<Event>,
+    ledger: &mut dyn Ledger,
 ) -> Report {
     let ctx = Arc::new(Ctx {
         client: client.clone(),
+        global: Arc::new(Semaphore::new(opts.concurrency.max(1))),
         opts,
         fleet: plan.fleet.clone(),
         events,
@@ -311,113 +348,158 @@ pub async fn apply(
         storages: Default::default(),
         addresses: Default::default(),
     });
-    let mut report = Report::default();
-    let phases: [fn(&Change) -> bool; 4] = [
-        |c| c.action == Action::Destroy,
-        |c| matches!(c.work, Work::DownloadIso { .. }),
-        |c| matches!(c.work, Work::BuildTemplate { .. }),
-        |c| {
-            matches!(
-                c.work,
-                Work::CreateVm(_) | Work::UpdateVm(_) | Work::ReplaceVm { .. }
-            )
-        },
-    ];
-    let mut failed: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
-    for in_phase in phases {
-        let global = Arc::new(Semaphore::new(ctx.opts.concurrency.max(1)));
-        let mut set = tokio::task::JoinSet::new();
-        for (i, change) in plan.changes.iter().enumerate().filter(|(_, c)| in_phase(c)) {
-            if let Some(dep) = depends_on(plan, change)
-                .into_iter()
-                .find(|d| failed.contains(d))
-            {
-                report.changes.push(ChangeReport {
-                    address: change.address.clone(),
-                    action: change.action,
-                    outcome: Outcome::Skipped {
-                        because: format!("{dep} failed"),
-                    },
-                    built: None,
-                });
-                continue;
-            }
+    let mut run = Schedule::new(plan);
+    let mut set = tokio::task::JoinSet::new();
+    loop {
+        for i in run.ready() {
             let ctx = ctx.clone();
-            let change = change.clone();
-            let global = global.clone();
+            let change = plan.changes[i].clone();
             set.spawn(async move {
-                let _permit = global.acquire_owned().await.expect("open semaphore");
-                let (outcome, built) = match run_change(&ctx, &change).await {
-                    Ok(built) => (Outcome::Done, built),
-                    Err(o) => (o, None),
-                };
-                let r = ChangeReport {
-                    address: change.address.clone(),
-                    action: change.action,
-                    outcome,
-                    built,
-                };
-                (i, r)
+                let _permit = ctx.global.clone().acquire_owned().await;
+                (i, run_change(&ctx, &change).await)
             });
         }
-        let mut done = Vec::new();
-        while let Some(r) = set.join_next().await {
-            done.push(r.expect("a change task does not panic"));
-        }
-        done.sort_by_key(|(i, _)| *i);
-        failed.extend(
-            done.iter()
-                .filter(|(_, r)| r.outcome != Outcome::Done)
-                .map(|(_, r)| r.address.clone()),
-        );
-        report.changes.extend(done.into_iter().map(|(_, r)| r));
+        let Some(joined) = set.join_next().await else {
+            break;
+        };
+        let (i, result) = joined.expect("a change task does not panic");
+        let outcome = settle(&plan.changes[i], result, ledger);
+        run.finish(i, outcome);
     }
-    report
+    run.report(plan)
 }
 
-/// Addresses a change waits for. A build waits for the download of its
-/// ISO in the same plan (on its node, or on the shared storage's one node):
-/// it never boots a file that was not downloaded and verified.
-fn depends_on(plan: &Plan, change: &Change) -> Vec<String> {
-    match &change.work {
-        Work::CreateVm(w) | Work::UpdateVm(w) | Work::ReplaceVm { new: w, .. } => w.after.clone(),
-        Work::DestroyTemplate { after, .. } => after.iter().cloned().collect(),
-        Work::BuildTemplate { build, .. } => {
-            let downloads: Vec<(&str, &str)> = plan
-                .changes
+/// A finished change's outcome, once the ledger has what it produced.
+fn settle(
+    change: &Change,
+    result: Result<Option<BuildResult>, Outcome>,
+    ledger: &mut dyn Ledger,
+) -> Outcome {
+    let recorded = match (&result, &change.work) {
+        (Ok(Some(built)), _) => ledger.built(built),
+        (
+            Ok(None),
+            Work::DestroyTemplate {
+                image,
+                generation,
+                node,
+                ..
+            },
+        ) => ledger.retired(image, *generation, node),
+        (Ok(None), _) => Ok(()),
+        (Err(outcome), _) => return outcome.clone(),
+    };
+    match recorded {
+        Ok(()) => Outcome::Done,
+        Err(error) => Outcome::Failed {
+            step: "record in the lockfile".into(),
+            error,
+        },
+    }
+}
+
+/// Where each change of a plan stands while apply runs.
+struct Schedule {
+    addresses: Vec<String>,
+    /// Indices of the changes each change depends on.
+    depends_on: Vec<Vec<usize>>,
+    state: Vec<State>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    Waiting,
+    Running,
+    Over(Outcome),
+}
+
+impl Schedule {
+    fn new(plan: &Plan) -> Self {
+        let index: BTreeMap<&Address, usize> = plan
+            .changes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (&c.address, i))
+            .collect();
+        let depends_on = plan
+            .changes
+            .iter()
+            .map(|c| {
+                c.depends_on
+                    .iter()
+                    .filter_map(|d| index.get(d).copied())
+                    .collect()
+            })
+            .collect();
+        Schedule {
+            addresses: plan.changes.iter().map(|c| c.address.to_string()).collect(),
+            depends_on,
+            state: vec![State::Waiting; plan.changes.len()],
+        }
+    }
+
+    /// The waiting changes that can start now, in the plan's order (they
+    /// are marked running); waiting changes behind a failure are skipped.
+    /// The plan's order is topological, so one pass settles a chain.
+    fn ready(&mut self) -> Vec<usize> {
+        let mut start = Vec::new();
+        for i in 0..self.state.len() {
+            if self.state[i] != State::Waiting {
+                continue;
+            }
+            let blocked = self.depends_on[i]
                 .iter()
-                .filter_map(|c| match &c.work {
-                    Work::DownloadIso {
-                        node,
-                        storage,
-                        filename,
-                        ..
-                    } if format!("{storage}:iso/{filename}") == build.iso_volid => {
-                        Some((c.address.as_str(), node.as_str()))
-                    }
-                    _ => None,
-                })
-                .collect();
-            let here: Vec<String> = downloads
-                .iter()
-                .filter(|(_, node)| *node == build.node)
-                .map(|(a, _)| (*a).to_owned())
-                .collect();
-            if here.is_empty() {
-                downloads.iter().map(|(a, _)| (*a).to_owned()).collect()
-            } else {
-                here
+                .find_map(|&d| match &self.state[d] {
+                    State::Over(Outcome::Done) => None,
+                    State::Over(Outcome::Failed { .. }) => Some(Some((d, "failed"))),
+                    State::Over(Outcome::Skipped { .. }) => Some(Some((d, "was skipped"))),
+                    State::Waiting | State::Running => Some(None),
+                });
+            match blocked {
+                None => {
+                    self.state[i] = State::Running;
+                    start.push(i);
+                }
+                Some(Some((d, why))) => {
+                    self.state[i] = State::Over(Outcome::Skipped {
+                        because: format!("{} {why}", self.addresses[d]),
+                    })
+                }
+                Some(None) => {}
             }
         }
-        _ => Vec::new(),
+        start
+    }
+
+    fn finish(&mut self, i: usize, outcome: Outcome) {
+        self.state[i] = State::Over(outcome);
+    }
+
+    fn report(self, plan: &Plan) -> Report {
+        let changes = plan
+            .changes
+            .iter()
+            .zip(self.state)
+            .map(|(c, state)| ChangeReport {
+                address: c.address.clone(),
+                action: c.action,
+                // Apply ends when no change runs and none can start; a
+                // change still waiting then waits for one that never ran.
+                outcome: match state {
+                    State::Over(outcome) => outcome,
+                    State::Waiting | State::Running => Outcome::Skipped {
+                        because: "a change it depends on never ran".into(),
+                    },
+                },
+            })
+            .collect();
+        Report { changes }
     }
 }
 
-async fn run_change(
-    ctx: &Ctx,
-    change: &Change,
-) -> Result<Option<crate::build::BuildResult>, Outcome> {
-    let address = change.address.as_str();
+async fn run_change(ctx: &Ctx, change: &Change) -> Result<Option<BuildResult>, Outcome> {
+    let address = change.address.to_string();
+    let address = address.as_str();
     if let Work::BuildTemplate {
         build,
         cleanup_first,
@@ -435,7 +517,7 @@ async fn build_template(
     address: &str,
     w: &crate::build::BuildWork,
     cleanup_first: bool,
-) -> Result<crate::build::BuildResult, Outcome> {
+) -> Result<BuildResult, Outcome> {
     let build_vm = Owner::template(&w.image, w.generation);
     if cleanup_first {
         destroy_vm(ctx, address, w.vmid, &w.node, &build_vm).await?;
@@ -556,7 +638,8 @@ impl BuildLog {
 }
 
 async fn run_vm_change(ctx: &Ctx, change: &Change) -> Result<(), Outcome> {
-    let address = change.address.as_str();
+    let address = change.address.to_string();
+    let address = address.as_str();
     match &change.work {
         Work::DownloadIso {
             node,

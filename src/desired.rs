@@ -128,6 +128,79 @@ pub fn input_hash(
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The pinned ISO checksum of `image`'s ISO, if it is pinned.
+fn image_iso_sha256(fleet: &Fleet, image: &crate::fleet::Image, lock: &Lockfile) -> Option<Sha256> {
+    match fleet
+        .isos
+        .get(&image.iso)
+        .map(|iso| iso_pin(&image.iso, iso, lock))
+    {
+        Some(IsoPinState::Pinned { sha256, .. }) => Some(sha256),
+        _ => None,
+    }
+}
+
+/// The input hash the fleet asks for for image `name` now (what a
+/// rollback holds against), if the fleet has the image.
+pub fn image_inputs(fleet: &Fleet, lock: &Lockfile, name: &str) -> Option<Sha256> {
+    let image = fleet.images.get(name)?;
+    let iso_sha = image_iso_sha256(fleet, image, lock);
+    input_hash(name, image, iso_sha.as_ref()).parse().ok()
+}
+
+/// The generation rules, for one image: `Ok(n)` — clones come from
+/// generation `n` of the lockfile (the current one when the fleet still
+/// asks for it, or a rollback holds it; a kept one whose inputs are what
+/// the fleet asks for, which becomes current) — or `Err(why)` a new
+/// generation must be built. A hold whose inputs the fleet no longer asks
+/// for ends here (in `lock`).
+fn choose_generation(
+    name: &str,
+    image: &crate::fleet::Image,
+    lock: &mut Lockfile,
+    hash: &str,
+    iso_sha256: Option<&Sha256>,
+    notes: &mut Vec<String>,
+) -> Result<u32, String> {
+    let Some(entry) = lock.images.get_mut(name) else {
+        return Err("the image has no generation yet".to_owned());
+    };
+    if let Some(hold) = entry.hold {
+        if hold.to_string() == hash {
+            notes.push(format!(
+                "image.{name} is held at generation {} by `nixgold rollback`: nothing is built while the fleet asks for what it asked for then; `nixgold release --image {name}` ends the hold.",
+                entry.current
+            ));
+            return Ok(entry.current);
+        }
+        entry.hold = None;
+        notes.push(format!(
+            "image.{name}: the hold on generation {} (`nixgold rollback`) ends: the image changed in the fleet since.",
+            entry.current
+        ));
+    }
+    let Some(reason) = rebuild_reason(image, entry.current_generation(), hash, iso_sha256) else {
+        return Ok(entry.current);
+    };
+    let reusable = entry
+        .generations
+        .iter()
+        .filter(|g| rebuild_reason(image, Some(g), hash, iso_sha256).is_none())
+        .map(|g| g.number)
+        .max();
+    match reusable {
+        Some(number) => {
+            notes.push(format!(
+                "image.{name}: generation {number} is reused, not rebuilt: its inputs are what the fleet asks for (generation {} was current).",
+                entry.current
+            ));
+            entry.current = number;
+            Ok(number)
+        }
+        None => Err(reason),
+    }
+}
+
 /// Whether the current generation still matches the image: `None` if it
 /// does, else why a new one is needed.
 fn rebuild_reason(
@@ -196,11 +269,15 @@ fn serialize_secret<S: serde::Serializer>(
     }
 }
 
-/// The desired graph plus the lockfile it implies (new VMID allocations).
+/// The desired graph plus the lockfile it implies (new VMID allocations,
+/// reused generations, ended holds).
 #[derive(Debug, Clone)]
 pub struct DesiredGraph {
     pub graph: DiGraph<DesiredNode, ()>,
     pub lock: Lockfile,
+    /// What the generation rules decided that a person should know (a
+    /// hold kept or ended, a kept generation reused).
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -221,31 +298,67 @@ pub enum DesiredError {
 pub fn build(fleet: &Fleet, lock: &Lockfile) -> Result<DesiredGraph, DesiredError> {
     let mut lock = lock.clone();
     lock.fleet = fleet.fleet.clone();
-    let mut graph = DiGraph::new();
-
-    let mut isos: BTreeMap<(String, NodeName), NodeIndex> = BTreeMap::new();
-    let mut templates: BTreeMap<(String, NodeName), (NodeIndex, GenerationRef, Vmid)> =
-        BTreeMap::new();
-
-    // ISO replicas needed: one per node that builds a template from it, or
-    // one on the first such node when the ISO storage is shared.
-    let mut iso_nodes: BTreeMap<String, BTreeSet<NodeName>> = BTreeMap::new();
+    let mut b = Builder {
+        fleet,
+        lock,
+        graph: DiGraph::new(),
+        notes: Vec::new(),
+        isos: BTreeMap::new(),
+        templates: BTreeMap::new(),
+    };
+    b.isos();
     for (name, image) in &fleet.images {
-        for node in image_nodes(fleet, name) {
-            iso_nodes.entry(image.iso.clone()).or_default().insert(node);
-        }
+        b.templates(name, image)?;
     }
-    for (name, nodes) in &iso_nodes {
-        let Some(iso) = fleet.isos.get(name) else {
-            continue;
-        };
-        let nodes: Vec<&NodeName> = if fleet.proxmox.is_shared(iso.storage()) {
-            nodes.iter().take(1).collect()
-        } else {
-            nodes.iter().collect()
-        };
-        let pin = iso_pin(name, iso, &lock);
-        for node in nodes {
+    // VMIDs fixed in the fleet or already allocated are taken; new
+    // allocations go to the lowest free id, in VM name order.
+    let mut taken: BTreeSet<Vmid> = fleet.vms.values().filter_map(|vm| vm.vmid).collect();
+    taken.extend(b.lock.vmids.values().copied());
+    for (name, vm) in &fleet.vms {
+        b.vm(name, vm, &mut taken)?;
+    }
+    // Allocations of VMs that left the fleet stay until apply has destroyed
+    // them; that is the plan's business, not the graph's.
+    Ok(DesiredGraph {
+        graph: b.graph,
+        lock: b.lock,
+        notes: b.notes,
+    })
+}
+
+/// The desired graph as its steps build it.
+struct Builder<'a> {
+    fleet: &'a Fleet,
+    lock: Lockfile,
+    graph: DiGraph<DesiredNode, ()>,
+    notes: Vec<String>,
+    /// ISO replicas by (ISO, node).
+    isos: BTreeMap<(String, NodeName), NodeIndex>,
+    /// Templates by (image, node).
+    templates: BTreeMap<(String, NodeName), (NodeIndex, GenerationRef, Vmid)>,
+}
+
+impl Builder<'_> {
+    /// ISO replicas needed: one per node that builds a template from it,
+    /// or one on the first such node when the ISO storage is shared.
+    fn isos(&mut self) {
+        let fleet = self.fleet;
+        let mut iso_nodes: BTreeMap<String, BTreeSet<NodeName>> = BTreeMap::new();
+        for (name, image) in &fleet.images {
+            for node in image_nodes(fleet, name) {
+                iso_nodes.entry(image.iso.clone()).or_default().insert(node);
+            }
+        }
+        for (name, nodes) in &iso_nodes {
+            let Some(iso) = fleet.isos.get(name) else {
+                continue;
+            };
+            let nodes: Vec<&NodeName> = if fleet.proxmox.is_shared(iso.storage()) {
+                nodes.iter().take(1).collect()
+            } else {
+                nodes.iter().collect()
+            };
+            let pin = iso_pin(name, iso, &self.lock);
             let volid = match &pin {
                 IsoPinState::Pinned { url, sha256 } => Some(format!(
                     "{}:iso/{}",
@@ -254,48 +367,47 @@ pub fn build(fleet: &Fleet, lock: &Lockfile) -> Result<DesiredGraph, DesiredErro
                 )),
                 IsoPinState::Unresolved { .. } => None,
             };
-            let idx = graph.add_node(DesiredNode::Iso(DesiredIso {
-                name: name.clone(),
-                node: node.clone(),
-                storage: iso.storage().to_owned(),
-                volid,
-                pin: pin.clone(),
-            }));
-            isos.insert((name.clone(), node.clone()), idx);
+            for node in nodes {
+                let idx = self.graph.add_node(DesiredNode::Iso(DesiredIso {
+                    name: name.clone(),
+                    node: node.clone(),
+                    storage: iso.storage().to_owned(),
+                    volid: volid.clone(),
+                    pin: pin.clone(),
+                }));
+                self.isos.insert((name.clone(), node.clone()), idx);
+            }
         }
     }
 
-    for (name, image) in &fleet.images {
-        let locked = lock.images.get(name);
-        let iso_sha = match fleet
-            .isos
-            .get(&image.iso)
-            .map(|iso| iso_pin(&image.iso, iso, &lock))
-        {
-            Some(IsoPinState::Pinned { sha256, .. }) => Some(sha256),
-            _ => None,
-        };
+    /// The templates of image `name`, one per node that needs one: the
+    /// generation the rules choose (`choose_generation`) where the node
+    /// has its replica, a build (new VMID) where it has not.
+    fn templates(&mut self, name: &str, image: &crate::fleet::Image) -> Result<(), DesiredError> {
+        let fleet = self.fleet;
+        let iso_sha = image_iso_sha256(fleet, image, &self.lock);
         let hash = input_hash(name, image, iso_sha.as_ref());
-        let reason = rebuild_reason(
+        let chosen = choose_generation(
+            name,
             image,
-            locked.and_then(|l| l.current_generation()),
+            &mut self.lock,
             &hash,
             iso_sha.as_ref(),
+            &mut self.notes,
         );
-        // A generation whose inputs no longer match is not used for new
-        // clones: a new one is built.
+        let locked = self.lock.images.get(name).cloned();
+        let reason = chosen.err();
         let pinned = locked
+            .as_ref()
             .and_then(|l| l.current_generation())
             .filter(|_| reason.is_none());
         let used: BTreeSet<Vmid> = locked
-            .map(|l| {
-                l.generations
-                    .iter()
-                    .flat_map(|g| g.templates.iter().map(|t| t.vmid))
-                    .collect()
-            })
-            .unwrap_or_default();
+            .iter()
+            .flat_map(|l| &l.generations)
+            .flat_map(|g| g.templates.iter().map(|t| t.vmid))
+            .collect();
         let next_number = locked
+            .as_ref()
             .and_then(|l| l.generations.iter().map(|g| g.number).max())
             .unwrap_or(0)
             + 1;
@@ -310,7 +422,7 @@ pub fn build(fleet: &Fleet, lock: &Lockfile) -> Result<DesiredGraph, DesiredErro
                     // (or an image that needs a new one) gets a build.
                     let generation = pinned.map_or(next_number, |g| g.number);
                     let vmid = free.next().ok_or_else(|| DesiredError::ImageRangeFull {
-                        image: name.clone(),
+                        image: name.to_owned(),
                         generation,
                         node: node.clone(),
                     })?;
@@ -325,8 +437,8 @@ pub fn build(fleet: &Fleet, lock: &Lockfile) -> Result<DesiredGraph, DesiredErro
                 ),
                 GenerationRef::Pinned(_) => None,
             };
-            let idx = graph.add_node(DesiredNode::Template(DesiredTemplate {
-                image: name.clone(),
+            let idx = self.graph.add_node(DesiredNode::Template(DesiredTemplate {
+                image: name.to_owned(),
                 generation,
                 node: node.clone(),
                 vmid,
@@ -334,55 +446,49 @@ pub fn build(fleet: &Fleet, lock: &Lockfile) -> Result<DesiredGraph, DesiredErro
                 input_hash: hash.clone(),
                 build_reason,
             }));
-            let iso_node = if fleet
-                .proxmox
-                .is_shared(fleet.isos.get(&image.iso).map_or("", |i| i.storage()))
-            {
-                isos.iter()
-                    .find(|((iso, _), _)| iso == &image.iso)
-                    .map(|(_, i)| *i)
-            } else {
-                isos.get(&(image.iso.clone(), node.clone())).copied()
-            };
-            if let Some(iso_idx) = iso_node {
-                graph.add_edge(iso_idx, idx, ());
+            if let Some(iso_idx) = self.iso_of(image, &node) {
+                self.graph.add_edge(iso_idx, idx, ());
             }
-            templates.insert((name.clone(), node), (idx, generation, vmid));
+            self.templates
+                .insert((name.to_owned(), node), (idx, generation, vmid));
+        }
+        Ok(())
+    }
+
+    /// The ISO replica a template of `image` on `node` is built from.
+    fn iso_of(&self, image: &crate::fleet::Image, node: &NodeName) -> Option<NodeIndex> {
+        let fleet = self.fleet;
+        let shared = fleet
+            .proxmox
+            .is_shared(fleet.isos.get(&image.iso).map_or("", |i| i.storage()));
+        if shared {
+            self.isos
+                .iter()
+                .find(|((iso, _), _)| iso == &image.iso)
+                .map(|(_, i)| *i)
+        } else {
+            self.isos.get(&(image.iso.clone(), node.clone())).copied()
         }
     }
 
-    // VMIDs fixed in the fleet or already allocated are taken; new
-    // allocations go to the lowest free id, in VM name order.
-    let mut taken: BTreeSet<Vmid> = fleet.vms.values().filter_map(|vm| vm.vmid).collect();
-    taken.extend(lock.vmids.values().copied());
-    for (name, vm) in &fleet.vms {
+    /// VM `name`: its VMID (fixed, allocated before, or allocated now from
+    /// what is not `taken`), its template, its settings with the image's
+    /// defaults.
+    fn vm(
+        &mut self,
+        name: &str,
+        vm: &crate::fleet::Vm,
+        taken: &mut BTreeSet<Vmid>,
+    ) -> Result<(), DesiredError> {
+        let fleet = self.fleet;
         let Some(image) = fleet.images.get(&vm.image) else {
-            continue;
+            return Ok(());
         };
         let node = vm
             .node
             .clone()
             .unwrap_or_else(|| fleet.proxmox.default_node().clone());
-        let address = format!("vm.{name}");
-        let (vmid, allocated) = match (vm.vmid, lock.vmids.get(&address)) {
-            (Some(id), _) => {
-                lock.vmids.remove(&address);
-                (id, false)
-            }
-            (None, Some(id)) => (*id, true),
-            (None, None) => {
-                let range = fleet
-                    .vm_vmid_range
-                    .ok_or_else(|| DesiredError::VmRangeFull { vm: name.clone() })?;
-                let id = range
-                    .iter()
-                    .find(|id| !taken.contains(id))
-                    .ok_or_else(|| DesiredError::VmRangeFull { vm: name.clone() })?;
-                taken.insert(id);
-                lock.vmids.insert(address, id);
-                (id, true)
-            }
-        };
+        let (vmid, allocated) = self.vmid(name, vm, taken)?;
         let template_node = if fleet.proxmox.is_shared(&image.hardware.storage) {
             image
                 .build_node
@@ -392,9 +498,9 @@ pub fn build(fleet: &Fleet, lock: &Lockfile) -> Result<DesiredGraph, DesiredErro
             node.clone()
         };
         let Some(&(template_idx, generation, template_vmid)) =
-            templates.get(&(vm.image.clone(), template_node))
+            self.templates.get(&(vm.image.clone(), template_node))
         else {
-            continue;
+            return Ok(());
         };
         let (bridge, vlan) = match &vm.network {
             VmNetwork::Dhcp { bridge, vlan, .. } | VmNetwork::Static { bridge, vlan, .. } => (
@@ -406,8 +512,8 @@ pub fn build(fleet: &Fleet, lock: &Lockfile) -> Result<DesiredGraph, DesiredErro
         };
         let mut tags = vm.tags.clone();
         tags.sort();
-        let idx = graph.add_node(DesiredNode::Vm(Box::new(DesiredVm {
-            name: name.clone(),
+        let idx = self.graph.add_node(DesiredNode::Vm(Box::new(DesiredVm {
+            name: name.to_owned(),
             vmid,
             allocated,
             node,
@@ -434,11 +540,40 @@ pub fn build(fleet: &Fleet, lock: &Lockfile) -> Result<DesiredGraph, DesiredErro
             start: vm.start,
             description: vm.description.clone(),
         })));
-        graph.add_edge(template_idx, idx, ());
+        self.graph.add_edge(template_idx, idx, ());
+        Ok(())
     }
-    // Allocations of VMs that left the fleet stay until apply has destroyed
-    // them; that is the plan's business, not the graph's.
-    Ok(DesiredGraph { graph, lock })
+
+    /// VM `name`'s VMID and whether nixgold allocated it (recorded in the
+    /// lockfile; a VMID the fleet fixes drops an old allocation).
+    fn vmid(
+        &mut self,
+        name: &str,
+        vm: &crate::fleet::Vm,
+        taken: &mut BTreeSet<Vmid>,
+    ) -> Result<(Vmid, bool), DesiredError> {
+        let address = format!("vm.{name}");
+        let full = || DesiredError::VmRangeFull {
+            vm: name.to_owned(),
+        };
+        match (vm.vmid, self.lock.vmids.get(&address)) {
+            (Some(id), _) => {
+                self.lock.vmids.remove(&address);
+                Ok((id, false))
+            }
+            (None, Some(id)) => Ok((*id, true)),
+            (None, None) => {
+                let range = self.fleet.vm_vmid_range.ok_or_else(full)?;
+                let id = range
+                    .iter()
+                    .find(|id| !taken.contains(id))
+                    .ok_or_else(full)?;
+                taken.insert(id);
+                self.lock.vmids.insert(address, id);
+                Ok((id, true))
+            }
+        }
+    }
 }
 
 fn iso_pin(name: &str, iso: &Iso, lock: &Lockfile) -> IsoPinState {

@@ -106,7 +106,7 @@ impl Drift {
                     Action::Update | Action::Replace => Kind::Changed,
                     Action::Destroy => Kind::Destroy,
                 },
-                address: c.address.clone(),
+                address: c.address.to_string(),
                 detail: c.reason.clone(),
                 fields: c.fields.clone(),
             })

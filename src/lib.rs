@@ -12,6 +12,7 @@
 //! → plan →
 //! render) is synchronous and pure; live, pin and apply are async.
 
+pub mod address;
 pub mod apply;
 pub mod apply_lock;
 pub mod build;

@@ -62,6 +62,12 @@ pub struct IsoPin {
 pub struct ImageLock {
     /// The generation clones are made from.
     pub current: u32,
+    /// Set by `nixgold rollback`: the input hash the fleet asked for when
+    /// the image was rolled back. While the fleet still asks for it, the
+    /// image stays on `current` (no build); once the fleet's inputs change,
+    /// or `nixgold release` is run, the hold ends.
+    #[serde(default)]
+    pub hold: Option<Sha256>,
     #[serde(default, rename = "generation")]
     pub generations: Vec<Generation>,
 }
@@ -132,6 +138,23 @@ pub enum LockError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+}
+
+/// Why `rollback` or `release` cannot move an image.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GenerationError {
+    #[error("image `{image}` has no generations in the lockfile")]
+    NoGenerations { image: String },
+    #[error("image `{image}` has no generation older than {current}")]
+    NothingOlder { image: String, current: u32 },
+    #[error(
+        "image `{image}` has no kept generation {generation}\n  hint: kept generations: {kept:?}"
+    )]
+    NotKept {
+        image: String,
+        generation: u32,
+        kept: Vec<u32>,
     },
 }
 
@@ -225,10 +248,14 @@ impl Lockfile {
         for (name, image) in images {
             let ImageLock {
                 current,
+                hold,
                 generations,
             } = image;
             let _ = writeln!(out, "\n[image.{}]", key(name));
             let _ = writeln!(out, "current = {current}");
+            if let Some(inputs) = hold {
+                let _ = writeln!(out, "hold = \"{inputs}\"");
+            }
             let mut sorted: Vec<&Generation> = generations.iter().collect();
             sorted.sort_by_key(|g| g.number);
             for generation in sorted {
@@ -275,6 +302,7 @@ impl Lockfile {
             .entry(image.to_owned())
             .or_insert_with(|| ImageLock {
                 current: number,
+                hold: None,
                 generations: Vec::new(),
             });
         match entry.generations.iter_mut().find(|g| g.number == number) {
@@ -295,6 +323,58 @@ impl Lockfile {
         if complete || entry.current_generation().is_none() {
             entry.current = number;
         }
+    }
+
+    /// `nixgold rollback`: points `image` at its kept generation `to`
+    /// (default: the newest older than the current one) and holds it there
+    /// while the fleet asks for `inputs`. Returns (from, to).
+    pub fn rollback(
+        &mut self,
+        image: &str,
+        to: Option<u32>,
+        inputs: Sha256,
+    ) -> Result<(u32, u32), GenerationError> {
+        let entry = self.image_mut(image)?;
+        let mut numbers: Vec<u32> = entry.generations.iter().map(|g| g.number).collect();
+        numbers.sort_unstable();
+        let target = match to {
+            Some(n) => n,
+            None => numbers
+                .iter()
+                .rev()
+                .copied()
+                .find(|n| *n < entry.current)
+                .ok_or_else(|| GenerationError::NothingOlder {
+                    image: image.to_owned(),
+                    current: entry.current,
+                })?,
+        };
+        if !numbers.contains(&target) {
+            return Err(GenerationError::NotKept {
+                image: image.to_owned(),
+                generation: target,
+                kept: numbers,
+            });
+        }
+        let from = entry.current;
+        entry.current = target;
+        entry.hold = Some(inputs);
+        Ok((from, target))
+    }
+
+    /// `nixgold release`: ends `image`'s hold; returns the generation it
+    /// held, if it had one.
+    pub fn release(&mut self, image: &str) -> Result<Option<u32>, GenerationError> {
+        let entry = self.image_mut(image)?;
+        Ok(entry.hold.take().map(|_| entry.current))
+    }
+
+    fn image_mut(&mut self, image: &str) -> Result<&mut ImageLock, GenerationError> {
+        self.images
+            .get_mut(image)
+            .ok_or_else(|| GenerationError::NoGenerations {
+                image: image.to_owned(),
+            })
     }
 
     /// Drops one node's replica of a generation; the generation goes when
@@ -394,6 +474,7 @@ mod tests {
             "golden".into(),
             ImageLock {
                 current: 2,
+                hold: None,
                 generations: vec![
                     Generation {
                         number: 2,

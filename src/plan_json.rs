@@ -24,11 +24,7 @@ pub const FORMAT_VERSION: &str = "1.0";
 
 /// The plan as terraform-plan consumers read it.
 pub fn plan_json(plan: &Plan) -> Value {
-    let changes: Vec<Value> = plan
-        .changes
-        .iter()
-        .map(|c| resource_change(c, plan))
-        .collect();
+    let changes: Vec<Value> = plan.changes.iter().map(resource_change).collect();
     json!({
         "format_version": FORMAT_VERSION,
         "nixgold_version": env!("CARGO_PKG_VERSION"),
@@ -65,55 +61,25 @@ pub fn actions(action: Action) -> &'static [&'static str] {
     }
 }
 
-/// The parts of a change's address: `vm.web-01`, `iso.nixos[pve]`,
-/// `image.golden[pve]`, `image.golden[pve] generation 2`.
-struct Address<'a> {
-    kind: &'a str,
-    name: &'a str,
-    index: Option<&'a str>,
-    generation: Option<u32>,
-}
-
-impl<'a> Address<'a> {
-    fn parse(address: &'a str) -> Self {
-        let (resource, generation) = match address.split_once(" generation ") {
-            Some((r, g)) => (r, g.parse().ok()),
-            None => (address, None),
-        };
-        let (kind, rest) = resource.split_once('.').unwrap_or(("", resource));
-        let (name, index) = match rest.split_once('[') {
-            Some((n, i)) => (n, Some(i.trim_end_matches(']'))),
-            None => (rest, None),
-        };
-        Address {
-            kind,
-            name,
-            index,
-            generation,
-        }
-    }
-}
-
-fn resource_change(change: &Change, plan: &Plan) -> Value {
-    let address = Address::parse(&change.address);
-    let (phase, phase_name) = crate::render::phase(change);
+fn resource_change(change: &Change) -> Value {
+    let address = &change.address;
     let mut entry = json!({
-        "address": change.address,
+        "address": address,
         "mode": "managed",
-        "type": format!("nixgold_{}", address.kind),
-        "name": address.name,
+        "type": format!("nixgold_{}", address.kind()),
+        "name": address.name(),
         "change": change_json(change),
         "nixgold": {
             "reason": change.reason,
             "impact": change.impact,
             "impact_description": change.impact.describe(),
-            "phase": phase,
-            "phase_name": phase_name,
-            "depends_on": crate::render::waits_for(change, plan),
-            "generation": address.generation,
+            "phase": change.phase().number(),
+            "phase_name": change.phase().describe(),
+            "depends_on": change.depends_on,
+            "generation": address.generation_number(),
         },
     });
-    if let Some(index) = address.index {
+    if let Some(index) = address.node() {
         entry["index"] = index.into();
     }
     if change.action == Action::Replace {
@@ -194,20 +160,6 @@ fn typed(value: &str) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn addresses_split_into_type_name_index_and_generation() {
-        let a = Address::parse("image.golden[pve-2] generation 3");
-        assert_eq!(
-            (a.kind, a.name, a.index, a.generation),
-            ("image", "golden", Some("pve-2"), Some(3))
-        );
-        let a = Address::parse("vm.web-01");
-        assert_eq!(
-            (a.kind, a.name, a.index, a.generation),
-            ("vm", "web-01", None, None)
-        );
-    }
 
     #[test]
     fn integers_are_numbers_and_the_rest_strings() {

@@ -1,14 +1,16 @@
 //! What an apply leaves in the lockfile: generations enter it once built
-//! (or found built and stamped), retired templates leave it. A build
+//! (or found built and stamped), retired templates leave it — each as it
+//! happens, so the lockfile never points at a template that is gone. A build
 //! result that cannot be recorded is an error, never a silent skip: the
 //! template would exist with nothing pointing at it.
 
-use crate::apply::{Outcome, Report};
+use std::path::Path;
+
+use crate::apply::Ledger;
 use crate::build::BuildResult;
 use crate::desired::{DesiredGraph, DesiredNode};
 use crate::ids::{NodeName, Sha256, Vmid};
 use crate::lock::{Generation, Lockfile, TemplateReplica};
-use crate::plan::{Plan, Work};
 
 /// A build result the lockfile cannot take.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -23,42 +25,63 @@ pub struct RecordError {
     pub reason: String,
 }
 
-/// Applies `report`'s outcome to `lock` (the plan's lockfile): retired
-/// templates are forgotten, built and adopted generations recorded.
-/// Returns the results recorded.
-pub fn record_outcome<'a>(
-    lock: &mut Lockfile,
-    plan: &'a Plan,
-    report: &'a Report,
-    desired: &DesiredGraph,
-) -> Result<Vec<&'a BuildResult>, RecordError> {
-    for change in &plan.changes {
-        let Work::DestroyTemplate {
-            image,
-            generation,
-            node,
-            ..
-        } = &change.work
-        else {
-            continue;
-        };
-        let done = report
-            .changes
-            .iter()
-            .any(|r| r.address == change.address && r.outcome == Outcome::Done);
-        if done {
-            lock.forget_replica(image, *generation, node);
+/// The lockfile as apply moves it: each build is recorded (and the file
+/// written) the moment it finishes, each retired template forgotten the
+/// moment it is gone — before any change that depends on them starts.
+pub struct LockLedger<'a> {
+    lock: Lockfile,
+    path: &'a Path,
+    locked: bool,
+    desired: &'a DesiredGraph,
+    /// What was recorded, in order.
+    pub recorded: Vec<BuildResult>,
+}
+
+impl<'a> LockLedger<'a> {
+    /// A ledger over `lock` (the plan's lockfile), written to `path`;
+    /// under `locked` any change to the file is an error.
+    pub fn new(lock: Lockfile, path: &'a Path, locked: bool, desired: &'a DesiredGraph) -> Self {
+        LockLedger {
+            lock,
+            path,
+            locked,
+            desired,
+            recorded: Vec::new(),
         }
     }
-    let built: Vec<&BuildResult> = plan
-        .adopted
-        .iter()
-        .chain(report.changes.iter().filter_map(|c| c.built.as_ref()))
-        .collect();
-    for r in &built {
-        record_build(lock, r, replicas_of(desired, &r.image, r.generation))?;
+
+    fn write(&self) -> Result<(), String> {
+        self.lock
+            .write(self.path, self.locked)
+            .map(|_| ())
+            .map_err(|e| with_causes(&e))
     }
-    Ok(built)
+}
+
+impl Ledger for LockLedger<'_> {
+    fn built(&mut self, r: &BuildResult) -> Result<(), String> {
+        let replicas = replicas_of(self.desired, &r.image, r.generation);
+        record_build(&mut self.lock, r, replicas).map_err(|e| e.to_string())?;
+        self.write()?;
+        self.recorded.push(r.clone());
+        Ok(())
+    }
+
+    fn retired(&mut self, image: &str, generation: u32, node: &str) -> Result<(), String> {
+        self.lock.forget_replica(image, generation, node);
+        self.write()
+    }
+}
+
+/// An error and its causes, on one line each.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(&format!("\n  caused by: {cause}"));
+        source = cause.source();
+    }
+    text
 }
 
 /// Nodes that must hold a replica of `image`'s generation `generation`.

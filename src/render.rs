@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 
 use similar::{ChangeTag, TextDiff};
 
-use crate::plan::{Action, Change, FieldDiff, Plan, Work};
+use crate::plan::{Action, Change, FieldDiff, Plan};
 
 /// The human rendering of `plan`, coloured like terraform's when `color`.
 pub fn plan_text(plan: &Plan, color: bool) -> String {
@@ -113,6 +113,7 @@ pub(crate) fn write_change(change: &Change, out: &mut String) {
         fields,
         reason,
         impact,
+        depends_on: _,
         work: _,
         unchanged: _,
     } = change;
@@ -196,54 +197,23 @@ fn quote(v: &str) -> String {
     }
 }
 
-/// The phase a change runs in, as apply orders them.
-pub(crate) fn phase(change: &Change) -> (usize, &'static str) {
-    match &change.work {
-        Work::DestroyVm { .. } => (1, "destroy VMs"),
-        Work::DownloadIso { .. } => (2, "download ISOs"),
-        Work::BuildTemplate { .. } => (3, "build generations"),
-        Work::DestroyTemplate { .. } => (5, "retire old generations"),
-        _ => (4, "clone and configure VMs"),
-    }
-}
-
-/// What `change` waits for inside the plan.
-pub(crate) fn waits_for<'a>(change: &'a Change, plan: &'a Plan) -> Vec<&'a str> {
-    match &change.work {
-        Work::CreateVm(w) | Work::UpdateVm(w) | Work::ReplaceVm { new: w, .. } => w
-            .after
-            .iter()
-            .filter(|a| plan.changes.iter().any(|c| &c.address == *a))
-            .map(String::as_str)
-            .collect(),
-        Work::DestroyTemplate { after, .. } => after.iter().map(String::as_str).collect(),
-        Work::BuildTemplate { build, .. } => plan
-            .changes
-            .iter()
-            .filter(|c| matches!(&c.work, Work::DownloadIso { node, .. } if *node == build.node))
-            .map(|c| c.address.as_str())
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
-/// The plan's execution order: phases in order, and what waits for what.
+/// The plan's order (the order of `plan.changes`, which is the DAG's,
+/// apply's start order and the text plan's): changes under the label of
+/// their phase, each with what it waits for.
 pub fn plan_order_text(plan: &Plan) -> String {
     let mut out = String::new();
-    let mut phases: Vec<(usize, &str)> = plan.changes.iter().map(phase).collect();
-    phases.sort();
-    phases.dedup();
-    for (n, name) in phases {
-        let _ = writeln!(out, "{n}. {name}");
-        for c in plan.changes.iter().filter(|c| phase(c).0 == n) {
-            let waits = waits_for(c, plan);
-            let after = if waits.is_empty() {
-                String::new()
-            } else {
-                format!(" (after {})", waits.join(", "))
-            };
-            let _ = writeln!(out, "   {} {}{after}", c.action.symbol(), c.address);
+    let mut phase = None;
+    for c in &plan.changes {
+        if phase != Some(c.phase()) {
+            phase = Some(c.phase());
+            let _ = writeln!(out, "{}. {}", c.phase().number(), c.phase().describe());
         }
+        let after = if c.depends_on.is_empty() {
+            String::new()
+        } else {
+            format!(" (after {})", join(&c.depends_on))
+        };
+        let _ = writeln!(out, "   {} {}{after}", c.action.symbol(), c.address);
     }
     if out.is_empty() {
         out.push_str("No changes.\n");
@@ -251,30 +221,48 @@ pub fn plan_order_text(plan: &Plan) -> String {
     out
 }
 
-/// The same as Graphviz DOT: one cluster per phase, an edge per wait.
+fn join(addresses: &[crate::address::Address]) -> String {
+    addresses
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The same as Graphviz DOT: the changes in the plan's order, one cluster
+/// per run of a phase, an edge per dependency.
 pub fn plan_order_dot(plan: &Plan) -> String {
     let mut out = String::from(
         "digraph nixgold_plan {\n  rankdir=LR;\n  node [shape=box, fontname=\"monospace\"];\n",
     );
-    let mut phases: Vec<(usize, &str)> = plan.changes.iter().map(phase).collect();
-    phases.sort();
-    phases.dedup();
-    for (n, name) in &phases {
-        let _ = writeln!(out, "  subgraph cluster_{n} {{\n    label=\"{n}. {name}\";");
-        for c in plan.changes.iter().filter(|c| phase(c).0 == *n) {
+    let mut phase = None;
+    for c in &plan.changes {
+        if phase != Some(c.phase()) {
+            if phase.is_some() {
+                out.push_str("  }\n");
+            }
+            phase = Some(c.phase());
+            let n = c.phase().number();
             let _ = writeln!(
                 out,
-                "    \"{}\" [label=\"{} {}\"];",
-                c.address,
-                c.action.symbol(),
-                c.address
+                "  subgraph cluster_{n} {{\n    label=\"{n}. {}\";",
+                c.phase().describe()
             );
         }
+        let _ = writeln!(
+            out,
+            "    \"{}\" [label=\"{} {}\"];",
+            c.address,
+            c.action.symbol(),
+            c.address
+        );
+    }
+    if phase.is_some() {
         out.push_str("  }\n");
     }
     for c in &plan.changes {
-        for w in waits_for(c, plan) {
-            let _ = writeln!(out, "  \"{w}\" -> \"{}\";", c.address);
+        for d in &c.depends_on {
+            let _ = writeln!(out, "  \"{d}\" -> \"{}\";", c.address);
         }
     }
     out.push_str("}\n");

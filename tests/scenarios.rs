@@ -186,10 +186,57 @@ impl Scenario {
         (code, stdout)
     }
 
+    /// Applies the fleet, checking the plan's DAG on the way (see
+    /// [`Scenario::plan_dag`] and [`assert_starts_follow`]): every apply of
+    /// the suite that goes through here is such a walk.
     fn apply(&self) -> String {
+        let dag = self.plan_dag();
         let (code, stdout, stderr) = self.run(&["apply", "fleet.yaml", "--auto-approve"]);
         assert_eq!(code, 0, "apply failed:\n{stdout}\n{stderr}");
+        assert_starts_follow(&dag, &stderr);
         stdout
+    }
+
+    /// The plan's changes in order with what each depends on (`plan
+    /// --json`), after checking that the text plan and `graph --plan` list
+    /// the same changes in the same order.
+    fn plan_dag(&self) -> Vec<(String, Vec<String>)> {
+        let (code, json, err) = self.run(&["plan", "fleet.yaml", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let dag: Vec<(String, Vec<String>)> = v["resource_changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let deps = c["nixgold"]["depends_on"].as_array().unwrap();
+                let deps = deps.iter().map(|d| d.as_str().unwrap().to_owned());
+                (c["address"].as_str().unwrap().to_owned(), deps.collect())
+            })
+            .collect();
+        let order: Vec<&str> = dag.iter().map(|(a, _)| a.as_str()).collect();
+        let (_, text) = self.plan();
+        let verbs = [
+            " will be created",
+            " will be updated in place",
+            " must be replaced",
+            " will be destroyed",
+        ];
+        let shown: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("  # "))
+            .filter_map(|l| verbs.iter().find_map(|v| l.strip_suffix(v)))
+            .collect();
+        assert_eq!(shown, order, "the text plan's order:\n{text}");
+        let (_, graph, _) = self.run(&["graph", "--plan", "--format", "text", "fleet.yaml"]);
+        let drawn: Vec<&str> = graph
+            .lines()
+            .filter_map(|l| l.strip_prefix("   "))
+            .filter_map(|l| l.split_once(' ').map(|(_, rest)| rest))
+            .map(|l| l.split(" (after ").next().unwrap_or(l))
+            .collect();
+        assert_eq!(drawn, order, "graph --plan's order:\n{graph}");
+        dag
     }
 
     /// Apply, then assert that planning again changes nothing.
@@ -575,6 +622,18 @@ fn replace_recreates_a_vm_that_matches_the_fleet() {
     assert!(
         err.contains("--target vm.web-1: neither the fleet nor the cluster has this resource")
             && err.contains("did you mean vm.web-01?"),
+        "{err}"
+    );
+    let (code, out, err) = s.run(&[
+        "apply",
+        "fleet.yaml",
+        "--auto-approve",
+        "--target",
+        "vm.nope",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        err.contains("--target vm.nope: neither the fleet nor the cluster has this resource"),
         "{err}"
     );
     let (code, _, err) = s.run(&["plan", "fleet.yaml", "--replace", "vm.web01"]);
@@ -1349,29 +1408,37 @@ fn generations_beyond_keep_go_once_no_linked_clone_uses_them() {
         ),
         "{text}"
     );
-    // Move the VM to the new generation; then generation 1 can go.
+    // Move the VM to the new generation: the same apply replaces it and
+    // then retires generation 1, which nothing uses any more.
     s.set_fleet(&linked("\"vim\", \"htop\"").replace(
         "    onboot: true\n",
         "    onboot: true\n    on_new_generation: replace\n",
     ));
-    s.apply();
-    retires_generation_1(&s);
-    assert!(s.sim.inspect(|st| st.vms.contains_key(&9401)));
-}
-
-/// Plans the removal of generation 1 (beyond `keep`, no linked clone),
-/// applies it, and checks that only generation 2 is left; returns the plan.
-fn retires_generation_1(s: &Scenario) -> String {
     let (code, text) = s.plan();
     assert_eq!(code, 2);
     assert_contains(
         &text,
+        &["-/+ vm.web-01", "- image.golden[pve] generation 1"],
+    );
+    retires_generation_1(&s);
+    assert!(s.sim.inspect(|st| st.vms.contains_key(&9401)));
+}
+
+/// Applies a plan that retires generation 1 (beyond `keep`, no linked
+/// clone left on it) and checks that it converged in that one apply, with
+/// only generation 2 left; returns apply's output.
+fn retires_generation_1(s: &Scenario) -> String {
+    let out = s.apply();
+    assert_contains(
+        &out,
         &[
             "- image.golden[pve] generation 1",
             "beyond rebuild.keep = 1 and no linked clone uses it",
+            "image.golden[pve] generation 1: done",
         ],
     );
-    s.converge();
+    let (code, text) = s.plan();
+    assert_eq!(code, 0, "not converged in one apply:\n{text}");
     let numbers: Vec<u32> = read_lock(s).images["golden"]
         .generations
         .iter()
@@ -1379,20 +1446,207 @@ fn retires_generation_1(s: &Scenario) -> String {
         .collect();
     assert_eq!(numbers, [2]);
     assert!(s.sim.inspect(|st| !st.vms.contains_key(&9400)));
-    text
+    out
 }
 
+/// `keep = 1`: the apply that builds generation 2 also retires generation
+/// 1 — after the build is recorded — so the plan after it is empty. (Before
+/// the plan was a DAG, generation 1 stayed until the next apply, and the
+/// plan after the build still said "generation 1 will be destroyed".)
 #[test]
-fn a_full_clone_does_not_hold_its_generation() {
+fn keep_one_converges_in_the_apply_that_builds_generation_2() {
     let s = Scenario::new(ClusterSpec::default(), &keep_one("\"vim\""), EMPTY_LOCK);
     s.converge();
     s.set_fleet(&keep_one("\"vim\", \"htop\""));
-    s.apply();
-    // Generation 2 is built; web-01, a full clone, still runs what it was
-    // cloned from but does not need the template: generation 1 goes.
-    let text = retires_generation_1(&s);
-    assert!(!text.contains("vm.web-01"), "the VM stays as it is: {text}");
+    // web-01, a full clone, still runs what it was cloned from but does not
+    // need the template: generation 1 goes.
+    let out = retires_generation_1(&s);
+    assert!(
+        out.find("image.golden[pve]: done") < out.find("image.golden[pve] generation 1: done"),
+        "{out}"
+    );
+    assert!(!out.contains("vm.web-01"), "the VM stays as it is: {out}");
     assert!(s.sim.inspect(|st| st.vms[&400].running));
+}
+
+/// The build fleet keeping two generations.
+fn keep_two(packages: &str) -> String {
+    build_fleet(packages).replace(BUILD, &format!("{BUILD}    rebuild: {{ keep: 2 }}\n"))
+}
+
+/// A scenario with generations 1 and 2 of `golden` built with `keep = 2`
+/// (templates 9400 and 9401) and web-01 cloned from generation 1.
+fn two_generations() -> Scenario {
+    let s = Scenario::new(ClusterSpec::default(), &keep_two("\"vim\""), EMPTY_LOCK);
+    s.converge();
+    s.set_fleet(&keep_two("\"vim\", \"htop\""));
+    s.converge();
+    s
+}
+
+/// `keep = 2`, generations 1 and 2 built, the generation-3 build fails:
+/// both templates and the VM are untouched and the lockfile still has both.
+/// (Apply used to destroy generation 1 first, in its destroy phase, and
+/// then fail the build.) Once the fault clears, one apply builds
+/// generation 3 and retires generation 1, and the next plan is empty.
+#[test]
+fn a_failed_build_costs_no_template_and_the_retry_converges() {
+    let s = two_generations();
+    let vm_before = s.config(400);
+    s.set_fleet(&keep_two("\"vim\", \"htop\", \"git\""));
+    s.fault("POST /nodes/*/qemu/*/template => task-fail:storage error*1");
+    let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_contains(
+        &out,
+        &[
+            "- image.golden[pve] generation 1",
+            "image.golden[pve]: FAILED",
+            "image.golden[pve] generation 1: skipped (image.golden[pve] failed)",
+        ],
+    );
+    assert!(s.sim.inspect(|st| {
+        [9400, 9401]
+            .iter()
+            .all(|id| st.vms[id].config.values.get("template").map(String::as_str) == Some("1"))
+    }));
+    assert!(
+        s.sim.inspect(|st| !st.vms.contains_key(&9402)),
+        "the build VM went"
+    );
+    assert_eq!(s.config(400), vm_before, "the VM is untouched");
+    let lock = read_lock(&s);
+    let numbers: Vec<u32> = lock.images["golden"]
+        .generations
+        .iter()
+        .map(|g| g.number)
+        .collect();
+    assert_eq!((numbers, lock.images["golden"].current), (vec![1, 2], 2));
+
+    let out = s.apply();
+    assert_contains(&out, &["image.golden[pve] generation 1: done"]);
+    let (code, text) = s.plan();
+    assert_eq!(code, 0, "not converged in one apply:\n{text}");
+    let lock = read_lock(&s);
+    let numbers: Vec<u32> = lock.images["golden"]
+        .generations
+        .iter()
+        .map(|g| g.number)
+        .collect();
+    assert_eq!((numbers, lock.images["golden"].current), (vec![2, 3], 3));
+    assert!(s.sim.inspect(|st| {
+        !st.vms.contains_key(&9400)
+            && st.vms[&9402]
+                .config
+                .values
+                .get("template")
+                .map(String::as_str)
+                == Some("1")
+    }));
+}
+
+/// Three generations with `keep = 2`, then `rollback` (to 2): the plan
+/// after it builds nothing and destroys nothing — it says the image is
+/// held. (It used to build a "generation 4" with generation 3's inputs and
+/// destroy generation 3, the one just rolled back from.) A change of the
+/// image in the fleet afterwards ends the hold and builds generation 4.
+#[test]
+fn a_rollback_holds_until_the_fleet_changes() {
+    let s = two_generations();
+    s.set_fleet(&keep_two("\"vim\", \"htop\", \"git\""));
+    s.converge();
+    let (code, out, err) = s.run(&["rollback", "fleet.yaml", "--image", "golden"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_contains(
+        &err,
+        &["generation 3 -> 2", "nixgold release --image golden"],
+    );
+    let (code, text) = s.plan();
+    assert_eq!(code, 0, "{text}");
+    assert_contains(
+        &text,
+        &["image.golden is held at generation 2 by `nixgold rollback`"],
+    );
+    assert_eq!(read_lock(&s).images["golden"].current, 2);
+    assert!(
+        s.sim
+            .inspect(|st| st.vms.contains_key(&9401) && st.vms.contains_key(&9402))
+    );
+
+    s.set_fleet(&keep_two("\"vim\", \"htop\", \"git\", \"curl\""));
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    assert_contains(
+        &text,
+        &[
+            "+ image.golden[pve]",
+            "build generation 4",
+            "the hold on generation 2 (`nixgold rollback`) ends",
+        ],
+    );
+    s.converge();
+    let lock = read_lock(&s);
+    assert_eq!(
+        (lock.images["golden"].current, lock.images["golden"].hold),
+        (4, None)
+    );
+}
+
+/// `release` ends a hold; the kept generation whose inputs the fleet asks
+/// for is reused (made current again), not rebuilt.
+#[test]
+fn release_reuses_the_kept_generation_the_fleet_asks_for() {
+    let s = two_generations();
+    let (code, out, err) = s.run(&["rollback", "fleet.yaml", "--image", "golden"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, _, err) = s.run(&["release", "fleet.yaml", "--image", "golden"]);
+    assert_eq!(code, 0, "{err}");
+    assert_contains(&err, &["released the hold on generation 1"]);
+    let (code, text) = s.plan();
+    assert_eq!(code, 0, "no build: {text}");
+    assert_contains(
+        &text,
+        &["image.golden: generation 2 is reused, not rebuilt"],
+    );
+    assert_eq!(read_lock(&s).images["golden"].current, 2);
+}
+
+/// Two images, one built (golden) and one to build (silver), a VM on each:
+/// web-01's clone of golden does not wait for silver's build — apply has
+/// no phase barriers. (It used to: every build ran before any clone.)
+#[test]
+fn a_clone_of_one_image_overlaps_the_build_of_another() {
+    let silver = format!(
+        "  silver:\n    iso: nixos\n    vmid_range: {{ first: 9410, last: 9419 }}\n    hardware: {{ disk: 30G, storage: tank }}\n    nixos: {{ state_version: \"24.05\" }}\n{BUILD}"
+    );
+    let web_02 = WEB_01
+        .replace("web-01", "web-02")
+        .replace("vmid: 400", "vmid: 401")
+        .replace("image: golden", "image: silver")
+        .replace("192.168.1.130", "192.168.1.131");
+    let fleet =
+        base_fleet(&format!("{WEB_01}{web_02}")).replace("vms:\n", &format!("{silver}vms:\n"));
+    let lock = lock_with(&fleet, &[("golden", 1, &[("pve", 9400)])]);
+    let s = Scenario::new(single_node(), &fleet, &lock);
+    let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let first = |needle: &str| {
+        err.lines()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no {needle:?} in:\n{err}"))
+    };
+    let clone_done = first("vm.web-01: full clone of template 9400 done");
+    let build_done = first("image.silver[pve]: generation 1 (VMID 9410): 9/9");
+    assert!(
+        clone_done < build_done,
+        "web-01's clone waited for silver's build:\n{err}"
+    );
+    assert!(
+        first("vm.web-02: full clone of template 9410") > build_done,
+        "web-02 waits for its template:\n{err}"
+    );
+    let (code, text) = s.plan();
+    assert_eq!(code, 0, "{text}");
 }
 
 #[test]
@@ -1856,6 +2110,30 @@ fn apply_fails_cleanly(s: &Scenario, needles: &[&str]) {
         s.sim.inspect(|st| !st.vms.contains_key(&9400)),
         "the build VM was cleaned up"
     );
+}
+
+/// Asserts that, in apply's progress (`stderr`), no change of `dag` shows
+/// before every change it depends on has shown its last line: apply
+/// started it only once they were done.
+fn assert_starts_follow(dag: &[(String, Vec<String>)], stderr: &str) {
+    let lines: Vec<(usize, &str)> = stderr
+        .lines()
+        .enumerate()
+        .filter_map(|(i, l)| Some((i, l.split_once("] ")?.1.split_once(": ")?.0)))
+        .collect();
+    let first = |a: &str| lines.iter().find(|(_, x)| *x == a).map(|(i, _)| *i);
+    let last = |a: &str| lines.iter().rev().find(|(_, x)| *x == a).map(|(i, _)| *i);
+    for (address, deps) in dag {
+        let Some(start) = first(address) else {
+            continue;
+        };
+        for dep in deps {
+            assert!(
+                last(dep).is_some_and(|end| end < start),
+                "{address} started before {dep} was done:\n{stderr}"
+            );
+        }
+    }
 }
 
 /// Asserts that `text` contains every needle, showing the text otherwise.

@@ -90,6 +90,7 @@ async fn nixgold(vms: usize, full: bool) -> Outcome {
         &plan,
         ApplyOptions::default(),
         tokio::sync::mpsc::unbounded_channel().0,
+        &mut nixgold::apply::Unrecorded,
     )
     .await;
     let wall = t.elapsed().as_secs_f64();

@@ -210,6 +210,7 @@ async fn main() {
                 ..ApplyOptions::default()
             },
             tokio::sync::mpsc::unbounded_channel().0,
+            &mut nixgold::apply::Unrecorded,
         )
         .await;
         let (p2, _) = plan_once(&run).await;
@@ -285,7 +286,14 @@ async fn build_steps(md: &mut String) {
         )
     });
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let report = apply(&client, &p, ApplyOptions::default(), tx).await;
+    let report = apply(
+        &client,
+        &p,
+        ApplyOptions::default(),
+        tx,
+        &mut nixgold::apply::Unrecorded,
+    )
+    .await;
     assert!(report.succeeded(), "{report:?}");
     let _ = writeln!(
         md,

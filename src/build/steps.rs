@@ -205,61 +205,8 @@ impl Build<'_> {
             }
             Step::Start => self.wait(client.start(&w.node, w.vmid).await?).await,
             Step::Access => self.access().await,
-            Step::Install => {
-                self.run_checked(
-                    "upload configuration.nix",
-                    "mkdir -p /tmp/nixgold && cat > /tmp/nixgold/configuration.nix",
-                    &w.configuration_nix,
-                )
-                .await?;
-                self.run_checked(
-                    "upload install.sh",
-                    "cat > /tmp/nixgold/install.sh",
-                    &w.install_script,
-                )
-                .await?;
-                let observe = self.observe;
-                let (code, out) = self
-                    .ssh()?
-                    .run(
-                        "bash /tmp/nixgold/install.sh /tmp/nixgold/configuration.nix",
-                        "",
-                        |l| observe(BuildEvent::Line(&format!("  | {l}"))),
-                    )
-                    .await?;
-                check("install", code, &out)
-            }
-            Step::Reboot => {
-                if let Some(ssh) = self.ssh.take() {
-                    let _ = ssh.run("reboot", "", |_| {}).await;
-                }
-                self.pin = Arc::new(Mutex::new(None));
-                match &w.access {
-                    Access::Static {
-                        address, gateway, ..
-                    } => {
-                        self.address_through_agent(&static_address_line(
-                            address,
-                            gateway.as_deref(),
-                        ))
-                        .await?
-                    }
-                    // DHCP may give the installed system another address
-                    // than the installer had: its agent says which.
-                    Access::CallHome { .. } if w.guest_agent => self.address_from_agent().await?,
-                    Access::CallHome { .. } => {
-                        return self.connect(self.left()).await.map_err(|e| {
-                            step_err(
-                                "ssh",
-                                format!(
-                                    "{e}; if DHCP gave the installed system another address, enable nixos.guest_agent so nixgold can ask it"
-                                ),
-                            )
-                        });
-                    }
-                }
-                self.connect(self.left()).await
-            }
+            Step::Install => self.install().await,
+            Step::Reboot => self.reboot().await,
             Step::Verify => self.verify().await,
             Step::Seal => self.run_checked("seal", SEAL, "").await.map(drop),
             Step::PowerOff => {
@@ -274,38 +221,104 @@ impl Build<'_> {
                 }
                 Ok(())
             }
-            Step::Template => {
-                let detach = ConfigUpdate {
-                    set: BTreeMap::new(),
-                    delete: vec!["ide2".into()],
-                    digest: None,
-                };
-                self.contended("detach the ISO", || {
-                    client.update_config_sync(&w.node, w.vmid, &detach)
-                })
-                .await?;
-                let attach = ConfigUpdate {
-                    set: BTreeMap::from([
-                        ("ide2".to_owned(), format!("{}:cloudinit", w.storage)),
-                        (
-                            "description".to_owned(),
-                            template_stamp(&self.result(), &w.fleet),
+            Step::Template => self.template().await,
+        }
+    }
+
+    /// Uploads the configuration and the install script and runs it,
+    /// streaming its output.
+    async fn install(&mut self) -> Result<(), BuildError> {
+        let w = self.w;
+        self.run_checked(
+            "upload configuration.nix",
+            "mkdir -p /tmp/nixgold && cat > /tmp/nixgold/configuration.nix",
+            &w.configuration_nix,
+        )
+        .await?;
+        self.run_checked(
+            "upload install.sh",
+            "cat > /tmp/nixgold/install.sh",
+            &w.install_script,
+        )
+        .await?;
+        let observe = self.observe;
+        let (code, out) = self
+            .ssh()?
+            .run(
+                "bash /tmp/nixgold/install.sh /tmp/nixgold/configuration.nix",
+                "",
+                |l| observe(BuildEvent::Line(&format!("  | {l}"))),
+            )
+            .await?;
+        check("install", code, &out)
+    }
+
+    /// Reboots into the installed system and connects to it again (a
+    /// static address put back through the guest agent; a DHCP one asked of
+    /// it, when it runs).
+    async fn reboot(&mut self) -> Result<(), BuildError> {
+        let w = self.w;
+        if let Some(ssh) = self.ssh.take() {
+            let _ = ssh.run("reboot", "", |_| {}).await;
+        }
+        self.pin = Arc::new(Mutex::new(None));
+        match &w.access {
+            Access::Static {
+                address, gateway, ..
+            } => {
+                self.address_through_agent(&static_address_line(address, gateway.as_deref()))
+                    .await?
+            }
+            // DHCP may give the installed system another address than the
+            // installer had: its agent says which.
+            Access::CallHome { .. } if w.guest_agent => self.address_from_agent().await?,
+            Access::CallHome { .. } => {
+                return self.connect(self.left()).await.map_err(|e| {
+                    step_err(
+                        "ssh",
+                        format!(
+                            "{e}; if DHCP gave the installed system another address, enable nixos.guest_agent so nixgold can ask it"
                         ),
-                    ]),
-                    delete: Vec::new(),
-                    digest: None,
-                };
-                self.contended("attach the cloud-init drive", || {
-                    client.update_config_sync(&w.node, w.vmid, &attach)
-                })
-                .await?;
-                self.contended("convert to a template", || async {
-                    self.wait_task(client.template(&w.node, w.vmid).await?)
-                        .await
-                })
-                .await
+                    )
+                });
             }
         }
+        self.connect(self.left()).await
+    }
+
+    /// The cloud-init drive in place of the ISO, the final stamp, and the
+    /// conversion to a template.
+    async fn template(&self) -> Result<(), BuildError> {
+        let (client, w) = (self.client, self.w);
+        let detach = ConfigUpdate {
+            set: BTreeMap::new(),
+            delete: vec!["ide2".into()],
+            digest: None,
+        };
+        self.contended("detach the ISO", || {
+            client.update_config_sync(&w.node, w.vmid, &detach)
+        })
+        .await?;
+        let attach = ConfigUpdate {
+            set: BTreeMap::from([
+                ("ide2".to_owned(), format!("{}:cloudinit", w.storage)),
+                (
+                    "description".to_owned(),
+                    template_stamp(&self.result(), &w.fleet),
+                ),
+            ]),
+            delete: Vec::new(),
+            digest: None,
+        };
+        self.contended("attach the cloud-init drive", || {
+            client.update_config_sync(&w.node, w.vmid, &attach)
+        })
+        .await?;
+        self.contended("convert to a template", || async {
+            self.wait_task(client.template(&w.node, w.vmid).await?)
+                .await
+        })
+        .await
     }
 
     /// boot_wait, then the access sequence typed until the VM answers

@@ -9,9 +9,10 @@ use tokio::sync::mpsc;
 
 use super::session::{LockUse, Session, compute, release, session};
 use super::{ApplyCmd, EXIT_ERROR, Failure, Global, Output};
-use crate::apply::{self, ApplyOptions, Outcome};
+use crate::apply::{self, ApplyOptions, Ledger, Outcome};
 use crate::plan::saved::SavedPlan;
 use crate::plan::{self, Plan, PlanOptions};
+use crate::record::LockLedger;
 
 #[derive(Debug, Clone, Default)]
 pub struct ApplyArgs {
@@ -95,20 +96,41 @@ async fn apply_in_session(
     } else if !saved {
         super::plan::print_plan(&plan, out);
     }
+    if !plan.is_empty() && !args.auto_approve && !saved {
+        confirm()?;
+    }
+    // Record allocations, pins and adopted templates before touching the
+    // cluster.
+    plan.lock.write(&s.lock_path, locked)?;
+    let mut ledger = LockLedger::new(plan.lock.clone(), &s.lock_path, locked, &s.desired);
+    for built in &plan.adopted {
+        ledger.built(built).map_err(Failure::Message)?;
+    }
     if plan.is_empty() {
-        plan.lock.write(&s.lock_path, locked)?;
         if out.json {
             super::apply_json::finish(&plan, &[]);
         }
         return Ok(0);
     }
-    if !args.auto_approve && !saved {
-        confirm()?;
-    }
-    // Record allocations and pins before touching the cluster.
-    plan.lock.write(&s.lock_path, locked)?;
     let (tx, rx) = mpsc::unbounded_channel();
     let printer = tokio::spawn(super::progress::print_events(rx, out.quiet, out.json));
+    let options = apply_options(s, args);
+    let report = apply::apply(&s.conn.client, &plan, options, tx, &mut ledger).await;
+    let _ = printer.await;
+    for r in &ledger.recorded {
+        out.info(&format!(
+            "recorded image.{} generation {} on {} in {}",
+            r.image,
+            r.generation,
+            r.node,
+            s.lock_path.display()
+        ));
+    }
+    print_report(&plan, &report, out)
+}
+
+/// Apply's options from the fleet and the command line.
+fn apply_options(s: &Session, args: &ApplyArgs) -> ApplyOptions {
     let mut options = ApplyOptions {
         base_dir: s.loaded.path.parent().unwrap_or(Path::new(".")).to_owned(),
         keep_failed_build: args.keep_failed_build,
@@ -125,10 +147,7 @@ async fn apply_in_session(
     if args.concurrency > 0 {
         options.concurrency = args.concurrency;
     }
-    let report = apply::apply(&s.conn.client, &plan, options, tx).await;
-    let _ = printer.await;
-    record_outcome(s, &plan, &report, locked, out)?;
-    print_report(&plan, &report, out)
+    options
 }
 
 /// Asks on the terminal; only `yes` goes on.
@@ -147,29 +166,6 @@ fn confirm() -> Result<(), Failure> {
             "apply cancelled; nothing was changed".into(),
         ));
     }
-    Ok(())
-}
-
-/// Writes what the apply built and retired into the lockfile.
-fn record_outcome(
-    s: &Session,
-    plan: &Plan,
-    report: &apply::Report,
-    locked: bool,
-    out: &Output,
-) -> Result<(), Failure> {
-    let mut lock = plan.lock.clone();
-    let recorded = crate::record::record_outcome(&mut lock, plan, report, &s.desired)?;
-    for r in recorded {
-        out.info(&format!(
-            "recorded image.{} generation {} on {} in {}",
-            r.image,
-            r.generation,
-            r.node,
-            s.lock_path.display()
-        ));
-    }
-    lock.write(&s.lock_path, locked)?;
     Ok(())
 }
 

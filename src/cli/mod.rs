@@ -165,7 +165,8 @@ enum Command {
     Doctor(FleetArg),
     /// Show the fleet's VMs: address, VMID, node, status, IP.
     Output(FleetArg),
-    /// Point an image back at an older kept generation (lockfile only).
+    /// Point an image back at an older kept generation and hold it there
+    /// while the fleet asks for what it asks for now (lockfile only).
     Rollback {
         #[command(flatten)]
         fleet: FleetArg,
@@ -175,6 +176,17 @@ enum Command {
         /// The generation to return to (default: the one before current).
         #[arg(long, value_name = "N")]
         to: Option<u32>,
+        #[command(flatten)]
+        wait: LockWait,
+    },
+    /// End the hold a `rollback` put on an image: the next plan follows the
+    /// fleet again (lockfile only).
+    Release {
+        #[command(flatten)]
+        fleet: FleetArg,
+        /// The image (key in `images`).
+        #[arg(long, value_name = "NAME")]
+        image: String,
         #[command(flatten)]
         wait: LockWait,
     },
@@ -559,7 +571,11 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
             wait,
         } => {
             let (path, lock) = fleet_and_lock(g, fleet, out)?;
-            rollback::dispatch(g, (&path, &lock), image, *to, wait, out)
+            rollback::dispatch(g, (&path, &lock), image, Some(*to), wait, out)
+        }
+        Command::Release { fleet, image, wait } => {
+            let (path, lock) = fleet_and_lock(g, fleet, out)?;
+            rollback::dispatch(g, (&path, &lock), image, None, wait, out)
         }
         Command::ForceUnlock { id, fleet } => {
             let (path, lock) = fleet_and_lock(g, fleet, out)?;

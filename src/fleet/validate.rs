@@ -199,6 +199,13 @@ fn check_references(fleet: &Fleet, out: &mut Problems) {
 /// Every VMID the fleet fixes or the lockfile allocated, and every range it
 /// reserves, must be disjoint: Proxmox VMIDs are unique across the cluster.
 fn check_vmids(fleet: &Fleet, lock: &Lockfile, out: &mut Problems) {
+    check_ranges(fleet, out);
+    check_claims(fleet, lock, out);
+    check_range_sizes(fleet, out);
+}
+
+/// Each VMID range is ordered, and no two overlap.
+fn check_ranges(fleet: &Fleet, out: &mut Problems) {
     let mut ranges: Vec<(String, VmidRange)> = fleet
         .images
         .iter()
@@ -230,8 +237,11 @@ fn check_vmids(fleet: &Fleet, lock: &Lockfile, out: &mut Problems) {
             }
         }
     }
+}
 
-    // Fixed and allocated ids, by the field that claims them.
+/// Fixed and allocated ids, by the field that claims them: each claimed
+/// once, and no VM's inside an image's range.
+fn check_claims(fleet: &Fleet, lock: &Lockfile, out: &mut Problems) {
     let mut claims: BTreeMap<Vmid, Vec<String>> = BTreeMap::new();
     let mut vm_ids = Vec::new();
     for (name, vm) in &fleet.vms {
@@ -286,6 +296,11 @@ fn check_vmids(fleet: &Fleet, lock: &Lockfile, out: &mut Problems) {
             }
         }
     }
+}
+
+/// Each image's range holds its kept generations and one being built, on
+/// every node that needs a replica.
+fn check_range_sizes(fleet: &Fleet, out: &mut Problems) {
     for (name, image) in &fleet.images {
         let replicas = image_nodes(fleet, name).len() as u64;
         let needed = replicas * u64::from(image.rebuild.keep + 1);

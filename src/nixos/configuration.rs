@@ -33,6 +33,29 @@ pub fn configuration_nix(name: &str, image: &Image) -> String {
     }
     out.push_str("  ];\n\n");
 
+    write_boot(image, &mut out);
+    write_network(nixos, &mut out);
+    write_services(nixos, &mut out);
+    write_users(nixos, &mut out);
+    let _ = writeln!(
+        out,
+        "  environment.systemPackages = [\n{}  ];\n",
+        nixos
+            .packages
+            .iter()
+            .map(|p| format!("    pkgs.{p}\n"))
+            .collect::<String>()
+    );
+    let _ = writeln!(
+        out,
+        "  # Never follows nixpkgs implicitly.\n  system.stateVersion = {};\n}}",
+        nix_str(&nixos.state_version)
+    );
+    out
+}
+
+/// The boot loader (by firmware) and the root file system.
+fn write_boot(image: &Image, out: &mut String) {
     match image.hardware.bios {
         Bios::Ovmf => out.push_str(
             "  # OVMF: systemd-boot, installed to the fallback path so every clone\n  \
@@ -52,7 +75,10 @@ pub fn configuration_nix(name: &str, image: &Image) -> String {
         "  boot.growPartition = true;\n  \
          fileSystems.\"/\" = {\n    device = \"/dev/disk/by-label/nixos\";\n    fsType = \"ext4\";\n    autoResize = true;\n  };\n\n",
     );
+}
 
+/// networkd, and DHCP or the static address.
+fn write_network(nixos: &crate::fleet::NixosConfig, out: &mut String) {
     out.push_str("  networking.useNetworkd = true;\n");
     if nixos.cloud_init {
         out.push_str("  # The VM name from Proxmox (cloud-init) becomes the host name.\n  networking.hostName = \"\";\n");
@@ -81,7 +107,10 @@ pub fn configuration_nix(name: &str, image: &Image) -> String {
         }
     }
     out.push('\n');
+}
 
+/// cloud-init, the guest agent, SSH, the firewall, time and locale.
+fn write_services(nixos: &crate::fleet::NixosConfig, out: &mut String) {
     if nixos.cloud_init {
         out.push_str(
             "  services.cloud-init = {\n    enable = true;\n    network.enable = true;\n    settings = {\n      \
@@ -126,7 +155,10 @@ pub fn configuration_nix(name: &str, image: &Image) -> String {
         nix_str(&nixos.timezone),
         nix_str(&nixos.locale)
     );
+}
 
+/// The image's users and the shells they need.
+fn write_users(nixos: &crate::fleet::NixosConfig, out: &mut String) {
     for (user, spec) in &nixos.users {
         let _ = writeln!(
             out,
@@ -151,22 +183,6 @@ pub fn configuration_nix(name: &str, image: &Image) -> String {
     if !nixos.users.is_empty() {
         out.push('\n');
     }
-
-    let _ = writeln!(
-        out,
-        "  environment.systemPackages = [\n{}  ];\n",
-        nixos
-            .packages
-            .iter()
-            .map(|p| format!("    pkgs.{p}\n"))
-            .collect::<String>()
-    );
-    let _ = writeln!(
-        out,
-        "  # Never follows nixpkgs implicitly.\n  system.stateVersion = {};\n}}",
-        nix_str(&nixos.state_version)
-    );
-    out
 }
 
 fn indent(text: &str, by: usize) -> String {

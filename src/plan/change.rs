@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::address::Address;
 use crate::fleet::SecretRef;
 
 /// The kind of a change.
@@ -67,6 +68,49 @@ pub struct FieldDiff {
     pub sensitive: bool,
 }
 
+/// What kind of work a change is: a label for people (render and `graph
+/// --plan` group by it), never a barrier — apply starts a change as soon as
+/// the changes it depends on are done. Every edge of a plan goes from an
+/// earlier phase to a later one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    DestroyVms,
+    DownloadIsos,
+    BuildGenerations,
+    Vms,
+    RetireGenerations,
+}
+
+impl Phase {
+    /// 1-based, in the order the phases' changes can run.
+    pub fn number(self) -> usize {
+        self as usize + 1
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Phase::DestroyVms => "destroy VMs",
+            Phase::DownloadIsos => "download ISOs",
+            Phase::BuildGenerations => "build generations",
+            Phase::Vms => "clone and configure VMs",
+            Phase::RetireGenerations => "retire old generations",
+        }
+    }
+}
+
+impl Change {
+    pub fn phase(&self) -> Phase {
+        match &self.work {
+            Work::DestroyVm { .. } => Phase::DestroyVms,
+            Work::DownloadIso { .. } => Phase::DownloadIsos,
+            Work::BuildTemplate { .. } => Phase::BuildGenerations,
+            Work::CreateVm(_) | Work::UpdateVm(_) | Work::ReplaceVm { .. } => Phase::Vms,
+            Work::DestroyTemplate { .. } => Phase::RetireGenerations,
+        }
+    }
+}
+
 /// What apply must do, completely decided.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -94,8 +138,6 @@ pub enum Work {
         generation: u32,
         vmid: u32,
         node: String,
-        /// The build of this image in the same plan, which must succeed first.
-        after: Option<String>,
     },
     /// Build one generation of an image on one node.
     BuildTemplate {
@@ -128,14 +170,17 @@ pub struct VmWork {
     pub restart: bool,
     /// The digest the update was planned against.
     pub digest: Option<String>,
-    /// Addresses of changes this one waits for (ISO, template).
-    pub after: Vec<String>,
 }
 
+/// A node of the plan's DAG: one change to one address, and the changes of
+/// the same plan it waits for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
-    pub address: String,
+    pub address: Address,
     pub action: Action,
+    /// Changes of this plan that must be done before this one starts; a
+    /// failed one skips this one.
+    pub depends_on: Vec<Address>,
     pub fields: Vec<FieldDiff>,
     pub reason: String,
     pub impact: Impact,

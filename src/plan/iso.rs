@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use super::address::targeted;
 use super::{Action, Change, FieldDiff, Impact, PlanError, Planner, Work};
+use crate::address::Address;
 use crate::desired::{DesiredIso, DesiredNode, IsoPinState, iso_filename};
 
 impl Planner<'_> {
@@ -63,8 +64,9 @@ impl Planner<'_> {
             sensitive: false,
         };
         Ok(Some(Change {
-            address: format!("{address}[{}]", iso.node),
+            address: Address::iso(&iso.name, iso.node.as_str()),
             action: Action::Create,
+            depends_on: Vec::new(),
             fields: vec![field("volume", volid), field("sha256", sha256.to_string())],
             reason: format!("not in storage `{}` on {}", iso.storage, iso.node),
             impact: Impact::None,

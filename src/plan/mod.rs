@@ -8,15 +8,17 @@
 //! by a VM without this fleet's stamp is an error, never adopted.
 
 //!
-//! The parts: [`change`] (the change types), [`address`] (`--target`,
-//! `--replace`), [`template`] (builds and retired generations), [`vm`]
-//! (VM changes), [`canonical`] (value comparison), [`capacity`] (storage
-//! notes), [`saved`] (saved plans and their check before apply).
+//! The parts: `change` (the change types), `address` (`--target`,
+//! `--replace`), `iso` (downloads), `template` (builds and retired
+//! generations), `vm` (VM changes), `canonical` (value comparison),
+//! `capacity` (storage notes), [`saved`] and [`target`] (saved plans and
+//! their check before apply).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::address::Address;
 use crate::desired::{DesiredGraph, DesiredNode, DesiredVm};
 use crate::fleet::Fleet;
 use crate::live::{LiveState, LiveVm, fleet_tag};
@@ -27,6 +29,7 @@ mod address;
 mod canonical;
 mod capacity;
 mod change;
+mod dag;
 mod iso;
 pub mod saved;
 pub mod target;
@@ -34,10 +37,9 @@ mod template;
 mod vm;
 
 use address::{near_hint, targeted, unknown_addresses};
-use template::retire_generations;
 
 pub use capacity::capacity_notes;
-pub use change::{Action, Change, FieldDiff, Impact, VmWork, Work};
+pub use change::{Action, Change, FieldDiff, Impact, Phase, VmWork, Work};
 pub use vm::desired_config;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,6 +153,14 @@ pub enum PlanError {
     )]
     UnknownTarget { address: String, near: Vec<String> },
     #[error(
+        "internal error: the plan's change {address} depends on {depends_on}, which is not a change of the plan\n  hint: this is a bug in nixgold; please report it with the fleet file"
+    )]
+    Edge { address: String, depends_on: String },
+    #[error(
+        "internal error: the plan's changes depend on each other in a cycle (through {address})\n  hint: this is a bug in nixgold; please report it with the fleet file"
+    )]
+    Cycle { address: String },
+    #[error(
         "{address} must be replaced ({reason}), but the fleet marks it prevent_destroy\n  hint: remove prevent_destroy to allow it, or undo the change"
     )]
     PreventDestroy { address: String, reason: String },
@@ -188,24 +198,25 @@ pub fn plan(
     options: &PlanOptions,
 ) -> Result<Plan, Vec<PlanError>> {
     let mut p = Planner::new(fleet, desired, live, options);
+    let mut lock = desired.lock.clone();
     p.isos();
     p.templates();
     p.vms();
     p.orphans();
-    let mut lock = desired.lock.clone();
-    let retained = retire_generations(fleet, desired, live, &p.building, &mut lock, &mut p.changes);
+    p.retire(&mut lock);
+    dag::link_downloads(&mut p.changes);
     p.notes
         .extend(capacity_notes(fleet, &p.vms, &p.changes, live));
     if !p.errors.is_empty() {
         return Err(p.errors);
     }
-    p.changes.sort_by_key(order_key);
+    let changes = dag::order(p.changes).map_err(|e| vec![e])?;
     Ok(Plan {
         fleet: fleet.fleet.clone(),
-        changes: p.changes,
+        changes,
         kept: p.kept,
         adopted: p.adopted,
-        retained,
+        retained: p.retained,
         notes: p.notes,
         live_fingerprint: live.fingerprint(),
         lock_fingerprint: lock_fingerprint(lock_text),
@@ -230,11 +241,13 @@ struct Planner<'a> {
     /// Template VMIDs VMs can be cloned from: checked, or built by this plan.
     template_ok: BTreeSet<u32>,
     /// Templates this plan builds: VMID → the build's address.
-    building: BTreeMap<u32, String>,
+    building: BTreeMap<u32, Address>,
     /// Built templates missing from the lockfile.
     adopted: Vec<crate::build::BuildResult>,
     /// Stamped VMs left alone without `--allow-destroy`.
     kept: Vec<(String, u32)>,
+    /// Generations beyond `rebuild.keep` that linked clones keep.
+    retained: Vec<(String, Vec<String>)>,
 }
 
 impl<'a> Planner<'a> {
@@ -263,11 +276,12 @@ impl<'a> Planner<'a> {
             live,
             options,
             changes: Vec::new(),
-            notes: Vec::new(),
+            notes: desired.notes.clone(),
             template_ok: BTreeSet::new(),
             building: BTreeMap::new(),
             adopted: Vec::new(),
             kept: Vec::new(),
+            retained: Vec::new(),
         }
     }
 }
@@ -278,19 +292,6 @@ pub fn lock_fingerprint(lock_text: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-/// VM destroys first (they free VMIDs and storage), then ISOs, builds,
-/// VMs, and old templates last (after their replacement exists).
-fn order_key(c: &Change) -> (u8, String) {
-    let rank = match (&c.work, c.action) {
-        (Work::DestroyTemplate { .. }, _) => 4,
-        (_, Action::Destroy) => 0,
-        (Work::DownloadIso { .. }, _) => 1,
-        (Work::BuildTemplate { .. }, _) => 2,
-        _ => 3,
-    };
-    (rank, c.address.clone())
 }
 
 /// Stamped VMs as the fleet knows them, for `nixgold output`.

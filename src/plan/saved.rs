@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::target::PlanTarget;
 use super::{Action, Plan, PlanOptions};
+use crate::address::Address;
 use crate::lock::Lockfile;
 
 /// The `format` of a saved plan file.
@@ -185,8 +186,8 @@ impl SavedPlan {
 /// nothing runs. (The cluster and the lockfile are the ones the plan was
 /// made against: their fingerprints were checked before.)
 fn verify(derived: &Plan, saved: &Plan) -> Result<(), SavedPlanError> {
-    let refuse = |address: &str, action: Action, why: &'static str| SavedPlanError::Edited {
-        address: address.to_owned(),
+    let refuse = |address: &Address, action: Action, why: &'static str| SavedPlanError::Edited {
+        address: address.to_string(),
         action,
         why,
     };

@@ -5,11 +5,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::address::targeted;
 use super::{Action, Change, FieldDiff, Impact, PlanError, Planner, Work, owned};
+use crate::address::Address;
 use crate::desired::{DesiredGraph, DesiredNode, DesiredTemplate, GenerationRef, IsoPinState};
 use crate::fleet::Fleet;
 use crate::live::{LiveState, LiveVm};
-use crate::lock::Lockfile;
-use crate::stamp::Stamp;
+use crate::lock::{Generation, ImageLock, Lockfile};
 
 impl Planner<'_> {
     /// Step 2: the templates the planned VMs (or `--target image.NAME`)
@@ -72,103 +72,146 @@ impl Planner<'_> {
     }
 }
 
-/// Plans the removal of generations beyond each image's `rebuild.keep`
-/// (the current one, and one being built, always stay). A generation with
-/// stamped VMs on it stays too — they may be linked clones that pin it —
-/// and is listed in the returned notes. Replicas already gone from the
-/// cluster are dropped from `lock` directly.
-pub(super) fn retire_generations(
-    fleet: &Fleet,
-    desired: &DesiredGraph,
-    live: &LiveState,
-    building: &BTreeMap<u32, String>,
-    lock: &mut Lockfile,
-    changes: &mut Vec<Change>,
-) -> Vec<(String, Vec<String>)> {
-    let mut retained = Vec::new();
-    // Only linked clones hold their template (Proxmox refuses to delete a
-    // base volume a linked clone uses); full clones are independent. Where
-    // the storage cannot say (LVM-thin), a VM is taken to hold it.
-    let stamps: Vec<Stamp> = owned(live, &fleet.fleet)
-        .filter(|(vm, _)| {
-            vm.disk_volid().is_some_and(|volid| {
-                live.linked_disks.contains(volid) || live.clone_mode_unknown.contains(volid)
-            })
-        })
-        .map(|(_, s)| s)
-        .collect();
-    for (name, image) in &fleet.images {
-        let Some(entry) = desired.lock.images.get(name) else {
-            continue;
-        };
-        let build = desired.graph.node_weights().find_map(|n| match n {
-            DesiredNode::Template(t)
-                if t.image == *name && building.contains_key(&t.vmid.get()) =>
-            {
-                Some((
-                    t.generation.number(),
-                    format!("image.{}[{}]", t.image, t.node),
-                ))
-            }
-            _ => None,
-        });
-        let mut keep: BTreeSet<u32> = BTreeSet::from([entry.current]);
-        keep.extend(build.as_ref().map(|(n, _)| *n));
-        let mut newest: Vec<u32> = entry.generations.iter().map(|g| g.number).collect();
-        newest.sort_unstable_by(|a, b| b.cmp(a));
-        for n in newest {
-            if keep.len() >= image.rebuild.keep as usize {
-                break;
-            }
-            keep.insert(n);
-        }
-        for g in entry
-            .generations
-            .iter()
-            .filter(|g| !keep.contains(&g.number))
-        {
-            let address = format!("image.{name} generation {}", g.number);
-            let users: Vec<String> = stamps
-                .iter()
-                .filter(|s| s.image.as_ref() == Some(name) && s.generation == Some(g.number))
-                .map(|s| s.resource.clone())
-                .collect();
-            if !users.is_empty() {
-                retained.push((address, users));
+impl Planner<'_> {
+    /// Step 5: the generations each image no longer keeps, retired in this
+    /// plan — see [`Planner::retire_generation`] for when. Replicas
+    /// already gone from the cluster are dropped from `lock` directly.
+    pub(super) fn retire(&mut self, lock: &mut Lockfile) {
+        let fleet = self.fleet;
+        for (name, image) in &fleet.images {
+            let Some(entry) = self.desired.lock.images.get(name) else {
                 continue;
-            }
-            for t in &g.templates {
-                if live.vms.get(&t.vmid.get()).is_some_and(|v| v.template) {
-                    changes.push(Change {
-                        address: format!("image.{name}[{}] generation {}", t.node, g.number),
-                        action: Action::Destroy,
-                        fields: vec![FieldDiff {
-                            field: "vmid".into(),
-                            before: Some(t.vmid.to_string()),
-                            after: None,
-                            sensitive: false,
-                        }],
-                        reason: format!(
-                            "it is beyond rebuild.keep = {} and no linked clone uses it",
-                            image.rebuild.keep
-                        ),
-                        impact: Impact::DataLoss,
-                        work: Work::DestroyTemplate {
-                            image: name.clone(),
-                            generation: g.number,
-                            vmid: t.vmid.get(),
-                            node: t.node.to_string(),
-                            after: build.as_ref().map(|(_, a)| a.clone()),
-                        },
-                        unchanged: BTreeMap::new(),
-                    });
-                } else {
-                    lock.forget_replica(name, g.number, t.node.as_str());
-                }
+            };
+            let builds: Vec<&DesiredTemplate> = self
+                .desired
+                .graph
+                .node_weights()
+                .filter_map(|n| match n {
+                    DesiredNode::Template(t)
+                        if t.image == *name && self.building.contains_key(&t.vmid.get()) =>
+                    {
+                        Some(t)
+                    }
+                    _ => None,
+                })
+                .collect();
+            let successor = builds.first().map(|t| t.generation.number());
+            let keep = kept_generations(entry, successor, image.rebuild.keep);
+            let builds: Vec<Address> = builds
+                .iter()
+                .map(|t| Address::image(&t.image, t.node.as_str()))
+                .collect();
+            for g in entry
+                .generations
+                .iter()
+                .filter(|g| !keep.contains(&g.number))
+            {
+                self.retire_generation(name, g, &builds, lock);
             }
         }
     }
-    retained
+
+    /// Retires generation `g` of image `name`, after `builds` (its
+    /// successor's builds, all of them: until every replica is built and
+    /// recorded, `g` may still be what clones come from) and after the
+    /// changes that move its linked clones off it. A linked clone this plan
+    /// leaves on it keeps it (Proxmox refuses to delete a base volume a
+    /// linked clone uses): the generation is listed as retained.
+    fn retire_generation(
+        &mut self,
+        name: &str,
+        g: &Generation,
+        builds: &[Address],
+        lock: &mut Lockfile,
+    ) {
+        let users = self.linked_users(name, g.number);
+        let movers: Vec<Address> = users.iter().filter_map(|u| self.moving(u)).collect();
+        if movers.len() < users.len() {
+            let staying = users
+                .iter()
+                .filter(|u| self.moving(u).is_none())
+                .cloned()
+                .collect();
+            self.retained
+                .push((format!("image.{name} generation {}", g.number), staying));
+            return;
+        }
+        let image = &self.fleet.images[name];
+        for t in &g.templates {
+            if !self.live.vms.get(&t.vmid.get()).is_some_and(|v| v.template) {
+                lock.forget_replica(name, g.number, t.node.as_str());
+                continue;
+            }
+            self.changes.push(Change {
+                address: Address::generation(name, t.node.as_str(), g.number),
+                action: Action::Destroy,
+                depends_on: builds.iter().chain(&movers).cloned().collect(),
+                fields: vec![FieldDiff {
+                    field: "vmid".into(),
+                    before: Some(t.vmid.to_string()),
+                    after: None,
+                    sensitive: false,
+                }],
+                reason: format!(
+                    "it is beyond rebuild.keep = {} and no linked clone uses it",
+                    image.rebuild.keep
+                ),
+                impact: Impact::DataLoss,
+                work: Work::DestroyTemplate {
+                    image: name.to_owned(),
+                    generation: g.number,
+                    vmid: t.vmid.get(),
+                    node: t.node.to_string(),
+                },
+                unchanged: BTreeMap::new(),
+            });
+        }
+    }
+
+    /// The stamped VMs of this fleet that are linked clones of `image`'s
+    /// generation `number` (where the storage cannot say, LVM-thin, every
+    /// VM on it is taken to be one).
+    fn linked_users(&self, image: &str, number: u32) -> Vec<String> {
+        let live = self.live;
+        owned(live, &self.fleet.fleet)
+            .filter(|(vm, _)| {
+                vm.disk_volid().is_some_and(|volid| {
+                    live.linked_disks.contains(volid) || live.clone_mode_unknown.contains(volid)
+                })
+            })
+            .filter(|(_, s)| s.image.as_deref() == Some(image) && s.generation == Some(number))
+            .map(|(_, s)| s.resource)
+            .collect()
+    }
+
+    /// The change of this plan that takes VM `address` off its template
+    /// (a replace or a destroy), if any.
+    fn moving(&self, address: &str) -> Option<Address> {
+        self.changes
+            .iter()
+            .find(|c| {
+                matches!(c.action, Action::Replace | Action::Destroy)
+                    && matches!(c.address, Address::Vm { .. })
+                    && c.address.to_string() == address
+            })
+            .map(|c| c.address.clone())
+    }
+}
+
+/// The generations an image keeps: the one clones come from after this
+/// plan — `successor`, the one being built, or else the current one — and
+/// then the newest others, up to `keep` in all.
+fn kept_generations(entry: &ImageLock, successor: Option<u32>, keep: u32) -> BTreeSet<u32> {
+    let mut kept = BTreeSet::from([successor.unwrap_or(entry.current)]);
+    let mut newest: Vec<u32> = entry.generations.iter().map(|g| g.number).collect();
+    newest.sort_unstable_by(|a, b| b.cmp(a));
+    for n in newest {
+        if kept.len() >= keep.max(1) as usize {
+            break;
+        }
+        kept.insert(n);
+    }
+    kept
 }
 
 /// The change that builds generation `n` of `t.image` on `t.node`.
@@ -179,69 +222,8 @@ fn build_change(
     n: u32,
     leftover: bool,
 ) -> Result<Change, PlanError> {
-    let address = format!("image.{}[{}]", t.image, t.node);
+    let build = build_work(fleet, desired, t, n)?;
     let image = &fleet.images[&t.image];
-    let access = match &image.build.address {
-        crate::fleet::BuildAddress::CallHome { call_home } => crate::build::Access::CallHome {
-            listen: call_home.listen.clone(),
-            advertise: call_home.advertise.clone(),
-        },
-        crate::fleet::BuildAddress::Static { r#static } => crate::build::Access::Static {
-            address: r#static.address.to_string(),
-            gateway: r#static.gateway.map(|g| g.to_string()),
-            ssh_port: r#static.ssh_port,
-        },
-    };
-    let shared = fleet
-        .proxmox
-        .is_shared(fleet.isos.get(&image.iso).map_or("", |i| i.storage()));
-    let iso = desired.graph.node_weights().find_map(|node| match node {
-        DesiredNode::Iso(iso) if iso.name == image.iso && (shared || iso.node == t.node) => {
-            Some(iso)
-        }
-        _ => None,
-    });
-    let (Some(iso), Some(volid)) = (iso, iso.and_then(|i| i.volid.clone())) else {
-        return Err(PlanError::IsoMissing {
-            address,
-            iso: image.iso.clone(),
-            node: t.node.to_string(),
-        });
-    };
-    let IsoPinState::Pinned { sha256, .. } = &iso.pin else {
-        return Err(PlanError::IsoMissing {
-            address,
-            iso: image.iso.clone(),
-            node: t.node.to_string(),
-        });
-    };
-    let nixos = &image.nixos;
-    let services = crate::build::verified_services(&t.image, image);
-    let build = crate::build::BuildWork {
-        image: t.image.clone(),
-        generation: n,
-        node: t.node.to_string(),
-        vmid: t.vmid.get(),
-        iso_volid: volid.clone(),
-        iso_sha256: sha256.to_string(),
-        input_hash: t.input_hash.clone(),
-        vm_config: crate::build::build_vm_config(
-            &image.hardware,
-            &format!("{}-g{n}", t.image),
-            &volid,
-        ),
-        storage: image.hardware.storage.clone(),
-        configuration_nix: crate::nixos::configuration_nix(&t.image, image),
-        install_script: crate::nixos::install_script(&t.image, image),
-        services,
-        boot_wait_ms: u64::try_from(image.build.boot_wait.get().as_millis()).unwrap_or(u64::MAX),
-        timeout_secs: image.build.timeout.get().as_secs(),
-        timeouts: image.build.timeouts.clone(),
-        key_interval_ms: u64::from(image.build.key_interval_ms),
-        access,
-        guest_agent: nixos.guest_agent,
-        fleet: fleet.fleet.clone(),
-    };
     let field = |f: &str, v: String| FieldDiff {
         field: f.to_owned(),
         before: None,
@@ -251,7 +233,7 @@ fn build_change(
     let mut fields = vec![
         field("generation", n.to_string()),
         field("vmid", t.vmid.to_string()),
-        field("iso", volid),
+        field("iso", build.iso_volid.clone()),
         field(
             "access",
             match &build.access {
@@ -281,8 +263,9 @@ fn build_change(
         ));
     }
     Ok(Change {
-        address,
+        address: Address::image(&t.image, t.node.as_str()),
         action: Action::Create,
+        depends_on: Vec::new(),
         fields,
         reason: format!(
             "build generation {n}: {}",
@@ -294,6 +277,73 @@ fn build_change(
             cleanup_first: leftover,
         },
         unchanged: BTreeMap::new(),
+    })
+}
+
+/// Everything the build of generation `n` of `t.image` on `t.node` needs,
+/// its pinned ISO on that node (or the shared storage) included.
+fn build_work(
+    fleet: &Fleet,
+    desired: &DesiredGraph,
+    t: &DesiredTemplate,
+    n: u32,
+) -> Result<crate::build::BuildWork, PlanError> {
+    let image = &fleet.images[&t.image];
+    let access = match &image.build.address {
+        crate::fleet::BuildAddress::CallHome { call_home } => crate::build::Access::CallHome {
+            listen: call_home.listen.clone(),
+            advertise: call_home.advertise.clone(),
+        },
+        crate::fleet::BuildAddress::Static { r#static } => crate::build::Access::Static {
+            address: r#static.address.to_string(),
+            gateway: r#static.gateway.map(|g| g.to_string()),
+            ssh_port: r#static.ssh_port,
+        },
+    };
+    let shared = fleet
+        .proxmox
+        .is_shared(fleet.isos.get(&image.iso).map_or("", |i| i.storage()));
+    let iso = desired.graph.node_weights().find_map(|node| match node {
+        DesiredNode::Iso(iso) if iso.name == image.iso && (shared || iso.node == t.node) => {
+            Some(iso)
+        }
+        _ => None,
+    });
+    let pinned = iso.and_then(|iso| match (&iso.volid, &iso.pin) {
+        (Some(volid), IsoPinState::Pinned { sha256, .. }) => Some((volid.clone(), sha256)),
+        _ => None,
+    });
+    let Some((volid, sha256)) = pinned else {
+        return Err(PlanError::IsoMissing {
+            address: format!("image.{}[{}]", t.image, t.node),
+            iso: image.iso.clone(),
+            node: t.node.to_string(),
+        });
+    };
+    Ok(crate::build::BuildWork {
+        image: t.image.clone(),
+        generation: n,
+        node: t.node.to_string(),
+        vmid: t.vmid.get(),
+        vm_config: crate::build::build_vm_config(
+            &image.hardware,
+            &format!("{}-g{n}", t.image),
+            &volid,
+        ),
+        iso_volid: volid,
+        iso_sha256: sha256.to_string(),
+        input_hash: t.input_hash.clone(),
+        storage: image.hardware.storage.clone(),
+        configuration_nix: crate::nixos::configuration_nix(&t.image, image),
+        install_script: crate::nixos::install_script(&t.image, image),
+        services: crate::build::verified_services(&t.image, image),
+        boot_wait_ms: u64::try_from(image.build.boot_wait.get().as_millis()).unwrap_or(u64::MAX),
+        timeout_secs: image.build.timeout.get().as_secs(),
+        timeouts: image.build.timeouts.clone(),
+        key_interval_ms: u64::from(image.build.key_interval_ms),
+        access,
+        guest_agent: image.nixos.guest_agent,
+        fleet: fleet.fleet.clone(),
     })
 }
 

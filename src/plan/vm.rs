@@ -8,6 +8,7 @@ use pve_api::property::{Drive, IpConfig, Net, decode_sshkeys, encode_sshkeys, no
 use super::address::targeted;
 use super::canonical::differs;
 use super::{Action, Change, FieldDiff, Impact, PlanError, Planner, VmWork, Work};
+use crate::address::Address;
 use crate::desired::DesiredVm;
 use crate::fleet::{CloneMode, Fleet, OnNewGeneration, VmNetwork};
 use crate::live::{LiveState, LiveVm, fleet_tag};
@@ -28,13 +29,10 @@ impl Planner<'_> {
             }
             match plan_vm(self.fleet, vm, image, self.live, &tag, force) {
                 Ok(Some(mut change)) => {
+                    // A VM waits for the build of the template it is cloned
+                    // from (an update too: it writes the new stamp).
                     if let Some(build) = self.building.get(&vm.template_vmid.get()) {
-                        match &mut change.work {
-                            Work::CreateVm(w)
-                            | Work::UpdateVm(w)
-                            | Work::ReplaceVm { new: w, .. } => w.after.push(build.clone()),
-                            _ => {}
-                        }
+                        change.depends_on.push(build.clone());
                     }
                     self.changes.push(change)
                 }
@@ -64,7 +62,9 @@ impl Planner<'_> {
             if stamp.fleet != self.fleet.fleet {
                 continue;
             }
-            let address = stamp.resource;
+            let Some(address) = stamp.vm_address().map(str::to_owned) else {
+                continue;
+            };
             let still_wanted =
                 fleet_addresses.get(&address) == Some(&vm.vmid) || desired_ids.contains(&vm.vmid);
             let in_fleet = self
@@ -81,16 +81,17 @@ impl Planner<'_> {
                 self.kept.push((address, vm.vmid));
                 continue;
             }
-            self.changes.push(destroy_change(address, vm, in_fleet));
+            self.changes.push(destroy_change(&address, vm, in_fleet));
         }
     }
 }
 
 /// The destroy of a stamped VM the fleet no longer has at this VMID.
-fn destroy_change(address: String, vm: &LiveVm, in_fleet: bool) -> Change {
+fn destroy_change(address: &str, vm: &LiveVm, in_fleet: bool) -> Change {
     Change {
-        address,
+        address: Address::vm(address.trim_start_matches("vm.")),
         action: Action::Destroy,
+        depends_on: Vec::new(),
         fields: vec![FieldDiff {
             field: "vmid".into(),
             before: Some(vm.vmid.to_string()),
@@ -263,326 +264,385 @@ fn plan_vm(
     tag: &str,
     force_replace: bool,
 ) -> Result<Option<Change>, PlanError> {
-    let address = format!("vm.{}", vm.name);
-    let spec = &fleet.vms[&vm.name];
-    let want = desired_config(fleet, vm, image.nixos.guest_agent, vm.generation.number());
-    let template_node = if fleet.proxmox.is_shared(&image.hardware.storage) {
-        image
-            .build_node
-            .clone()
-            .unwrap_or_else(|| fleet.proxmox.default_node().clone())
-            .to_string()
-    } else {
-        vm.node.to_string()
+    let p = VmPlan::new(fleet, vm, image);
+    let Some(existing) = live.vms.get(&vm.vmid.get()) else {
+        return Ok(Some(p.create()));
     };
-    let work = |set: BTreeMap<String, String>,
-                password: bool,
-                resize: Option<String>,
-                start: bool,
-                digest: Option<String>| VmWork {
-        vmid: vm.vmid.get(),
-        node: vm.node.to_string(),
-        name: vm.name.clone(),
-        template_vmid: vm.template_vmid.get(),
-        template_node: template_node.clone(),
-        full_clone: vm.clone == CloneMode::Full,
-        storage: (vm.clone == CloneMode::Full).then(|| vm.storage.clone()),
-        set,
-        password: if password { vm.password.clone() } else { None },
-        resize,
-        start,
-        restart: false,
-        digest,
-        after: Vec::new(),
-    };
-    let create_fields = |want: &BTreeMap<String, String>| -> Vec<FieldDiff> {
-        let mut fields: Vec<FieldDiff> = want
-            .iter()
-            .map(|(k, v)| FieldDiff {
-                field: k.clone(),
-                before: None,
-                after: Some(show(k, v)),
-                sensitive: false,
-            })
-            .collect();
-        fields.push(FieldDiff {
-            field: "vmid".into(),
+    let stamp = p.check_owner(existing, tag)?;
+    let reasons = p.replace_reasons(existing, &stamp, force_replace);
+    if !reasons.is_empty() {
+        return p.replace(existing, reasons.join("; ")).map(Some);
+    }
+    Ok(p.update(existing, stamp.generation))
+}
+
+/// What planning one VM needs, decided once.
+struct VmPlan<'a> {
+    fleet: &'a Fleet,
+    vm: &'a DesiredVm,
+    image: &'a crate::fleet::Image,
+    spec: &'a crate::fleet::Vm,
+    address: String,
+    /// The config it should have, on the generation the fleet gives it.
+    want: BTreeMap<String, String>,
+    /// The node of the template it is cloned from.
+    template_node: String,
+}
+
+impl<'a> VmPlan<'a> {
+    fn new(fleet: &'a Fleet, vm: &'a DesiredVm, image: &'a crate::fleet::Image) -> Self {
+        let template_node = if fleet.proxmox.is_shared(&image.hardware.storage) {
+            image
+                .build_node
+                .clone()
+                .unwrap_or_else(|| fleet.proxmox.default_node().clone())
+                .to_string()
+        } else {
+            vm.node.to_string()
+        };
+        VmPlan {
+            fleet,
+            vm,
+            image,
+            spec: &fleet.vms[&vm.name],
+            address: format!("vm.{}", vm.name),
+            want: desired_config(fleet, vm, image.nixos.guest_agent, vm.generation.number()),
+            template_node,
+        }
+    }
+
+    fn work(
+        &self,
+        set: BTreeMap<String, String>,
+        password: bool,
+        resize: Option<String>,
+        start: bool,
+        digest: Option<String>,
+    ) -> VmWork {
+        let vm = self.vm;
+        VmWork {
+            vmid: vm.vmid.get(),
+            node: vm.node.to_string(),
+            name: vm.name.clone(),
+            template_vmid: vm.template_vmid.get(),
+            template_node: self.template_node.clone(),
+            full_clone: vm.clone == CloneMode::Full,
+            storage: (vm.clone == CloneMode::Full).then(|| vm.storage.clone()),
+            set,
+            password: if password { vm.password.clone() } else { None },
+            resize,
+            start,
+            restart: false,
+            digest,
+        }
+    }
+
+    /// The work of a new clone: every key, the password, the disk grown
+    /// past the template's.
+    fn clone_work(&self) -> VmWork {
+        let vm = self.vm;
+        let resize = (vm.disk.mib() > self.image.hardware.disk.mib()).then(|| vm.disk.to_string());
+        self.work(self.want.clone(), true, resize, vm.start, None)
+    }
+
+    /// The fields of a create: every key, and where it comes from.
+    fn create_fields(&self) -> Vec<FieldDiff> {
+        let vm = self.vm;
+        let new = |field: &str, after: String| FieldDiff {
+            field: field.to_owned(),
             before: None,
-            after: Some(format!(
-                "{}{}",
-                vm.vmid,
-                if vm.allocated { " (allocated)" } else { "" }
-            )),
+            after: Some(after),
             sensitive: false,
-        });
-        fields.push(FieldDiff {
-            field: "node".into(),
-            before: None,
-            after: Some(vm.node.to_string()),
-            sensitive: false,
-        });
-        fields.push(FieldDiff {
-            field: "clone".into(),
-            before: None,
-            after: Some(format!(
-                "{} of image.{} {} (VMID {})",
-                if vm.clone == CloneMode::Full {
-                    "full"
-                } else {
-                    "linked"
-                },
-                vm.image,
-                vm.generation,
-                vm.template_vmid
-            )),
-            sensitive: false,
-        });
-        fields.push(FieldDiff {
-            field: "disk".into(),
-            before: None,
-            after: Some(vm.disk.to_string()),
-            sensitive: false,
-        });
+        };
+        let mut fields: Vec<FieldDiff> =
+            self.want.iter().map(|(k, v)| new(k, show(k, v))).collect();
+        let allocated = if vm.allocated { " (allocated)" } else { "" };
+        let mode = if vm.clone == CloneMode::Full {
+            "full"
+        } else {
+            "linked"
+        };
+        fields.push(new("vmid", format!("{}{allocated}", vm.vmid)));
+        fields.push(new("node", vm.node.to_string()));
+        fields.push(new(
+            "clone",
+            format!(
+                "{mode} of image.{} {} (VMID {})",
+                vm.image, vm.generation, vm.template_vmid
+            ),
+        ));
+        fields.push(new("disk", vm.disk.to_string()));
         if vm.password.is_some() {
-            fields.push(FieldDiff {
-                field: "cipassword".into(),
-                before: None,
-                after: None,
-                sensitive: true,
-            });
+            fields.push(sensitive("cipassword"));
         }
         fields.sort_by(|a, b| a.field.cmp(&b.field));
         fields
-    };
-    let resize_for_create =
-        (vm.disk.mib() > image.hardware.disk.mib()).then(|| vm.disk.to_string());
+    }
 
-    let Some(existing) = live.vms.get(&vm.vmid.get()) else {
-        return Ok(Some(Change {
-            address,
+    fn create(&self) -> Change {
+        Change {
+            address: Address::vm(&self.vm.name),
             action: Action::Create,
-            fields: create_fields(&want),
+            depends_on: Vec::new(),
+            fields: self.create_fields(),
             reason: "not in the cluster".into(),
             impact: Impact::None,
-            work: Work::CreateVm(work(want.clone(), true, resize_for_create, vm.start, None)),
+            work: Work::CreateVm(self.clone_work()),
             unchanged: BTreeMap::new(),
-        }));
-    };
-    let config = existing.config.as_ref();
-    let stamp = existing.stamp();
-    match &stamp {
-        // During a clone its target exists as `lock: clone` with partial
-        // disks and no description yet (shared/pve-api/NOTES.md, clone):
-        // unstamped is not foreign yet.
-        None if existing.lock.as_deref() == Some("clone") => {
-            return Err(PlanError::CloneInProgress {
-                address,
-                vmid: vm.vmid.get(),
-                node: existing.node.clone(),
-            });
         }
-        None => {
-            return Err(PlanError::Foreign {
-                address,
-                vmid: vm.vmid.get(),
-                name: existing.name.clone().unwrap_or_default(),
-                node: existing.node.clone(),
-            });
-        }
-        Some(s) if !s.is(&fleet.fleet, &address) => {
-            return Err(PlanError::OtherOwner {
-                address,
-                vmid: vm.vmid.get(),
-                stamp: format!("{} of fleet `{}`", s.resource, s.fleet),
-                fleet: fleet.fleet.clone(),
-            });
-        }
-        Some(_) => {}
     }
-    if !existing.tags.contains(tag) && !existing.tags.contains("nixgold") {
-        tracing::debug!("{address}: stamped but untagged; the update restores the tags");
-    }
-    if let Some(lock) = &existing.lock {
-        return Err(PlanError::Locked {
-            address,
-            vmid: vm.vmid.get(),
-            lock: lock.clone(),
-        });
-    }
-    let stamp = stamp.expect("checked above");
-    let live_generation = stamp.generation;
 
-    // Reasons to replace.
-    let mut replace = Vec::new();
-    if force_replace {
-        replace.push("replacement requested with --replace".to_owned());
-    }
-    if existing.node != vm.node.as_str() {
-        replace.push(format!(
-            "it is on node {}, the fleet wants {}",
-            existing.node, vm.node
-        ));
-    }
-    if existing.template {
-        replace.push("it was converted to a template".to_owned());
-    }
-    if stamp.image.as_ref() != Some(&vm.image) {
-        replace.push(format!(
-            "its image changed from {} to {}",
-            stamp.image.as_deref().unwrap_or("?"),
-            vm.image
-        ));
-    } else if spec.on_new_generation == OnNewGeneration::Replace
-        && live_generation != Some(vm.generation.number())
-    {
-        replace.push(format!(
-            "image.{} has generation {}, it runs generation {}",
-            vm.image,
-            vm.generation.number(),
-            live_generation.map_or("?".to_owned(), |g| g.to_string())
-        ));
-    }
-    let live_disk = config
-        .and_then(|c| c.values.get("scsi0"))
-        .map(|v| Drive::parse(v))
-        .and_then(|d| d.size());
-    let want_disk = vm.disk.mib() << 20;
-    if let Some(have) = live_disk
-        && have > want_disk
-    {
-        replace.push(format!(
-            "its disk is {} and disks cannot shrink to {}",
-            pve_api::property::format_size(have),
-            vm.disk
-        ));
-    }
-    if !replace.is_empty() {
-        let reason = replace.join("; ");
-        if spec.prevent_destroy {
-            return Err(PlanError::PreventDestroy { address, reason });
+    /// The VM at the fleet's VMID must be this fleet's VM, not locked; its
+    /// stamp.
+    fn check_owner(&self, existing: &LiveVm, tag: &str) -> Result<Stamp, PlanError> {
+        let (address, vmid) = (self.address.clone(), self.vm.vmid.get());
+        let stamp = match existing.stamp() {
+            // During a clone its target exists as `lock: clone` with partial
+            // disks and no description yet (shared/pve-api/NOTES.md, clone):
+            // unstamped is not foreign yet.
+            None if existing.lock.as_deref() == Some("clone") => {
+                return Err(PlanError::CloneInProgress {
+                    address,
+                    vmid,
+                    node: existing.node.clone(),
+                });
+            }
+            None => {
+                return Err(PlanError::Foreign {
+                    address,
+                    vmid,
+                    name: existing.name.clone().unwrap_or_default(),
+                    node: existing.node.clone(),
+                });
+            }
+            Some(s) if !s.is(&self.fleet.fleet, &address) => {
+                return Err(PlanError::OtherOwner {
+                    address,
+                    vmid,
+                    stamp: format!("{} of fleet `{}`", s.resource, s.fleet),
+                    fleet: self.fleet.fleet.clone(),
+                });
+            }
+            Some(s) => s,
+        };
+        if !existing.tags.contains(tag) && !existing.tags.contains("nixgold") {
+            tracing::debug!("{address}: stamped but untagged; the update restores the tags");
         }
-        let mut new = work(want.clone(), true, resize_for_create, vm.start, None);
-        new.after.push(format!("destroy {address}"));
-        return Ok(Some(Change {
-            address,
+        match &existing.lock {
+            Some(lock) => Err(PlanError::Locked {
+                address,
+                vmid,
+                lock: lock.clone(),
+            }),
+            None => Ok(stamp),
+        }
+    }
+
+    /// Why the VM must be destroyed and cloned again, if it must.
+    fn replace_reasons(&self, existing: &LiveVm, stamp: &Stamp, force: bool) -> Vec<String> {
+        let vm = self.vm;
+        let mut replace = Vec::new();
+        if force {
+            replace.push("replacement requested with --replace".to_owned());
+        }
+        if existing.node != vm.node.as_str() {
+            replace.push(format!(
+                "it is on node {}, the fleet wants {}",
+                existing.node, vm.node
+            ));
+        }
+        if existing.template {
+            replace.push("it was converted to a template".to_owned());
+        }
+        if stamp.image.as_ref() != Some(&vm.image) {
+            replace.push(format!(
+                "its image changed from {} to {}",
+                stamp.image.as_deref().unwrap_or("?"),
+                vm.image
+            ));
+        } else if self.spec.on_new_generation == OnNewGeneration::Replace
+            && stamp.generation != Some(vm.generation.number())
+        {
+            replace.push(format!(
+                "image.{} has generation {}, it runs generation {}",
+                vm.image,
+                vm.generation.number(),
+                stamp.generation.map_or("?".to_owned(), |g| g.to_string())
+            ));
+        }
+        if let Some(have) = live_disk(existing)
+            && have > vm.disk.mib() << 20
+        {
+            replace.push(format!(
+                "its disk is {} and disks cannot shrink to {}",
+                pve_api::property::format_size(have),
+                vm.disk
+            ));
+        }
+        replace
+    }
+
+    fn replace(&self, existing: &LiveVm, reason: String) -> Result<Change, PlanError> {
+        if self.spec.prevent_destroy {
+            return Err(PlanError::PreventDestroy {
+                address: self.address.clone(),
+                reason,
+            });
+        }
+        Ok(Change {
+            address: Address::vm(&self.vm.name),
             action: Action::Replace,
-            fields: create_fields(&want),
+            depends_on: Vec::new(),
+            fields: self.create_fields(),
             reason,
             impact: Impact::DataLoss,
             work: Work::ReplaceVm {
                 old_node: existing.node.clone(),
-                new,
+                new: self.clone_work(),
             },
             unchanged: BTreeMap::new(),
-        }));
+        })
     }
 
-    // In-place updates. A VM that keeps its generation keeps it in its stamp.
-    let want = match live_generation {
-        Some(g) if spec.on_new_generation == OnNewGeneration::Keep => {
-            desired_config(fleet, vm, image.nixos.guest_agent, g)
-        }
-        _ => want,
-    };
-    let running = existing.running.unwrap_or(false);
-    let values = config.map(|c| c.values.clone()).unwrap_or_default();
-    let mut set = BTreeMap::new();
-    let mut fields = Vec::new();
-    let mut impact = Impact::None;
-    for (k, v) in &want {
-        let have = values.get(k).map(String::as_str);
-        if differs(k, v, have) {
-            let value = if k == "net0" {
-                // Keep the MAC Proxmox generated; change only what we own.
-                let mut net = Net::parse(v);
-                net.mac = have.map(Net::parse).and_then(|n| n.mac);
-                net.to_string()
-            } else {
-                v.clone()
-            };
-            set.insert(k.clone(), value);
-            fields.push(FieldDiff {
-                field: k.clone(),
-                before: have.map(|h| show(k, h)),
-                after: Some(show(k, v)),
+    /// The in-place update that brings `existing` to the fleet, if any. A
+    /// VM that keeps its generation (`live_generation`) keeps it in its
+    /// stamp.
+    fn update(&self, existing: &LiveVm, live_generation: Option<u32>) -> Option<Change> {
+        let (vm, spec) = (self.vm, self.spec);
+        let want = match live_generation {
+            Some(g) if spec.on_new_generation == OnNewGeneration::Keep => {
+                desired_config(self.fleet, vm, self.image.nixos.guest_agent, g)
+            }
+            _ => self.want.clone(),
+        };
+        let running = existing.running.unwrap_or(false);
+        let config = existing.config.as_ref();
+        let values = config.map(|c| c.values.clone()).unwrap_or_default();
+        let mut diff = config_diff(&want, &values, running);
+        let resize = match live_disk(existing) {
+            Some(have) if have < vm.disk.mib() << 20 => {
+                diff.fields.push(FieldDiff {
+                    field: "disk".into(),
+                    before: Some(pve_api::property::format_size(have)),
+                    after: Some(vm.disk.to_string()),
+                    sensitive: false,
+                });
+                diff.impact = diff.impact.max(Impact::Hotplug);
+                Some(vm.disk.to_string())
+            }
+            _ => None,
+        };
+        let start = vm.start && !running;
+        if start {
+            diff.fields.push(FieldDiff {
+                field: "state".into(),
+                before: Some("stopped".into()),
+                after: Some("running".into()),
                 sensitive: false,
             });
-            impact = impact.max(field_impact(k, running));
         }
+        if diff.fields.is_empty() {
+            return None;
+        }
+        diff.fields.sort_by(|a, b| a.field.cmp(&b.field));
+        let reason = if !values.contains_key("ciuser") && want.contains_key("ciuser") && !running {
+            "finishing a create that was interrupted".to_owned()
+        } else {
+            "its configuration differs from the fleet".to_owned()
+        };
+        if diff.impact == Impact::NeedsReboot && spec.restart_on_change {
+            diff.impact = Impact::Restart;
+        }
+        let mut unchanged: BTreeMap<String, String> = want
+            .iter()
+            .filter(|(k, _)| !diff.set.contains_key(*k))
+            .map(|(k, v)| (k.clone(), show(k, values.get(k).unwrap_or(v))))
+            .collect();
+        unchanged.insert("vmid".into(), vm.vmid.to_string());
+        unchanged.insert("node".into(), vm.node.to_string());
+        if resize.is_none() {
+            unchanged.insert("disk".into(), vm.disk.to_string());
+        }
+        if !start {
+            let state = if running { "running" } else { "stopped" };
+            unchanged.insert("state".into(), state.into());
+        }
+        let password = !values.contains_key("cipassword") && vm.password.is_some();
+        if password {
+            diff.fields.push(sensitive("cipassword"));
+        }
+        let digest = config.map(|c| c.digest.clone());
+        Some(Change {
+            address: Address::vm(&vm.name),
+            action: Action::Update,
+            depends_on: Vec::new(),
+            fields: diff.fields,
+            reason,
+            impact: diff.impact,
+            work: Work::UpdateVm(VmWork {
+                restart: diff.impact == Impact::Restart,
+                ..self.work(diff.set, password, resize, start, digest)
+            }),
+            unchanged,
+        })
     }
-    let resize = match live_disk {
-        Some(have) if have < want_disk => {
-            fields.push(FieldDiff {
-                field: "disk".into(),
-                before: Some(pve_api::property::format_size(have)),
-                after: Some(vm.disk.to_string()),
-                sensitive: false,
-            });
-            impact = impact.max(Impact::Hotplug);
-            Some(vm.disk.to_string())
-        }
-        _ => None,
+}
+
+/// The keys of `want` whose live `values` differ (compared canonically).
+struct ConfigDiff {
+    /// What to write.
+    set: BTreeMap<String, String>,
+    fields: Vec<FieldDiff>,
+    impact: Impact,
+}
+
+fn config_diff(
+    want: &BTreeMap<String, String>,
+    values: &BTreeMap<String, String>,
+    running: bool,
+) -> ConfigDiff {
+    let mut diff = ConfigDiff {
+        set: BTreeMap::new(),
+        fields: Vec::new(),
+        impact: Impact::None,
     };
-    let start = vm.start && !running;
-    if start {
-        fields.push(FieldDiff {
-            field: "state".into(),
-            before: Some("stopped".into()),
-            after: Some("running".into()),
+    for (k, v) in want {
+        let have = values.get(k).map(String::as_str);
+        if !differs(k, v, have) {
+            continue;
+        }
+        let value = if k == "net0" {
+            // Keep the MAC Proxmox generated; change only what we own.
+            let mut net = Net::parse(v);
+            net.mac = have.map(Net::parse).and_then(|n| n.mac);
+            net.to_string()
+        } else {
+            v.clone()
+        };
+        diff.set.insert(k.clone(), value);
+        diff.fields.push(FieldDiff {
+            field: k.clone(),
+            before: have.map(|h| show(k, h)),
+            after: Some(show(k, v)),
             sensitive: false,
         });
+        diff.impact = diff.impact.max(field_impact(k, running));
     }
-    if fields.is_empty() {
-        return Ok(None);
+    diff
+}
+
+/// The size of a VM's root disk in bytes, as its config says.
+fn live_disk(existing: &LiveVm) -> Option<u64> {
+    let config = existing.config.as_ref()?;
+    Drive::parse(config.values.get("scsi0")?).size()
+}
+
+/// A field whose value is never shown.
+fn sensitive(field: &str) -> FieldDiff {
+    FieldDiff {
+        field: field.to_owned(),
+        before: None,
+        after: None,
+        sensitive: true,
     }
-    fields.sort_by(|a, b| a.field.cmp(&b.field));
-    let reason = if !values.contains_key("ciuser") && want.contains_key("ciuser") && !running {
-        "finishing a create that was interrupted".to_owned()
-    } else {
-        "its configuration differs from the fleet".to_owned()
-    };
-    if impact == Impact::NeedsReboot && spec.restart_on_change {
-        impact = Impact::Restart;
-    }
-    let mut unchanged: BTreeMap<String, String> = want
-        .iter()
-        .filter(|(k, _)| !set.contains_key(*k))
-        .map(|(k, v)| (k.clone(), show(k, values.get(k).unwrap_or(v))))
-        .collect();
-    unchanged.insert("vmid".into(), vm.vmid.to_string());
-    unchanged.insert("node".into(), vm.node.to_string());
-    if resize.is_none() {
-        unchanged.insert("disk".into(), vm.disk.to_string());
-    }
-    if !start {
-        let state = if running { "running" } else { "stopped" };
-        unchanged.insert("state".into(), state.into());
-    }
-    let password = !values.contains_key("cipassword") && vm.password.is_some();
-    if password {
-        fields.push(FieldDiff {
-            field: "cipassword".into(),
-            before: None,
-            after: None,
-            sensitive: true,
-        });
-    }
-    Ok(Some(Change {
-        address,
-        action: Action::Update,
-        fields,
-        reason,
-        impact,
-        work: Work::UpdateVm(VmWork {
-            restart: impact == Impact::Restart,
-            ..work(
-                set,
-                password,
-                resize,
-                start,
-                config.map(|c| c.digest.clone()),
-            )
-        }),
-        unchanged,
-    }))
 }
