@@ -311,7 +311,7 @@ pub trait Ledger {
 }
 
 /// A ledger that keeps nothing: for runs whose results go nowhere (the
-/// benchmarks); `nixgold apply` uses [`crate::record::LockLedger`].
+/// benchmarks); `nixgold apply` records into the lockfile (`record::LockLedger`).
 pub struct Unrecorded;
 
 impl Ledger for Unrecorded {

@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 use petgraph::graph::{DiGraph, NodeIndex};
 use serde::Serialize;
 
-use crate::fleet::{Checksum, CloneMode, Fleet, Iso, SecretRef, VmNetwork, validate::image_nodes};
+use crate::fleet::{Checksum, CloneMode, Fleet, Iso, SecretRef, VmNetwork, image_nodes};
 use crate::ids::{DiskSize, NodeName, Sha256, Vmid};
 use crate::lock::Lockfile;
 

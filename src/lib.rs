@@ -2,7 +2,7 @@
 //! reconciled from one fleet file and a lockfile.
 //!
 //! The pipeline, one module per word of DESIGN.md: [`fleet`] (what the user
-//! wrote) and [`lock`] (what is pinned, [`pin`] resolves) give the
+//! wrote, checked by [`validate`]) and [`lock`] (what is pinned, [`pin`] resolves) give the
 //! [`desired`] graph; [`live`] state is read through [`connect`]; [`plan`]
 //! diffs the two, [`render`] shows it ([`plan_json`] for programs),
 //! [`apply`] executes it and [`record`] writes what it built into the
@@ -37,3 +37,4 @@ pub mod record;
 pub mod redact;
 pub mod render;
 pub mod stamp;
+pub mod validate;

@@ -619,7 +619,7 @@ pub(crate) fn load_checked(
     let base = loaded.path.parent().unwrap_or(Path::new("."));
     crate::connect::register_secrets(&loaded.fleet, base);
     let lock = Lockfile::read_for(lock_path, &loaded.fleet.fleet)?;
-    let problems = fleet::validate::validate(&loaded, &lock);
+    let problems = crate::validate::validate(&loaded, &lock);
     if !problems.is_empty() {
         return Err(Failure::Problems {
             problems,

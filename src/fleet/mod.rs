@@ -8,8 +8,6 @@
 //! [`validate`].
 
 pub mod load;
-mod nixos_rules;
-pub mod validate;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -360,4 +358,30 @@ pub enum VmNetwork {
         bridge: Option<String>,
         vlan: Option<u16>,
     },
+}
+
+/// Nodes that need a template of `image`: where it is built, plus every node
+/// that runs a clone of it when its storage is node-local.
+pub fn image_nodes(fleet: &Fleet, image: &str) -> Vec<NodeName> {
+    let Some(spec) = fleet.images.get(image) else {
+        return Vec::new();
+    };
+    let build_node = spec
+        .build_node
+        .clone()
+        .unwrap_or_else(|| fleet.proxmox.default_node().clone());
+    let mut nodes = vec![build_node];
+    if !fleet.proxmox.is_shared(&spec.hardware.storage) {
+        for vm in fleet.vms.values().filter(|vm| vm.image == image) {
+            let node = vm
+                .node
+                .clone()
+                .unwrap_or_else(|| fleet.proxmox.default_node().clone());
+            if !nodes.contains(&node) {
+                nodes.push(node);
+            }
+        }
+    }
+    nodes.sort();
+    nodes
 }

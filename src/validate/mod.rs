@@ -12,10 +12,14 @@ use std::path::Path;
 
 use ipnet::Ipv4Net;
 
-use super::{CloneMode, Fleet, Iso, LoadedFleet, VmNetwork};
+use crate::fleet::{
+    BuildAddress, CloneMode, Fleet, ImageNetwork, Iso, LoadedFleet, VmNetwork, image_nodes,
+};
 use crate::ids::{NodeName, Vmid, VmidRange};
 use crate::lock::Lockfile;
 use crate::problem::Problem;
+
+mod nixos_rules;
 
 /// All semantic problems of `loaded`, given the lockfile that goes with it.
 pub fn validate(loaded: &LoadedFleet, lock: &Lockfile) -> Vec<Problem> {
@@ -35,7 +39,7 @@ pub fn validate(loaded: &LoadedFleet, lock: &Lockfile) -> Vec<Problem> {
     check_sizes(fleet, &mut out);
     check_extra_config(fleet, &mut out);
     check_build_access(fleet, &mut out);
-    super::nixos_rules::check(fleet, &mut out);
+    nixos_rules::check(fleet, &mut out);
     // Report in field order, so problems read top to bottom like the file.
     out.list.sort_by(|a, b| a.field.cmp(&b.field));
     out.list
@@ -320,32 +324,6 @@ fn check_range_sizes(fleet: &Fleet, out: &mut Problems) {
     }
 }
 
-/// Nodes that need a template of `image`: where it is built, plus every node
-/// that runs a clone of it when its storage is node-local.
-pub fn image_nodes(fleet: &Fleet, image: &str) -> Vec<NodeName> {
-    let Some(spec) = fleet.images.get(image) else {
-        return Vec::new();
-    };
-    let build_node = spec
-        .build_node
-        .clone()
-        .unwrap_or_else(|| fleet.proxmox.default_node().clone());
-    let mut nodes = vec![build_node];
-    if !fleet.proxmox.is_shared(&spec.hardware.storage) {
-        for vm in fleet.vms.values().filter(|vm| vm.image == image) {
-            let node = vm
-                .node
-                .clone()
-                .unwrap_or_else(|| fleet.proxmox.default_node().clone());
-            if !nodes.contains(&node) {
-                nodes.push(node);
-            }
-        }
-    }
-    nodes.sort();
-    nodes
-}
-
 fn check_networks(fleet: &Fleet, out: &mut Problems) {
     let mut addresses: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
     for (name, vm) in &fleet.vms {
@@ -362,7 +340,7 @@ fn check_networks(fleet: &Fleet, out: &mut Problems) {
         }
     }
     for (name, image) in &fleet.images {
-        if let super::ImageNetwork::Static {
+        if let ImageNetwork::Static {
             address, gateway, ..
         } = &image.nixos.network
         {
@@ -373,7 +351,7 @@ fn check_networks(fleet: &Fleet, out: &mut Problems) {
                 out,
             );
         }
-        if let super::BuildAddress::Static { r#static } = &image.build.address {
+        if let BuildAddress::Static { r#static } = &image.build.address {
             let field = format!("images.{name}.build.address.static");
             check_address(&field, &r#static.address, r#static.gateway.as_ref(), out);
             if !image.nixos.guest_agent {

@@ -10,8 +10,8 @@
 
 use pve_sim::nixos::{self, System};
 
-use super::validate::Problems;
-use super::{BuildAddress, Fleet, Image, ImageNetwork, Iso};
+use super::Problems;
+use crate::fleet::{BuildAddress, Fleet, Image, ImageNetwork, Iso};
 
 /// The oldest NixOS release nixgold supports (docs/nixos.md).
 pub const OLDEST_RELEASE: (u32, u32) = (24, 5);
