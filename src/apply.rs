@@ -520,7 +520,7 @@ async fn build_template(
 ) -> Result<BuildResult, Outcome> {
     let build_vm = Owner::template(&w.image, w.generation);
     if cleanup_first {
-        destroy_vm(ctx, address, w.vmid, &w.node, &build_vm).await?;
+        destroy_vm(ctx, address, w.vmid.get(), &w.node, &build_vm).await?;
     }
     // Builds that share a static address take turns.
     let _address = match &w.access {
@@ -600,7 +600,7 @@ async fn build_template(
             } else {
                 // Only the build's own VM: a VM someone created at this
                 // VMID after the plan (the create then failed) stays.
-                let _ = destroy_vm(ctx, address, w.vmid, &w.node, &build_vm).await;
+                let _ = destroy_vm(ctx, address, w.vmid.get(), &w.node, &build_vm).await;
             }
             Err(Outcome::Failed { step, error })
         }
@@ -654,7 +654,7 @@ async fn run_vm_change(ctx: &Ctx, change: &Change) -> Result<(), Outcome> {
                 || async {
                     let upid = ctx
                         .client
-                        .download_url(node, storage, url, filename, sha256)
+                        .download_url(node, storage, url, filename, &sha256.to_string())
                         .await?;
                     ctx.wait_download(address, &upid).await
                 },
@@ -665,12 +665,12 @@ async fn run_vm_change(ctx: &Ctx, change: &Change) -> Result<(), Outcome> {
         Work::UpdateVm(w) => update_vm(ctx, address, w).await,
         Work::ReplaceVm { old_node, new } => {
             let this_vm = Owner::vm(address);
-            destroy_vm(ctx, address, new.vmid, old_node, &this_vm).await?;
+            destroy_vm(ctx, address, new.vmid.get(), old_node, &this_vm).await?;
             create_vm(ctx, address, new).await
         }
         Work::DestroyVm { vmid, node } => {
             let this_vm = Owner::vm(address);
-            destroy_vm(ctx, address, *vmid, node, &this_vm).await
+            destroy_vm(ctx, address, vmid.get(), node, &this_vm).await
         }
         Work::DestroyTemplate {
             image,
@@ -680,7 +680,7 @@ async fn run_vm_change(ctx: &Ctx, change: &Change) -> Result<(), Outcome> {
             ..
         } => {
             let template = Owner::template(image, *generation);
-            destroy_vm(ctx, address, *vmid, node, &template).await
+            destroy_vm(ctx, address, vmid.get(), node, &template).await
         }
         Work::BuildTemplate { .. } => unreachable!("builds run in build_template"),
     }
@@ -784,7 +784,7 @@ async fn destroy_vm(
 }
 
 async fn create_vm(ctx: &Ctx, address: &str, w: &VmWork) -> Result<(), Outcome> {
-    let template = Ctx::limiter(&ctx.templates, w.template_vmid, || {
+    let template = Ctx::limiter(&ctx.templates, w.template_vmid.get(), || {
         AdaptiveLimit::new(ctx.opts.per_template)
     });
     let storage = w.storage.as_ref().map(|s| {
@@ -831,23 +831,23 @@ async fn create_vm(ctx: &Ctx, address: &str, w: &VmWork) -> Result<(), Outcome> 
 /// looked up: a stamped VM there means the earlier clone went through.
 async fn clone_once(ctx: &Ctx, w: &VmWork) -> Result<(), ApiError> {
     let description = w.set.get("description").cloned();
-    if let Ok(cfg) = ctx.client.vm_config(&w.node, w.vmid, false).await
+    if let Ok(cfg) = ctx.client.vm_config(&w.node, w.vmid.get(), false).await
         && cfg.get("description") == description.as_deref()
     {
         return wait_unlocked(ctx, w).await;
     }
     let request = CloneRequest {
-        newid: w.vmid,
+        newid: w.vmid.get(),
         name: Some(w.name.clone()),
         full: w.full_clone,
         storage: w.storage.clone(),
-        target: (w.node != w.template_node).then(|| w.node.clone()),
+        target: (w.node != w.template_node).then(|| w.node.to_string()),
         description,
         pool: None,
     };
     let upid = ctx
         .client
-        .clone_vm(&w.template_node, w.template_vmid, &request)
+        .clone_vm(&w.template_node, w.template_vmid.get(), &request)
         .await?;
     ctx.wait(&upid).await
 }
@@ -856,7 +856,7 @@ async fn clone_once(ctx: &Ctx, w: &VmWork) -> Result<(), ApiError> {
 async fn wait_unlocked(ctx: &Ctx, w: &VmWork) -> Result<(), ApiError> {
     let deadline = Instant::now() + ctx.opts.task_timeout;
     loop {
-        let cfg = ctx.client.vm_config(&w.node, w.vmid, false).await?;
+        let cfg = ctx.client.vm_config(&w.node, w.vmid.get(), false).await?;
         match cfg.get("lock") {
             None => return Ok(()),
             Some(lock) if Instant::now() > deadline => {
@@ -881,8 +881,8 @@ async fn write_config(
     mut set: BTreeMap<String, String>,
     planned: Option<String>,
 ) -> Result<(), ApiError> {
-    let current = ctx.client.vm_config(&w.node, w.vmid, false).await?;
-    check_owner(ctx, &current, w.vmid, &w.node, &Owner::vm(address))?;
+    let current = ctx.client.vm_config(&w.node, w.vmid.get(), false).await?;
+    check_owner(ctx, &current, w.vmid.get(), &w.node, &Owner::vm(address))?;
     // Keep the MAC Proxmox generated at clone time.
     if let Some(net) = set.get_mut("net0") {
         let mut want = Net::parse(net);
@@ -899,7 +899,10 @@ async fn write_config(
         delete: Vec::new(),
         digest: Some(digest),
     };
-    let upid = ctx.client.update_config(&w.node, w.vmid, &update).await?;
+    let upid = ctx
+        .client
+        .update_config(&w.node, w.vmid.get(), &update)
+        .await?;
     ctx.wait(&upid).await
 }
 
@@ -938,7 +941,7 @@ async fn configure(
         ctx.step(address, &format!("grow disk to {size}"), || async {
             match ctx
                 .client
-                .resize(&w.node, w.vmid, "scsi0", size, None)
+                .resize(&w.node, w.vmid.get(), "scsi0", size, None)
                 .await?
             {
                 Some(upid) => ctx.wait(&upid).await,
@@ -952,19 +955,30 @@ async fn configure(
         // brings the VM back. A guest that ignores the shutdown is stopped
         // after the timeout.
         ctx.step(address, "shut down (to apply pending changes)", || async {
-            if !ctx.client.vm_status(&w.node, w.vmid).await?.is_running() {
+            if !ctx
+                .client
+                .vm_status(&w.node, w.vmid.get())
+                .await?
+                .is_running()
+            {
                 return Ok(());
             }
-            let down = ctx.client.shutdown(&w.node, w.vmid, 120, true).await?;
+            let down = ctx
+                .client
+                .shutdown(&w.node, w.vmid.get(), 120, true)
+                .await?;
             ctx.wait(&down).await
         })
         .await?;
     }
     if w.start || w.restart {
         ctx.step(address, "start", || async {
-            match ctx.client.vm_status(&w.node, w.vmid).await {
+            match ctx.client.vm_status(&w.node, w.vmid.get()).await {
                 Ok(s) if s.is_running() => Ok(()),
-                _ => ctx.wait(&ctx.client.start(&w.node, w.vmid).await?).await,
+                _ => {
+                    ctx.wait(&ctx.client.start(&w.node, w.vmid.get()).await?)
+                        .await
+                }
             }
         })
         .await?;

@@ -96,7 +96,7 @@ pub struct DesiredTemplate {
     pub storage: String,
     /// Identity of the generation this node should have: the hash of the
     /// ISO sha256, configuration.nix, install script and hardware.
-    pub input_hash: String,
+    pub input_hash: Sha256,
     /// Why a build is needed (for `ToBuild`).
     pub build_reason: Option<String>,
 }
@@ -106,7 +106,7 @@ pub fn input_hash(
     image_name: &str,
     image: &crate::fleet::Image,
     iso_sha256: Option<&Sha256>,
-) -> String {
+) -> Sha256 {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
     h.update(
@@ -125,7 +125,7 @@ pub fn input_hash(
             .unwrap_or_default()
             .as_bytes(),
     );
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::from_bytes(h.finalize().into())
 }
 
 /// The pinned ISO checksum of `image`'s ISO, if it is pinned.
@@ -145,7 +145,7 @@ fn image_iso_sha256(fleet: &Fleet, image: &crate::fleet::Image, lock: &Lockfile)
 pub fn image_inputs(fleet: &Fleet, lock: &Lockfile, name: &str) -> Option<Sha256> {
     let image = fleet.images.get(name)?;
     let iso_sha = image_iso_sha256(fleet, image, lock);
-    input_hash(name, image, iso_sha.as_ref()).parse().ok()
+    Some(input_hash(name, image, iso_sha.as_ref()))
 }
 
 /// The generation rules, for one image: `Ok(n)` — clones come from
@@ -158,7 +158,7 @@ fn choose_generation(
     name: &str,
     image: &crate::fleet::Image,
     lock: &mut Lockfile,
-    hash: &str,
+    hash: &Sha256,
     iso_sha256: Option<&Sha256>,
     notes: &mut Vec<String>,
 ) -> Result<u32, String> {
@@ -166,7 +166,7 @@ fn choose_generation(
         return Err("the image has no generation yet".to_owned());
     };
     if let Some(hold) = entry.hold {
-        if hold.to_string() == hash {
+        if hold == *hash {
             notes.push(format!(
                 "image.{name} is held at generation {} by `nixgold rollback`: nothing is built while the fleet asks for what it asked for then; `nixgold release --image {name}` ends the hold.",
                 entry.current
@@ -206,7 +206,7 @@ fn choose_generation(
 fn rebuild_reason(
     image: &crate::fleet::Image,
     current: Option<&crate::lock::Generation>,
-    hash: &str,
+    hash: &Sha256,
     iso_sha256: Option<&Sha256>,
 ) -> Option<String> {
     let Some(g) = current else {
@@ -215,7 +215,7 @@ fn rebuild_reason(
     if iso_sha256.is_some_and(|s| *s != g.iso_sha256) {
         return Some("the pinned ISO changed".to_owned());
     }
-    if g.input_hash.to_string() != hash {
+    if g.input_hash != *hash {
         return Some("its configuration, install script or hardware changed".to_owned());
     }
     let days = image.rebuild.every_days?;
@@ -239,6 +239,9 @@ pub struct DesiredVm {
     pub image: String,
     pub generation: GenerationRef,
     pub template_vmid: Vmid,
+    /// The node of the template it is cloned from (its own node, or the
+    /// build node of an image on shared storage).
+    pub template_node: NodeName,
     pub clone: CloneMode,
     pub storage: String,
     pub cores: u32,
@@ -443,7 +446,7 @@ impl Builder<'_> {
                 node: node.clone(),
                 vmid,
                 storage: image.hardware.storage.clone(),
-                input_hash: hash.clone(),
+                input_hash: hash,
                 build_reason,
             }));
             if let Some(iso_idx) = self.iso_of(image, &node) {
@@ -497,8 +500,9 @@ impl Builder<'_> {
         } else {
             node.clone()
         };
-        let Some(&(template_idx, generation, template_vmid)) =
-            self.templates.get(&(vm.image.clone(), template_node))
+        let Some(&(template_idx, generation, template_vmid)) = self
+            .templates
+            .get(&(vm.image.clone(), template_node.clone()))
         else {
             return Ok(());
         };
@@ -520,6 +524,7 @@ impl Builder<'_> {
             image: vm.image.clone(),
             generation,
             template_vmid,
+            template_node,
             clone: vm.clone,
             storage: vm
                 .storage

@@ -15,6 +15,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::ids::{NodeName, Vmid};
 use crate::live::{LiveState, fleet_tag};
 use crate::lock::Lockfile;
 use crate::plan::{Action, Change, FieldDiff, Plan};
@@ -118,12 +119,12 @@ impl Drift {
             fields: Vec::new(),
         }));
         let tag = fleet_tag(&plan.fleet);
-        let templates: BTreeSet<u32> = lock
+        let templates: BTreeSet<Vmid> = lock
             .images
             .values()
             .flat_map(|i| &i.generations)
             .flat_map(|g| &g.templates)
-            .map(|t| t.vmid.get())
+            .map(|t| t.vmid)
             .collect();
         let managed_by_plan: BTreeSet<&str> = findings.iter().map(|f| f.address.as_str()).collect();
         let mut extra = Vec::new();
@@ -178,7 +179,7 @@ impl Drift {
 
     /// The running VMs of this fleet whose stored configuration is not in
     /// effect yet: (address, node, VMID) to read `/pending` of.
-    pub fn running_vms(plan: &Plan, live: &LiveState) -> Vec<(String, String, u32)> {
+    pub fn running_vms(plan: &Plan, live: &LiveState) -> Vec<(String, NodeName, Vmid)> {
         live.vms
             .values()
             .filter(|vm| vm.running == Some(true))

@@ -111,6 +111,14 @@ impl NodeName {
     }
 }
 
+/// A node name is used where the API takes `&str` (`client.start(&node, …)`).
+impl std::ops::Deref for NodeName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
 impl FromStr for NodeName {
     type Err = IdError;
     fn from_str(s: &str) -> Result<Self, IdError> {

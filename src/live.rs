@@ -18,6 +18,7 @@ use pve_api::{ApiError, Client};
 use sha2::Digest;
 
 use crate::desired::{DesiredGraph, DesiredNode};
+use crate::ids::{NodeName, Vmid};
 
 /// Tags every VM nixgold creates carries: `nixgold` and `nixgold.<fleet>`.
 pub fn fleet_tag(fleet: &str) -> String {
@@ -26,8 +27,8 @@ pub fn fleet_tag(fleet: &str) -> String {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LiveVm {
-    pub vmid: u32,
-    pub node: String,
+    pub vmid: Vmid,
+    pub node: NodeName,
     pub name: Option<String>,
     pub template: bool,
     pub tags: BTreeSet<String>,
@@ -100,7 +101,7 @@ impl LiveStorage {
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LiveState {
-    pub vms: BTreeMap<u32, LiveVm>,
+    pub vms: BTreeMap<Vmid, LiveVm>,
     /// (node, storage) → storage.
     pub storages: BTreeMap<(String, String), LiveStorage>,
     /// ISO volumes by (node, storage).
@@ -163,7 +164,14 @@ pub async fn collect(
 async fn read_vms(client: &Client, live: &mut LiveState) -> Result<(), ApiError> {
     let resources: Vec<ClusterResource> = client.cluster_resources(Some("vm")).await?;
     for r in resources.into_iter().filter(|r| r.kind == "qemu") {
-        let Some(vmid) = r.vmid else { continue };
+        // What Proxmox lists always has a valid VMID and node; anything
+        // else could not be a VM of the fleet.
+        let Some(vmid) = r.vmid.and_then(|id| Vmid::new(u64::from(id)).ok()) else {
+            continue;
+        };
+        let Some(node) = r.node.and_then(|n| n.parse::<NodeName>().ok()) else {
+            continue;
+        };
         let tags = r
             .tags
             .as_deref()
@@ -176,7 +184,7 @@ async fn read_vms(client: &Client, live: &mut LiveState) -> Result<(), ApiError>
             vmid,
             LiveVm {
                 vmid,
-                node: r.node.unwrap_or_default(),
+                node,
                 name: r.name,
                 template: r.template,
                 tags,
@@ -224,9 +232,9 @@ struct Wanted {
     /// (node, storage) that should hold an ISO.
     iso_places: BTreeSet<(String, String)>,
     /// VMIDs the fleet manages: declared, or carrying its tag.
-    managed: BTreeSet<u32>,
+    managed: BTreeSet<Vmid>,
     /// VMs the fleet wants started.
-    running: BTreeSet<u32>,
+    running: BTreeSet<Vmid>,
 }
 
 impl Wanted {
@@ -244,12 +252,12 @@ impl Wanted {
                         .insert((iso.node.to_string(), iso.storage.clone()));
                 }
                 DesiredNode::Template(t) => {
-                    wanted.managed.insert(t.vmid.get());
+                    wanted.managed.insert(t.vmid);
                 }
                 DesiredNode::Vm(vm) => {
-                    wanted.managed.insert(vm.vmid.get());
+                    wanted.managed.insert(vm.vmid);
                     if vm.start {
-                        wanted.running.insert(vm.vmid.get());
+                        wanted.running.insert(vm.vmid);
                     }
                 }
             }
@@ -291,7 +299,7 @@ async fn read_managed(
     wanted: &Wanted,
     concurrency: usize,
 ) -> Result<(), ApiError> {
-    let targets: Vec<(u32, String, bool)> = wanted
+    let targets: Vec<(Vmid, NodeName, bool)> = wanted
         .managed
         .iter()
         .filter_map(|&id| {
@@ -308,9 +316,9 @@ async fn read_managed(
         let semaphore = semaphore.clone();
         tasks.spawn(async move {
             let _permit = semaphore.acquire_owned().await.expect("open semaphore");
-            let config = client.vm_config(&node, vmid, false).await?;
+            let config = client.vm_config(&node, vmid.get(), false).await?;
             let running = if confirm {
-                Some(client.vm_status(&node, vmid).await?.is_running())
+                Some(client.vm_status(&node, vmid.get()).await?.is_running())
             } else {
                 None
             };
@@ -339,7 +347,7 @@ async fn read_linked_disks(client: &Client, live: &mut LiveState) -> Result<(), 
         .filter(|vm| !vm.template)
         .filter_map(|vm| {
             let storage = vm.disk_volid()?.split(':').next()?;
-            Some((vm.node.clone(), storage.to_owned()))
+            Some((vm.node.to_string(), storage.to_owned()))
         })
         .filter(|place| live.storages.contains_key(place))
         .collect();

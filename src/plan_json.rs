@@ -115,8 +115,8 @@ fn change_json(change: &Change) -> Value {
     }
     if let Work::ReplaceVm { old_node, new } = &change.work {
         // What is destroyed: the VM at that VMID, where it is now.
-        before.insert("vmid".into(), new.vmid.into());
-        before.insert("node".into(), old_node.clone().into());
+        before.insert("vmid".into(), new.vmid.get().into());
+        before.insert("node".into(), old_node.to_string().into());
     }
     let (before, after) = match change.action {
         Action::Create => (Value::Null, Value::Object(after)),

@@ -1,29 +1,16 @@
 //! What an apply leaves in the lockfile: generations enter it once built
 //! (or found built and stamped), retired templates leave it — each as it
-//! happens, so the lockfile never points at a template that is gone. A build
-//! result that cannot be recorded is an error, never a silent skip: the
-//! template would exist with nothing pointing at it.
+//! happens, so the lockfile never points at a template that is gone. A
+//! build result holds only checked values (VMID, node, checksums), so it
+//! can always be recorded; a lockfile that cannot be written fails the
+//! build's change instead of being skipped.
 
 use std::path::Path;
 
 use crate::apply::Ledger;
 use crate::build::BuildResult;
 use crate::desired::{DesiredGraph, DesiredNode};
-use crate::ids::{NodeName, Sha256, Vmid};
 use crate::lock::{Generation, Lockfile, TemplateReplica};
-
-/// A build result the lockfile cannot take.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "image.{image} generation {generation} (VMID {vmid} on {node}) was built but cannot be recorded: {reason}\n  hint: the template stays; fix the cause and run apply again, which records it from its stamp"
-)]
-pub struct RecordError {
-    pub image: String,
-    pub generation: u32,
-    pub vmid: u32,
-    pub node: String,
-    pub reason: String,
-}
 
 /// The lockfile as apply moves it: each build is recorded (and the file
 /// written) the moment it finishes, each retired template forgotten the
@@ -61,7 +48,7 @@ impl<'a> LockLedger<'a> {
 impl Ledger for LockLedger<'_> {
     fn built(&mut self, r: &BuildResult) -> Result<(), String> {
         let replicas = replicas_of(self.desired, &r.image, r.generation);
-        record_build(&mut self.lock, r, replicas).map_err(|e| e.to_string())?;
+        record_build(&mut self.lock, r, replicas);
         self.write()?;
         self.recorded.push(r.clone());
         Ok(())
@@ -94,41 +81,21 @@ fn replicas_of(desired: &DesiredGraph, image: &str, generation: u32) -> usize {
 }
 
 /// Records one built replica of a generation.
-pub fn record_build(
-    lock: &mut Lockfile,
-    r: &BuildResult,
-    replicas: usize,
-) -> Result<(), RecordError> {
-    let error = |reason: String| RecordError {
-        image: r.image.clone(),
-        generation: r.generation,
-        vmid: r.vmid,
-        node: r.node.clone(),
-        reason,
-    };
-    let hash = |what: &str, hex: &str| {
-        hex.parse::<Sha256>()
-            .map_err(|e| error(format!("its {what}: {e}")))
-    };
-    let input_hash = hash("input hash", &r.input_hash)?;
-    let iso_sha256 = hash("ISO sha256", &r.iso_sha256)?;
-    let node = r
-        .node
-        .parse::<NodeName>()
-        .map_err(|e| error(e.to_string()))?;
-    let vmid = Vmid::new(u64::from(r.vmid)).map_err(|e| error(e.to_string()))?;
+pub fn record_build(lock: &mut Lockfile, r: &BuildResult, replicas: usize) {
     lock.record_generation(
         &r.image,
         Generation {
             number: r.generation,
-            input_hash,
-            iso_sha256,
+            input_hash: r.input_hash,
+            iso_sha256: r.iso_sha256,
             built_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             nixos_version: r.nixos_version.clone(),
             system_path: r.system_path.clone(),
-            templates: vec![TemplateReplica { node, vmid }],
+            templates: vec![TemplateReplica {
+                node: r.node.clone(),
+                vmid: r.vmid,
+            }],
         },
         replicas,
     );
-    Ok(())
 }

@@ -14,6 +14,8 @@
 
 use std::fmt;
 
+use crate::ids::Sha256;
+
 const PREFIX: &str = "nixgold: ";
 
 /// A parsed stamp. `fleet` and `resource` are always there (a line without
@@ -29,9 +31,9 @@ pub struct Stamp {
     /// A build VM whose build has not finished.
     pub building: bool,
     /// The generation's input hash (templates and build VMs).
-    pub inputs: Option<String>,
+    pub inputs: Option<Sha256>,
     /// The ISO's sha256 the template was installed from.
-    pub iso: Option<String>,
+    pub iso: Option<Sha256>,
     /// `nixos-version` of the installed system.
     pub nixos: Option<String>,
     /// The installed system's store path.
@@ -70,8 +72,8 @@ impl Stamp {
                 "image" => stamp.image = Some(value),
                 "generation" => stamp.generation = value.parse().ok(),
                 "state" => stamp.building = value == "building",
-                "inputs" => stamp.inputs = Some(value),
-                "iso" => stamp.iso = Some(value),
+                "inputs" => stamp.inputs = value.parse().ok(),
+                "iso" => stamp.iso = value.parse().ok(),
                 "nixos" => stamp.nixos = Some(value.replace('_', " ")),
                 "system" => stamp.system = Some(value),
                 _ => {}
@@ -106,8 +108,8 @@ impl fmt::Display for Stamp {
             f.write_str(" state=building")?;
         }
         let rest = [
-            ("inputs", self.inputs.clone()),
-            ("iso", self.iso.clone()),
+            ("inputs", self.inputs.map(|s| s.to_string())),
+            ("iso", self.iso.map(|s| s.to_string())),
             ("nixos", self.nixos.as_ref().map(|v| v.replace(' ', "_"))),
             ("system", self.system.clone()),
         ];
@@ -150,8 +152,8 @@ mod tests {
             fleet: "homelab".into(),
             resource: "image.golden".into(),
             generation: Some(2),
-            inputs: Some("abc".into()),
-            iso: Some("def".into()),
+            inputs: Some(Sha256::digest(b"inputs")),
+            iso: Some(Sha256::digest(b"iso")),
             nixos: Some("24.05.1 (Uakari)".into()),
             system: Some("/nix/store/x".into()),
             ..Stamp::default()
@@ -159,11 +161,18 @@ mod tests {
         let text = s.to_string();
         assert_eq!(
             text,
-            "nixgold: fleet=homelab resource=image.golden generation=2 inputs=abc iso=def nixos=24.05.1_(Uakari) system=/nix/store/x"
+            format!(
+                "nixgold: fleet=homelab resource=image.golden generation=2 inputs={} iso={} nixos=24.05.1_(Uakari) system=/nix/store/x",
+                Sha256::digest(b"inputs"),
+                Sha256::digest(b"iso")
+            )
         );
         assert_eq!(Stamp::parse(&text), Some(s));
-        let building = "nixgold: fleet=f resource=image.g generation=1 state=building inputs=abc";
-        let parsed = Stamp::parse(building).unwrap();
+        let building = format!(
+            "nixgold: fleet=f resource=image.g generation=1 state=building inputs={}",
+            Sha256::digest(b"inputs")
+        );
+        let parsed = Stamp::parse(&building).unwrap();
         assert!(parsed.building);
         assert_eq!(parsed.to_string(), building);
     }

@@ -34,6 +34,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::fleet::{Bios, StepTimeouts};
+use crate::ids::{NodeName, Sha256, Vmid};
 use crate::stamp::Stamp;
 
 mod call_home;
@@ -51,12 +52,12 @@ pub use steps::{BuildEvent, Observer, run};
 pub struct BuildWork {
     pub image: String,
     pub generation: u32,
-    pub node: String,
-    pub vmid: u32,
+    pub node: NodeName,
+    pub vmid: Vmid,
     /// `local:iso/…` of the pinned ISO on this node.
     pub iso_volid: String,
-    pub iso_sha256: String,
-    pub input_hash: String,
+    pub iso_sha256: Sha256,
+    pub input_hash: Sha256,
     /// Config of the build VM (create parameters, without description).
     pub vm_config: BTreeMap<String, String>,
     pub storage: String,
@@ -126,10 +127,10 @@ impl Access {
 pub struct BuildResult {
     pub image: String,
     pub generation: u32,
-    pub node: String,
-    pub vmid: u32,
-    pub input_hash: String,
-    pub iso_sha256: String,
+    pub node: NodeName,
+    pub vmid: Vmid,
+    pub input_hash: Sha256,
+    pub iso_sha256: Sha256,
     pub nixos_version: String,
     pub system_path: String,
 }
@@ -141,7 +142,7 @@ pub fn building_stamp(w: &BuildWork) -> String {
         resource: format!("image.{}", w.image),
         generation: Some(w.generation),
         building: true,
-        inputs: Some(w.input_hash.clone()),
+        inputs: Some(w.input_hash),
         ..Stamp::default()
     }
     .to_string()
@@ -153,8 +154,8 @@ pub fn template_stamp(r: &BuildResult, fleet: &str) -> String {
         fleet: fleet.to_owned(),
         resource: format!("image.{}", r.image),
         generation: Some(r.generation),
-        inputs: Some(r.input_hash.clone()),
-        iso: Some(r.iso_sha256.clone()),
+        inputs: Some(r.input_hash),
+        iso: Some(r.iso_sha256),
         nixos: Some(r.nixos_version.clone()),
         system: Some(r.system_path.clone()),
         ..Stamp::default()
@@ -364,17 +365,17 @@ pub const SEAL: &str = "truncate -s 0 /etc/machine-id && rm -f /etc/ssh/ssh_host
 
 /// Reads a finished template's stamp back into a result (an apply that was
 /// interrupted after the build but before writing the lockfile).
-pub fn result_from_stamp(stamp: &Stamp, node: &str, vmid: u32) -> Option<BuildResult> {
+pub fn result_from_stamp(stamp: &Stamp, node: &NodeName, vmid: Vmid) -> Option<BuildResult> {
     if stamp.building {
         return None;
     }
     Some(BuildResult {
         image: stamp.resource.strip_prefix("image.")?.to_owned(),
         generation: stamp.generation?,
-        node: node.to_owned(),
+        node: node.clone(),
         vmid,
-        input_hash: stamp.inputs.clone()?,
-        iso_sha256: stamp.iso.clone()?,
+        input_hash: stamp.inputs?,
+        iso_sha256: stamp.iso?,
         nixos_version: stamp.nixos.clone()?,
         system_path: stamp.system.clone()?,
     })
@@ -389,16 +390,19 @@ mod tests {
         let r = BuildResult {
             image: "golden".into(),
             generation: 2,
-            node: "pve".into(),
-            vmid: 9401,
-            input_hash: "abc".into(),
-            iso_sha256: "def".into(),
+            node: "pve".parse().unwrap(),
+            vmid: Vmid::new(9401).unwrap(),
+            input_hash: Sha256::digest(b"inputs"),
+            iso_sha256: Sha256::digest(b"iso"),
             nixos_version: "24.05.1 (Uakari)".into(),
             system_path: "/nix/store/x-nixos-system".into(),
         };
         assert_eq!(
-            Stamp::parse(&template_stamp(&r, "homelab"))
-                .and_then(|s| result_from_stamp(&s, "pve", 9401)),
+            Stamp::parse(&template_stamp(&r, "homelab")).and_then(|s| result_from_stamp(
+                &s,
+                &"pve".parse().unwrap(),
+                Vmid::new(9401).unwrap()
+            )),
             Some(r)
         );
     }

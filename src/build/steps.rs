@@ -200,10 +200,10 @@ impl Build<'_> {
             Step::Create => {
                 let mut config = w.vm_config.clone();
                 config.insert("description".into(), building_stamp(w));
-                self.wait(client.create_vm(&w.node, w.vmid, &config).await?)
+                self.wait(client.create_vm(&w.node, w.vmid.get(), &config).await?)
                     .await
             }
-            Step::Start => self.wait(client.start(&w.node, w.vmid).await?).await,
+            Step::Start => self.wait(client.start(&w.node, w.vmid.get()).await?).await,
             Step::Access => self.access().await,
             Step::Install => self.install().await,
             Step::Reboot => self.reboot().await,
@@ -213,7 +213,7 @@ impl Build<'_> {
                 if let Some(ssh) = self.ssh.take() {
                     let _ = ssh.run("poweroff", "", |_| {}).await;
                 }
-                while client.vm_status(&w.node, w.vmid).await?.is_running() {
+                while client.vm_status(&w.node, w.vmid.get()).await?.is_running() {
                     if Instant::now() >= self.step_deadline {
                         return Err(step_err("power-off", "the build VM did not power off"));
                     }
@@ -296,7 +296,7 @@ impl Build<'_> {
             digest: None,
         };
         self.contended("detach the ISO", || {
-            client.update_config_sync(&w.node, w.vmid, &detach)
+            client.update_config_sync(&w.node, w.vmid.get(), &detach)
         })
         .await?;
         let attach = ConfigUpdate {
@@ -311,11 +311,11 @@ impl Build<'_> {
             digest: None,
         };
         self.contended("attach the cloud-init drive", || {
-            client.update_config_sync(&w.node, w.vmid, &attach)
+            client.update_config_sync(&w.node, w.vmid.get(), &attach)
         })
         .await?;
         self.contended("convert to a template", || async {
-            self.wait_task(client.template(&w.node, w.vmid).await?)
+            self.wait_task(client.template(&w.node, w.vmid.get()).await?)
                 .await
         })
         .await
@@ -374,7 +374,7 @@ impl Build<'_> {
                 type_text(
                     self.client,
                     &w.node,
-                    w.vmid,
+                    w.vmid.get(),
                     line,
                     Duration::from_millis(w.key_interval_ms),
                 )
@@ -442,7 +442,7 @@ impl Build<'_> {
             format!("PATH=/run/current-system/sw/bin:$PATH;{}", line.trim_end()),
         ];
         let exit = client
-            .agent_run(&w.node, w.vmid, &command, self.left())
+            .agent_run(&w.node, w.vmid.get(), &command, self.left())
             .await?;
         check(
             "set the build address through the guest agent",
@@ -462,7 +462,7 @@ impl Build<'_> {
             .clone()
             .ok_or_else(|| step_err("ssh", "the VM's address is unknown"))?;
         loop {
-            let interfaces = client.agent_interfaces(&w.node, w.vmid).await?;
+            let interfaces = client.agent_interfaces(&w.node, w.vmid.get()).await?;
             let addresses: Vec<String> = interfaces
                 .iter()
                 .filter(|i| i.name != "lo")
@@ -496,7 +496,7 @@ impl Build<'_> {
         let (client, w) = (self.client, self.w);
         self.note("wait for the installed system's guest agent");
         loop {
-            match client.agent_ping(&w.node, w.vmid).await {
+            match client.agent_ping(&w.node, w.vmid.get()).await {
                 Ok(()) => return Ok(()),
                 Err(e) if Instant::now() >= self.step_deadline => {
                     return Err(step_err(
@@ -568,8 +568,8 @@ impl Build<'_> {
             generation: w.generation,
             node: w.node.clone(),
             vmid: w.vmid,
-            input_hash: w.input_hash.clone(),
-            iso_sha256: w.iso_sha256.clone(),
+            input_hash: w.input_hash,
+            iso_sha256: w.iso_sha256,
             nixos_version: self.version.clone(),
             system_path: self.system.clone(),
         }

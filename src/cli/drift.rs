@@ -26,7 +26,7 @@ pub async fn cmd_drift(
         let mut reads = tokio::task::JoinSet::new();
         for (address, node, vmid) in crate::drift::Drift::running_vms(&plan, &s.live) {
             let client = s.conn.client.clone();
-            reads.spawn(async move { (vmid, address, client.pending(&node, vmid).await) });
+            reads.spawn(async move { (vmid, address, client.pending(&node, vmid.get()).await) });
         }
         let mut pending = reads.join_all().await;
         pending.sort_by_key(|(vmid, _, _)| *vmid);

@@ -21,7 +21,7 @@ pub async fn cmd_output(fleet: &Path, lock: &Path, sim: bool, out: &Output) -> R
             ip = s
                 .conn
                 .client
-                .agent_interfaces(&vm.node, vm.vmid)
+                .agent_interfaces(&vm.node, vm.vmid.get())
                 .await
                 .ok()
                 .and_then(|ifaces| {

@@ -8,6 +8,7 @@ use pve_api::property::Drive;
 use super::{Change, Work};
 use crate::desired::DesiredVm;
 use crate::fleet::Fleet;
+use crate::ids::Vmid;
 use crate::live::LiveState;
 
 /// What the plan's new volumes take from each storage, against what it has
@@ -84,9 +85,9 @@ fn planned_allocations(
             .entry((node.to_owned(), storage.to_owned()))
             .or_default() += bytes;
     };
-    let disk = |vmid: u32| {
+    let disk = |vmid: Vmid| {
         vms.iter()
-            .find(|v| v.vmid.get() == vmid)
+            .find(|v| v.vmid == vmid)
             .map(|v| (v.storage.as_str(), v.disk.mib() << 20))
     };
     for change in changes {

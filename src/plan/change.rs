@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::address::Address;
 use crate::fleet::SecretRef;
+use crate::ids::{NodeName, Sha256, Vmid};
 
 /// The kind of a change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -116,28 +117,28 @@ impl Change {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Work {
     DownloadIso {
-        node: String,
+        node: NodeName,
         storage: String,
         url: String,
         filename: String,
-        sha256: String,
+        sha256: Sha256,
     },
     CreateVm(VmWork),
     UpdateVm(VmWork),
     ReplaceVm {
-        old_node: String,
+        old_node: NodeName,
         new: VmWork,
     },
     DestroyVm {
-        vmid: u32,
-        node: String,
+        vmid: Vmid,
+        node: NodeName,
     },
     /// Remove a template of a generation beyond `rebuild.keep`.
     DestroyTemplate {
         image: String,
         generation: u32,
-        vmid: u32,
-        node: String,
+        vmid: Vmid,
+        node: NodeName,
     },
     /// Build one generation of an image on one node.
     BuildTemplate {
@@ -150,11 +151,11 @@ pub enum Work {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmWork {
-    pub vmid: u32,
-    pub node: String,
+    pub vmid: Vmid,
+    pub node: NodeName,
     pub name: String,
-    pub template_vmid: u32,
-    pub template_node: String,
+    pub template_vmid: Vmid,
+    pub template_node: NodeName,
     pub full_clone: bool,
     /// Target storage of a full clone.
     pub storage: Option<String>,

@@ -13,12 +13,13 @@ use std::collections::{BTreeMap, BinaryHeap};
 
 use super::{Change, PlanError, Work};
 use crate::address::Address;
+use crate::ids::NodeName;
 
 /// A build waits for the download of its ISO in the same plan (on its
 /// node, or the one download of a shared storage): it never boots a file
 /// that was not downloaded and verified.
 pub(super) fn link_downloads(changes: &mut [Change]) {
-    let downloads: Vec<(Address, String, String)> = changes
+    let downloads: Vec<(Address, NodeName, String)> = changes
         .iter()
         .filter_map(|c| match &c.work {
             Work::DownloadIso {
@@ -113,8 +114,8 @@ mod tests {
             reason: String::new(),
             impact: Impact::None,
             work: Work::DestroyVm {
-                vmid: 100,
-                node: "pve".into(),
+                vmid: crate::ids::Vmid::new(100).unwrap(),
+                node: "pve".parse().unwrap(),
             },
             unchanged: BTreeMap::new(),
         }

@@ -71,11 +71,11 @@ impl Planner<'_> {
             reason: format!("not in storage `{}` on {}", iso.storage, iso.node),
             impact: Impact::None,
             work: Work::DownloadIso {
-                node: iso.node.to_string(),
+                node: iso.node.clone(),
                 storage: iso.storage.clone(),
                 url: url.clone(),
                 filename,
-                sha256: sha256.to_string(),
+                sha256: *sha256,
             },
             unchanged: BTreeMap::new(),
         }))

@@ -40,7 +40,7 @@ impl Planner<'_> {
 
     /// Generation `n` of `t`: found built and stamped (adopted), or built.
     fn new_generation(&mut self, t: &DesiredTemplate, n: u32) -> Result<(), PlanError> {
-        let existing = self.live.vms.get(&t.vmid.get());
+        let existing = self.live.vms.get(&t.vmid);
         let stamp = existing.and_then(LiveVm::stamp);
         let ours = stamp
             .as_ref()
@@ -50,7 +50,7 @@ impl Planner<'_> {
                 if ours
                     && vm.template
                     && stamp.generation == Some(n)
-                    && stamp.inputs.as_deref() == Some(t.input_hash.as_str()) =>
+                    && stamp.inputs == Some(t.input_hash) =>
             {
                 self.adopted
                     .extend(crate::build::result_from_stamp(&stamp, &vm.node, vm.vmid));
@@ -58,9 +58,9 @@ impl Planner<'_> {
             }
             (Some(vm), _) if !ours => Err(PlanError::Foreign {
                 address: format!("image.{}[{}]", t.image, t.node),
-                vmid: vm.vmid,
+                vmid: vm.vmid.get(),
                 name: vm.name.clone().unwrap_or_default(),
-                node: vm.node.clone(),
+                node: vm.node.to_string(),
             }),
             (existing, _) => {
                 let change = build_change(self.fleet, self.desired, t, n, existing.is_some())?;
@@ -138,7 +138,7 @@ impl Planner<'_> {
         }
         let image = &self.fleet.images[name];
         for t in &g.templates {
-            if !self.live.vms.get(&t.vmid.get()).is_some_and(|v| v.template) {
+            if !self.live.vms.get(&t.vmid).is_some_and(|v| v.template) {
                 lock.forget_replica(name, g.number, t.node.as_str());
                 continue;
             }
@@ -160,8 +160,8 @@ impl Planner<'_> {
                 work: Work::DestroyTemplate {
                     image: name.to_owned(),
                     generation: g.number,
-                    vmid: t.vmid.get(),
-                    node: t.node.to_string(),
+                    vmid: t.vmid,
+                    node: t.node.clone(),
                 },
                 unchanged: BTreeMap::new(),
             });
@@ -241,10 +241,7 @@ fn build_change(
                 crate::build::Access::Static { address, .. } => format!("static {address}"),
             },
         ),
-        field(
-            "inputs",
-            t.input_hash[..12.min(t.input_hash.len())].to_owned(),
-        ),
+        field("inputs", t.input_hash.to_string()[..12].to_owned()),
         field(
             "system",
             format!(
@@ -323,16 +320,16 @@ fn build_work(
     Ok(crate::build::BuildWork {
         image: t.image.clone(),
         generation: n,
-        node: t.node.to_string(),
-        vmid: t.vmid.get(),
+        node: t.node.clone(),
+        vmid: t.vmid,
         vm_config: crate::build::build_vm_config(
             &image.hardware,
             &format!("{}-g{n}", t.image),
             &volid,
         ),
         iso_volid: volid,
-        iso_sha256: sha256.to_string(),
-        input_hash: t.input_hash.clone(),
+        iso_sha256: *sha256,
+        input_hash: t.input_hash,
         storage: image.hardware.storage.clone(),
         configuration_nix: crate::nixos::configuration_nix(&t.image, image),
         install_script: crate::nixos::install_script(&t.image, image),
@@ -355,8 +352,8 @@ fn check_template(t: &DesiredTemplate, live: &LiveState) -> Result<(), PlanError
         vmid: t.vmid.get(),
         node: t.node.to_string(),
     };
-    let vm = live.vms.get(&t.vmid.get()).ok_or_else(missing)?;
-    if !vm.template || vm.node != t.node.as_str() {
+    let vm = live.vms.get(&t.vmid).ok_or_else(missing)?;
+    if !vm.template || vm.node != t.node {
         return Err(missing());
     }
     Ok(())

@@ -11,6 +11,7 @@ use super::{Action, Change, FieldDiff, Impact, PlanError, Planner, VmWork, Work}
 use crate::address::Address;
 use crate::desired::DesiredVm;
 use crate::fleet::{CloneMode, Fleet, OnNewGeneration, VmNetwork};
+use crate::ids::Vmid;
 use crate::live::{LiveState, LiveVm, fleet_tag};
 use crate::stamp::Stamp;
 
@@ -46,11 +47,11 @@ impl Planner<'_> {
     /// another VMID): destroyed with `--allow-destroy`, kept otherwise.
     pub(super) fn orphans(&mut self) {
         let tag = fleet_tag(&self.fleet.fleet);
-        let desired_ids: BTreeSet<u32> = self.vms.iter().map(|v| v.vmid.get()).collect();
-        let fleet_addresses: BTreeMap<String, u32> = self
+        let desired_ids: BTreeSet<Vmid> = self.vms.iter().map(|v| v.vmid).collect();
+        let fleet_addresses: BTreeMap<String, Vmid> = self
             .vms
             .iter()
-            .map(|v| (format!("vm.{}", v.name), v.vmid.get()))
+            .map(|v| (format!("vm.{}", v.name), v.vmid))
             .collect();
         let live = self.live;
         for vm in live
@@ -78,7 +79,7 @@ impl Planner<'_> {
                 continue;
             }
             if !self.options.allow_destroy {
-                self.kept.push((address, vm.vmid));
+                self.kept.push((address, vm.vmid.get()));
                 continue;
             }
             self.changes.push(destroy_change(&address, vm, in_fleet));
@@ -116,14 +117,14 @@ fn destroy_change(address: &str, vm: &LiveVm, in_fleet: bool) -> Change {
 /// instead of full or the reverse, or a full clone on another storage:
 /// nixgold does not move disks, `--replace` re-creates the VM.
 fn placement_note(vm: &DesiredVm, live: &LiveState) -> Option<String> {
-    let volid = live.vms.get(&vm.vmid.get())?.disk_volid()?;
+    let volid = live.vms.get(&vm.vmid)?.disk_volid()?;
     let storage = volid.split(':').next()?;
     let linked = live.linked_disks.contains(volid);
     // Where the listing cannot tell, a disk away from its template's
     // storage is still surely a full clone.
     let template_storage = live
         .vms
-        .get(&vm.template_vmid.get())
+        .get(&vm.template_vmid)
         .and_then(LiveVm::disk_volid)
         .and_then(|v| v.split(':').next());
     let known =
@@ -265,7 +266,7 @@ fn plan_vm(
     force_replace: bool,
 ) -> Result<Option<Change>, PlanError> {
     let p = VmPlan::new(fleet, vm, image);
-    let Some(existing) = live.vms.get(&vm.vmid.get()) else {
+    let Some(existing) = live.vms.get(&vm.vmid) else {
         return Ok(Some(p.create()));
     };
     let stamp = p.check_owner(existing, tag)?;
@@ -285,21 +286,10 @@ struct VmPlan<'a> {
     address: String,
     /// The config it should have, on the generation the fleet gives it.
     want: BTreeMap<String, String>,
-    /// The node of the template it is cloned from.
-    template_node: String,
 }
 
 impl<'a> VmPlan<'a> {
     fn new(fleet: &'a Fleet, vm: &'a DesiredVm, image: &'a crate::fleet::Image) -> Self {
-        let template_node = if fleet.proxmox.is_shared(&image.hardware.storage) {
-            image
-                .build_node
-                .clone()
-                .unwrap_or_else(|| fleet.proxmox.default_node().clone())
-                .to_string()
-        } else {
-            vm.node.to_string()
-        };
         VmPlan {
             fleet,
             vm,
@@ -307,7 +297,6 @@ impl<'a> VmPlan<'a> {
             spec: &fleet.vms[&vm.name],
             address: format!("vm.{}", vm.name),
             want: desired_config(fleet, vm, image.nixos.guest_agent, vm.generation.number()),
-            template_node,
         }
     }
 
@@ -321,11 +310,11 @@ impl<'a> VmPlan<'a> {
     ) -> VmWork {
         let vm = self.vm;
         VmWork {
-            vmid: vm.vmid.get(),
-            node: vm.node.to_string(),
+            vmid: vm.vmid,
+            node: vm.node.clone(),
             name: vm.name.clone(),
-            template_vmid: vm.template_vmid.get(),
-            template_node: self.template_node.clone(),
+            template_vmid: vm.template_vmid,
+            template_node: vm.template_node.clone(),
             full_clone: vm.clone == CloneMode::Full,
             storage: (vm.clone == CloneMode::Full).then(|| vm.storage.clone()),
             set,
@@ -404,7 +393,7 @@ impl<'a> VmPlan<'a> {
                 return Err(PlanError::CloneInProgress {
                     address,
                     vmid,
-                    node: existing.node.clone(),
+                    node: existing.node.to_string(),
                 });
             }
             None => {
@@ -412,7 +401,7 @@ impl<'a> VmPlan<'a> {
                     address,
                     vmid,
                     name: existing.name.clone().unwrap_or_default(),
-                    node: existing.node.clone(),
+                    node: existing.node.to_string(),
                 });
             }
             Some(s) if !s.is(&self.fleet.fleet, &address) => {
@@ -445,7 +434,7 @@ impl<'a> VmPlan<'a> {
         if force {
             replace.push("replacement requested with --replace".to_owned());
         }
-        if existing.node != vm.node.as_str() {
+        if existing.node != vm.node {
             replace.push(format!(
                 "it is on node {}, the fleet wants {}",
                 existing.node, vm.node
