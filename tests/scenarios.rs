@@ -1572,6 +1572,11 @@ fn a_rollback_holds_until_the_fleet_changes() {
         s.sim
             .inspect(|st| st.vms.contains_key(&9401) && st.vms.contains_key(&9402))
     );
+    let (_, state, _) = s.run(&["show", "fleet.yaml"]);
+    assert_contains(
+        &state,
+        &["image.golden: current generation 2 (held by `nixgold rollback`"],
+    );
 
     s.set_fleet(&keep_two("\"vim\", \"htop\", \"git\", \"curl\""));
     let (code, text) = s.plan();

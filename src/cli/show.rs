@@ -98,7 +98,7 @@ fn resources(lock: &Lockfile) -> Vec<Value> {
             .iter()
             .map(|g| json!({ "number": g.number, "input_hash": g.input_hash, "iso_sha256": g.iso_sha256, "built_at": g.built_at, "nixos_version": g.nixos_version, "system_path": g.system_path, "templates": g.templates.iter().map(|t| json!({ "node": t.node, "vmid": t.vmid })).collect::<Vec<_>>() }))
             .collect();
-        let values = json!({ "current": image.current, "generations": generations });
+        let values = json!({ "current": image.current, "hold": image.hold, "generations": generations });
         resource(format!("image.{name}"), "image", name, values)
     });
     let vms = lock.vmids.iter().map(|(address, vmid)| {
@@ -118,7 +118,16 @@ fn state_text(lock: &Lockfile, path: &Path) -> String {
         );
     }
     for (name, image) in &lock.images {
-        let _ = writeln!(out, "\nimage.{name}: current generation {}", image.current);
+        let held = if image.hold.is_some() {
+            " (held by `nixgold rollback`; `nixgold release` ends it)"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            out,
+            "\nimage.{name}: current generation {}{held}",
+            image.current
+        );
         for g in &image.generations {
             let templates: Vec<String> = g
                 .templates
