@@ -318,7 +318,10 @@ pub async fn apply(
         |c| {
             matches!(
                 c.work,
-                Work::CreateVm(_) | Work::UpdateVm(_) | Work::ReplaceVm { .. }
+                Work::CreateVm(_)
+                    | Work::UpdateVm(_)
+                    | Work::ReplaceVm { .. }
+                    | Work::AdoptTemplate { .. }
             )
         },
     ];
@@ -604,6 +607,34 @@ async fn run_vm_change(ctx: &Ctx, change: &Change) -> Result<(), Outcome> {
             ];
             destroy_vm(ctx, address, *vmid, node, &template).await
         }
+        Work::AdoptTemplate {
+            image,
+            vmid,
+            node,
+            set,
+            digest,
+        } => {
+            let owner = [("resource", format!("image.{image}"))];
+            ctx.step(address, "write the stamp and tags", || async {
+                let current = ctx.client.vm_config(node, *vmid, false).await?;
+                if current
+                    .get("description")
+                    .and_then(crate::plan::read_stamp)
+                    .is_some()
+                {
+                    // Written by an earlier attempt whose answer was lost.
+                    return check_owner(ctx, &current, *vmid, node, &owner);
+                }
+                let update = ConfigUpdate {
+                    set: set.clone(),
+                    delete: Vec::new(),
+                    digest: Some(digest.clone()),
+                };
+                ctx.wait(&ctx.client.update_config(node, *vmid, &update).await?)
+                    .await
+            })
+            .await
+        }
         Work::BuildTemplate { .. } => unreachable!("builds run in build_template"),
     }
 }
@@ -787,13 +818,22 @@ async fn write_config(
     planned: Option<String>,
 ) -> Result<(), ApiError> {
     let current = ctx.client.vm_config(&w.node, w.vmid, false).await?;
-    check_owner(
-        ctx,
-        &current,
-        w.vmid,
-        &w.node,
-        &[("resource", address.to_owned())],
-    )?;
+    // An adopted VM has no stamp until this write; the plan's digest
+    // guards that it is still the VM the plan read.
+    let unstamped = current
+        .get("description")
+        .and_then(crate::plan::read_stamp)
+        .is_none();
+    let adopt_digest = w.digest.clone().filter(|_| w.adopt && unstamped);
+    if adopt_digest.is_none() {
+        check_owner(
+            ctx,
+            &current,
+            w.vmid,
+            &w.node,
+            &[("resource", address.to_owned())],
+        )?;
+    }
     // Keep the MAC Proxmox generated at clone time.
     if let Some(net) = set.get_mut("net0") {
         let mut want = Net::parse(net);
@@ -804,7 +844,7 @@ async fn write_config(
     }
     // The plan-time digest guards the first write; a retry after lock
     // contention re-reads it (the values are the same).
-    let digest = planned.unwrap_or(current.digest);
+    let digest = adopt_digest.or(planned).unwrap_or(current.digest);
     let update = ConfigUpdate {
         set,
         delete: Vec::new(),

@@ -139,11 +139,17 @@ fn rebuild_reason(
     let Some(g) = current else {
         return Some("the image has no generation yet".to_owned());
     };
-    if iso_sha256.is_some_and(|s| *s != g.iso_sha256) {
+    if let (Some(pin), Some(built)) = (iso_sha256, g.iso_sha256)
+        && *pin != built
+    {
         return Some("the pinned ISO changed".to_owned());
     }
     if g.input_hash.to_string() != hash {
-        return Some("its configuration, install script or hardware changed".to_owned());
+        return Some(if g.imported {
+            "its inputs changed since its template was imported".to_owned()
+        } else {
+            "its configuration, install script or hardware changed".to_owned()
+        });
     }
     let days = image.rebuild.every_days?;
     let built = humantime::parse_rfc3339(&g.built_at).ok()?;
@@ -276,12 +282,14 @@ pub fn build(fleet: &Fleet, lock: &Lockfile) -> Result<DesiredGraph, DesiredErro
             _ => None,
         };
         let hash = input_hash(name, image, iso_sha.as_ref());
-        let reason = rebuild_reason(
-            image,
-            locked.and_then(|l| l.current_generation()),
-            &hash,
-            iso_sha.as_ref(),
-        );
+        let current = locked.and_then(|l| l.current_generation());
+        // An imported generation whose ISO was unknown is compared on the
+        // other inputs only.
+        let baseline = match current {
+            Some(g) if g.iso_sha256.is_none() => input_hash(name, image, None),
+            _ => hash.clone(),
+        };
+        let reason = rebuild_reason(image, current, &baseline, iso_sha.as_ref());
         // A generation whose inputs no longer match is not used for new
         // clones: a new one is built.
         let pinned = locked
@@ -441,7 +449,7 @@ pub fn build(fleet: &Fleet, lock: &Lockfile) -> Result<DesiredGraph, DesiredErro
     Ok(DesiredGraph { graph, lock })
 }
 
-fn iso_pin(name: &str, iso: &Iso, lock: &Lockfile) -> IsoPinState {
+pub fn iso_pin(name: &str, iso: &Iso, lock: &Lockfile) -> IsoPinState {
     match (iso, lock.isos.get(name)) {
         (
             Iso::Url {

@@ -22,6 +22,8 @@ pub mod drift;
 pub mod files;
 pub mod fleet;
 pub mod ids;
+pub mod import;
+pub mod init;
 pub mod limit;
 pub mod live;
 pub mod lock;

@@ -358,3 +358,22 @@ async fn read_linked_disks(client: &Client, live: &mut LiveState) -> Result<(), 
     }
     Ok(())
 }
+
+/// VMs of the cluster with their configs: every VM, or those of `only`
+/// (for `import` and `init --from-cluster`, which look at VMs nixgold does
+/// not manage yet).
+pub async fn read_with_configs(
+    client: &Client,
+    only: Option<&BTreeSet<u32>>,
+) -> Result<BTreeMap<u32, LiveVm>, ApiError> {
+    let mut live = LiveState::default();
+    read_vms(client, &mut live).await?;
+    let mut vms = live.vms;
+    if let Some(only) = only {
+        vms.retain(|id, _| only.contains(id));
+    }
+    for vm in vms.values_mut() {
+        vm.config = Some(client.vm_config(&vm.node, vm.vmid, false).await?.into());
+    }
+    Ok(vms)
+}

@@ -39,6 +39,11 @@ pub struct Lockfile {
     /// VMIDs nixgold allocated, by resource address (`vm.NAME`).
     #[serde(default)]
     pub vmids: BTreeMap<String, Vmid>,
+    /// VMs taken under management by `nixgold import` whose stamp apply
+    /// has not written yet, by address (`vm.NAME`): the plan adopts the
+    /// unstamped VM at that VMID instead of refusing it as foreign.
+    #[serde(default)]
+    pub adopt: BTreeMap<String, Vmid>,
 }
 
 /// A resolved installer ISO.
@@ -80,11 +85,19 @@ pub struct Generation {
     /// Hash of the build's inputs: ISO sha256, configuration.nix, install
     /// script, hardware.
     pub input_hash: Sha256,
-    pub iso_sha256: Sha256,
+    /// The ISO it was installed from; unknown for an imported template
+    /// when the fleet's ISO was not pinned at import.
+    #[serde(default)]
+    pub iso_sha256: Option<Sha256>,
     pub built_at: String,
     pub nixos_version: String,
     pub system_path: String,
     pub templates: Vec<TemplateReplica>,
+    /// Taken over by `nixgold import`, not built by nixgold: its real
+    /// inputs are unknown, so `input_hash` is the fleet's inputs at import
+    /// time (the baseline whose next change builds a normal generation).
+    #[serde(default)]
+    pub imported: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -201,6 +214,7 @@ impl Lockfile {
             isos,
             images,
             vmids,
+            adopt,
         } = self;
         let mut out = String::from(HEADER);
         let _ = writeln!(out, "version = {VERSION}");
@@ -240,11 +254,17 @@ impl Lockfile {
                     nixos_version,
                     system_path,
                     templates,
+                    imported,
                 } = generation;
                 let _ = writeln!(out, "\n[[image.{}.generation]]", key(name));
                 let _ = writeln!(out, "number = {number}");
+                if *imported {
+                    out.push_str("imported = true\n");
+                }
                 let _ = writeln!(out, "input_hash = \"{input_hash}\"");
-                let _ = writeln!(out, "iso_sha256 = \"{iso_sha256}\"");
+                if let Some(iso_sha256) = iso_sha256 {
+                    let _ = writeln!(out, "iso_sha256 = \"{iso_sha256}\"");
+                }
                 let _ = writeln!(out, "built_at = {}", quote(built_at));
                 let _ = writeln!(out, "nixos_version = {}", quote(nixos_version));
                 let _ = writeln!(out, "system_path = {}", quote(system_path));
@@ -260,6 +280,12 @@ impl Lockfile {
         if !vmids.is_empty() {
             out.push_str("\n[vmids]\n");
             for (address, id) in vmids {
+                let _ = writeln!(out, "{} = {id}", quote(address));
+            }
+        }
+        if !adopt.is_empty() {
+            out.push_str("\n[adopt]\n");
+            for (address, id) in adopt {
                 let _ = writeln!(out, "{} = {id}", quote(address));
             }
         }
@@ -398,10 +424,11 @@ mod tests {
                     Generation {
                         number: 2,
                         input_hash: sha,
-                        iso_sha256: sha,
+                        iso_sha256: Some(sha),
                         built_at: "2026-11-25T20:00:00Z".into(),
                         nixos_version: "24.05".into(),
                         system_path: "/nix/store/x".into(),
+                        imported: false,
                         templates: vec![
                             TemplateReplica {
                                 node: "pve2".parse().unwrap(),
@@ -416,10 +443,11 @@ mod tests {
                     Generation {
                         number: 1,
                         input_hash: sha,
-                        iso_sha256: sha,
+                        iso_sha256: Some(sha),
                         built_at: "2026-08-25T20:00:00Z".into(),
                         nixos_version: "24.05".into(),
                         system_path: "/nix/store/y".into(),
+                        imported: true,
                         templates: vec![TemplateReplica {
                             node: "pve1".parse().unwrap(),
                             vmid: Vmid::new(9400).unwrap(),

@@ -5,7 +5,8 @@
 //! the planner decides, the executor obeys). Diffs compare canonical forms
 //! (MACs, key order, tag order and case, sizes), so a freshly applied fleet
 //! plans empty. Identity is checked before anything is touched: a VMID held
-//! by a VM without this fleet's stamp is an error, never adopted.
+//! by a VM without this fleet's stamp is an error, never adopted — unless
+//! `nixgold import` recorded the adoption in the lockfile (`crate::import`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -111,6 +112,15 @@ pub enum Work {
         /// The build of this image in the same plan, which must succeed first.
         after: Option<String>,
     },
+    /// Write the stamp and tags into an imported template (its config
+    /// otherwise stays as it is).
+    AdoptTemplate {
+        image: String,
+        vmid: u32,
+        node: String,
+        set: BTreeMap<String, String>,
+        digest: String,
+    },
     /// Build one generation of an image on one node.
     BuildTemplate {
         build: Box<crate::build::BuildWork>,
@@ -144,6 +154,10 @@ pub struct VmWork {
     pub digest: Option<String>,
     /// Addresses of changes this one waits for (ISO, template).
     pub after: Vec<String>,
+    /// An update that adopts an imported VM: the write goes ahead on the
+    /// unstamped VM the plan read (its digest guards it).
+    #[serde(default)]
+    pub adopt: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -265,6 +279,14 @@ pub enum PlanError {
         "{address} must be replaced ({reason}), but the fleet marks it prevent_destroy\n  hint: remove prevent_destroy to allow it, or undo the change"
     )]
     PreventDestroy { address: String, reason: String },
+    #[error(
+        "{address}: adopting VMID {vmid} would replace it ({reason})\n  hint: an import never recreates a VM; change the fleet to match it (`nixgold init --from-cluster --vmid {vmid}` shows what it is)"
+    )]
+    AdoptWouldReplace {
+        address: String,
+        vmid: u32,
+        reason: String,
+    },
     #[error(
         "{address}: the ISO `{iso}` is not pinned or not on {node}\n  hint: plan without --locked to pin it"
     )]
@@ -405,7 +427,16 @@ pub fn plan(
             .map(|(n, _)| n.as_str())
             .collect();
         let address = format!("iso.{}", iso.name);
-        let wanted = targeted(options, &address) || users.iter().any(|u| needed_images.contains(u));
+        // Images on an imported generation get their ISO with their first
+        // build, unless it is asked for by name.
+        let imported_only = !users.is_empty()
+            && users
+                .iter()
+                .all(|u| crate::import::iso_unneeded(desired, u));
+        let wanted = options.targets.contains(&address)
+            || (!imported_only
+                && (targeted(options, &address)
+                    || users.iter().any(|u| needed_images.contains(u))));
         if !wanted {
             continue;
         }
@@ -477,12 +508,17 @@ pub fn plan(
             continue;
         }
         match t.generation {
-            GenerationRef::Pinned(_) => match check_template(t, live) {
-                Ok(()) => {
-                    template_ok.insert(t.vmid.get());
+            GenerationRef::Pinned(n) => {
+                match check_template(t, live).and_then(|()| {
+                    crate::import::template_change(&fleet.fleet, &desired.lock, t, n, live)
+                }) {
+                    Ok(adopt) => {
+                        template_ok.insert(t.vmid.get());
+                        changes.extend(adopt);
+                    }
+                    Err(e) => errors.push(e),
                 }
-                Err(e) => errors.push(e),
-            },
+            }
             GenerationRef::ToBuild(n) => {
                 let existing = live.vms.get(&t.vmid.get());
                 let stamp = existing.and_then(LiveVm::stamp);
@@ -540,7 +576,8 @@ pub fn plan(
         if !force && let Some(note) = placement_note(vm, live) {
             notes.push(note);
         }
-        match plan_vm(fleet, vm, image, live, &tag, force) {
+        let adopting = crate::import::adopting(&desired.lock, &format!("vm.{}", vm.name), vm.vmid);
+        match plan_vm(fleet, vm, image, live, &tag, force, adopting) {
             Ok(Some(mut change)) => {
                 if let Some(build) = building.get(&vm.template_vmid.get()) {
                     match &mut change.work {
@@ -610,6 +647,7 @@ pub fn plan(
     }
 
     let mut lock = desired.lock.clone();
+    crate::import::drop_settled(&mut lock, live);
     let retained = retire_generations(fleet, desired, live, &building, &mut lock, &mut changes);
     notes.extend(capacity_notes(fleet, &targeted_vms, &changes, live));
     if !errors.is_empty() {
@@ -1126,9 +1164,22 @@ pub fn desired_config(
     c
 }
 
+/// The value Proxmox takes for a key a config does not have
+/// (qemu-server `PVE/QemuServer.pm` `$confdesc` defaults): a VM created by
+/// hand often lacks them, and adopting it must not rewrite them.
+fn pve_default(key: &str) -> Option<&'static str> {
+    match key {
+        "sockets" | "cores" => Some("1"),
+        "onboot" | "agent" => Some("0"),
+        _ => None,
+    }
+}
+
 /// Compares one key canonically; returns the live value when it differs.
 fn differs(key: &str, want: &str, have: Option<&str>) -> bool {
-    let Some(have) = have else { return true };
+    let Some(have) = have.or_else(|| pve_default(key)) else {
+        return true;
+    };
     match key {
         "net0" => {
             let (w, h) = (Net::parse(want), Net::parse(have));
@@ -1191,6 +1242,7 @@ fn plan_vm(
     live: &LiveState,
     tag: &str,
     force_replace: bool,
+    adopting: bool,
 ) -> Result<Option<Change>, PlanError> {
     let address = format!("vm.{}", vm.name);
     let spec = &fleet.vms[&vm.name];
@@ -1223,6 +1275,7 @@ fn plan_vm(
         restart: false,
         digest,
         after: Vec::new(),
+        adopt: adopting,
     };
     let create_fields = |want: &BTreeMap<String, String>| -> Vec<FieldDiff> {
         let mut fields: Vec<FieldDiff> = want
@@ -1303,6 +1356,7 @@ fn plan_vm(
         // During a clone its target exists as `lock: clone` with partial
         // disks and no description yet (shared/pve-api/NOTES.md, clone):
         // unstamped is not foreign yet.
+        None if adopting => {}
         None if existing.lock.as_deref() == Some("clone") => {
             return Err(PlanError::CloneInProgress {
                 address,
@@ -1342,7 +1396,12 @@ fn plan_vm(
             lock: lock.clone(),
         });
     }
-    let stamp = stamp.expect("checked above");
+    // An adopted VM is planned as if it carried the stamp it will get.
+    let stamp = stamp.unwrap_or_else(|| {
+        let address = format!("vm.{}", vm.name);
+        let line = self::stamp(&fleet.fleet, &address, &vm.image, vm.generation.number());
+        read_stamp(&line).unwrap_or_default()
+    });
     let live_generation: Option<u32> = stamp.get("generation").and_then(|g| g.parse().ok());
 
     // Reasons to replace.
@@ -1391,6 +1450,13 @@ fn plan_vm(
     }
     if !replace.is_empty() {
         let reason = replace.join("; ");
+        if adopting {
+            return Err(PlanError::AdoptWouldReplace {
+                address,
+                vmid: vm.vmid.get(),
+                reason,
+            });
+        }
         if spec.prevent_destroy {
             return Err(PlanError::PreventDestroy { address, reason });
         }
@@ -1469,7 +1535,9 @@ fn plan_vm(
         return Ok(None);
     }
     fields.sort_by(|a, b| a.field.cmp(&b.field));
-    let reason = if !values.contains_key("ciuser") && want.contains_key("ciuser") && !running {
+    let reason = if adopting {
+        "adopting it (nixgold import): stamp, tags and what differs from the fleet".to_owned()
+    } else if !values.contains_key("ciuser") && want.contains_key("ciuser") && !running {
         "finishing a create that was interrupted".to_owned()
     } else {
         "its configuration differs from the fleet".to_owned()
@@ -1572,5 +1640,9 @@ mod tests {
         ));
         assert!(!differs("agent", "1", Some("enabled=1")));
         assert!(!differs("description", "x", Some("x\n")));
+        // Absent keys are Proxmox's defaults.
+        assert!(!differs("sockets", "1", None));
+        assert!(differs("sockets", "2", None));
+        assert!(differs("name", "web", None));
     }
 }

@@ -2504,3 +2504,355 @@ fn a_changed_iso_pin_downloads_and_verifies_a_new_file_before_a_build_uses_it() 
     assert_eq!(lock.images["golden"].generations.len(), 1);
     assert!(has(&old_file), "the old file is left alone");
 }
+
+// ----- import: adopting what exists (issue 16) ---------------------------
+
+/// The fleet that describes the hand-made template 9000 and VM 101 of
+/// [`hand_made_cluster`] (what `init --from-cluster` writes for them).
+fn adopted_fleet(vm_extra: &str) -> String {
+    format!(
+        r#"fleet: homelab
+proxmox:
+  endpoint: https://pve.example.invalid:8006
+  nodes: [pve]
+  token: {{ env: PROXMOX_VE_API_TOKEN }}
+isos:
+  nixos: {{ url: "{ISO_URL}", checksum: "sha256:{ISO_SHA}" }}
+images:
+  golden:
+    iso: nixos
+    vmid_range: {{ first: 9000, last: 9009 }}
+    hardware: {{ cores: 2, memory: 2048, disk: 30G, storage: tank }}
+    nixos: {{ state_version: "24.05" }}
+{BUILD}vms:
+  web-01:
+    image: golden
+    vmid: 101
+    clone: linked
+    cores: 2
+    memory: 2048
+    network: {{ ip: 192.168.1.130/24, gateway: 192.168.1.1 }}
+    user: ops
+    tags: [prod]
+    description: web server
+    onboot: true
+{vm_extra}"#
+    )
+}
+
+impl Scenario {
+    /// Sends one API request as a user would (curl, Terraform); waits for
+    /// the task it starts. Returns `data`.
+    fn api_call(&self, method: &str, path: &str, form: &[(&str, &str)]) -> serde_json::Value {
+        let base = self.handle.as_ref().unwrap().url();
+        let auth = format!("PVEAPIToken={TOKEN}");
+        self.rt.block_on(async {
+            let c = reqwest::Client::new();
+            let url = format!("{base}/api2/json{path}");
+            let req = match method {
+                "PUT" => c.put(url).form(form),
+                "GET" => c.get(url),
+                _ => c.post(url).form(form),
+            };
+            let r = req.header("Authorization", &auth).send().await.unwrap();
+            assert_eq!(
+                r.status(),
+                200,
+                "{method} {path}: {}",
+                r.text().await.unwrap()
+            );
+            let data = r.json::<serde_json::Value>().await.unwrap()["data"].clone();
+            let Some(upid) = data.as_str().filter(|d| d.starts_with("UPID:")) else {
+                return data;
+            };
+            let status = format!("{base}/api2/json/nodes/pve/tasks/{}/status", percent(upid));
+            loop {
+                let s: serde_json::Value = c
+                    .get(&status)
+                    .header("Authorization", &auth)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                if s["data"]["status"] == "stopped" {
+                    assert_eq!(s["data"]["exitstatus"], "OK", "{method} {path}: {s}");
+                    return data;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    }
+
+    /// Creates template 9000 and its running linked clone 101 by plain API
+    /// calls, as Packer and Terraform leave them.
+    fn hand_made_cluster(&self, root_disk: &str) {
+        self.api_call(
+            "POST",
+            "/nodes/pve/qemu",
+            &[
+                ("vmid", "9000"),
+                ("name", "nixos-golden"),
+                ("memory", "2048"),
+                ("cores", "2"),
+                (root_disk, "tank:30"),
+                ("ide2", "tank:cloudinit"),
+                ("net0", "virtio,bridge=vmbr0"),
+                ("agent", "1"),
+                ("description", "built by packer"),
+            ],
+        );
+        self.api_call("POST", "/nodes/pve/qemu/9000/template", &[]);
+        self.api_call(
+            "POST",
+            "/nodes/pve/qemu/9000/clone",
+            &[("newid", "101"), ("name", "web-01"), ("full", "0")],
+        );
+        self.api_call(
+            "PUT",
+            "/nodes/pve/qemu/101/config",
+            &[
+                ("ipconfig0", "ip=192.168.1.130/24,gw=192.168.1.1"),
+                ("ciuser", "ops"),
+                ("tags", "prod"),
+                ("onboot", "1"),
+                ("description", "web server"),
+            ],
+        );
+        self.api_call("POST", "/nodes/pve/qemu/101/status/start", &[]);
+    }
+
+    fn import(&self, address: &str, vmid: &str) -> (i32, String, String) {
+        self.run(&["import", "fleet.yaml", address, vmid])
+    }
+}
+
+/// What must not change when a VM is adopted: its disks, MAC and boot.
+fn identity(s: &Scenario, vmid: u32) -> (String, String, u64) {
+    let config = s.config(vmid);
+    let started = s.sim.inspect(|st| st.vms[&vmid].started_ms);
+    (config["scsi0"].clone(), config["net0"].clone(), started)
+}
+
+#[test]
+fn init_from_cluster_then_import_adopts_hand_made_vms_without_touching_them() {
+    let s = Scenario::new(ClusterSpec::default(), &adopted_fleet(""), EMPTY_LOCK);
+    s.hand_made_cluster("scsi0");
+    let before = identity(&s, 101);
+
+    // Without an import the VMID is foreign, as before.
+    let (code, _, stderr) = s.run(&["plan", "fleet.yaml"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert_contains(
+        &stderr,
+        &["VMID 9000 is taken by a VM nixgold does not own"],
+    );
+
+    let (code, stdout, stderr) = s.run(&[
+        "init",
+        "--from-cluster",
+        "-o",
+        "fleet.yaml",
+        "--force",
+        "--node",
+        "pve",
+        "--storage",
+        "tank",
+        "--bridge",
+        "vmbr0",
+        "--iso-url",
+        ISO_URL,
+        "--iso-sha256",
+        ISO_SHA,
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_contains(&stderr, &["wrote fleet.yaml (valid)"]);
+    assert_eq!(
+        stdout,
+        "nixgold import fleet.yaml image.nixos-golden 9000\nnixgold import fleet.yaml vm.web-01 101\n"
+    );
+    let fleet = std::fs::read_to_string(s.dir.path().join("fleet.yaml")).unwrap();
+    assert_contains(
+        &fleet,
+        &[
+            "    vmid_range:\n      first: 9000\n      last: 9009\n",
+            "    clone: \"linked\"\n",
+            "      ip: \"192.168.1.130/24\"\n      gateway: \"192.168.1.1\"\n",
+            "    description: \"web server\"\n",
+        ],
+    );
+
+    for import in stdout.lines() {
+        let args: Vec<&str> = import.split_whitespace().skip(1).collect();
+        let (code, _, stderr) = s.run(&args);
+        assert_eq!(code, 0, "{stderr}");
+        assert_contains(&stderr, &["nothing was written to Proxmox"]);
+    }
+    let lock = read_lock(&s);
+    let generation = lock.images["nixos-golden"].current_generation().unwrap();
+    assert!(
+        generation.imported && generation.number == 1,
+        "{generation:?}"
+    );
+    assert_eq!(lock.adopt["vm.web-01"].get(), 101);
+
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    assert_contains(
+        &text,
+        &[
+            "~ image.nixos-golden[pve]",
+            "~ vm.web-01",
+            "adopting it (nixgold import)",
+            "Plan: 0 to create, 2 to update, 0 to replace, 0 to destroy.",
+        ],
+    );
+    // Only the stamp and the fleet's tags: no clone, build or other key.
+    let changed: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("    ")?.split_once(' '))
+        .filter(|(symbol, _)| ["~", "+", "-"].contains(symbol))
+        .filter_map(|(_, rest)| rest.split_whitespace().next())
+        .collect();
+    assert_eq!(
+        changed,
+        ["description", "tags", "description", "tags"],
+        "{text}"
+    );
+
+    let mark = s.sim.journal().len();
+    s.converge();
+    let writes: Vec<String> = s.sim.journal()[mark..]
+        .iter()
+        .filter(|e| e.method != "GET")
+        .map(|e| format!("{} {}", e.method, e.route))
+        .filter(|r| !r.contains("/pools"))
+        .collect();
+    assert_eq!(
+        writes,
+        [
+            "POST /nodes/{node}/qemu/{vmid}/config",
+            "POST /nodes/{node}/qemu/{vmid}/config"
+        ],
+        "apply wrote only the two configs (async POST, digest-guarded)"
+    );
+    assert_eq!(identity(&s, 101), before, "disks, MAC and uptime unchanged");
+    assert!(s.config(101)["description"].starts_with(
+        "web server\n\nnixgold: fleet=homelab resource=vm.web-01 image=nixos-golden generation=1"
+    ));
+    assert!(
+        s.config(9000)["description"]
+            .ends_with("resource=image.nixos-golden generation=1 imported=true")
+    );
+    assert!(read_lock(&s).adopt.is_empty(), "the adoption is settled");
+}
+
+#[test]
+fn an_imported_templates_clones_keep_working_after_a_new_generation() {
+    let fleet = adopted_fleet("    on_new_generation: keep\n");
+    let s = Scenario::new(ClusterSpec::default(), &fleet, EMPTY_LOCK);
+    s.hand_made_cluster("scsi0");
+    assert_eq!(s.import("image.golden", "9000").0, 0);
+    assert_eq!(s.import("vm.web-01", "101").0, 0);
+    s.converge();
+    let before = identity(&s, 101);
+
+    // An input change builds a normal generation 2.
+    s.set_fleet(&fleet.replace(
+        "nixos: { state_version: \"24.05\" }",
+        "nixos: { state_version: \"24.05\", packages: [htop] }",
+    ));
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    assert_contains(
+        &text,
+        &[
+            "+ image.golden[pve]",
+            "its inputs changed since its template was imported",
+        ],
+    );
+    s.converge();
+    let lock = read_lock(&s);
+    let image = &lock.images["golden"];
+    let g2 = image.current_generation().unwrap();
+    assert_eq!((g2.number, g2.imported), (2, false));
+    assert!(g2.system_path.starts_with("/nix/store/"));
+    // The linked clone still runs on the imported template, which stays.
+    assert!(
+        image
+            .generations
+            .iter()
+            .any(|g| g.number == 1 && g.imported)
+    );
+    assert_eq!(s.config(9000)["template"], "1");
+    assert_eq!(identity(&s, 101), before);
+    assert!(s.config(101)["description"].contains("generation=1"));
+}
+
+fn refusal(s: &Scenario, address: &str, vmid: &str, expected: &str) {
+    let lock_before = std::fs::read_to_string(s.dir.path().join("fleet.lock")).unwrap();
+    let (code, _, stderr) = s.import(address, vmid);
+    assert_eq!(code, 1, "{stderr}");
+    assert_contains(&stderr, &[expected]);
+    let lock_after = std::fs::read_to_string(s.dir.path().join("fleet.lock")).unwrap();
+    assert_eq!(
+        lock_before, lock_after,
+        "a refused import leaves the lockfile alone"
+    );
+}
+
+#[test]
+fn import_refuses_what_it_cannot_adopt_and_says_why() {
+    let s = Scenario::new(ClusterSpec::default(), &adopted_fleet(""), EMPTY_LOCK);
+    s.hand_made_cluster("scsi0");
+    refusal(&s, "vm.web-01", "9000", "VMID 9000 is a template, not a VM");
+    refusal(
+        &s,
+        "image.golden",
+        "101",
+        "VMID 101 is a VM, not a template",
+    );
+    refusal(&s, "vm.web-02", "101", "the fleet has no such resource");
+    refusal(&s, "vm.web-01", "555", "there is no VM 555 in the cluster");
+    // Stamped by another fleet.
+    s.api_call(
+        "PUT",
+        "/nodes/pve/qemu/101/config",
+        &[(
+            "description",
+            "nixgold: fleet=lab resource=vm.web image=golden generation=1",
+        )],
+    );
+    refusal(
+        &s,
+        "vm.web-01",
+        "101",
+        "VMID 101 is stamped as vm.web of fleet `lab`",
+    );
+    // Declared on another node.
+    s.set_fleet(&adopted_fleet("    node: pve2\n").replace("nodes: [pve]", "nodes: [pve, pve2]"));
+    s.api_call(
+        "PUT",
+        "/nodes/pve/qemu/101/config",
+        &[("description", "web server")],
+    );
+    refusal(
+        &s,
+        "vm.web-01",
+        "101",
+        "VMID 101 is on node pve, the fleet declares it on pve2",
+    );
+}
+
+#[test]
+fn import_refuses_a_template_nixgold_cannot_clone_from() {
+    let s = Scenario::new(ClusterSpec::default(), &adopted_fleet(""), EMPTY_LOCK);
+    s.hand_made_cluster("virtio0");
+    refusal(
+        &s,
+        "image.golden",
+        "9000",
+        "nixgold cannot clone from template 9000: its root disk is virtio0, not scsi0",
+    );
+}

@@ -19,6 +19,8 @@ use crate::problem::Problem;
 
 mod apply_json;
 mod docs;
+mod import;
+mod init;
 mod run;
 mod show;
 mod sim;
@@ -184,6 +186,25 @@ enum Command {
         /// The generation to return to (default: the one before current).
         #[arg(long, value_name = "N")]
         to: Option<u32>,
+        #[command(flatten)]
+        wait: LockWait,
+    },
+    /// Write a fleet file for what exists: a starter fleet, or with
+    /// --from-cluster one drafted from the cluster's templates and VMs.
+    Init(init::InitArgs),
+    /// Take an existing VM (`vm.NAME`) or template (`image.NAME`) under
+    /// management without recreating it: records the adoption in the
+    /// lockfile; the next plan shows what adopting changes.
+    Import {
+        /// The fleet file.
+        #[arg(value_name = "FLEET")]
+        fleet: PathBuf,
+        /// The fleet's resource: `vm.NAME` or `image.NAME`.
+        #[arg(value_name = "ADDRESS")]
+        address: crate::import::Address,
+        /// The VMID of the existing VM or template.
+        #[arg(value_name = "VMID")]
+        vmid: u32,
         #[command(flatten)]
         wait: LockWait,
     },
@@ -664,6 +685,27 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
                 lock_timeout: wait.lock_timeout,
             };
             runtime()?.block_on(run::cmd_rollback(&path, &lock, g.locked, g.sim, &args, out))
+        }
+        Command::Init(args) => {
+            let lock = g.lock_for(args.output(), out);
+            runtime()?.block_on(init::cmd_init(args, &lock, out))
+        }
+        Command::Import {
+            fleet,
+            address,
+            vmid,
+            wait,
+        } => {
+            let lock = g.lock_for(fleet, out);
+            runtime()?.block_on(import::cmd_import(
+                fleet,
+                &lock,
+                g.sim,
+                address,
+                *vmid,
+                wait.lock_timeout,
+                out,
+            ))
         }
         Command::ForceUnlock { id, fleet } => {
             let (path, lock) = fleet_and_lock(g, fleet, out)?;

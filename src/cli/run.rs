@@ -196,7 +196,7 @@ pub async fn connect(
 }
 
 /// Takes the apply lock, or reports who holds it.
-async fn lock_or_report(
+pub(super) async fn lock_or_report(
     client: &Client,
     fleet: &str,
     lock_use: LockUse,
@@ -872,10 +872,23 @@ fn record_outcome(
         .iter()
         .chain(report.changes.iter().filter_map(|c| c.built.as_ref()))
         .collect();
-    if built.is_empty() && removed.is_empty() {
+    let mut lock = plan.lock.clone();
+    let adopted: Vec<&str> = plan
+        .changes
+        .iter()
+        .filter(|c| matches!(&c.work, crate::plan::Work::UpdateVm(w) if w.adopt))
+        .filter(|c| {
+            report
+                .changes
+                .iter()
+                .any(|r| r.address == c.address && r.outcome == Outcome::Done)
+        })
+        .map(|c| c.address.as_str())
+        .collect();
+    let settled = crate::import::settle(&mut lock, &adopted);
+    if built.is_empty() && removed.is_empty() && !settled {
         return Ok(());
     }
-    let mut lock = plan.lock.clone();
     for (image, generation, node) in &removed {
         lock.forget_replica(image, *generation, node);
     }
@@ -1105,11 +1118,12 @@ fn record_build(lock: &mut crate::lock::Lockfile, r: &crate::build::BuildResult,
         crate::lock::Generation {
             number: r.generation,
             input_hash,
-            iso_sha256,
+            iso_sha256: Some(iso_sha256),
             built_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             nixos_version: r.nixos_version.clone(),
             system_path: r.system_path.clone(),
             templates: vec![crate::lock::TemplateReplica { node, vmid }],
+            imported: false,
         },
         replicas,
     );
@@ -1117,7 +1131,7 @@ fn record_build(lock: &mut crate::lock::Lockfile, r: &crate::build::BuildResult,
 
 /// Loads the fleet and connects, for the commands that read no live
 /// state (`rollback`, `force-unlock`).
-async fn connect_only(
+pub(super) async fn connect_only(
     fleet: &Path,
     lock_path: &Path,
     sim: bool,
