@@ -2856,3 +2856,145 @@ fn import_refuses_a_template_nixgold_cannot_clone_from() {
         "nixgold cannot clone from template 9000: its root disk is virtio0, not scsi0",
     );
 }
+
+// ----- init: converting Packer + Terraform (issue 16) --------------------
+
+/// The plaintext secrets in `tests/fixtures/classic/`.
+const CLASSIC_SECRETS: [&str; 5] = [
+    "packer-token-s3cr3t-0001",
+    "packer-build-pw-0002",
+    "tf-token-s3cr3t-0003",
+    "vm-pw-s3cr3t-0004",
+    "state-pw-s3cr3t-0005",
+];
+
+/// Copies the classic fixtures next to the scenario's fleet.
+fn classic_scenario() -> Scenario {
+    let s = Scenario::new(ClusterSpec::default(), &adopted_fleet(""), EMPTY_LOCK);
+    let from = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/classic");
+    let copy = |rel: &str| {
+        let to = s.dir.path().join(rel);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(from.join(rel), to).unwrap();
+    };
+    for rel in [
+        "packer/nixos.auto.pkrvars.hcl",
+        "packer/http/configuration.nix",
+        "packer/install.sh",
+        "terraform/terraform.tfvars",
+        "terraform/terraform.tfstate",
+    ] {
+        copy(rel);
+    }
+    std::fs::remove_file(s.dir.path().join("fleet.yaml")).unwrap();
+    s
+}
+
+/// Runs `init` with `args`; checks no secret of the inputs is in its
+/// output or the fleet it wrote. Returns (stdout, stderr, fleet text).
+fn convert(s: &Scenario, args: &[&str]) -> (String, String, String) {
+    let mut all = vec!["init", "-o", "fleet.yaml"];
+    all.extend_from_slice(args);
+    let (code, stdout, stderr) = s.run(&all);
+    assert_eq!(code, 0, "{stderr}");
+    let fleet = std::fs::read_to_string(s.dir.path().join("fleet.yaml")).unwrap();
+    for secret in CLASSIC_SECRETS {
+        for text in [&stdout, &stderr, &fleet] {
+            assert!(!text.contains(secret), "{secret} leaked:\n{text}");
+        }
+    }
+    (stdout, stderr, fleet)
+}
+
+#[test]
+fn packer_and_terraform_variables_convert_to_a_fleet_that_plans_the_same_resources() {
+    let s = classic_scenario();
+    let (stdout, stderr, fleet) = convert(
+        &s,
+        &[
+            "--from-packer",
+            "packer/nixos.auto.pkrvars.hcl",
+            "--from-terraform",
+            "terraform/terraform.tfvars",
+        ],
+    );
+    assert_contains(
+        &stderr,
+        &[
+            "`proxmox_token` holds a plaintext secret; it was not copied",
+            "`proxmox_skip_tls_verify = true` turned TLS verification off; nixgold does not: pin the certificate with proxmox.tls.fingerprint",
+            "vm.web-01's `ci_password` is a plaintext password; it was not copied: the fleet reads env WEB_01_PASSWORD",
+            "packer/http/configuration.nix: its settings became images.nixos-golden-template.nixos.extra_config",
+            "packer/install.sh: replaced by nixgold's own install script",
+            "wrote fleet.yaml (valid)",
+        ],
+    );
+    assert!(
+        !fleet.contains("insecure:") && !fleet.contains("tls:"),
+        "{fleet}"
+    );
+    assert_contains(
+        &fleet,
+        &[
+            "  endpoint: \"https://192.168.1.10:8006\"\n",
+            "    storage: \"local\"\n",
+            "      first: 9000\n",
+            "    password:\n      env: \"WEB_01_PASSWORD\"\n",
+            "extra_config: \"# Tools every clone gets.\\nenvironment.systemPackages = with pkgs; [ vim git htop ];\\nservices.nginx.enable = true;\"",
+        ],
+    );
+    assert_eq!(
+        stdout,
+        "nixgold import fleet.yaml image.nixos-golden-template 9000\nnixgold import fleet.yaml vm.web-01 101\nnixgold import fleet.yaml vm.web-02 102\n"
+    );
+    // On an empty cluster the fleet plans exactly what Packer and
+    // Terraform made: the template and the two VMs.
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    assert_contains(
+        &text,
+        &[
+            "+ image.nixos-golden-template[pve]",
+            "+ vm.web-01",
+            "+ vm.web-02",
+            "Plan: 4 to create, 0 to update, 0 to replace, 0 to destroy.",
+        ],
+    );
+}
+
+#[test]
+fn a_bpg_state_converts_its_vms_and_leaves_their_passwords_behind() {
+    let s = classic_scenario();
+    let (stdout, stderr, fleet) = convert(
+        &s,
+        &[
+            "--from-packer",
+            "packer/nixos.auto.pkrvars.hcl",
+            "--from-terraform",
+            "terraform/terraform.tfstate",
+        ],
+    );
+    assert_contains(
+        &stderr,
+        &[
+            "vm.web-01 has a password in the state (plaintext); it was not copied: the fleet reads env WEB_01_PASSWORD",
+            "stop Terraform managing these VMs with `terraform state rm`",
+        ],
+    );
+    assert_contains(
+        &fleet,
+        &[
+            "  web-01:\n",
+            "    clone: \"linked\"\n",
+            "      dns: [\"192.168.1.1\"]\n",
+            "    description: \"web server\"\n",
+            "  web-02:\n",
+            "    clone: \"full\"\n",
+            "      dhcp: true\n",
+        ],
+    );
+    assert!(!fleet.contains("WEB_02_PASSWORD"), "web-02 has no password");
+    assert!(stdout.contains("vm.web-02 102"), "{stdout}");
+    let (code, _, stderr) = s.run(&["validate", "fleet.yaml"]);
+    assert_eq!(code, 0, "{stderr}");
+}

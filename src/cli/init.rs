@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 
 use super::{Failure, Output};
+use crate::init::classic::Found;
 use crate::init::render::{Format, render};
 use crate::init::{Draft, Settings};
 
@@ -18,6 +19,14 @@ pub struct InitArgs {
     /// Draft images and VMs from the cluster's templates and VMs.
     #[arg(long)]
     from_cluster: bool,
+    /// Convert a Packer variable file (`nixos.auto.pkrvars.hcl`); an
+    /// `http/configuration.nix` beside it becomes the image's raw Nix.
+    #[arg(long, value_name = "FILE", conflicts_with = "from_cluster")]
+    from_packer: Option<PathBuf>,
+    /// Convert Terraform's `terraform.tfvars`, or a `terraform.tfstate` of
+    /// the bpg or Telmate provider.
+    #[arg(long, value_name = "FILE", conflicts_with = "from_cluster")]
+    from_terraform: Option<PathBuf>,
     /// With --from-cluster: only this VMID; repeatable.
     #[arg(long, value_name = "N", requires = "from_cluster")]
     vmid: Vec<u32>,
@@ -84,11 +93,19 @@ fn ask(given: Option<String>, what: &str, flag: &str, default: &str) -> Result<S
     })
 }
 
-fn settings(a: &InitArgs) -> Result<Settings, Failure> {
+/// Flags first, then what the converted files say, then (endpoint) the
+/// environment; what is still missing is asked for.
+fn settings(a: &InitArgs, files: &[&Found]) -> Result<Settings, Failure> {
+    let from = |f: fn(&Found) -> Option<String>| files.iter().find_map(|x| f(x));
     let endpoint = a
         .endpoint
         .clone()
+        .or_else(|| from(|f| f.endpoint.clone()))
         .or_else(|| std::env::var("PROXMOX_VE_ENDPOINT").ok());
+    let node = a.node.clone().or_else(|| from(|f| f.node.clone()));
+    let storage = a.storage.clone().or_else(|| from(|f| f.storage.clone()));
+    let bridge = a.bridge.clone().or_else(|| from(|f| f.bridge.clone()));
+    let iso = a.iso_url.clone().zip(a.iso_sha256.clone());
     Ok(Settings {
         fleet: a.name.clone(),
         endpoint: ask(
@@ -97,21 +114,16 @@ fn settings(a: &InitArgs) -> Result<Settings, Failure> {
             "--endpoint URL",
             "https://pve:8006",
         )?,
-        node: ask(a.node.clone(), "default node", "--node NODE", "pve")?,
+        node: ask(node, "default node", "--node NODE", "pve")?,
         storage: ask(
-            a.storage.clone(),
+            storage,
             "storage for disks",
             "--storage STORAGE",
             "local-lvm",
         )?,
-        bridge: ask(
-            a.bridge.clone(),
-            "network bridge",
-            "--bridge BRIDGE",
-            "vmbr0",
-        )?,
+        bridge: ask(bridge, "network bridge", "--bridge BRIDGE", "vmbr0")?,
         state_version: a.state_version.clone(),
-        iso: a.iso_url.clone().zip(a.iso_sha256.clone()),
+        iso: iso.or_else(|| files.iter().find_map(|f| f.iso.clone())),
         fingerprint: a.fingerprint.clone(),
     })
 }
@@ -169,8 +181,21 @@ pub async fn cmd_init(a: &InitArgs, lock: &Path, out: &Output) -> Result<u8, Fai
             a.output.display()
         )));
     }
-    let s = settings(a)?;
-    let draft = if a.from_cluster {
+    let read = |path: &Option<PathBuf>, convert: fn(&Path) -> Result<Found, String>| {
+        path.as_deref()
+            .map(convert)
+            .transpose()
+            .map_err(Failure::Message)
+    };
+    let packer = read(&a.from_packer, crate::init::classic::packer)?;
+    let terraform = read(&a.from_terraform, crate::init::classic::terraform)?;
+    let s = settings(
+        a,
+        &packer.iter().chain(terraform.iter()).collect::<Vec<_>>(),
+    )?;
+    let draft = if packer.is_some() || terraform.is_some() {
+        crate::init::classic(&s, packer, terraform)
+    } else if a.from_cluster {
         let client = client_for(&s)?;
         let only: BTreeSet<u32> = a.vmid.iter().copied().collect();
         let vms =

@@ -6,8 +6,10 @@
 //! [`cluster`] drafts from live VM configs; [`render`] writes Nickel or
 //! YAML. Secrets never enter a draft: a password is an env reference.
 
+pub mod classic;
 pub mod cluster;
 pub mod render;
+mod tfstate;
 
 use serde_json::{Map, Value, json};
 
@@ -96,4 +98,91 @@ pub fn key(name: &str) -> String {
 /// The environment variable a VM's password reference names.
 pub fn password_env(vm_key: &str) -> String {
     format!("{}_PASSWORD", vm_key.to_ascii_uppercase().replace('-', "_"))
+}
+
+/// The fleet for a converted Packer template and Terraform VMs.
+pub fn classic(
+    s: &Settings,
+    packer: Option<classic::Found>,
+    terraform: Option<classic::Found>,
+) -> Draft {
+    let mut draft = Draft::default();
+    let tf = terraform.unwrap_or_default();
+    let mut nodes = vec![s.node.clone()];
+    let iso_storage = packer.as_ref().and_then(|p| p.iso_storage.clone());
+    let (name, vmid, mut entry, state_version, extra) = match packer {
+        Some(p) => {
+            draft.notes.extend(p.notes);
+            let (name, vmid, image) = p.image.unwrap_or_default();
+            (name, vmid, image, p.state_version, p.extra_config)
+        }
+        None => {
+            let template = tf.template.clone().unwrap_or_default();
+            let by_vmid = template.parse::<u32>().ok();
+            let name = if by_vmid.is_some() || template.is_empty() {
+                "golden".to_owned()
+            } else {
+                key(&template)
+            };
+            draft.notes.push(format!(
+                "images.{name}: only its template is known; fill in its hardware and nixos settings (or convert its Packer files too)"
+            ));
+            (name, by_vmid, Map::new(), None, None)
+        }
+    };
+    let first = vmid.unwrap_or(9000);
+    let hardware = entry
+        .remove("hardware")
+        .and_then(|h| h.as_object().cloned())
+        .unwrap_or_default();
+    let mut image_entry = image(s, (first, first + 9), hardware);
+    if let Some(v) = state_version {
+        image_entry["nixos"]["state_version"] = json!(v);
+    }
+    if let Some(extra) = extra.filter(|e| !e.trim().is_empty()) {
+        image_entry["nixos"]["extra_config"] = json!(extra);
+    }
+    if let Some(vmid) = vmid {
+        draft.imports.push((format!("image.{name}"), vmid));
+    }
+    draft.notes.extend(tf.notes);
+    let mut vms = Map::new();
+    let mut allocate = false;
+    for (key, id, mut vm) in tf.vms {
+        vm.insert("image".into(), json!(name));
+        let node = vm
+            .remove("node")
+            .and_then(|n| n.as_str().map(str::to_owned));
+        if let Some(node) = node.filter(|n| *n != s.node) {
+            if !nodes.contains(&node) {
+                nodes.push(node.clone());
+            }
+            vm.insert("node".into(), json!(node));
+        }
+        match id {
+            Some(id) => {
+                vm.insert("vmid".into(), json!(id));
+                draft.imports.push((format!("vm.{key}"), id));
+            }
+            None => allocate = true,
+        }
+        vms.insert(key, Value::Object(vm));
+    }
+    let mut fleet = skeleton(s, &nodes);
+    if let Some(storage) = iso_storage {
+        fleet["isos"]["nixos"]["storage"] = json!(storage);
+    }
+    if allocate {
+        fleet.insert(
+            "vm_vmid_range".into(),
+            json!({ "first": 1000, "last": 1099 }),
+        );
+        draft.notes.push("some VMs had no VMID in the input: nixgold allocates from vm_vmid_range 1000-1099 and creates them new (no import)".into());
+    }
+    let mut images = Map::new();
+    images.insert(name, image_entry);
+    fleet.insert("images".into(), Value::Object(images));
+    fleet.insert("vms".into(), Value::Object(vms));
+    draft.fleet = Value::Object(fleet);
+    draft
 }
