@@ -554,3 +554,47 @@ pub fn clone_layout(values: &BTreeMap<String, String>) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn a_clonable_template_boots_from_scsi0_and_has_a_cloud_init_drive() {
+        let ok = config(&[
+            ("scsi0", "tank:base-9000-disk-0,size=30G"),
+            ("ide2", "tank:vm-9000-cloudinit,media=cdrom"),
+        ]);
+        assert_eq!(clone_layout(&ok), Ok(()));
+        let virtio = config(&[
+            ("virtio0", "tank:base-9000-disk-0,size=30G"),
+            ("ide2", "tank:vm-9000-cloudinit,media=cdrom"),
+            ("ide0", "local:iso/nixos.iso,media=cdrom"),
+        ]);
+        assert_eq!(
+            clone_layout(&virtio),
+            Err("its root disk is virtio0, not scsi0".to_owned())
+        );
+        let no_ci = config(&[("scsi0", "tank:base-9000-disk-0,size=30G")]);
+        assert_eq!(
+            clone_layout(&no_ci),
+            Err("it has no cloud-init drive".to_owned())
+        );
+        assert_eq!(clone_layout(&config(&[])), Err("it has no disk".to_owned()));
+    }
+
+    #[test]
+    fn addresses_are_vm_or_image() {
+        assert_eq!("vm.web".parse(), Ok(Address::Vm("web".into())));
+        assert_eq!("image.golden".parse(), Ok(Address::Image("golden".into())));
+        assert!("iso.nixos".parse::<Address>().is_err());
+        assert!("vm.".parse::<Address>().is_err());
+    }
+}

@@ -2890,12 +2890,19 @@ fn classic_scenario() -> Scenario {
     s
 }
 
-/// Runs `init` with `args`; checks no secret of the inputs is in its
-/// output or the fleet it wrote. Returns (stdout, stderr, fleet text).
-fn convert(s: &Scenario, args: &[&str]) -> (String, String, String) {
-    let mut all = vec!["init", "-o", "fleet.yaml"];
-    all.extend_from_slice(args);
-    let (code, stdout, stderr) = s.run(&all);
+/// Runs `init` on the Packer fixture and `terraform` (a tfvars or state);
+/// checks no secret of the inputs is in its output or the fleet it wrote.
+/// Returns (stdout, stderr, fleet text).
+fn convert(s: &Scenario, terraform: &str) -> (String, String, String) {
+    let (code, stdout, stderr) = s.run(&[
+        "init",
+        "-o",
+        "fleet.yaml",
+        "--from-packer",
+        "packer/nixos.auto.pkrvars.hcl",
+        "--from-terraform",
+        terraform,
+    ]);
     assert_eq!(code, 0, "{stderr}");
     let fleet = std::fs::read_to_string(s.dir.path().join("fleet.yaml")).unwrap();
     for secret in CLASSIC_SECRETS {
@@ -2909,15 +2916,7 @@ fn convert(s: &Scenario, args: &[&str]) -> (String, String, String) {
 #[test]
 fn packer_and_terraform_variables_convert_to_a_fleet_that_plans_the_same_resources() {
     let s = classic_scenario();
-    let (stdout, stderr, fleet) = convert(
-        &s,
-        &[
-            "--from-packer",
-            "packer/nixos.auto.pkrvars.hcl",
-            "--from-terraform",
-            "terraform/terraform.tfvars",
-        ],
-    );
+    let (stdout, stderr, fleet) = convert(&s, "terraform/terraform.tfvars");
     assert_contains(
         &stderr,
         &[
@@ -2965,15 +2964,7 @@ fn packer_and_terraform_variables_convert_to_a_fleet_that_plans_the_same_resourc
 #[test]
 fn a_bpg_state_converts_its_vms_and_leaves_their_passwords_behind() {
     let s = classic_scenario();
-    let (stdout, stderr, fleet) = convert(
-        &s,
-        &[
-            "--from-packer",
-            "packer/nixos.auto.pkrvars.hcl",
-            "--from-terraform",
-            "terraform/terraform.tfstate",
-        ],
-    );
+    let (stdout, stderr, fleet) = convert(&s, "terraform/terraform.tfstate");
     assert_contains(
         &stderr,
         &[

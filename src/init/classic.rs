@@ -392,3 +392,30 @@ fn tf_vm(name: &str, spec: &Map<String, Value>) -> (String, Option<u32>, Map<Str
     }
     (k, vmid, vm)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_modules_body_loses_imports_and_gives_its_state_version() {
+        let nix = "# top\n{ config, pkgs, ... }:\n{\n  imports = [ ./hardware-configuration.nix ];\n  # keep me\n  services.nginx.enable = true;\n  inherit (pkgs) lib;\n  system.stateVersion = \"23.11\";\n}\n";
+        let (body, version) = module_body(nix);
+        assert_eq!(
+            body,
+            "# keep me\nservices.nginx.enable = true;\ninherit (pkgs) lib;"
+        );
+        assert_eq!(version.as_deref(), Some("23.11"));
+    }
+
+    #[test]
+    fn endpoints_and_sizes_take_the_fleets_form() {
+        assert_eq!(
+            endpoint("https://10.0.0.1:8006/api2/json/"),
+            "https://10.0.0.1:8006"
+        );
+        assert_eq!(endpoint("10.0.0.1"), "https://10.0.0.1:8006");
+        assert_eq!(disk("32768M").as_deref(), Some("32G"));
+        assert_eq!(disk("30GB").as_deref(), Some("30G"));
+    }
+}

@@ -5,10 +5,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use pve_api::property::{Drive, IpConfig, Net, agent_enabled, decode_sshkeys, format_size};
+use pve_api::property::{Drive, Net, agent_enabled, decode_sshkeys, format_size};
 use serde_json::{Map, Value, json};
 
-use super::{Draft, Settings, image, key, password_env, skeleton};
+use super::{Draft, Settings, cloud_init_network, image, key, password_env, skeleton};
 use crate::live::LiveVm;
 
 /// Drafts the fleet for `vms` (with their configs). VMs stamped by nixgold
@@ -134,14 +134,11 @@ fn hardware(values: &BTreeMap<String, String>) -> Map<String, Value> {
 }
 
 fn memory(values: &BTreeMap<String, String>) -> Option<u64> {
-    let m = values.get("memory")?;
-    m.split(',')
-        .find_map(|p| {
-            p.strip_prefix("current=")
-                .or((!p.contains('=')).then_some(p))
-        })?
-        .parse()
-        .ok()
+    let config = pve_api::types::VmConfig {
+        values: values.clone(),
+        digest: String::new(),
+    };
+    config.memory_mib()
 }
 
 /// The template a linked clone's disk comes from (`base-9000-disk-0/…`).
@@ -230,33 +227,8 @@ fn vm_entry(
 /// `network` from `ipconfig0`, `nameserver`, `searchdomain` and `net0`
 /// (bridge and VLAN only where they differ from the image's).
 fn network(values: &BTreeMap<String, String>, image: &Value) -> Value {
-    let ip = values.get("ipconfig0").map(|v| IpConfig::parse(v));
-    let mut n = Map::new();
-    match ip
-        .as_ref()
-        .and_then(|c| c.ip.clone())
-        .filter(|ip| ip != "dhcp")
-    {
-        Some(address) => {
-            n.insert("ip".into(), json!(address));
-            if let Some(gw) = ip.and_then(|c| c.gw) {
-                n.insert("gateway".into(), json!(gw));
-            }
-            if let Some(dns) = values.get("nameserver") {
-                let list: Vec<&str> = dns
-                    .split([' ', ',', ';'])
-                    .filter(|d| !d.is_empty())
-                    .collect();
-                n.insert("dns".into(), json!(list));
-            }
-            if let Some(sd) = values.get("searchdomain") {
-                n.insert("search_domain".into(), json!(sd));
-            }
-        }
-        None => {
-            n.insert("dhcp".into(), json!(true));
-        }
-    }
+    let get = |k: &str| values.get(k).map(String::as_str);
+    let mut n = cloud_init_network(get("ipconfig0"), get("nameserver"), get("searchdomain"));
     let net = values.get("net0").map(|v| Net::parse(v));
     let hw = &image["hardware"];
     if let Some(bridge) = net

@@ -95,6 +95,40 @@ pub fn key(name: &str) -> String {
     }
 }
 
+/// A VM's `network` from its cloud-init settings as Proxmox stores them
+/// (`ipconfig0`, `nameserver`, `searchdomain`): static, or DHCP.
+pub fn cloud_init_network(
+    ipconfig0: Option<&str>,
+    nameserver: Option<&str>,
+    searchdomain: Option<&str>,
+) -> Map<String, Value> {
+    let ip = ipconfig0.map(pve_api::property::IpConfig::parse);
+    let mut n = Map::new();
+    let Some(address) = ip
+        .as_ref()
+        .and_then(|c| c.ip.clone())
+        .filter(|a| a != "dhcp")
+    else {
+        n.insert("dhcp".into(), json!(true));
+        return n;
+    };
+    n.insert("ip".into(), json!(address));
+    if let Some(gw) = ip.and_then(|c| c.gw) {
+        n.insert("gateway".into(), json!(gw));
+    }
+    if let Some(dns) = nameserver.filter(|d| !d.trim().is_empty()) {
+        let list: Vec<&str> = dns
+            .split([' ', ',', ';'])
+            .filter(|d| !d.is_empty())
+            .collect();
+        n.insert("dns".into(), json!(list));
+    }
+    if let Some(sd) = searchdomain.filter(|d| !d.is_empty()) {
+        n.insert("search_domain".into(), json!(sd));
+    }
+    n
+}
+
 /// The environment variable a VM's password reference names.
 pub fn password_env(vm_key: &str) -> String {
     format!("{}_PASSWORD", vm_key.to_ascii_uppercase().replace('-', "_"))

@@ -6,7 +6,7 @@
 use serde_json::{Map, Value, json};
 
 use super::classic::Found;
-use super::{key, password_env};
+use super::{cloud_init_network, key, password_env};
 
 /// Every managed VM resource instance of either provider.
 pub fn vms(state: &Value, file: &str) -> Found {
@@ -149,29 +149,11 @@ fn telmate(a: &Value, found: &mut Found, file: &str) {
     if let Some(m) = a["memory"].as_u64() {
         vm.insert("memory".into(), json!(m));
     }
-    let ipconfig = a["ipconfig0"]
-        .as_str()
-        .map(pve_api::property::IpConfig::parse);
-    let mut network = Map::new();
-    match ipconfig
-        .as_ref()
-        .and_then(|c| c.ip.clone())
-        .filter(|ip| ip != "dhcp")
-    {
-        Some(ip) => {
-            network.insert("ip".into(), json!(ip));
-            if let Some(gw) = ipconfig.and_then(|c| c.gw) {
-                network.insert("gateway".into(), json!(gw));
-            }
-            if let Some(ns) = a["nameserver"].as_str().filter(|n| !n.is_empty()) {
-                let dns: Vec<&str> = ns.split([' ', ',']).filter(|d| !d.is_empty()).collect();
-                network.insert("dns".into(), json!(dns));
-            }
-        }
-        None => {
-            network.insert("dhcp".into(), json!(true));
-        }
-    }
+    let network = cloud_init_network(
+        a["ipconfig0"].as_str(),
+        a["nameserver"].as_str(),
+        a["searchdomain"].as_str(),
+    );
     if let Some(bridge) = first(a, "network")["bridge"].as_str() {
         found.bridge.get_or_insert_with(|| bridge.to_owned());
     }
@@ -198,4 +180,48 @@ fn telmate(a: &Value, found: &mut Found, file: &str) {
         vm.insert("onboot".into(), json!(b));
     }
     found.vms.push((name, u32_of(&a["vmid"]), vm));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Telmate `proxmox_vm_qemu` instance as its provider stores it
+    /// (attribute names of the provider's schema, v2/v3).
+    #[test]
+    fn a_telmate_state_converts_its_vms_without_their_password() {
+        let state = json!({
+            "version": 4,
+            "resources": [{
+                "mode": "managed",
+                "type": "proxmox_vm_qemu",
+                "name": "db",
+                "instances": [{ "attributes": {
+                    "name": "db-01", "target_node": "pve2", "vmid": 201,
+                    "clone": "nixos-golden-template", "full_clone": false,
+                    "cores": 4, "memory": 8192,
+                    "ipconfig0": "ip=10.0.0.21/24,gw=10.0.0.1", "nameserver": "10.0.0.1",
+                    "ciuser": "ops", "cipassword": "telmate-pw-0006",
+                    "sshkeys": "ssh-ed25519 AAAA ops@example\n",
+                    "tags": "db;prod", "onboot": true,
+                    "network": [{ "bridge": "vmbr1", "model": "virtio" }]
+                }}]
+            }]
+        });
+        let found = vms(&state, "terraform.tfstate");
+        let text = serde_json::to_string(&found.vms).unwrap();
+        assert!(!text.contains("telmate-pw-0006"), "{text}");
+        assert!(!found.notes.join("\n").contains("telmate-pw-0006"));
+        let (name, vmid, vm) = &found.vms[0];
+        assert_eq!((name.as_str(), *vmid), ("db-01", Some(201)));
+        assert_eq!(vm["clone"], "linked");
+        assert_eq!(vm["password"], json!({ "env": "DB_01_PASSWORD" }));
+        assert_eq!(
+            vm["network"],
+            json!({ "ip": "10.0.0.21/24", "gateway": "10.0.0.1", "dns": ["10.0.0.1"] })
+        );
+        assert_eq!(vm["tags"], json!(["db", "prod"]));
+        assert_eq!(found.template.as_deref(), Some("nixos-golden-template"));
+        assert_eq!(found.bridge.as_deref(), Some("vmbr1"));
+    }
 }
