@@ -203,7 +203,8 @@ pub async fn cmd_init(a: &InitArgs, lock: &Path, out: &Output) -> Result<u8, Fai
         crate::init::cluster::draft(&s, &vms)
     } else {
         let mut fleet = crate::init::skeleton(&s, std::slice::from_ref(&s.node));
-        fleet.insert("images".into(), serde_json::json!({}));
+        let golden = crate::init::image(&s, (9000, 9009), serde_json::Map::new());
+        fleet.insert("images".into(), serde_json::json!({ "golden": golden }));
         fleet.insert("vms".into(), serde_json::json!({}));
         Draft {
             fleet: serde_json::Value::Object(fleet),
