@@ -418,18 +418,18 @@ fn vmid_owner(fleet: &Fleet, lock: &Lockfile, vmid: Vmid) -> Option<String> {
     fixed.or_else(allocated).or_else(template)
 }
 
-fn record_image(
+/// The replica `vm` would be: a template on one of the image's nodes,
+/// clonable, at a VMID no other resource has.
+fn check_template(
     fleet: &Fleet,
-    lock: &mut Lockfile,
+    lock: &Lockfile,
     name: &str,
     vm: &LiveVm,
-    now: &str,
-) -> Result<Vec<String>, ImportError> {
+) -> Result<TemplateReplica, ImportError> {
     let address = format!("image.{name}");
-    let image = fleet
-        .images
-        .get(name)
-        .ok_or_else(|| unknown(fleet, &address))?;
+    if !fleet.images.contains_key(name) {
+        return Err(unknown(fleet, &address));
+    }
     if !vm.template {
         return Err(ImportError::VmAsImage {
             address,
@@ -468,6 +468,18 @@ fn record_image(
             other,
         });
     }
+    Ok(TemplateReplica { node, vmid })
+}
+
+fn record_image(
+    fleet: &Fleet,
+    lock: &mut Lockfile,
+    name: &str,
+    vm: &LiveVm,
+    now: &str,
+) -> Result<Vec<String>, ImportError> {
+    let replica = check_template(fleet, lock, name, vm)?;
+    let image = &fleet.images[name];
     let iso = fleet
         .isos
         .get(&image.iso)
@@ -479,7 +491,6 @@ fn record_image(
     let hash: Sha256 = input_hash(name, image, iso_sha.as_ref())
         .parse()
         .expect("input_hash is 64 hex digits");
-    let replica = TemplateReplica { node, vmid };
     let entry = lock.images.entry(name.to_owned()).or_insert(ImageLock {
         current: 0,
         generations: Vec::new(),

@@ -134,15 +134,15 @@ pub fn password_env(vm_key: &str) -> String {
     format!("{}_PASSWORD", vm_key.to_ascii_uppercase().replace('-', "_"))
 }
 
-/// The fleet for a converted Packer template and Terraform VMs.
-pub fn classic(
+/// The image of a conversion: Packer's template, or only the name (or
+/// VMID) of the template Terraform clones. Returns its key, its entry and
+/// the ISO storage Packer used.
+fn classic_image(
     s: &Settings,
     packer: Option<classic::Found>,
-    terraform: Option<classic::Found>,
-) -> Draft {
-    let mut draft = Draft::default();
-    let tf = terraform.unwrap_or_default();
-    let mut nodes = vec![s.node.clone()];
+    template: Option<&str>,
+    draft: &mut Draft,
+) -> (String, Value, Option<String>) {
     let iso_storage = packer.as_ref().and_then(|p| p.iso_storage.clone());
     let (name, vmid, mut entry, state_version, extra) = match packer {
         Some(p) => {
@@ -151,12 +151,12 @@ pub fn classic(
             (name, vmid, image, p.state_version, p.extra_config)
         }
         None => {
-            let template = tf.template.clone().unwrap_or_default();
+            let template = template.unwrap_or_default();
             let by_vmid = template.parse::<u32>().ok();
             let name = if by_vmid.is_some() || template.is_empty() {
                 "golden".to_owned()
             } else {
-                key(&template)
+                key(template)
             };
             draft.notes.push(format!(
                 "images.{name}: only its template is known; fill in its hardware and nixos settings (or convert its Packer files too)"
@@ -179,6 +179,20 @@ pub fn classic(
     if let Some(vmid) = vmid {
         draft.imports.push((format!("image.{name}"), vmid));
     }
+    (name, image_entry, iso_storage)
+}
+
+/// The fleet for a converted Packer template and Terraform VMs.
+pub fn classic(
+    s: &Settings,
+    packer: Option<classic::Found>,
+    terraform: Option<classic::Found>,
+) -> Draft {
+    let mut draft = Draft::default();
+    let tf = terraform.unwrap_or_default();
+    let mut nodes = vec![s.node.clone()];
+    let (name, image_entry, iso_storage) =
+        classic_image(s, packer, tf.template.as_deref(), &mut draft);
     draft.notes.extend(tf.notes);
     let mut vms = Map::new();
     let mut allocate = false;
