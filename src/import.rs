@@ -22,6 +22,7 @@ use crate::ids::{NodeName, Sha256, Vmid};
 use crate::live::{LiveState, LiveVm, fleet_tag};
 use crate::lock::{Generation, ImageLock, Lockfile, TemplateReplica};
 use crate::plan::{Action, Change, FieldDiff, Impact, PlanError, Work};
+use crate::stamp::Stamp;
 
 /// What `import` takes over: `vm.NAME` or `image.NAME`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,8 +128,14 @@ impl std::str::FromStr for Address {
 }
 
 /// The stamp of an imported template: no build results, `imported=true`.
-pub fn template_stamp(fleet: &str, image: &str, generation: u32) -> String {
-    format!("nixgold: fleet={fleet} resource=image.{image} generation={generation} imported=true")
+pub fn template_stamp(fleet: &str, image: &str, generation: u32) -> Stamp {
+    Stamp {
+        fleet: fleet.to_owned(),
+        resource: format!("image.{image}"),
+        generation: Some(generation),
+        imported: true,
+        ..Stamp::default()
+    }
 }
 
 /// Whether the plan adopts the unstamped VM at `vmid` as `address`.
@@ -164,11 +171,9 @@ pub fn drop_settled(lock: &mut Lockfile, live: &LiveState) {
 }
 
 /// Drops the adoptions apply has just written (their change is done).
-pub fn settle(lock: &mut Lockfile, done: &[&str]) -> bool {
-    let before = lock.adopt.len();
+pub fn settle(lock: &mut Lockfile, done: &[&str]) {
     lock.adopt
         .retain(|address, _| !done.contains(&address.as_str()));
-    lock.adopt.len() != before
 }
 
 /// The change that stamps an imported template, if it is not stamped yet.
@@ -192,17 +197,12 @@ pub fn template_change(
     };
     let resource = format!("image.{}", t.image);
     match vm.stamp() {
-        Some(s)
-            if s.get("fleet").map(String::as_str) == Some(fleet)
-                && s.get("resource") == Some(&resource) =>
-        {
-            return Ok(None);
-        }
+        Some(s) if s.is(fleet, &resource) => return Ok(None),
         Some(s) => {
             return Err(PlanError::OtherOwner {
                 address: resource,
                 vmid: vm.vmid,
-                stamp: describe(&s),
+                stamp: format!("{} of fleet `{}`", s.resource, s.fleet),
                 fleet: fleet.to_owned(),
             });
         }
@@ -210,7 +210,7 @@ pub fn template_change(
     }
     let (set, fields) = stamp_fields(
         &config.values,
-        &template_stamp(fleet, &t.image, generation),
+        &template_stamp(fleet, &t.image, generation).to_string(),
         fleet,
     );
     Ok(Some(Change {
@@ -267,14 +267,6 @@ fn stamp_fields(
     (set, fields)
 }
 
-fn describe(stamp: &BTreeMap<String, String>) -> String {
-    format!(
-        "{} of fleet `{}`",
-        stamp.get("resource").map_or("?", String::as_str),
-        stamp.get("fleet").map_or("?", String::as_str)
-    )
-}
-
 /// Checks `vm` (read with its config) against the fleet and records its
 /// adoption in `lock`. Returns notes for the user.
 pub fn record(
@@ -319,19 +311,18 @@ fn check_owner(fleet: &str, address: &str, vm: &LiveVm) -> Result<(), ImportErro
     let Some(stamp) = vm.stamp() else {
         return Ok(());
     };
-    let resource = stamp.get("resource").cloned().unwrap_or_else(|| "?".into());
-    if stamp.get("fleet").map(String::as_str) != Some(fleet) {
+    if stamp.fleet != fleet {
         return Err(ImportError::OtherFleet {
             address: address.to_owned(),
             vmid: vm.vmid,
-            resource,
-            fleet: stamp.get("fleet").cloned().unwrap_or_else(|| "?".into()),
+            resource: stamp.resource,
+            fleet: stamp.fleet,
         });
     }
     Err(ImportError::AlreadyManaged {
         address: address.to_owned(),
         vmid: vm.vmid,
-        resource,
+        resource: stamp.resource,
     })
 }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use super::run::{self, LockUse};
+use super::session::{self as run, LockUse};
 use super::{Failure, Output};
 use crate::import::{Address, ImportError};
 use crate::lock::Lockfile;

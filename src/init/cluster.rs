@@ -80,9 +80,7 @@ fn unowned<'a>(vm: &'a LiveVm, draft: &mut Draft) -> Option<&'a BTreeMap<String,
     if let Some(stamp) = vm.stamp() {
         draft.notes.push(format!(
             "VMID {} is left out: it is {} of fleet `{}` already",
-            vm.vmid,
-            stamp.get("resource").map_or("?", String::as_str),
-            stamp.get("fleet").map_or("?", String::as_str)
+            vm.vmid, stamp.resource, stamp.fleet
         ));
         return None;
     }
