@@ -22,6 +22,7 @@ pub mod drift;
 pub mod files;
 pub mod fleet;
 pub mod ids;
+pub mod inspect;
 pub mod limit;
 pub mod live;
 pub mod lock;

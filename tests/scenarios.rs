@@ -701,7 +701,10 @@ fn drift_reports_what_changed_and_changes_nothing() {
             "~ memory",
             "VMs whose configuration waits for a shutdown and start:\n  vm.web-01: waits for a cold start: memory 2048 -> 1024",
             "VMs this fleet does not manage:\n  vmid.777: someone-else on pve",
-            "Drift: 1 changed, 0 missing, 0 destroy, 0 removed, 0 old generation, 1 pending, 1 unmanaged.",
+            // The template here was never built in the simulator: its
+            // clone has no guest model to look into.
+            "VMs nixgold cannot look inside (not inspectable, so not known to be in sync):\n  vm.web-01: get-osinfo: ",
+            "Drift: 1 changed, 0 missing, 0 destroy, 0 removed, 0 old generation, 1 pending, 1 unmanaged, 0 guest moved, 1 not inspectable.",
         ],
     );
     let metrics = std::fs::read_to_string(&prom).unwrap();
@@ -737,7 +740,8 @@ fn drift_reports_what_changed_and_changes_nothing() {
         [
             ("changed", "vm.web-01"),
             ("unmanaged", "vmid.777"),
-            ("pending", "vm.web-01")
+            ("pending", "vm.web-01"),
+            ("not_inspectable", "vm.web-01")
         ]
     );
 
@@ -2503,4 +2507,139 @@ fn a_changed_iso_pin_downloads_and_verifies_a_new_file_before_a_build_uses_it() 
     );
     assert_eq!(lock.images["golden"].generations.len(), 1);
     assert!(has(&old_file), "the old file is left alone");
+}
+
+// ----- drift inside the guest ---------------------------------------------
+
+/// What the simulated `nixos-24.05` channel serves after the build: a newer
+/// point release, which `nixos-rebuild switch --upgrade` moves to.
+const NEWER_24_05: &str = "24.05.5678.f00dfeed";
+
+/// Two VMs cloned from a built generation 1, on a channel that moved on.
+fn two_built_vms() -> Scenario {
+    let web_02 = "  web-02:\n    image: golden\n    vmid: 401\n";
+    let fleet = build_fleet("\"vim\"").replace("vms:\n", &format!("vms:\n{web_02}"));
+    let mut opts = options();
+    opts.channel_releases
+        .insert("24.05".into(), NEWER_24_05.into());
+    let s = Scenario::with_options(ClusterSpec::default(), &fleet, EMPTY_LOCK, opts);
+    s.converge();
+    s
+}
+
+/// `nixos-rebuild switch --upgrade` inside a VM — the everyday way a NixOS
+/// machine drifts — is drift of its own kind: drift exits 2 and names the
+/// VM with what it runs and what its generation installed, in text, JSON
+/// and the Prometheus textfile. The other VM is in sync, checked through
+/// both layers (get-osinfo and, with a root token, `agent/exec`).
+#[test]
+fn a_nixos_rebuild_inside_a_vm_is_drift_of_its_own_kind() {
+    let s = two_built_vms();
+    let (code, out, err) = s.run(&["drift", "fleet.yaml"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_contains(
+        &out,
+        &["Inside the guests: 2 VM(s) run what their generation installed."],
+    );
+    let installed = read_lock(&s).images["golden"].generations[0].clone();
+    s.api(
+        "POST",
+        "/nodes/pve/qemu/400/agent/exec",
+        &[
+            ("command", "nixos-rebuild"),
+            ("command", "switch"),
+            ("command", "--upgrade"),
+        ],
+    );
+    let (code, out, err) = s.run(&["drift", "fleet.yaml", "--prometheus", "drift.prom"]);
+    assert_eq!(code, 2, "{out}{err}");
+    let running = s
+        .sim
+        .inspect(|st| st.vms[&400].installed.clone().unwrap().system_path);
+    assert!(running.ends_with(&format!("-nixos-system-nixos-{NEWER_24_05}")));
+    assert_contains(
+        &out,
+        &[
+            "Drift inside the guests: NixOS moved on by itself",
+            &format!(
+                "  vm.web-01: runs NixOS {NEWER_24_05} ({running}); image.golden generation 1 installed 24.05 ({})",
+                installed.system_path
+            ),
+            "Inside the guests: 1 VM(s) run what their generation installed.",
+            "1 guest moved, 0 not inspectable.",
+        ],
+    );
+    assert!(
+        !out.contains("apply would change"),
+        "apply does not undo a rebuild inside: {out}"
+    );
+    let prom = std::fs::read_to_string(s.dir.path().join("drift.prom")).unwrap();
+    assert_contains(
+        &prom,
+        &[
+            "nixgold_drift_detected{fleet=\"homelab\"} 1",
+            "nixgold_drift_resources{fleet=\"homelab\",kind=\"guest_moved\"} 1",
+            &format!(
+                "nixgold_drift_guest_moved{{fleet=\"homelab\",address=\"vm.web-01\",running=\"{NEWER_24_05}\",installed=\"24.05\"}} 1"
+            ),
+            "nixgold_drift_guests_in_sync{fleet=\"homelab\"} 1",
+        ],
+    );
+    let (code, json, _) = s.run(&["drift", "fleet.yaml", "--json"]);
+    assert_eq!(code, 2);
+    let report: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let moved: Vec<&serde_json::Value> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["kind"] == "guest_moved")
+        .collect();
+    assert_eq!(moved.len(), 1, "{json}");
+    assert_eq!(moved[0]["address"], "vm.web-01");
+    assert_eq!(moved[0]["guest"]["running_version"], NEWER_24_05);
+    assert_eq!(moved[0]["guest"]["running_system"], running.as_str());
+    assert_eq!(moved[0]["guest"]["installed_version"], "24.05");
+}
+
+/// A VM whose guest cannot be looked into is reported as not inspectable
+/// and never counted in sync. A token with VM.GuestAgent.Audit but not
+/// Unrestricted (the README's role) still compares the release through
+/// get-osinfo (PVE 9.1's apidoc.json: `agent/get-osinfo` checks
+/// `VM.GuestAgent.Audit` or `.Unrestricted`, `agent/exec` only the latter).
+#[test]
+fn a_vm_without_an_answering_agent_is_not_inspectable() {
+    let s = two_built_vms();
+    s.fault("GET /nodes/*/qemu/401/agent/get-osinfo => agent-not-running*1");
+    let (code, out, err) = s.run(&["drift", "fleet.yaml", "--prometheus", "drift.prom"]);
+    assert_eq!(code, 0, "not inspectable is not drift: {out}{err}");
+    assert_contains(
+        &out,
+        &[
+            "VMs nixgold cannot look inside (not inspectable, so not known to be in sync):\n  vm.web-02: get-osinfo: ",
+            "QEMU guest agent is not running",
+            "Inside the guests: 1 VM(s) run what their generation installed.",
+            "0 guest moved, 1 not inspectable.",
+        ],
+    );
+    let prom = std::fs::read_to_string(s.dir.path().join("drift.prom")).unwrap();
+    assert_contains(
+        &prom,
+        &[
+            "nixgold_drift_resource{fleet=\"homelab\",kind=\"not_inspectable\",address=\"vm.web-02\"} 1",
+        ],
+    );
+    s.api_data(
+        reqwest::Method::POST,
+        "/access/roles",
+        &[("roleid", "NixgoldDeploy"), ("privs", NIXGOLD_ROLE_PRIVS)],
+    );
+    let token = s.deploy_token("NixgoldDeploy");
+    let (code, out, err) = s.run_as(&token, &["drift", "fleet.yaml"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_contains(
+        &out,
+        &[
+            "Inside the guests: 2 VM(s) run what their generation installed (2 compared by release only: the token lacks VM.GuestAgent.Unrestricted to read the system path).",
+        ],
+    );
 }

@@ -429,6 +429,7 @@ pub async fn cmd_drift(
         for (_, address, entries) in pending {
             drift.add_pending(&address, &entries.map_err(Failure::from)?);
         }
+        inspect_guests(&s.conn.client, &mut drift, &s.live, &s.desired.lock).await;
         Ok::<_, Failure>(drift)
     }
     .await;
@@ -467,6 +468,32 @@ pub async fn cmd_drift(
         print!("{}", drift.text());
     }
     Ok(if drift.has_drift() { EXIT_CHANGES } else { 0 })
+}
+
+/// Looks into every VM's guest concurrently (the client bounds the
+/// requests in flight) and records what each runs, in VMID order, with the
+/// API calls that took.
+async fn inspect_guests(
+    client: &pve_api::Client,
+    drift: &mut crate::drift::Drift,
+    live: &crate::live::LiveState,
+    lock: &crate::lock::Lockfile,
+) {
+    let before = client.calls();
+    let mut looks = tokio::task::JoinSet::new();
+    for target in crate::inspect::targets(&drift.fleet, live, lock) {
+        let client = client.clone();
+        looks.spawn(async move {
+            let outcome = crate::inspect::inspect(&client, &target).await;
+            (target.vmid, target.address, outcome)
+        });
+    }
+    let mut found = looks.join_all().await;
+    found.sort_by_key(|(vmid, _, _)| *vmid);
+    for (_, address, outcome) in found {
+        drift.add_guest(&address, outcome);
+    }
+    drift.api_calls += client.calls() - before;
 }
 
 /// `update`: resolve the ISO pins again (all, or the ISOs named in `only`)
