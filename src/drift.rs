@@ -466,7 +466,7 @@ fn run_metrics(fleet: &str, success: bool, now_secs: u64) -> String {
     out
 }
 
-fn gauge(out: &mut String, name: &str, help: &str, samples: &[(String, u64)]) {
+pub(crate) fn gauge(out: &mut String, name: &str, help: &str, samples: &[(String, u64)]) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
     for (labels, value) in samples {
         let _ = writeln!(out, "{name}{{{labels}}} {value}");
@@ -474,7 +474,7 @@ fn gauge(out: &mut String, name: &str, help: &str, samples: &[(String, u64)]) {
 }
 
 /// A label value escaped as the exposition format wants it.
-fn label(value: &str) -> String {
+pub(crate) fn label(value: &str) -> String {
     value
         .replace('\\', "\\\\")
         .replace('"', "\\\"")

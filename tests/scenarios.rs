@@ -2643,3 +2643,120 @@ fn a_vm_without_an_answering_agent_is_not_inspectable() {
         ],
     );
 }
+
+// ----- the quarterly cycle ------------------------------------------------
+
+/// Runs `nixgold cycle` with the plan kept in `cycle.plan` and the
+/// textfile in `cycle.prom`; (exit code, textfile).
+fn cycle(s: &Scenario, apply: bool) -> (i32, String) {
+    let mut args = vec![
+        "cycle",
+        "fleet.yaml",
+        "--plan-out",
+        "cycle.plan",
+        "--prometheus",
+        "cycle.prom",
+    ];
+    if apply {
+        args.push("--apply");
+    }
+    let (code, out, err) = s.run(&args);
+    let prom = std::fs::read_to_string(s.dir.path().join("cycle.prom")).unwrap();
+    assert!(code != 1 || prom.contains("_success{fleet="), "{out}{err}");
+    (code, prom)
+}
+
+/// The quarterly cycle unattended: with nothing new it does nothing; with
+/// a new generation due and no opt-in the plan waits (exit 2, kept for
+/// people); with `--apply` generation 2 is built and the VM that follows
+/// new generations is replaced; the next cycle retires generation 1
+/// (beyond `keep`), and drift is clean. A step that fails exits 1 and says
+/// so in the textfile.
+#[test]
+fn the_quarterly_cycle_waits_without_opt_in_applies_with_it_and_retires_the_old_generation() {
+    let replace = |packages: &str| {
+        keep_one(packages).replace(
+            "    onboot: true\n",
+            "    onboot: true\n    on_new_generation: replace\n",
+        )
+    };
+    let s = Scenario::new(ClusterSpec::default(), &replace("\"vim\""), EMPTY_LOCK);
+    s.converge();
+    let (code, prom) = cycle(&s, true);
+    assert_eq!(code, 0, "nothing to do");
+    assert_contains(&prom, &["nixgold_cycle_success{fleet=\"homelab\"} 1"]);
+
+    s.set_fleet(&replace("\"vim\", \"htop\""));
+    let (code, prom) = cycle(&s, false);
+    assert_eq!(code, 2, "the plan waits for a person");
+    assert_contains(
+        &prom,
+        &[
+            "nixgold_cycle_success{fleet=\"homelab\"} 1",
+            "nixgold_cycle_changes_waiting{fleet=\"homelab\"} 1",
+        ],
+    );
+    let (code, shown, _) = s.run(&["show", "cycle.plan"]);
+    assert_eq!(code, 0);
+    assert_contains(&shown, &["build generation 2"]);
+    assert!(
+        s.sim.inspect(|st| !st.vms.contains_key(&9401)),
+        "nothing was applied"
+    );
+
+    let (code, _) = cycle(&s, true);
+    assert_eq!(code, 0);
+    assert_eq!(read_lock(&s).images["golden"].current, 2);
+    let (code, _) = cycle(&s, true);
+    assert_eq!(code, 0, "the second cycle retires generation 1");
+    let numbers: Vec<u32> = read_lock(&s).images["golden"]
+        .generations
+        .iter()
+        .map(|g| g.number)
+        .collect();
+    assert_eq!(numbers, [2]);
+    let (code, out, err) = s.run(&["drift", "fleet.yaml"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_contains(
+        &out,
+        &["Inside the guests: 1 VM(s) run what their generation installed."],
+    );
+
+    s.set_fleet("fleet: [not a fleet\n");
+    let (code, prom) = cycle(&s, true);
+    assert_eq!(code, 1);
+    assert_contains(
+        &prom,
+        &[
+            "nixgold_cycle_success{fleet=\"fleet\"} 0",
+            "nixgold_cycle_failed_step{fleet=\"fleet\",step=\"update\"} 1",
+        ],
+    );
+}
+
+/// The units pass secrets as systemd credentials: a variable the fleet
+/// reads (`{ env: WEB_PASSWORD }`, `PROXMOX_VE_API_TOKEN`) may instead be
+/// a file named by `NAME_FILE` (`%d/NAME` in a unit), read without its
+/// final newline and never printed.
+#[test]
+fn secrets_come_from_the_files_name_file_points_at() {
+    let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
+    let token = s.dir.path().join("token");
+    let password = s.dir.path().join("password");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    std::fs::write(&password, format!("{PASSWORD}\n")).unwrap();
+    let mut cmd = s.command(&["apply", "fleet.yaml", "--auto-approve"]);
+    cmd.env_remove("PROXMOX_VE_API_TOKEN")
+        .env_remove("WEB_PASSWORD")
+        .env("PROXMOX_VE_API_TOKEN_FILE", &token)
+        .env("WEB_PASSWORD_FILE", &password);
+    let (code, out, err) = s.finish(&mut cmd);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(s.config(400).contains_key("cipassword"));
+    let mut cmd = s.command(&["plan", "fleet.yaml"]);
+    cmd.env_remove("PROXMOX_VE_API_TOKEN")
+        .env("PROXMOX_VE_API_TOKEN_FILE", s.dir.path().join("missing"));
+    let (code, _, err) = s.finish(&mut cmd);
+    assert_eq!(code, 1);
+    assert_contains(&err, &["PROXMOX_VE_API_TOKEN_FILE", "cannot read"]);
+}

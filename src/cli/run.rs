@@ -446,14 +446,7 @@ pub async fn cmd_drift(
         Ok(drift) => drift,
         Err(e) => {
             // The series keep their fleet label even when the fleet does not load.
-            let name = crate::fleet::load(fleet).map_or_else(
-                |_| {
-                    fleet
-                        .file_stem()
-                        .map_or("fleet".into(), |s| s.to_string_lossy().into_owned())
-                },
-                |l| l.fleet.fleet,
-            );
+            let name = crate::fleet::name_or_stem(fleet);
             write(crate::drift::prometheus_failure(&name, now))?;
             return Err(e);
         }

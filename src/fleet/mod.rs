@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{DiskSize, HumanDuration, NodeName, Sha256, Vmid, VmidRange};
 
-pub use load::{FleetError, load};
+pub use load::{FleetError, load, name_or_stem};
 
 /// A loaded fleet file plus where it came from.
 #[derive(Debug, Clone, PartialEq)]
