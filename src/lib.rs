@@ -34,4 +34,5 @@ pub mod plan_json;
 pub mod problem;
 pub mod redact;
 pub mod render;
+pub mod rollout;
 pub mod schedule;

@@ -186,6 +186,10 @@ pub struct Plan {
     pub lock: Lockfile,
     /// API calls the live state took.
     pub api_calls: u64,
+    /// The replacements of VMs that follow new generations, in batches
+    /// behind health gates (the fleet's `rollout`).
+    #[serde(default)]
+    pub rollout: Option<crate::rollout::Rollout>,
 }
 
 impl Plan {
@@ -540,6 +544,7 @@ pub fn plan(
         if !force && let Some(note) = placement_note(vm, live) {
             notes.push(note);
         }
+        notes.extend(held_by_prevent_destroy(fleet, vm, live));
         match plan_vm(fleet, vm, image, live, &tag, force) {
             Ok(Some(mut change)) => {
                 if let Some(build) = building.get(&vm.template_vmid.get()) {
@@ -616,6 +621,7 @@ pub fn plan(
         return Err(errors);
     }
     changes.sort_by_key(order_key);
+    let rollout = crate::rollout::plan(fleet, &changes);
     Ok(Plan {
         fleet: fleet.fleet.clone(),
         changes,
@@ -625,8 +631,28 @@ pub fn plan(
         notes,
         live_fingerprint: live.fingerprint(),
         lock_fingerprint: lock_fingerprint(lock_text),
+        rollout,
         lock,
         api_calls: live.calls,
+    })
+}
+
+/// The note for a VM that would follow its image's new generation but is
+/// marked `prevent_destroy`: it is never replaced, and stays where it is.
+fn held_by_prevent_destroy(fleet: &Fleet, vm: &DesiredVm, live: &LiveState) -> Option<String> {
+    let spec = &fleet.vms[&vm.name];
+    if spec.on_new_generation != OnNewGeneration::Replace || !spec.prevent_destroy {
+        return None;
+    }
+    let stamp = live.vms.get(&vm.vmid.get())?.stamp()?;
+    let running: u32 = stamp.get("generation")?.parse().ok()?;
+    (stamp.get("image") == Some(&vm.image) && running != vm.generation.number()).then(|| {
+        format!(
+            "vm.{} stays on image.{} generation {running}: it follows new generations, but prevent_destroy keeps it from being replaced (generation {} is current)",
+            vm.name,
+            vm.image,
+            vm.generation.number()
+        )
     })
 }
 
@@ -1366,6 +1392,7 @@ fn plan_vm(
             vm.image
         ));
     } else if spec.on_new_generation == OnNewGeneration::Replace
+        && !spec.prevent_destroy
         && live_generation != Some(vm.generation.number())
     {
         replace.push(format!(
@@ -1396,6 +1423,17 @@ fn plan_vm(
         }
         let mut new = work(want.clone(), true, resize_for_create, vm.start, None);
         new.after.push(format!("destroy {address}"));
+        // The new VM keeps the old one's MAC (VMID, name and cloud-init
+        // come from the fleet), so DHCP reservations and DNS stay valid.
+        if let Some(net) = new.set.get_mut("net0") {
+            let mut wanted = Net::parse(net);
+            if wanted.mac.is_none() {
+                wanted.mac = config
+                    .and_then(|c| c.values.get("net0"))
+                    .and_then(|v| Net::parse(v).mac);
+                *net = wanted.to_string();
+            }
+        }
         return Ok(Some(Change {
             address,
             action: Action::Replace,
@@ -1412,7 +1450,7 @@ fn plan_vm(
 
     // In-place updates. A VM that keeps its generation keeps it in its stamp.
     let want = match live_generation {
-        Some(g) if spec.on_new_generation == OnNewGeneration::Keep => {
+        Some(g) if spec.on_new_generation == OnNewGeneration::Keep || spec.prevent_destroy => {
             desired_config(fleet, vm, image.nixos.guest_agent, g)
         }
         _ => want,

@@ -498,7 +498,10 @@ fn restart_on_change_applies_cold_changes_in_the_same_apply() {
 fn replace_recreates_a_vm_that_matches_the_fleet() {
     let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
     s.converge();
-    let mac = s.config(400)["net0"].clone();
+    let (mac, uuid) = (
+        s.config(400)["net0"].clone(),
+        s.config(400)["smbios1"].clone(),
+    );
     let (code, out, _) = s.run(&["plan", "fleet.yaml", "--replace", "vm.web-01"]);
     assert_eq!(code, 0);
     assert_contains(
@@ -520,7 +523,16 @@ fn replace_recreates_a_vm_that_matches_the_fleet() {
         assert_eq!(code, 0, "{out}{err}");
     };
     replace();
-    assert_ne!(s.config(400)["net0"], mac, "a new VM (new MAC)");
+    assert_ne!(
+        s.config(400)["smbios1"],
+        uuid,
+        "a new VM (a clone's new SMBIOS uuid)"
+    );
+    assert_eq!(
+        s.config(400)["net0"],
+        mac,
+        "that keeps the old one's MAC (DHCP reservations stay valid)"
+    );
     let (code, _) = s.plan();
     assert_eq!(code, 0);
 
@@ -2669,16 +2681,22 @@ fn cycle(s: &Scenario, apply: bool) -> (i32, String) {
 /// The quarterly cycle unattended: with nothing new it does nothing; with
 /// a new generation due and no opt-in the plan waits (exit 2, kept for
 /// people); with `--apply` generation 2 is built and the VM that follows
-/// new generations is replaced; the next cycle retires generation 1
+/// new generations is rolled out to it behind its gate; the next cycle
+/// retires generation 1
 /// (beyond `keep`), and drift is clean. A step that fails exits 1 and says
 /// so in the textfile.
 #[test]
 fn the_quarterly_cycle_waits_without_opt_in_applies_with_it_and_retires_the_old_generation() {
     let replace = |packages: &str| {
-        keep_one(packages).replace(
-            "    onboot: true\n",
-            "    onboot: true\n    on_new_generation: replace\n",
-        )
+        keep_one(packages)
+            .replace(
+                "    onboot: true\n",
+                "    onboot: true\n    on_new_generation: replace\n",
+            )
+            .replace(
+                "vms:\n",
+                "rollout: { batch: { percent: 50 }, gates: { agent: { timeout: 5s } } }\nvms:\n",
+            )
     };
     let s = Scenario::new(ClusterSpec::default(), &replace("\"vim\""), EMPTY_LOCK);
     s.converge();
@@ -2698,7 +2716,7 @@ fn the_quarterly_cycle_waits_without_opt_in_applies_with_it_and_retires_the_old_
     );
     let (code, shown, _) = s.run(&["show", "cycle.plan"]);
     assert_eq!(code, 0);
-    assert_contains(&shown, &["build generation 2"]);
+    assert_contains(&shown, &["build generation 2", "  batch 1: vm.web-01\n"]);
     assert!(
         s.sim.inspect(|st| !st.vms.contains_key(&9401)),
         "nothing was applied"
@@ -2759,4 +2777,168 @@ fn secrets_come_from_the_files_name_file_points_at() {
     let (code, _, err) = s.finish(&mut cmd);
     assert_eq!(code, 1);
     assert_contains(&err, &["PROXMOX_VE_API_TOKEN_FILE", "cannot read"]);
+}
+
+// ----- rollouts -------------------------------------------------------------
+
+/// Six VMs that follow new generations, rolled out two at a time behind
+/// the guest-agent gate; `extra` goes into each VM.
+fn rollout_fleet(packages: &str, extra: &str) -> String {
+    let vms: String = (1..=6)
+        .map(|i| format!("  app-0{i}:\n    image: golden\n    vmid: {}\n    on_new_generation: replace\n{extra}", 400 + i))
+        .collect();
+    let fleet = keep_one(packages);
+    let at = fleet.find("vms:\n").unwrap();
+    format!(
+        "{}rollout: {{ batch: {{ count: 2 }}, gates: {{ agent: {{ timeout: 2s }} }} }}\nvms:\n{vms}",
+        &fleet[..at]
+    )
+}
+
+/// The generation each VM runs, from its stamp.
+fn generations(s: &Scenario) -> Vec<String> {
+    (401..=406)
+        .map(|vmid| {
+            let stamp = s.config(vmid)["description"].clone();
+            stamp
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("generation="))
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+/// The VMIDs apply destroyed, in order.
+fn destroyed(s: &Scenario) -> Vec<String> {
+    s.sim
+        .journal()
+        .iter()
+        .filter(|e| e.method == "DELETE" && e.route == "/nodes/{node}/qemu/{vmid}")
+        .map(|e| e.params["vmid"].clone())
+        .collect()
+}
+
+/// Six VMs in batches of two: the plan shows three batches, apply replaces
+/// them in that order — each batch only after the previous one's agents
+/// answered — and a replaced VM keeps its VMID, name and MAC address.
+#[test]
+fn a_rollout_replaces_six_vms_two_at_a_time_in_plan_order() {
+    let s = Scenario::new(
+        ClusterSpec::default(),
+        &rollout_fleet("\"vim\"", ""),
+        EMPTY_LOCK,
+    );
+    s.converge();
+    let macs: Vec<String> = (401..=406).map(|v| s.config(v)["net0"].clone()).collect();
+    s.set_fleet(&rollout_fleet("\"vim\", \"htop\"", ""));
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    assert_contains(
+        &text,
+        &[
+            "Rollout: 3 batches of the VMs that follow new generations, each behind its gates (guest agent (2s)):",
+            "  batch 1: vm.app-01, vm.app-02\n  batch 2: vm.app-03, vm.app-04\n  batch 3: vm.app-05, vm.app-06\n",
+        ],
+    );
+    s.apply();
+    assert_eq!(generations(&s), ["2"; 6]);
+    let order = destroyed(&s);
+    assert_eq!(order.len(), 6, "{order:?}");
+    let batch_of = |vmid: &str| (vmid.parse::<u32>().unwrap() - 401) / 2;
+    assert!(
+        order.windows(2).all(|w| batch_of(&w[0]) <= batch_of(&w[1])),
+        "batches in order: {order:?}"
+    );
+    // Each batch's agents were asked before the next batch was destroyed.
+    let journal = s.sim.journal();
+    let first_destroy_of_batch_2 = journal
+        .iter()
+        .position(|e| {
+            e.method == "DELETE"
+                && ["403", "404"].contains(&e.params.get("vmid").map_or("", String::as_str))
+        })
+        .unwrap();
+    let pinged: Vec<&str> = journal[..first_destroy_of_batch_2]
+        .iter()
+        .filter(|e| e.route.ends_with("/agent/ping"))
+        .map(|e| e.params["vmid"].as_str())
+        .collect();
+    assert!(
+        pinged.contains(&"401") && pinged.contains(&"402"),
+        "{pinged:?}"
+    );
+    let now: Vec<String> = (401..=406).map(|v| s.config(v)["net0"].clone()).collect();
+    assert_eq!(now, macs, "the MAC addresses are kept");
+    assert_eq!(s.config(401)["name"], "app-01");
+    let (code, text) = s.plan();
+    assert_eq!(code, 2, "generation 1 can go now: {text}");
+}
+
+/// An agent that stops answering after batch 1: the rollout stops, the four
+/// VMs not yet replaced stay on generation 1 and are reported; once the
+/// fault clears, the next apply finishes the rollout.
+#[test]
+fn a_failing_gate_stops_the_rollout_and_the_next_apply_resumes_it() {
+    let s = Scenario::new(
+        ClusterSpec::default(),
+        &rollout_fleet("\"vim\"", ""),
+        EMPTY_LOCK,
+    );
+    s.converge();
+    s.set_fleet(&rollout_fleet("\"vim\", \"htop\"", ""));
+    s.fault("POST /nodes/*/qemu/402/agent/ping => agent-not-running");
+    let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(generations(&s), ["2", "2", "1", "1", "1", "1"]);
+    let all = format!("{out}{err}");
+    assert_contains(
+        &all,
+        &[
+            "the guest agent did not answer within 2s",
+            "the rollout stopped at batch 1: vm.app-02 failed its health gate",
+        ],
+    );
+    for vm in ["vm.app-03", "vm.app-04", "vm.app-05", "vm.app-06"] {
+        assert!(
+            all.lines()
+                .any(|l| l.contains(vm) && l.contains("the rollout stopped")),
+            "{vm} is reported:\n{all}"
+        );
+    }
+    s.sim.options().faults.clear();
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    assert_contains(
+        &text,
+        &["  batch 1: vm.app-03, vm.app-04\n  batch 2: vm.app-05, vm.app-06\n"],
+    );
+    s.apply();
+    assert_eq!(generations(&s), ["2"; 6]);
+}
+
+/// A VM that follows new generations but is marked prevent_destroy is
+/// never replaced: it stays on its generation, with a note.
+#[test]
+fn a_prevent_destroy_vm_is_skipped_by_the_rollout_with_a_note() {
+    let fleet = |packages: &str| {
+        rollout_fleet(packages, "").replace(
+            "    vmid: 406\n    on_new_generation: replace\n",
+            "    vmid: 406\n    on_new_generation: replace\n    prevent_destroy: true\n",
+        )
+    };
+    let s = Scenario::new(ClusterSpec::default(), &fleet("\"vim\""), EMPTY_LOCK);
+    s.converge();
+    s.set_fleet(&fleet("\"vim\", \"htop\""));
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    assert_contains(
+        &text,
+        &[
+            "  batch 3: vm.app-05\n",
+            "Note: vm.app-06 stays on image.golden generation 1: it follows new generations, but prevent_destroy keeps it from being replaced (generation 2 is current)",
+        ],
+    );
+    s.apply();
+    assert_eq!(generations(&s), ["2", "2", "2", "2", "2", "1"]);
 }
