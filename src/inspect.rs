@@ -152,9 +152,12 @@ pub async fn inspect(client: &Client, target: &Target) -> Outcome {
             }
         }
         Ok((version, path)) => moved(&version, Some(path)),
-        Err(_) => Outcome::InSync {
+        // Layer 2 needs VM.GuestAgent.Unrestricted; without it the release
+        // is all that can be compared.
+        Err(ApiError::Permission { .. } | ApiError::Auth { status: 403, .. }) => Outcome::InSync {
             by_release_only: true,
         },
+        Err(e) => Outcome::NotInspectable(format!("agent/exec: {}", first_line(&e))),
     }
 }
 
