@@ -85,12 +85,10 @@ pub fn targets(fleet: &str, live: &LiveState, lock: &Lockfile) -> Vec<Target> {
         .vms
         .values()
         .filter_map(|vm| {
-            let stamp = vm
-                .stamp()
-                .filter(|s| s.get("fleet").map(String::as_str) == Some(fleet))?;
-            let address = stamp.get("resource").filter(|r| r.starts_with("vm."))?;
-            let image = stamp.get("image")?;
-            let number: u32 = stamp.get("generation")?.parse().ok()?;
+            let stamp = vm.stamp().filter(|s| s.fleet == fleet)?;
+            let address = Some(&stamp.resource).filter(|r| r.starts_with("vm."))?;
+            let image = stamp.image.as_ref()?;
+            let number = stamp.generation?;
             let generation = lock
                 .images
                 .get(image)?
