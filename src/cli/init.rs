@@ -163,6 +163,7 @@ fn client_for(s: &Settings) -> Result<pve_api::Client, Failure> {
             },
         },
         vm_vmid_range: None,
+        rollout: None,
         task_timeout: "30m"
             .parse()
             .map_err(|e| invalid("task_timeout", format!("{e}")))?,
