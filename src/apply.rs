@@ -26,6 +26,7 @@ use tokio::sync::{Semaphore, mpsc};
 use crate::connect::read_secret;
 use crate::limit::AdaptiveLimit;
 use crate::plan::{Action, Change, Plan, VmWork, Work};
+use crate::stamp::Stamp;
 
 /// How often a running download's task log is read for its progress.
 const DOWNLOAD_POLL: Duration = Duration::from_millis(500);
@@ -436,10 +437,7 @@ async fn build_template(
     w: &crate::build::BuildWork,
     cleanup_first: bool,
 ) -> Result<crate::build::BuildResult, Outcome> {
-    let build_vm = [
-        ("resource", format!("image.{}", w.image)),
-        ("generation", w.generation.to_string()),
-    ];
+    let build_vm = Owner::template(&w.image, w.generation);
     if cleanup_first {
         destroy_vm(ctx, address, w.vmid, &w.node, &build_vm).await?;
     }
@@ -584,12 +582,12 @@ async fn run_vm_change(ctx: &Ctx, change: &Change) -> Result<(), Outcome> {
         Work::CreateVm(w) => create_vm(ctx, address, w).await,
         Work::UpdateVm(w) => update_vm(ctx, address, w).await,
         Work::ReplaceVm { old_node, new } => {
-            let this_vm = [("resource", address.to_owned())];
+            let this_vm = Owner::vm(address);
             destroy_vm(ctx, address, new.vmid, old_node, &this_vm).await?;
             create_vm(ctx, address, new).await
         }
         Work::DestroyVm { vmid, node } => {
-            let this_vm = [("resource", address.to_owned())];
+            let this_vm = Owner::vm(address);
             destroy_vm(ctx, address, *vmid, node, &this_vm).await
         }
         Work::DestroyTemplate {
@@ -599,18 +597,40 @@ async fn run_vm_change(ctx: &Ctx, change: &Change) -> Result<(), Outcome> {
             node,
             ..
         } => {
-            let template = [
-                ("resource", format!("image.{image}")),
-                ("generation", generation.to_string()),
-            ];
+            let template = Owner::template(image, *generation);
             destroy_vm(ctx, address, *vmid, node, &template).await
         }
         Work::BuildTemplate { .. } => unreachable!("builds run in build_template"),
     }
 }
 
-/// Stamp fields (besides the fleet) a VM must carry for apply to touch it.
-type Owner<'a> = [(&'a str, String)];
+/// What a VM's stamp must say (besides the fleet) for apply to touch it:
+/// the resource, and for a template or build VM its generation.
+struct Owner {
+    resource: String,
+    generation: Option<u32>,
+}
+
+impl Owner {
+    fn vm(address: &str) -> Self {
+        Owner {
+            resource: address.to_owned(),
+            generation: None,
+        }
+    }
+
+    fn template(image: &str, generation: u32) -> Self {
+        Owner {
+            resource: format!("image.{image}"),
+            generation: Some(generation),
+        }
+    }
+
+    fn owns(&self, fleet: &str, stamp: &Stamp) -> bool {
+        stamp.is(fleet, &self.resource)
+            && self.generation.is_none_or(|g| stamp.generation == Some(g))
+    }
+}
 
 /// Checks, at the moment of writing, that `cfg` (VMID `vmid` on `node`,
 /// just read) is still the VM the plan meant: stamped by this fleet with
@@ -621,26 +641,18 @@ fn check_owner(
     cfg: &pve_api::types::VmConfig,
     vmid: u32,
     node: &str,
-    owner: &Owner<'_>,
+    owner: &Owner,
 ) -> Result<(), ApiError> {
-    let stamp = cfg
-        .get("description")
-        .and_then(crate::plan::read_stamp)
-        .unwrap_or_default();
-    let ours = stamp.get("fleet") == Some(&ctx.fleet)
-        && owner.iter().all(|(k, v)| stamp.get(*k) == Some(v));
-    if ours {
+    let stamp = cfg.get("description").and_then(Stamp::parse);
+    if stamp.as_ref().is_some_and(|s| owner.owns(&ctx.fleet, s)) {
         return Ok(());
     }
     Err(ApiError::Conflict {
         message: format!(
             "VMID {vmid} on {node} is not the VM the plan meant (`{}`, {}); nixgold left it alone",
             cfg.get("name").unwrap_or("unnamed"),
-            match stamp.get("resource") {
-                Some(r) => format!(
-                    "stamped as {r} of fleet {}",
-                    stamp.get("fleet").map_or("?", String::as_str)
-                ),
+            match stamp {
+                Some(s) => format!("stamped as {} of fleet {}", s.resource, s.fleet),
                 None => "not stamped by nixgold".to_owned(),
             }
         ),
@@ -648,7 +660,7 @@ fn check_owner(
 }
 
 /// Re-reads the VM and checks its owner; `Ok(false)`: it is gone.
-async fn still_ours(ctx: &Ctx, vmid: u32, node: &str, owner: &Owner<'_>) -> Result<bool, ApiError> {
+async fn still_ours(ctx: &Ctx, vmid: u32, node: &str, owner: &Owner) -> Result<bool, ApiError> {
     match ctx.client.vm_config(node, vmid, false).await {
         Ok(cfg) => check_owner(ctx, &cfg, vmid, node, owner).map(|()| true),
         Err(e) if e.is_not_found() => Ok(false),
@@ -661,7 +673,7 @@ async fn destroy_vm(
     address: &str,
     vmid: u32,
     node: &str,
-    owner: &Owner<'_>,
+    owner: &Owner,
 ) -> Result<(), Outcome> {
     ctx.step(address, "stop", || async {
         if !still_ours(ctx, vmid, node, owner).await? {
@@ -795,13 +807,7 @@ async fn write_config(
     planned: Option<String>,
 ) -> Result<(), ApiError> {
     let current = ctx.client.vm_config(&w.node, w.vmid, false).await?;
-    check_owner(
-        ctx,
-        &current,
-        w.vmid,
-        &w.node,
-        &[("resource", address.to_owned())],
-    )?;
+    check_owner(ctx, &current, w.vmid, &w.node, &Owner::vm(address))?;
     // Keep the MAC Proxmox generated at clone time.
     if let Some(net) = set.get_mut("net0") {
         let mut want = Net::parse(net);

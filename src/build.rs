@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::fleet::{Bios, StepTimeouts};
+use crate::stamp::Stamp;
 
 /// Everything a build needs, decided by the planner.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,6 +82,32 @@ pub enum Access {
     },
 }
 
+impl Access {
+    /// The same access for a build on the embedded simulator, whose guests
+    /// live on this machine: the call-home listener binds loopback, and a
+    /// static build address `a.b.c.d/len` becomes `127.b.c.d/8` at the
+    /// simulator's guest SSH port.
+    pub fn localise(&mut self, guest_port: u16) {
+        match self {
+            Access::CallHome { listen, advertise } => {
+                *listen = "127.0.0.1:0".to_owned();
+                *advertise = Some("127.0.0.1".to_owned());
+            }
+            Access::Static {
+                address,
+                gateway,
+                ssh_port,
+            } => {
+                let host = address.split('/').next().unwrap_or_default();
+                let octets: Vec<&str> = host.split('.').skip(1).collect();
+                *address = format!("127.{}/8", octets.join("."));
+                *gateway = None;
+                *ssh_port = guest_port;
+            }
+        }
+    }
+}
+
 /// What a build leaves for the lockfile.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildResult {
@@ -96,23 +123,30 @@ pub struct BuildResult {
 
 /// The stamp of a build VM while it is being built.
 pub fn building_stamp(w: &BuildWork) -> String {
-    format!(
-        "nixgold: fleet={} resource=image.{} generation={} state=building inputs={}",
-        w.fleet, w.image, w.generation, w.input_hash
-    )
+    Stamp {
+        fleet: w.fleet.clone(),
+        resource: format!("image.{}", w.image),
+        generation: Some(w.generation),
+        building: true,
+        inputs: Some(w.input_hash.clone()),
+        ..Stamp::default()
+    }
+    .to_string()
 }
 
 /// The stamp of a finished template: enough to record it in the lockfile.
 pub fn template_stamp(r: &BuildResult, fleet: &str) -> String {
-    format!(
-        "nixgold: fleet={fleet} resource=image.{} generation={} inputs={} iso={} nixos={} system={}",
-        r.image,
-        r.generation,
-        r.input_hash,
-        r.iso_sha256,
-        r.nixos_version.replace(' ', "_"),
-        r.system_path
-    )
+    Stamp {
+        fleet: fleet.to_owned(),
+        resource: format!("image.{}", r.image),
+        generation: Some(r.generation),
+        inputs: Some(r.input_hash.clone()),
+        iso: Some(r.iso_sha256.clone()),
+        nixos: Some(r.nixos_version.clone()),
+        system: Some(r.system_path.clone()),
+        ..Stamp::default()
+    }
+    .to_string()
 }
 
 /// QEMU key names for `text` on a US layout (shift chords for capitals
@@ -1205,20 +1239,19 @@ fn check(step: &str, code: u32, output: &str) -> Result<(), BuildError> {
 
 /// Reads a finished template's stamp back into a result (an apply that was
 /// interrupted after the build but before writing the lockfile).
-pub fn result_from_stamp(description: &str, node: &str, vmid: u32) -> Option<BuildResult> {
-    let stamp = crate::plan::read_stamp(description)?;
-    if stamp.contains_key("state") {
+pub fn result_from_stamp(stamp: &Stamp, node: &str, vmid: u32) -> Option<BuildResult> {
+    if stamp.building {
         return None;
     }
     Some(BuildResult {
-        image: stamp.get("resource")?.strip_prefix("image.")?.to_owned(),
-        generation: stamp.get("generation")?.parse().ok()?,
+        image: stamp.resource.strip_prefix("image.")?.to_owned(),
+        generation: stamp.generation?,
         node: node.to_owned(),
         vmid,
-        input_hash: stamp.get("inputs")?.clone(),
-        iso_sha256: stamp.get("iso")?.clone(),
-        nixos_version: stamp.get("nixos")?.replace('_', " "),
-        system_path: stamp.get("system")?.clone(),
+        input_hash: stamp.inputs.clone()?,
+        iso_sha256: stamp.iso.clone()?,
+        nixos_version: stamp.nixos.clone()?,
+        system_path: stamp.system.clone()?,
     })
 }
 
@@ -1270,7 +1303,8 @@ mod tests {
             system_path: "/nix/store/x-nixos-system".into(),
         };
         assert_eq!(
-            result_from_stamp(&template_stamp(&r, "homelab"), "pve", 9401),
+            Stamp::parse(&template_stamp(&r, "homelab"))
+                .and_then(|s| result_from_stamp(&s, "pve", 9401)),
             Some(r)
         );
     }

@@ -98,6 +98,13 @@ fn env_flag(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "yes"))
 }
 
+/// Where `--sim` keeps the embedded simulator's state (and lockfile).
+pub fn sim_dir() -> PathBuf {
+    std::env::var_os("NIXGOLD_SIM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(".nixgold/sim"))
+}
+
 /// The Proxmox API endpoint of a real cluster: `PROXMOX_VE_ENDPOINT`, or
 /// the fleet's `proxmox.endpoint`.
 pub fn endpoint(fleet: &Fleet) -> String {

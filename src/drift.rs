@@ -128,20 +128,17 @@ impl Drift {
         let managed_by_plan: BTreeSet<&str> = findings.iter().map(|f| f.address.as_str()).collect();
         let mut extra = Vec::new();
         for vm in live.vms.values() {
-            let stamp = vm.stamp().filter(|s| s.get("fleet") == Some(&plan.fleet));
+            let stamp = vm.stamp().filter(|s| s.fleet == plan.fleet);
             if let Some(stamp) = &stamp
-                && let (Some(address), Some(image), Some(generation)) = (
-                    stamp.get("resource").filter(|r| r.starts_with("vm.")),
-                    stamp.get("image"),
-                    stamp.get("generation").and_then(|g| g.parse::<u32>().ok()),
-                )
+                && let (Some(address), Some(image), Some(generation)) =
+                    (stamp.vm_address(), &stamp.image, stamp.generation)
                 && let Some(current) = lock.images.get(image).map(|i| i.current)
                 && generation < current
-                && !managed_by_plan.contains(address.as_str())
+                && !managed_by_plan.contains(address)
             {
                 extra.push(Finding {
                     kind: Kind::OldGeneration,
-                    address: address.clone(),
+                    address: address.to_owned(),
                     detail: format!(
                         "runs image.{image} generation {generation}; the current generation is {current}"
                     ),
@@ -187,10 +184,8 @@ impl Drift {
             .filter(|vm| vm.running == Some(true))
             .filter_map(|vm| {
                 let stamp = vm.stamp()?;
-                let address = stamp
-                    .get("resource")
-                    .filter(|r| r.starts_with("vm.") && stamp.get("fleet") == Some(&plan.fleet))?;
-                Some((address.clone(), vm.node.clone(), vm.vmid))
+                let address = stamp.vm_address().filter(|_| stamp.fleet == plan.fleet)?;
+                Some((address.to_owned(), vm.node.clone(), vm.vmid))
             })
             .collect()
     }

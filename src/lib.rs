@@ -5,7 +5,9 @@
 //! wrote) and [`lock`] (what is pinned, [`pin`] resolves) give the
 //! [`desired`] graph; [`live`] state is read through [`connect`]; [`plan`]
 //! diffs the two, [`render`] shows it ([`plan_json`] for programs),
-//! [`apply`] executes it; [`nixos`] renders an image's configuration;
+//! [`apply`] executes it and [`record`] writes what it built into the
+//! lockfile; [`stamp`] reads and writes the ownership stamp every VM
+//! carries; [`nixos`] renders an image's configuration;
 //! [`doctor`] checks a cluster can take the fleet. The core (fleet → desired
 //! → plan →
 //! render) is synchronous and pure; live, pin and apply are async.
@@ -30,5 +32,7 @@ pub mod pin;
 pub mod plan;
 pub mod plan_json;
 pub mod problem;
+pub mod record;
 pub mod redact;
 pub mod render;
+pub mod stamp;

@@ -40,8 +40,8 @@ pub struct LiveVm {
 impl LiveVm {
     /// The ownership stamp in its description (configs are read for
     /// managed VMs only).
-    pub fn stamp(&self) -> Option<BTreeMap<String, String>> {
-        crate::plan::read_stamp(self.config.as_ref()?.values.get("description")?)
+    pub fn stamp(&self) -> Option<crate::stamp::Stamp> {
+        crate::stamp::Stamp::parse(self.config.as_ref()?.values.get("description")?)
     }
 
     /// The volume id of its root disk (`scsi0`), e.g. `tank:vm-400-disk-0`.

@@ -11,18 +11,26 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::desired::{self, DesiredGraph};
 use crate::fleet::{self, LoadedFleet};
 use crate::lock::Lockfile;
-use crate::nixos;
 use crate::problem::Problem;
 
+mod apply;
 mod apply_json;
 mod docs;
-mod run;
+mod doctor;
+mod drift;
+mod force_unlock;
+mod graph;
+mod local;
+mod output;
+mod plan;
+mod progress;
+mod rollback;
+mod session;
 mod show;
 mod sim;
-mod target;
+mod update;
 
 /// The lockfile's name before each fleet had its own (`FLEET.lock`).
 const LEGACY_LOCK: &str = "nixgold.lock";
@@ -34,6 +42,10 @@ pub const EXIT_ERROR: u8 = 1;
 /// value): `EX_USAGE` from sysexits.h, so that it never reads as 0 ("no
 /// changes") or 2 ("changes", "drift") to a script.
 pub const EXIT_USAGE: u8 = 64;
+
+/// Exit code of `plan --detailed-exitcode` when there are changes, and of
+/// `drift` when there is drift.
+pub const EXIT_CHANGES: u8 = 2;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -136,28 +148,7 @@ enum Command {
         scope: Scope,
     },
     /// Change the cluster to match the fleet (or apply a saved plan).
-    Apply {
-        /// A fleet file, or a plan saved with `plan --out`.
-        #[arg(value_name = "FLEET_OR_PLAN")]
-        path: Option<PathBuf>,
-        /// Do not ask for confirmation.
-        #[arg(long)]
-        auto_approve: bool,
-        /// Keep the VM of a failed template build for debugging.
-        #[arg(long)]
-        keep_failed_build: bool,
-        /// Changes in flight at once.
-        #[arg(long, default_value_t = crate::apply::ApplyOptions::default().concurrency)]
-        concurrency: usize,
-        /// How long to wait for one Proxmox task before reporting it as
-        /// hung [default: the fleet's task_timeout, 30m].
-        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
-        task_timeout: Option<std::time::Duration>,
-        #[command(flatten)]
-        wait: LockWait,
-        #[command(flatten)]
-        scope: Scope,
-    },
+    Apply(ApplyCmd),
     /// Compare the cluster with the fleet and change nothing (for timers and
     /// CI): exit 0 without drift, 2 with drift, 1 on error.
     Drift {
@@ -224,6 +215,31 @@ enum Command {
         #[command(subcommand)]
         command: sim::SimCommand,
     },
+}
+
+// The arguments of `apply` (its help is the variant's doc comment).
+#[derive(Debug, Args)]
+struct ApplyCmd {
+    /// A fleet file, or a plan saved with `plan --out`.
+    #[arg(value_name = "FLEET_OR_PLAN")]
+    path: Option<PathBuf>,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    auto_approve: bool,
+    /// Keep the VM of a failed template build for debugging.
+    #[arg(long)]
+    keep_failed_build: bool,
+    /// Changes in flight at once.
+    #[arg(long, default_value_t = crate::apply::ApplyOptions::default().concurrency)]
+    concurrency: usize,
+    /// How long to wait for one Proxmox task before reporting it as
+    /// hung [default: the fleet's task_timeout, 30m].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    task_timeout: Option<std::time::Duration>,
+    #[command(flatten)]
+    wait: LockWait,
+    #[command(flatten)]
+    scope: Scope,
 }
 
 #[derive(Debug, Args)]
@@ -435,7 +451,7 @@ impl Global {
         }
         let stem = fleet.file_stem().unwrap_or(std::ffi::OsStr::new("fleet"));
         let (dir, legacy) = if self.sim {
-            let dir = run::sim_dir();
+            let dir = crate::connect::sim_dir();
             let legacy = dir.join(LEGACY_LOCK);
             (dir, legacy)
         } else {
@@ -473,43 +489,21 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
             scope,
         } => {
             let (path, lock) = fleet_and_lock(g, fleet, out)?;
-            let args = run::PlanArgs {
+            let args = plan::PlanArgs {
                 out: save.clone(),
                 detailed_exitcode: *detailed_exitcode,
                 options: scope.options(),
             };
-            runtime()?.block_on(run::cmd_plan(&path, &lock, g.locked, g.sim, &args, out))
+            runtime()?.block_on(plan::cmd_plan(&path, &lock, g.locked, g.sim, &args, out))
         }
-        Command::Apply {
-            path,
-            auto_approve,
-            keep_failed_build,
-            concurrency,
-            task_timeout,
-            wait,
-            scope,
-        } => {
-            let path = path.clone().or_else(|| g.fleet.clone()).ok_or_else(|| {
-                Failure::Message("no fleet file or saved plan given\n  hint: nixgold apply FLEET (or a file from plan --out)".into())
-            })?;
-            let lock = g.lock_for(&path, out);
-            let args = run::ApplyArgs {
-                auto_approve: *auto_approve,
-                lock_timeout: wait.lock_timeout,
-                task_timeout: *task_timeout,
-                keep_failed_build: *keep_failed_build,
-                options: scope.options(),
-                concurrency: *concurrency,
-            };
-            runtime()?.block_on(run::cmd_apply(&path, &lock, g.locked, g.sim, &args, out))
-        }
+        Command::Apply(cmd) => apply::dispatch(g, cmd, out),
         Command::Update { fleet, iso } => {
             let (path, lock) = fleet_and_lock(g, fleet, out)?;
-            runtime()?.block_on(run::cmd_update(&path, &lock, g.locked, g.sim, iso, out))
+            runtime()?.block_on(update::cmd_update(&path, &lock, g.locked, g.sim, iso, out))
         }
         Command::Drift { fleet, prometheus } => {
             let (path, lock) = fleet_and_lock(g, fleet, out)?;
-            runtime()?.block_on(run::cmd_drift(
+            runtime()?.block_on(drift::cmd_drift(
                 &path,
                 &lock,
                 g.locked,
@@ -520,43 +514,11 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
         }
         Command::Doctor(arg) => {
             let (path, lock) = fleet_and_lock(g, arg, out)?;
-            runtime()?.block_on(run::cmd_doctor(&path, &lock, g.sim, out))
+            runtime()?.block_on(doctor::cmd_doctor(&path, &lock, g.sim, out))
         }
         Command::Output(arg) => {
             let (path, lock) = fleet_and_lock(g, arg, out)?;
-            runtime()?.block_on(run::cmd_output(&path, &lock, g.sim, out))
-        }
-        Command::Validate(arg) => {
-            let (path, lock) = fleet_and_lock(g, arg, out)?;
-            let (loaded, lock) = load_checked(&path, &lock)?;
-            let f = &loaded.fleet;
-            if out.json {
-                println!(
-                    "{:#}",
-                    serde_json::json!({
-                        "ok": true,
-                        "fleet": f.fleet,
-                        "isos": f.isos.len(),
-                        "images": f.images.len(),
-                        "vms": f.vms.len(),
-                    })
-                );
-            } else if !out.quiet {
-                println!(
-                    "{}: fleet `{}` is valid ({} ISO{}, {} image{}, {} VM{})",
-                    loaded.path.display(),
-                    f.fleet,
-                    f.isos.len(),
-                    plural(f.isos.len()),
-                    f.images.len(),
-                    plural(f.images.len()),
-                    f.vms.len(),
-                    plural(f.vms.len())
-                );
-            }
-            warn_insecure(&loaded, out);
-            drop(lock);
-            Ok(0)
+            runtime()?.block_on(output::cmd_output(&path, &lock, g.sim, out))
         }
         Command::Graph {
             fleet,
@@ -565,88 +527,27 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
         } => {
             let (path, lock) = fleet_and_lock(g, fleet, out)?;
             let text = *format == GraphFormat::Text;
-            runtime()?.block_on(run::cmd_plan_order(
+            runtime()?.block_on(graph::cmd_plan_order(
                 &path, &lock, g.locked, g.sim, text, out,
             ))
         }
+        Command::Validate(arg) => {
+            let (path, lock) = fleet_and_lock(g, arg, out)?;
+            local::validate(&path, &lock, out)
+        }
         Command::Graph { fleet, format, .. } => {
             let (path, lock) = fleet_and_lock(g, fleet, out)?;
-            let (loaded, lock) = load_checked(&path, &lock)?;
-            let desired = desired::build(&loaded.fleet, &lock)?;
-            note_lock_drift(&desired, &lock, out);
-            if out.json {
-                println!("{:#}", graph_json(&desired));
-            } else {
-                match format {
-                    GraphFormat::Dot => print!("{}", desired.to_dot()),
-                    GraphFormat::Text => print!("{}", desired.to_text()),
-                }
-            }
-            Ok(0)
+            local::graph(&path, &lock, *format, out)
         }
         Command::Render { fleet, image } => {
             let (path, lock) = fleet_and_lock(g, fleet, out)?;
-            let (loaded, _lock) = load_checked(&path, &lock)?;
-            let Some(spec) = loaded.fleet.images.get(image) else {
-                let known: Vec<&str> = loaded.fleet.images.keys().map(String::as_str).collect();
-                return Err(Failure::Message(format!(
-                    "image `{image}` is not in {}\n  hint: images in this fleet: {}",
-                    loaded.path.display(),
-                    if known.is_empty() {
-                        "(none)".to_owned()
-                    } else {
-                        known.join(", ")
-                    }
-                )));
-            };
-            let configuration = nixos::configuration_nix(image, spec);
-            let script = nixos::install_script(image, spec);
-            if out.json {
-                println!(
-                    "{:#}",
-                    serde_json::json!({ "image": image, "configuration_nix": configuration, "install_script": script })
-                );
-            } else {
-                println!(
-                    "# ===== configuration.nix =====\n{configuration}\n# ===== install.sh =====\n{script}"
-                );
-            }
-            Ok(0)
+            local::render(&path, &lock, image, out)
         }
         Command::Lock(arg) => {
             let (path, lock) = fleet_and_lock(g, arg, out)?;
-            let (loaded, current) = load_checked(&path, &lock)?;
-            let desired = desired::build(&loaded.fleet, &current)?;
-            let changed = desired.lock.write(&lock, g.locked)?;
-            let unresolved = unresolved_isos(&desired);
-            if out.json {
-                println!(
-                    "{:#}",
-                    serde_json::json!({ "ok": true, "changed": changed, "lockfile": lock, "unpinned_isos": unresolved })
-                );
-            } else {
-                out.info(&format!(
-                    "{}: {}",
-                    lock.display(),
-                    if changed { "updated" } else { "up to date" }
-                ));
-                for iso in unresolved {
-                    out.info(&format!("note: {iso} is not pinned yet"));
-                }
-            }
-            Ok(0)
+            local::lock(&path, &lock, g.locked, out)
         }
-        Command::Show { path } => {
-            let path = path.clone().or_else(|| g.fleet.clone());
-            match path.as_deref().map(|p| (p, run::read_saved(p).is_some())) {
-                Some((plan, true)) => show::saved_plan(plan, out),
-                Some((fleet, false)) => show::state(&g.lock_for(fleet, out), out),
-                None => match &g.lock {
-                    Some(lock) => show::state(lock, out),
-                    None => Err(Failure::Message("no saved plan, fleet file or lockfile given\n  hint: nixgold show PLANFILE, nixgold show FLEET, or --lock FILE".into())),
-                },
-            }
-        }
+        Command::Show { path } => show::dispatch(g, path.as_deref(), out),
         Command::Schema => {
             print!("{}", fleet::load::json_schema());
             Ok(0)
@@ -658,16 +559,11 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
             wait,
         } => {
             let (path, lock) = fleet_and_lock(g, fleet, out)?;
-            let args = run::RollbackArgs {
-                image: image.clone(),
-                to: *to,
-                lock_timeout: wait.lock_timeout,
-            };
-            runtime()?.block_on(run::cmd_rollback(&path, &lock, g.locked, g.sim, &args, out))
+            rollback::dispatch(g, (&path, &lock), image, *to, wait, out)
         }
         Command::ForceUnlock { id, fleet } => {
             let (path, lock) = fleet_and_lock(g, fleet, out)?;
-            runtime()?.block_on(run::cmd_force_unlock(&path, &lock, g.sim, id, out))
+            runtime()?.block_on(force_unlock::cmd_force_unlock(&path, &lock, g.sim, id, out))
         }
         Command::Completions { shell } => {
             docs::completions(*shell);
@@ -676,10 +572,6 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
         Command::Man { dir } => docs::man(dir.as_deref()).map(|()| 0),
         Command::Sim { command } => sim::run(command).map(|()| 0),
     }
-}
-
-fn plural(n: usize) -> &'static str {
-    if n == 1 { "" } else { "s" }
 }
 
 /// The fleet file of a command, and its lockfile.
@@ -719,56 +611,4 @@ pub(crate) fn load_checked(
         });
     }
     Ok((loaded, lock))
-}
-
-fn warn_insecure(loaded: &LoadedFleet, out: &Output) {
-    if loaded.fleet.proxmox.tls.insecure {
-        out.info(
-            "warning: proxmox.tls.insecure is set: the Proxmox certificate will NOT be verified",
-        );
-    }
-}
-
-fn unresolved_isos(desired: &DesiredGraph) -> Vec<String> {
-    let mut names: Vec<String> = desired
-        .graph
-        .node_weights()
-        .filter_map(|n| match n {
-            desired::DesiredNode::Iso(iso) => match &iso.pin {
-                desired::IsoPinState::Unresolved { source } => {
-                    Some(format!("iso.{} ({source})", iso.name))
-                }
-                desired::IsoPinState::Pinned { .. } => None,
-            },
-            _ => None,
-        })
-        .collect();
-    names.dedup();
-    names
-}
-
-fn note_lock_drift(desired: &DesiredGraph, lock: &Lockfile, out: &Output) {
-    if desired.lock.vmids != lock.vmids {
-        out.info("note: VMIDs marked (allocated) are not in the lockfile yet; `nixgold lock` records them");
-    }
-}
-
-fn graph_json(desired: &DesiredGraph) -> serde_json::Value {
-    let g = &desired.graph;
-    let nodes: Vec<serde_json::Value> = g
-        .node_indices()
-        .map(|i| {
-            let mut v = serde_json::to_value(&g[i]).unwrap_or_default();
-            if let Some(obj) = v.as_object_mut() {
-                obj.insert("address".into(), g[i].address().into());
-            }
-            v
-        })
-        .collect();
-    let edges: Vec<serde_json::Value> = g
-        .edge_indices()
-        .filter_map(|e| g.edge_endpoints(e))
-        .map(|(a, b)| serde_json::json!({ "from": g[a].address(), "to": g[b].address() }))
-        .collect();
-    serde_json::json!({ "nodes": nodes, "edges": edges })
 }

@@ -9,17 +9,34 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use super::{Failure, Output};
+use super::{Failure, Global, Output};
 use crate::lock::Lockfile;
+use crate::plan::saved::SavedPlan;
+
+/// `show [PATH]`: a saved plan, or the state of a fleet (its lockfile).
+pub(super) fn dispatch(g: &Global, path: Option<&Path>, out: &Output) -> Result<u8, Failure> {
+    let path = path.or(g.fleet.as_deref());
+    match path.map(|p| (p, SavedPlan::read(p).is_some())) {
+        Some((plan, true)) => saved_plan(plan, out),
+        Some((fleet, false)) => state(&g.lock_for(fleet, out), out),
+        None => match &g.lock {
+            Some(lock) => state(lock, out),
+            None => Err(Failure::Message(
+                "no saved plan, fleet file or lockfile given\n  hint: nixgold show PLANFILE, nixgold show FLEET, or --lock FILE".into(),
+            )),
+        },
+    }
+}
 
 /// Prints the saved plan at `path`.
 pub fn saved_plan(path: &Path, out: &Output) -> Result<u8, Failure> {
-    let saved = super::run::read_saved(path).unwrap_or_else(|| {
-        Err(Failure::Message(format!(
+    let Some(saved) = SavedPlan::read(path) else {
+        return Err(Failure::Message(format!(
             "{} is not a plan saved by `nixgold plan --out`",
             path.display()
-        )))
-    })?;
+        )));
+    };
+    let saved = saved?;
     if out.json {
         let mut value = crate::plan_json::plan_json(&saved.plan);
         value["nixgold"]["saved"] = json!({

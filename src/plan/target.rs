@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::Failure;
+use super::saved::SavedPlanError;
 
 /// The cluster a plan talks to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,7 +34,7 @@ impl PlanTarget {
     pub fn current(sim: bool, fleet: &crate::fleet::Fleet) -> Self {
         let cluster = if sim {
             Cluster::Simulator {
-                state_dir: absolute(&super::run::sim_dir()),
+                state_dir: absolute(&crate::connect::sim_dir()),
             }
         } else {
             Cluster::Endpoint {
@@ -56,7 +56,7 @@ impl PlanTarget {
     }
 
     /// Refuses `now` unless it is the target the plan was saved for.
-    pub fn check(&self, now: &PlanTarget, path: &Path) -> Result<(), Failure> {
+    pub fn check(&self, now: &PlanTarget, path: &Path) -> Result<(), SavedPlanError> {
         if self == now {
             return Ok(());
         }
@@ -71,12 +71,12 @@ impl PlanTarget {
                 self.cluster, now.cluster
             )
         };
-        Err(Failure::Message(format!(
-            "refusing to apply {}: {why}\n  hint: `{}` applies it where it was planned; to change {} instead, run `nixgold plan` there",
-            path.display(),
-            self.apply_command(path),
-            now.cluster
-        )))
+        Err(SavedPlanError::OtherTarget {
+            path: path.to_owned(),
+            why,
+            command: self.apply_command(path),
+            now: now.cluster.to_string(),
+        })
     }
 }
 
