@@ -313,67 +313,161 @@ pub async fn apply(
         addresses: Default::default(),
     });
     let mut report = Report::default();
-    let phases: [fn(&Change) -> bool; 4] = [
-        |c| c.action == Action::Destroy,
-        |c| matches!(c.work, Work::DownloadIso { .. }),
-        |c| matches!(c.work, Work::BuildTemplate { .. }),
-        |c| {
-            matches!(
-                c.work,
-                Work::CreateVm(_) | Work::UpdateVm(_) | Work::ReplaceVm { .. }
-            )
-        },
+    let rolling = |c: &Change| {
+        plan.rollout
+            .as_ref()
+            .is_some_and(|r| r.contains(&c.address))
+    };
+    let vm_change = |c: &Change| {
+        matches!(
+            c.work,
+            Work::CreateVm(_) | Work::UpdateVm(_) | Work::ReplaceVm { .. }
+        )
+    };
+    let phases: [&dyn Fn(&Change) -> bool; 4] = [
+        &|c| c.action == Action::Destroy,
+        &|c| matches!(c.work, Work::DownloadIso { .. }),
+        &|c| matches!(c.work, Work::BuildTemplate { .. }),
+        &|c| vm_change(c) && !rolling(c),
     ];
-    let mut failed: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    let mut failed = std::collections::BTreeSet::new();
     for in_phase in phases {
-        let global = Arc::new(Semaphore::new(ctx.opts.concurrency.max(1)));
-        let mut set = tokio::task::JoinSet::new();
-        for (i, change) in plan.changes.iter().enumerate().filter(|(_, c)| in_phase(c)) {
-            if let Some(dep) = depends_on(plan, change)
-                .into_iter()
-                .find(|d| failed.contains(d))
-            {
-                report.changes.push(ChangeReport {
-                    address: change.address.clone(),
-                    action: change.action,
-                    outcome: Outcome::Skipped {
-                        because: format!("{dep} failed"),
-                    },
-                    built: None,
-                });
-                continue;
-            }
-            let ctx = ctx.clone();
-            let change = change.clone();
-            let global = global.clone();
-            set.spawn(async move {
-                let _permit = global.acquire_owned().await.expect("open semaphore");
-                let (outcome, built) = match run_change(&ctx, &change).await {
-                    Ok(built) => (Outcome::Done, built),
-                    Err(o) => (o, None),
-                };
-                let r = ChangeReport {
-                    address: change.address.clone(),
-                    action: change.action,
-                    outcome,
-                    built,
-                };
-                (i, r)
-            });
-        }
-        let mut done = Vec::new();
-        while let Some(r) = set.join_next().await {
-            done.push(r.expect("a change task does not panic"));
-        }
-        done.sort_by_key(|(i, _)| *i);
-        failed.extend(
-            done.iter()
-                .filter(|(_, r)| r.outcome != Outcome::Done)
-                .map(|(_, r)| r.address.clone()),
-        );
-        report.changes.extend(done.into_iter().map(|(_, r)| r));
+        run_group(&ctx, plan, in_phase, &mut failed, &mut report).await;
+    }
+    if let Some(rollout) = &plan.rollout {
+        run_rollout(&ctx, plan, rollout, &mut failed, &mut report).await;
     }
     report
+}
+
+/// Runs the changes of `plan` that `in_group` selects, concurrently; a
+/// change whose dependency failed is skipped. Adds the ones that did not
+/// succeed to `failed`.
+async fn run_group(
+    ctx: &Arc<Ctx>,
+    plan: &Plan,
+    in_group: &dyn Fn(&Change) -> bool,
+    failed: &mut std::collections::BTreeSet<String>,
+    report: &mut Report,
+) {
+    let global = Arc::new(Semaphore::new(ctx.opts.concurrency.max(1)));
+    let mut set = tokio::task::JoinSet::new();
+    for (i, change) in plan.changes.iter().enumerate().filter(|(_, c)| in_group(c)) {
+        if let Some(dep) = depends_on(plan, change)
+            .into_iter()
+            .find(|d| failed.contains(d))
+        {
+            report.changes.push(ChangeReport {
+                address: change.address.clone(),
+                action: change.action,
+                outcome: Outcome::Skipped {
+                    because: format!("{dep} failed"),
+                },
+                built: None,
+            });
+            continue;
+        }
+        let ctx = ctx.clone();
+        let change = change.clone();
+        let global = global.clone();
+        set.spawn(async move {
+            let _permit = global.acquire_owned().await.expect("open semaphore");
+            let (outcome, built) = match run_change(&ctx, &change).await {
+                Ok(built) => (Outcome::Done, built),
+                Err(o) => (o, None),
+            };
+            let r = ChangeReport {
+                address: change.address.clone(),
+                action: change.action,
+                outcome,
+                built,
+            };
+            (i, r)
+        });
+    }
+    let mut done = Vec::new();
+    while let Some(r) = set.join_next().await {
+        done.push(r.expect("a change task does not panic"));
+    }
+    done.sort_by_key(|(i, _)| *i);
+    failed.extend(
+        done.iter()
+            .filter(|(_, r)| r.outcome != Outcome::Done)
+            .map(|(_, r)| r.address.clone()),
+    );
+    report.changes.extend(done.into_iter().map(|(_, r)| r));
+}
+
+/// The rollout's batches in order: each batch's replacements, then its
+/// health gates, then the pause. A replacement or a gate that fails stops
+/// the rollout; the later batches are skipped and stay on their generation.
+async fn run_rollout(
+    ctx: &Arc<Ctx>,
+    plan: &Plan,
+    rollout: &crate::rollout::Rollout,
+    failed: &mut std::collections::BTreeSet<String>,
+    report: &mut Report,
+) {
+    let mut stopped: Option<String> = None;
+    for (i, batch) in rollout.batches.iter().enumerate() {
+        if let Some(because) = &stopped {
+            report
+                .changes
+                .extend(batch.iter().map(|address| ChangeReport {
+                    address: address.clone(),
+                    action: Action::Replace,
+                    outcome: Outcome::Skipped {
+                        because: because.clone(),
+                    },
+                    built: None,
+                }));
+            continue;
+        }
+        run_group(ctx, plan, &|c| batch.contains(&c.address), failed, report).await;
+        if let Some(address) = batch.iter().find(|a| failed.contains(*a)) {
+            stopped = Some(format!(
+                "the rollout stopped at batch {}: {address} failed",
+                i + 1
+            ));
+            continue;
+        }
+        let step = format!("health gates of batch {} ({})", i + 1, rollout.gates_text());
+        let vms = crate::rollout::batch_vms(batch, &plan.changes);
+        let started = Instant::now();
+        ctx.emit(Event::Started {
+            address: batch.join(", "),
+            step: step.clone(),
+        });
+        match crate::rollout::check_batch(&ctx.client, rollout, &vms).await {
+            Ok(()) => ctx.emit(Event::Finished {
+                address: batch.join(", "),
+                step,
+                elapsed: started.elapsed(),
+            }),
+            Err((address, error)) => {
+                ctx.emit(Event::Failed {
+                    address: address.clone(),
+                    step: "health gate".into(),
+                    error: error.clone(),
+                });
+                if let Some(r) = report.changes.iter_mut().find(|r| r.address == address) {
+                    r.outcome = Outcome::Failed {
+                        step: "health gate".into(),
+                        error,
+                    };
+                }
+                failed.insert(address.clone());
+                stopped = Some(format!(
+                    "the rollout stopped at batch {}: {address} failed its health gate",
+                    i + 1
+                ));
+                continue;
+            }
+        }
+        if let Some(pause) = rollout.pause.filter(|_| i + 1 < rollout.batches.len()) {
+            tokio::time::sleep(pause.get()).await;
+        }
+    }
 }
 
 /// Addresses a change waits for. A build waits for the download of its

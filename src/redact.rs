@@ -45,7 +45,7 @@ pub fn register(value: &str) {
 /// Registers the credentials in the environment nixgold reads.
 pub fn register_environment() {
     for name in CREDENTIAL_ENV {
-        if let Ok(value) = std::env::var(name) {
+        if let Some(Ok(value)) = crate::connect::env_or_file(name) {
             register(&value);
         }
     }

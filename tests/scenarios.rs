@@ -498,7 +498,10 @@ fn restart_on_change_applies_cold_changes_in_the_same_apply() {
 fn replace_recreates_a_vm_that_matches_the_fleet() {
     let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
     s.converge();
-    let mac = s.config(400)["net0"].clone();
+    let (mac, uuid) = (
+        s.config(400)["net0"].clone(),
+        s.config(400)["smbios1"].clone(),
+    );
     let (code, out, _) = s.run(&["plan", "fleet.yaml", "--replace", "vm.web-01"]);
     assert_eq!(code, 0);
     assert_contains(
@@ -520,7 +523,16 @@ fn replace_recreates_a_vm_that_matches_the_fleet() {
         assert_eq!(code, 0, "{out}{err}");
     };
     replace();
-    assert_ne!(s.config(400)["net0"], mac, "a new VM (new MAC)");
+    assert_ne!(
+        s.config(400)["smbios1"],
+        uuid,
+        "a new VM (a clone's new SMBIOS uuid)"
+    );
+    assert_eq!(
+        s.config(400)["net0"],
+        mac,
+        "that keeps the old one's MAC (DHCP reservations stay valid)"
+    );
     let (code, _) = s.plan();
     assert_eq!(code, 0);
 
@@ -701,7 +713,10 @@ fn drift_reports_what_changed_and_changes_nothing() {
             "~ memory",
             "VMs whose configuration waits for a shutdown and start:\n  vm.web-01: waits for a cold start: memory 2048 -> 1024",
             "VMs this fleet does not manage:\n  vmid.777: someone-else on pve",
-            "Drift: 1 changed, 0 missing, 0 destroy, 0 removed, 0 old generation, 1 pending, 1 unmanaged.",
+            // The template here was never built in the simulator: its
+            // clone has no guest model to look into.
+            "VMs nixgold cannot look inside (not inspectable, so not known to be in sync):\n  vm.web-01: get-osinfo: ",
+            "Drift: 1 changed, 0 missing, 0 destroy, 0 removed, 0 old generation, 1 pending, 1 unmanaged, 0 guest moved, 1 not inspectable.",
         ],
     );
     let metrics = std::fs::read_to_string(&prom).unwrap();
@@ -737,7 +752,8 @@ fn drift_reports_what_changed_and_changes_nothing() {
         [
             ("changed", "vm.web-01"),
             ("unmanaged", "vmid.777"),
-            ("pending", "vm.web-01")
+            ("pending", "vm.web-01"),
+            ("not_inspectable", "vm.web-01")
         ]
     );
 
@@ -2504,4 +2520,426 @@ fn a_changed_iso_pin_downloads_and_verifies_a_new_file_before_a_build_uses_it() 
     );
     assert_eq!(lock.images["golden"].generations.len(), 1);
     assert!(has(&old_file), "the old file is left alone");
+}
+
+// ----- drift inside the guest ---------------------------------------------
+
+/// What the simulated `nixos-24.05` channel serves after the build: a newer
+/// point release, which `nixos-rebuild switch --upgrade` moves to.
+const NEWER_24_05: &str = "24.05.5678.f00dfeed";
+
+/// Two VMs cloned from a built generation 1, on a channel that moved on.
+fn two_built_vms() -> Scenario {
+    let web_02 = "  web-02:\n    image: golden\n    vmid: 401\n";
+    let fleet = build_fleet("\"vim\"").replace("vms:\n", &format!("vms:\n{web_02}"));
+    let mut opts = options();
+    opts.channel_releases
+        .insert("24.05".into(), NEWER_24_05.into());
+    let s = Scenario::with_options(ClusterSpec::default(), &fleet, EMPTY_LOCK, opts);
+    s.converge();
+    s
+}
+
+/// `nixos-rebuild switch --upgrade` inside a VM — the everyday way a NixOS
+/// machine drifts — is drift of its own kind: drift exits 2 and names the
+/// VM with what it runs and what its generation installed, in text, JSON
+/// and the Prometheus textfile. The other VM is in sync, checked through
+/// both layers (get-osinfo and, with a root token, `agent/exec`).
+#[test]
+fn a_nixos_rebuild_inside_a_vm_is_drift_of_its_own_kind() {
+    let s = two_built_vms();
+    let (code, out, err) = s.run(&["drift", "fleet.yaml"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_contains(
+        &out,
+        &["Inside the guests: 2 VM(s) run what their generation installed."],
+    );
+    let installed = read_lock(&s).images["golden"].generations[0].clone();
+    s.api(
+        "POST",
+        "/nodes/pve/qemu/400/agent/exec",
+        &[
+            ("command", "nixos-rebuild"),
+            ("command", "switch"),
+            ("command", "--upgrade"),
+        ],
+    );
+    let (code, out, err) = s.run(&["drift", "fleet.yaml", "--prometheus", "drift.prom"]);
+    assert_eq!(code, 2, "{out}{err}");
+    let running = s
+        .sim
+        .inspect(|st| st.vms[&400].installed.clone().unwrap().system_path);
+    assert!(running.ends_with(&format!("-nixos-system-nixos-{NEWER_24_05}")));
+    assert_contains(
+        &out,
+        &[
+            "Drift inside the guests: NixOS moved on by itself",
+            &format!(
+                "  vm.web-01: runs NixOS {NEWER_24_05} ({running}); image.golden generation 1 installed 24.05 ({})",
+                installed.system_path
+            ),
+            "Inside the guests: 1 VM(s) run what their generation installed.",
+            "1 guest moved, 0 not inspectable.",
+        ],
+    );
+    assert!(
+        !out.contains("apply would change"),
+        "apply does not undo a rebuild inside: {out}"
+    );
+    let prom = std::fs::read_to_string(s.dir.path().join("drift.prom")).unwrap();
+    assert_contains(
+        &prom,
+        &[
+            "nixgold_drift_detected{fleet=\"homelab\"} 1",
+            "nixgold_drift_resources{fleet=\"homelab\",kind=\"guest_moved\"} 1",
+            &format!(
+                "nixgold_drift_guest_moved{{fleet=\"homelab\",address=\"vm.web-01\",running=\"{NEWER_24_05}\",installed=\"24.05\"}} 1"
+            ),
+            "nixgold_drift_guests_in_sync{fleet=\"homelab\"} 1",
+        ],
+    );
+    let (code, json, _) = s.run(&["drift", "fleet.yaml", "--json"]);
+    assert_eq!(code, 2);
+    let report: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let moved: Vec<&serde_json::Value> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["kind"] == "guest_moved")
+        .collect();
+    assert_eq!(moved.len(), 1, "{json}");
+    assert_eq!(moved[0]["address"], "vm.web-01");
+    assert_eq!(moved[0]["guest"]["running_version"], NEWER_24_05);
+    assert_eq!(moved[0]["guest"]["running_system"], running.as_str());
+    assert_eq!(moved[0]["guest"]["installed_version"], "24.05");
+}
+
+/// A VM whose guest cannot be looked into is reported as not inspectable
+/// and never counted in sync. A token with VM.GuestAgent.Audit but not
+/// Unrestricted (the README's role) still compares the release through
+/// get-osinfo (PVE 9.1's apidoc.json: `agent/get-osinfo` checks
+/// `VM.GuestAgent.Audit` or `.Unrestricted`, `agent/exec` only the latter).
+#[test]
+fn a_vm_without_an_answering_agent_is_not_inspectable() {
+    let s = two_built_vms();
+    s.fault("GET /nodes/*/qemu/401/agent/get-osinfo => agent-not-running*1");
+    let (code, out, err) = s.run(&["drift", "fleet.yaml", "--prometheus", "drift.prom"]);
+    assert_eq!(code, 0, "not inspectable is not drift: {out}{err}");
+    assert_contains(
+        &out,
+        &[
+            "VMs nixgold cannot look inside (not inspectable, so not known to be in sync):\n  vm.web-02: get-osinfo: ",
+            "QEMU guest agent is not running",
+            "Inside the guests: 1 VM(s) run what their generation installed.",
+            "0 guest moved, 1 not inspectable.",
+        ],
+    );
+    let prom = std::fs::read_to_string(s.dir.path().join("drift.prom")).unwrap();
+    assert_contains(
+        &prom,
+        &[
+            "nixgold_drift_resource{fleet=\"homelab\",kind=\"not_inspectable\",address=\"vm.web-02\"} 1",
+        ],
+    );
+    s.api_data(
+        reqwest::Method::POST,
+        "/access/roles",
+        &[("roleid", "NixgoldDeploy"), ("privs", NIXGOLD_ROLE_PRIVS)],
+    );
+    let token = s.deploy_token("NixgoldDeploy");
+    let (code, out, err) = s.run_as(&token, &["drift", "fleet.yaml"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_contains(
+        &out,
+        &[
+            "Inside the guests: 2 VM(s) run what their generation installed (2 compared by release only: the token lacks VM.GuestAgent.Unrestricted to read the system path).",
+        ],
+    );
+}
+
+// ----- the quarterly cycle ------------------------------------------------
+
+/// Runs `nixgold cycle` with the plan kept in `cycle.plan` and the
+/// textfile in `cycle.prom`; (exit code, textfile).
+fn cycle(s: &Scenario, apply: bool) -> (i32, String) {
+    let mut args = vec![
+        "cycle",
+        "fleet.yaml",
+        "--plan-out",
+        "cycle.plan",
+        "--prometheus",
+        "cycle.prom",
+    ];
+    if apply {
+        args.push("--apply");
+    }
+    let (code, out, err) = s.run(&args);
+    let prom = std::fs::read_to_string(s.dir.path().join("cycle.prom")).unwrap();
+    assert!(code != 1 || prom.contains("_success{fleet="), "{out}{err}");
+    (code, prom)
+}
+
+/// The quarterly cycle unattended: with nothing new it does nothing; with
+/// a new generation due and no opt-in the plan waits (exit 2, kept for
+/// people); with `--apply` generation 2 is built and the VM that follows
+/// new generations is rolled out to it behind its gate; the next cycle
+/// retires generation 1
+/// (beyond `keep`), and drift is clean. A step that fails exits 1 and says
+/// so in the textfile.
+#[test]
+fn the_quarterly_cycle_waits_without_opt_in_applies_with_it_and_retires_the_old_generation() {
+    let replace = |packages: &str| {
+        keep_one(packages)
+            .replace(
+                "    onboot: true\n",
+                "    onboot: true\n    on_new_generation: replace\n",
+            )
+            .replace(
+                "vms:\n",
+                "rollout: { batch: { percent: 50 }, gates: { agent: { timeout: 5s } } }\nvms:\n",
+            )
+    };
+    let s = Scenario::new(ClusterSpec::default(), &replace("\"vim\""), EMPTY_LOCK);
+    s.converge();
+    let (code, prom) = cycle(&s, true);
+    assert_eq!(code, 0, "nothing to do");
+    assert_contains(&prom, &["nixgold_cycle_success{fleet=\"homelab\"} 1"]);
+
+    s.set_fleet(&replace("\"vim\", \"htop\""));
+    let (code, prom) = cycle(&s, false);
+    assert_eq!(code, 2, "the plan waits for a person");
+    assert_contains(
+        &prom,
+        &[
+            "nixgold_cycle_success{fleet=\"homelab\"} 1",
+            "nixgold_cycle_changes_waiting{fleet=\"homelab\"} 1",
+        ],
+    );
+    let (code, shown, _) = s.run(&["show", "cycle.plan"]);
+    assert_eq!(code, 0);
+    assert_contains(&shown, &["build generation 2", "  batch 1: vm.web-01\n"]);
+    assert!(
+        s.sim.inspect(|st| !st.vms.contains_key(&9401)),
+        "nothing was applied"
+    );
+
+    let (code, _) = cycle(&s, true);
+    assert_eq!(code, 0);
+    assert_eq!(read_lock(&s).images["golden"].current, 2);
+    let (code, _) = cycle(&s, true);
+    assert_eq!(code, 0, "the second cycle retires generation 1");
+    let numbers: Vec<u32> = read_lock(&s).images["golden"]
+        .generations
+        .iter()
+        .map(|g| g.number)
+        .collect();
+    assert_eq!(numbers, [2]);
+    let (code, out, err) = s.run(&["drift", "fleet.yaml"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_contains(
+        &out,
+        &["Inside the guests: 1 VM(s) run what their generation installed."],
+    );
+
+    s.set_fleet("fleet: [not a fleet\n");
+    let (code, prom) = cycle(&s, true);
+    assert_eq!(code, 1);
+    assert_contains(
+        &prom,
+        &[
+            "nixgold_cycle_success{fleet=\"fleet\"} 0",
+            "nixgold_cycle_failed_step{fleet=\"fleet\",step=\"update\"} 1",
+        ],
+    );
+}
+
+/// The units pass secrets as systemd credentials: a variable the fleet
+/// reads (`{ env: WEB_PASSWORD }`, `PROXMOX_VE_API_TOKEN`) may instead be
+/// a file named by `NAME_FILE` (`%d/NAME` in a unit), read without its
+/// final newline and never printed.
+#[test]
+fn secrets_come_from_the_files_name_file_points_at() {
+    let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
+    let token = s.dir.path().join("token");
+    let password = s.dir.path().join("password");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    std::fs::write(&password, format!("{PASSWORD}\n")).unwrap();
+    let mut cmd = s.command(&["apply", "fleet.yaml", "--auto-approve"]);
+    cmd.env_remove("PROXMOX_VE_API_TOKEN")
+        .env_remove("WEB_PASSWORD")
+        .env("PROXMOX_VE_API_TOKEN_FILE", &token)
+        .env("WEB_PASSWORD_FILE", &password);
+    let (code, out, err) = s.finish(&mut cmd);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(s.config(400).contains_key("cipassword"));
+    let mut cmd = s.command(&["plan", "fleet.yaml"]);
+    cmd.env_remove("PROXMOX_VE_API_TOKEN")
+        .env("PROXMOX_VE_API_TOKEN_FILE", s.dir.path().join("missing"));
+    let (code, _, err) = s.finish(&mut cmd);
+    assert_eq!(code, 1);
+    assert_contains(&err, &["PROXMOX_VE_API_TOKEN_FILE", "cannot read"]);
+}
+
+// ----- rollouts -------------------------------------------------------------
+
+/// Six VMs that follow new generations, rolled out two at a time behind
+/// the guest-agent gate; `extra` goes into each VM.
+fn rollout_fleet(packages: &str, extra: &str) -> String {
+    let vms: String = (1..=6)
+        .map(|i| format!("  app-0{i}:\n    image: golden\n    vmid: {}\n    on_new_generation: replace\n{extra}", 400 + i))
+        .collect();
+    let fleet = keep_one(packages);
+    let at = fleet.find("vms:\n").unwrap();
+    format!(
+        "{}rollout: {{ batch: {{ count: 2 }}, gates: {{ agent: {{ timeout: 2s }} }} }}\nvms:\n{vms}",
+        &fleet[..at]
+    )
+}
+
+/// The generation each VM runs, from its stamp.
+fn generations(s: &Scenario) -> Vec<String> {
+    (401..=406)
+        .map(|vmid| {
+            let stamp = s.config(vmid)["description"].clone();
+            stamp
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("generation="))
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+/// The VMIDs apply destroyed, in order.
+fn destroyed(s: &Scenario) -> Vec<String> {
+    s.sim
+        .journal()
+        .iter()
+        .filter(|e| e.method == "DELETE" && e.route == "/nodes/{node}/qemu/{vmid}")
+        .map(|e| e.params["vmid"].clone())
+        .collect()
+}
+
+/// Six VMs in batches of two: the plan shows three batches, apply replaces
+/// them in that order — each batch only after the previous one's agents
+/// answered — and a replaced VM keeps its VMID, name and MAC address.
+#[test]
+fn a_rollout_replaces_six_vms_two_at_a_time_in_plan_order() {
+    let s = Scenario::new(
+        ClusterSpec::default(),
+        &rollout_fleet("\"vim\"", ""),
+        EMPTY_LOCK,
+    );
+    s.converge();
+    let macs: Vec<String> = (401..=406).map(|v| s.config(v)["net0"].clone()).collect();
+    s.set_fleet(&rollout_fleet("\"vim\", \"htop\"", ""));
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    assert_contains(
+        &text,
+        &[
+            "Rollout: 3 batches of the VMs that follow new generations, each behind its gates (guest agent (2s)):",
+            "  batch 1: vm.app-01, vm.app-02\n  batch 2: vm.app-03, vm.app-04\n  batch 3: vm.app-05, vm.app-06\n",
+        ],
+    );
+    s.apply();
+    assert_eq!(generations(&s), ["2"; 6]);
+    let order = destroyed(&s);
+    assert_eq!(order.len(), 6, "{order:?}");
+    let batch_of = |vmid: &str| (vmid.parse::<u32>().unwrap() - 401) / 2;
+    assert!(
+        order.windows(2).all(|w| batch_of(&w[0]) <= batch_of(&w[1])),
+        "batches in order: {order:?}"
+    );
+    // Each batch's agents were asked before the next batch was destroyed.
+    let journal = s.sim.journal();
+    let first_destroy_of_batch_2 = journal
+        .iter()
+        .position(|e| {
+            e.method == "DELETE"
+                && ["403", "404"].contains(&e.params.get("vmid").map_or("", String::as_str))
+        })
+        .unwrap();
+    let pinged: Vec<&str> = journal[..first_destroy_of_batch_2]
+        .iter()
+        .filter(|e| e.route.ends_with("/agent/ping"))
+        .map(|e| e.params["vmid"].as_str())
+        .collect();
+    assert!(
+        pinged.contains(&"401") && pinged.contains(&"402"),
+        "{pinged:?}"
+    );
+    let now: Vec<String> = (401..=406).map(|v| s.config(v)["net0"].clone()).collect();
+    assert_eq!(now, macs, "the MAC addresses are kept");
+    assert_eq!(s.config(401)["name"], "app-01");
+    let (code, text) = s.plan();
+    assert_eq!(code, 2, "generation 1 can go now: {text}");
+}
+
+/// An agent that stops answering after batch 1: the rollout stops, the four
+/// VMs not yet replaced stay on generation 1 and are reported; once the
+/// fault clears, the next apply finishes the rollout.
+#[test]
+fn a_failing_gate_stops_the_rollout_and_the_next_apply_resumes_it() {
+    let s = Scenario::new(
+        ClusterSpec::default(),
+        &rollout_fleet("\"vim\"", ""),
+        EMPTY_LOCK,
+    );
+    s.converge();
+    s.set_fleet(&rollout_fleet("\"vim\", \"htop\"", ""));
+    s.fault("POST /nodes/*/qemu/402/agent/ping => agent-not-running");
+    let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(generations(&s), ["2", "2", "1", "1", "1", "1"]);
+    let all = format!("{out}{err}");
+    assert_contains(
+        &all,
+        &[
+            "the guest agent did not answer within 2s",
+            "the rollout stopped at batch 1: vm.app-02 failed its health gate",
+        ],
+    );
+    for vm in ["vm.app-03", "vm.app-04", "vm.app-05", "vm.app-06"] {
+        assert!(
+            all.lines()
+                .any(|l| l.contains(vm) && l.contains("the rollout stopped")),
+            "{vm} is reported:\n{all}"
+        );
+    }
+    s.sim.options().faults.clear();
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    assert_contains(
+        &text,
+        &["  batch 1: vm.app-03, vm.app-04\n  batch 2: vm.app-05, vm.app-06\n"],
+    );
+    s.apply();
+    assert_eq!(generations(&s), ["2"; 6]);
+}
+
+/// A VM that follows new generations but is marked prevent_destroy is
+/// never replaced: it stays on its generation, with a note.
+#[test]
+fn a_prevent_destroy_vm_is_skipped_by_the_rollout_with_a_note() {
+    let fleet = |packages: &str| {
+        rollout_fleet(packages, "").replace(
+            "    vmid: 406\n    on_new_generation: replace\n",
+            "    vmid: 406\n    on_new_generation: replace\n    prevent_destroy: true\n",
+        )
+    };
+    let s = Scenario::new(ClusterSpec::default(), &fleet("\"vim\""), EMPTY_LOCK);
+    s.converge();
+    s.set_fleet(&fleet("\"vim\", \"htop\""));
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    assert_contains(
+        &text,
+        &[
+            "  batch 3: vm.app-05\n",
+            "Note: vm.app-06 stays on image.golden generation 1: it follows new generations, but prevent_destroy keeps it from being replaced (generation 2 is current)",
+        ],
+    );
+    s.apply();
+    assert_eq!(generations(&s), ["2", "2", "2", "2", "2", "1"]);
 }

@@ -27,6 +27,7 @@ mod output;
 mod plan;
 mod progress;
 mod rollback;
+mod schedule;
 mod session;
 mod show;
 mod sim;
@@ -159,6 +160,13 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         prometheus: Option<PathBuf>,
     },
+    /// The quarterly cycle, unattended: update the ISO pins, save the plan,
+    /// apply it only with --apply. Exit 0 (nothing to do, or applied), 2 (the
+    /// plan waits), 1 (a step failed).
+    Cycle(schedule::CycleArgs),
+    /// Print (or write into --dir) systemd units for the drift timer and the
+    /// quarterly cycle, secrets as systemd credentials.
+    Schedule(schedule::ScheduleArgs),
     /// Check the cluster can take the fleet, changing nothing: reachability,
     /// TLS, API version, nodes, storages and their content types, space,
     /// and every privilege nixgold needs (exit 1 when something is missing).
@@ -571,6 +579,11 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
         }
         Command::Man { dir } => docs::man(dir.as_deref()).map(|()| 0),
         Command::Sim { command } => sim::run(command).map(|()| 0),
+        Command::Cycle(args) => {
+            let (path, lock) = fleet_and_lock(g, &args.fleet, out)?;
+            schedule::cycle(args, path, lock, g.sim)
+        }
+        Command::Schedule(args) => schedule::schedule(args, fleet_path(g, &args.fleet)?),
     }
 }
 

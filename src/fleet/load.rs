@@ -84,6 +84,18 @@ pub const MAX_NESTING: usize = 200;
 /// [`MAX_NESTING`], and for Nickel code that builds nesting by recursion.
 const EVAL_STACK: usize = 256 << 20;
 
+/// The fleet's name, or the file's stem when it does not load (for the
+/// labels of a textfile that reports a failed run).
+pub fn name_or_stem(path: &Path) -> String {
+    load(path).map_or_else(
+        |_| {
+            path.file_stem()
+                .map_or("fleet".into(), |s| s.to_string_lossy().into_owned())
+        },
+        |l| l.fleet.fleet,
+    )
+}
+
 /// Loads and contract-checks a fleet file. Semantic validation is separate
 /// (`validate::validate`) so it can report every problem at once.
 pub fn load(path: &Path) -> Result<LoadedFleet, FleetError> {

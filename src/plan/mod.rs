@@ -65,6 +65,10 @@ pub struct Plan {
     pub lock: Lockfile,
     /// API calls the live state took.
     pub api_calls: u64,
+    /// The replacements of VMs that follow new generations, in batches
+    /// behind health gates (the fleet's `rollout`).
+    #[serde(default)]
+    pub rollout: Option<crate::rollout::Rollout>,
 }
 
 impl Plan {
@@ -200,6 +204,7 @@ pub fn plan(
         return Err(p.errors);
     }
     p.changes.sort_by_key(order_key);
+    let rollout = crate::rollout::plan(fleet, &p.changes);
     Ok(Plan {
         fleet: fleet.fleet.clone(),
         changes: p.changes,
@@ -211,6 +216,7 @@ pub fn plan(
         lock_fingerprint: lock_fingerprint(lock_text),
         lock,
         api_calls: live.calls,
+        rollout,
     })
 }
 

@@ -26,6 +26,8 @@ impl Planner<'_> {
             if !force && let Some(note) = placement_note(vm, self.live) {
                 self.notes.push(note);
             }
+            self.notes
+                .extend(held_by_prevent_destroy(self.fleet, vm, self.live));
             match plan_vm(self.fleet, vm, image, self.live, &tag, force) {
                 Ok(Some(mut change)) => {
                     if let Some(build) = self.building.get(&vm.template_vmid.get()) {
@@ -114,6 +116,25 @@ fn destroy_change(address: String, vm: &LiveVm, in_fleet: bool) -> Change {
 /// An existing VM cloned otherwise than the fleet now says — linked
 /// instead of full or the reverse, or a full clone on another storage:
 /// nixgold does not move disks, `--replace` re-creates the VM.
+/// The note for a VM that would follow its image's new generation but is
+/// marked `prevent_destroy`: it is never replaced, and stays where it is.
+fn held_by_prevent_destroy(fleet: &Fleet, vm: &DesiredVm, live: &LiveState) -> Option<String> {
+    let spec = &fleet.vms[&vm.name];
+    if spec.on_new_generation != OnNewGeneration::Replace || !spec.prevent_destroy {
+        return None;
+    }
+    let stamp = live.vms.get(&vm.vmid.get())?.stamp()?;
+    let running = stamp.generation?;
+    (stamp.image.as_ref() == Some(&vm.image) && running != vm.generation.number()).then(|| {
+        format!(
+            "vm.{} stays on image.{} generation {running}: it follows new generations, but prevent_destroy keeps it from being replaced (generation {} is current)",
+            vm.name,
+            vm.image,
+            vm.generation.number()
+        )
+    })
+}
+
 fn placement_note(vm: &DesiredVm, live: &LiveState) -> Option<String> {
     let volid = live.vms.get(&vm.vmid.get())?.disk_volid()?;
     let storage = volid.split(':').next()?;
@@ -433,6 +454,7 @@ fn plan_vm(
             vm.image
         ));
     } else if spec.on_new_generation == OnNewGeneration::Replace
+        && !spec.prevent_destroy
         && live_generation != Some(vm.generation.number())
     {
         replace.push(format!(
@@ -463,6 +485,17 @@ fn plan_vm(
         }
         let mut new = work(want.clone(), true, resize_for_create, vm.start, None);
         new.after.push(format!("destroy {address}"));
+        // The new VM keeps the old one's MAC (VMID, name and cloud-init
+        // come from the fleet), so DHCP reservations and DNS stay valid.
+        if let Some(net) = new.set.get_mut("net0") {
+            let mut wanted = Net::parse(net);
+            if wanted.mac.is_none() {
+                wanted.mac = config
+                    .and_then(|c| c.values.get("net0"))
+                    .and_then(|v| Net::parse(v).mac);
+                *net = wanted.to_string();
+            }
+        }
         return Ok(Some(Change {
             address,
             action: Action::Replace,
@@ -479,7 +512,7 @@ fn plan_vm(
 
     // In-place updates. A VM that keeps its generation keeps it in its stamp.
     let want = match live_generation {
-        Some(g) if spec.on_new_generation == OnNewGeneration::Keep => {
+        Some(g) if spec.on_new_generation == OnNewGeneration::Keep || spec.prevent_destroy => {
             desired_config(fleet, vm, image.nixos.guest_agent, g)
         }
         _ => want,
