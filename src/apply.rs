@@ -35,8 +35,9 @@ const DOWNLOAD_POLL: Duration = Duration::from_millis(500);
 pub struct ApplyOptions {
     /// Changes in flight at once.
     pub concurrency: usize,
-    /// The most clones from one template at once (an adaptive limit's
-    /// ceiling).
+    /// The most clones from one template at once: the ceiling of an
+    /// adaptive limit that starts there, since clones hold the template's
+    /// lock shared and contend only with an outside holder.
     pub per_template: usize,
     /// The most full clones into one storage at once (likewise): their
     /// copies share the storage's bandwidth, so more buys little.
@@ -59,8 +60,8 @@ pub struct ApplyOptions {
 impl Default for ApplyOptions {
     fn default() -> Self {
         ApplyOptions {
-            concurrency: 32,
-            per_template: 32,
+            concurrency: 128,
+            per_template: 128,
             per_storage: 4,
             attempts: 6,
             retry_base: Duration::from_millis(500),
@@ -826,7 +827,7 @@ async fn destroy_vm(
 
 async fn create_vm(ctx: &Ctx, address: &str, w: &VmWork) -> Result<(), Outcome> {
     let template = Ctx::limiter(&ctx.templates, w.template_vmid, || {
-        AdaptiveLimit::new(ctx.opts.per_template)
+        AdaptiveLimit::optimistic(ctx.opts.per_template)
     });
     let storage = w.storage.as_ref().map(|s| {
         Ctx::limiter(&ctx.storages, s.clone(), || {
@@ -840,39 +841,46 @@ async fn create_vm(ctx: &Ctx, address: &str, w: &VmWork) -> Result<(), Outcome> 
     );
     // Each attempt takes its slots anew, so a retry waits behind the
     // limit that its own contention lowered.
-    ctx.step(address, &step, || async {
-        let slots = [
-            Some(template.acquire().await),
-            match &storage {
-                Some(l) => Some(l.acquire().await),
-                None => None,
-            },
-        ];
-        let result = clone_once(ctx, w).await;
-        for slot in slots.iter().flatten() {
-            match &result {
-                Ok(()) => slot.succeeded(),
-                Err(e) if e.is_lock_contention() => {
-                    let now = slot.contended();
-                    ctx.emit(Event::Progress {
-                        address: address.to_owned(),
-                        line: format!("lock contention: at most {now} such clones at once now"),
-                    });
+    let mut attempted = false;
+    ctx.step(address, &step, || {
+        let retry = std::mem::replace(&mut attempted, true);
+        let (template, storage) = (&template, &storage);
+        async move {
+            let slots = [
+                Some(template.acquire().await),
+                match &storage {
+                    Some(l) => Some(l.acquire().await),
+                    None => None,
+                },
+            ];
+            let result = clone_once(ctx, w, retry).await;
+            for slot in slots.iter().flatten() {
+                match &result {
+                    Ok(()) => slot.succeeded(),
+                    Err(e) if e.is_lock_contention() => {
+                        let now = slot.contended();
+                        ctx.emit(Event::Progress {
+                            address: address.to_owned(),
+                            line: format!("lock contention: at most {now} such clones at once now"),
+                        });
+                    }
+                    Err(_) => {}
                 }
-                Err(_) => {}
             }
+            result
         }
-        result
     })
     .await?;
     configure(ctx, address, w, None).await
 }
 
-/// One clone attempt. Before re-sending after a failure, the target is
-/// looked up: a stamped VM there means the earlier clone went through.
-async fn clone_once(ctx: &Ctx, w: &VmWork) -> Result<(), ApiError> {
+/// One clone attempt. Before re-sending after a failure (`retry`), the
+/// target is looked up: a stamped VM there means the earlier clone went
+/// through. The first attempt skips that read: the plan found no VM there.
+async fn clone_once(ctx: &Ctx, w: &VmWork, retry: bool) -> Result<(), ApiError> {
     let description = w.set.get("description").cloned();
-    if let Ok(cfg) = ctx.client.vm_config(&w.node, w.vmid, false).await
+    if retry
+        && let Ok(cfg) = ctx.client.vm_config(&w.node, w.vmid, false).await
         && cfg.get("description") == description.as_deref()
     {
         return wait_unlocked(ctx, w).await;

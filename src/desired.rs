@@ -360,9 +360,13 @@ pub fn build(fleet: &Fleet, lock: &Lockfile) -> Result<DesiredGraph, DesiredErro
     }
 
     // VMIDs fixed in the fleet or already allocated are taken; new
-    // allocations go to the lowest free id, in VM name order.
+    // allocations go to the lowest free id, in VM name order. `taken` only
+    // grows, so the lowest free id only moves up: each search starts at the
+    // previous allocation (from the range's start, it made 10,000 VMs cost
+    // 50 million lookups).
     let mut taken: BTreeSet<Vmid> = fleet.vms.values().filter_map(|vm| vm.vmid).collect();
     taken.extend(lock.vmids.values().copied());
+    let mut allocated_last: Option<Vmid> = None;
     for (name, vm) in &fleet.vms {
         let Some(image) = fleet.images.get(&vm.image) else {
             continue;
@@ -383,10 +387,11 @@ pub fn build(fleet: &Fleet, lock: &Lockfile) -> Result<DesiredGraph, DesiredErro
                     .vm_vmid_range
                     .ok_or_else(|| DesiredError::VmRangeFull { vm: name.clone() })?;
                 let id = range
-                    .iter()
+                    .iter_from(allocated_last.unwrap_or(range.first))
                     .find(|id| !taken.contains(id))
                     .ok_or_else(|| DesiredError::VmRangeFull { vm: name.clone() })?;
                 taken.insert(id);
+                allocated_last = Some(id);
                 lock.vmids.insert(address, id);
                 (id, true)
             }

@@ -1087,7 +1087,8 @@ fn lock_timeouts_on_clones_lower_the_concurrency_and_every_clone_goes_through() 
         .collect();
     let s = Scenario::new(single_node(), &base_fleet(&vms), &golden_lock());
     s.sim.options().faults.add(
-        "POST /nodes/*/qemu/*/clone => lock-timeout*4"
+        // The limit starts at its ceiling (128): seven halvings to one.
+        "POST /nodes/*/qemu/*/clone => lock-timeout*7"
             .parse()
             .unwrap(),
     );

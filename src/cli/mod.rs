@@ -259,7 +259,7 @@ struct ApplyCmd {
     #[arg(long)]
     keep_failed_build: bool,
     /// Changes in flight at once.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = crate::apply::ApplyOptions::default().concurrency)]
     concurrency: usize,
     /// How long to wait for one Proxmox task before reporting it as
     /// hung [default: the fleet's task_timeout, 30m].

@@ -9,6 +9,7 @@
 
 pub mod load;
 mod nixos_rules;
+mod schema_check;
 pub mod validate;
 
 use std::collections::BTreeMap;

@@ -891,8 +891,7 @@ impl Client {
                     log_tail: tail,
                 });
             }
-            let delay = self.inner.pacer.next_delay(&upid.kind, started.elapsed());
-            tokio::time::sleep(delay).await;
+            self.inner.pacer.pause(&upid.kind, started.elapsed()).await;
         }
     }
 
