@@ -39,8 +39,9 @@ const DOWNLOAD_POLL: Duration = Duration::from_millis(500);
 pub struct ApplyOptions {
     /// Changes in flight at once.
     pub concurrency: usize,
-    /// The most clones from one template at once (an adaptive limit's
-    /// ceiling).
+    /// The most clones from one template at once: the ceiling of an
+    /// adaptive limit that starts there, since clones hold the template's
+    /// lock shared and contend only with an outside holder.
     pub per_template: usize,
     /// The most full clones into one storage at once (likewise): their
     /// copies share the storage's bandwidth, so more buys little.
@@ -63,8 +64,8 @@ pub struct ApplyOptions {
 impl Default for ApplyOptions {
     fn default() -> Self {
         ApplyOptions {
-            concurrency: 32,
-            per_template: 32,
+            concurrency: 128,
+            per_template: 128,
             per_storage: 4,
             attempts: 6,
             retry_base: Duration::from_millis(500),
@@ -306,8 +307,9 @@ impl Ctx {
 pub trait Ledger {
     /// A build finished: record its result.
     fn built(&mut self, result: &BuildResult) -> Result<(), String>;
-    /// A retired generation's template on `node` was destroyed.
-    fn retired(&mut self, image: &str, generation: u32, node: &str) -> Result<(), String>;
+    /// A change finished (a retired template is gone, an adopted VM is
+    /// stamped, …).
+    fn done(&mut self, change: &Change) -> Result<(), String>;
 }
 
 /// A ledger that keeps nothing: for runs whose results go nowhere (the
@@ -319,7 +321,7 @@ impl Ledger for Unrecorded {
         Ok(())
     }
 
-    fn retired(&mut self, _: &str, _: u32, _: &str) -> Result<(), String> {
+    fn done(&mut self, _: &Change) -> Result<(), String> {
         Ok(())
     }
 }
@@ -349,9 +351,34 @@ pub async fn apply(
         addresses: Default::default(),
     });
     let mut run = Schedule::new(plan);
+    let rolling = |c: &Change| {
+        plan.rollout
+            .as_ref()
+            .is_some_and(|r| r.contains(&c.address.to_string()))
+    };
+    run_dag(&ctx, plan, &mut run, &|c| !rolling(c), ledger).await;
+    if let Some(rollout) = &plan.rollout {
+        run_rollout(&ctx, plan, rollout, &mut run, ledger).await;
+        // What waited for the rollout (the retirement of the generation
+        // its VMs left).
+        run_dag(&ctx, plan, &mut run, &|_| true, ledger).await;
+    }
+    run.report(plan)
+}
+
+/// Runs the changes `selected` picks as a DAG: each starts once the
+/// changes it depends on are over and done; returns when none runs and
+/// none of them can start.
+async fn run_dag(
+    ctx: &Arc<Ctx>,
+    plan: &Plan,
+    run: &mut Schedule,
+    selected: &dyn Fn(&Change) -> bool,
+    ledger: &mut dyn Ledger,
+) {
     let mut set = tokio::task::JoinSet::new();
     loop {
-        for i in run.ready() {
+        for i in run.ready(&|i| selected(&plan.changes[i])) {
             let ctx = ctx.clone();
             let change = plan.changes[i].clone();
             set.spawn(async move {
@@ -366,7 +393,88 @@ pub async fn apply(
         let outcome = settle(&plan.changes[i], result, ledger);
         run.finish(i, outcome);
     }
-    run.report(plan)
+}
+
+/// The rollout's batches in order: each batch's replacements (as a DAG),
+/// then its health gates, then the pause. A replacement or a gate that
+/// fails stops the rollout; the later batches are skipped and stay on
+/// their generation.
+async fn run_rollout(
+    ctx: &Arc<Ctx>,
+    plan: &Plan,
+    rollout: &crate::plan::Rollout,
+    run: &mut Schedule,
+    ledger: &mut dyn Ledger,
+) {
+    let mut stopped: Option<String> = None;
+    for (i, batch) in rollout.batches.iter().enumerate() {
+        if let Some(because) = &stopped {
+            batch.iter().for_each(|a| run.skip(a, because));
+            continue;
+        }
+        let in_batch = |c: &Change| batch.contains(&c.address.to_string());
+        run_dag(ctx, plan, run, &in_batch, ledger).await;
+        if let Some(address) = batch.iter().find(|a| !run.is_done(a)) {
+            stopped = Some(format!(
+                "the rollout stopped at batch {}: {address} failed",
+                i + 1
+            ));
+            continue;
+        }
+        if let Err(address) = gate_batch(ctx, plan, rollout, i, run).await {
+            stopped = Some(format!(
+                "the rollout stopped at batch {}: {address} failed its health gate",
+                i + 1
+            ));
+            continue;
+        }
+        if let Some(pause) = rollout.pause.filter(|_| i + 1 < rollout.batches.len()) {
+            tokio::time::sleep(pause.get()).await;
+        }
+    }
+}
+
+/// The health gates of batch `i`; a VM that fails one fails its change.
+async fn gate_batch(
+    ctx: &Ctx,
+    plan: &Plan,
+    rollout: &crate::plan::Rollout,
+    i: usize,
+    run: &mut Schedule,
+) -> Result<(), String> {
+    let batch = &rollout.batches[i];
+    let step = format!("health gates of batch {} ({})", i + 1, rollout.gates_text());
+    let vms = crate::rollout::batch_vms(batch, &plan.changes);
+    let started = Instant::now();
+    ctx.emit(Event::Started {
+        address: batch.join(", "),
+        step: step.clone(),
+    });
+    match crate::rollout::check_batch(&ctx.client, rollout, &vms).await {
+        Ok(()) => {
+            ctx.emit(Event::Finished {
+                address: batch.join(", "),
+                step,
+                elapsed: started.elapsed(),
+            });
+            Ok(())
+        }
+        Err((address, error)) => {
+            ctx.emit(Event::Failed {
+                address: address.clone(),
+                step: "health gate".into(),
+                error: error.clone(),
+            });
+            run.overrule(
+                &address,
+                Outcome::Failed {
+                    step: "health gate".into(),
+                    error,
+                },
+            );
+            Err(address)
+        }
+    }
 }
 
 /// A finished change's outcome, once the ledger has what it produced.
@@ -375,19 +483,10 @@ fn settle(
     result: Result<Option<BuildResult>, Outcome>,
     ledger: &mut dyn Ledger,
 ) -> Outcome {
-    let recorded = match (&result, &change.work) {
-        (Ok(Some(built)), _) => ledger.built(built),
-        (
-            Ok(None),
-            Work::DestroyTemplate {
-                image,
-                generation,
-                node,
-                ..
-            },
-        ) => ledger.retired(image, *generation, node),
-        (Ok(None), _) => Ok(()),
-        (Err(outcome), _) => return outcome.clone(),
+    let recorded = match &result {
+        Ok(Some(built)) => ledger.built(built).and_then(|()| ledger.done(change)),
+        Ok(None) => ledger.done(change),
+        Err(outcome) => return outcome.clone(),
     };
     match recorded {
         Ok(()) => Outcome::Done,
@@ -438,13 +537,14 @@ impl Schedule {
         }
     }
 
-    /// The waiting changes that can start now, in the plan's order (they
-    /// are marked running); waiting changes behind a failure are skipped.
-    /// The plan's order is topological, so one pass settles a chain.
-    fn ready(&mut self) -> Vec<usize> {
+    /// The waiting `selected` changes that can start now, in the plan's
+    /// order (they are marked running); those behind a failure are
+    /// skipped. The plan's order is topological, so one pass settles a
+    /// chain.
+    fn ready(&mut self, selected: &dyn Fn(usize) -> bool) -> Vec<usize> {
         let mut start = Vec::new();
         for i in 0..self.state.len() {
-            if self.state[i] != State::Waiting {
+            if self.state[i] != State::Waiting || !selected(i) {
                 continue;
             }
             let blocked = self.depends_on[i]
@@ -473,6 +573,34 @@ impl Schedule {
 
     fn finish(&mut self, i: usize, outcome: Outcome) {
         self.state[i] = State::Over(outcome);
+    }
+
+    fn index(&self, address: &str) -> Option<usize> {
+        self.addresses.iter().position(|a| a == address)
+    }
+
+    /// Skips the waiting change at `address`.
+    fn skip(&mut self, address: &str, because: &str) {
+        if let Some(i) = self
+            .index(address)
+            .filter(|i| self.state[*i] == State::Waiting)
+        {
+            self.state[i] = State::Over(Outcome::Skipped {
+                because: because.to_owned(),
+            });
+        }
+    }
+
+    fn is_done(&self, address: &str) -> bool {
+        self.index(address)
+            .is_some_and(|i| self.state[i] == State::Over(Outcome::Done))
+    }
+
+    /// A finished change's outcome found wrong afterwards (a health gate).
+    fn overrule(&mut self, address: &str, outcome: Outcome) {
+        if let Some(i) = self.index(address) {
+            self.state[i] = State::Over(outcome);
+        }
     }
 
     fn report(self, plan: &Plan) -> Report {
@@ -682,6 +810,33 @@ async fn run_vm_change(ctx: &Ctx, change: &Change) -> Result<(), Outcome> {
             let template = Owner::template(image, *generation);
             destroy_vm(ctx, address, vmid.get(), node, &template).await
         }
+        Work::AdoptTemplate {
+            image,
+            vmid,
+            node,
+            set,
+            digest,
+        } => {
+            let owner = Owner {
+                resource: format!("image.{image}"),
+                generation: None,
+            };
+            ctx.step(address, "write the stamp and tags", || async {
+                let current = ctx.client.vm_config(node, vmid.get(), false).await?;
+                if current.get("description").and_then(Stamp::parse).is_some() {
+                    // Written by an earlier attempt whose answer was lost.
+                    return check_owner(ctx, &current, vmid.get(), node, &owner);
+                }
+                let update = ConfigUpdate {
+                    set: set.clone(),
+                    delete: Vec::new(),
+                    digest: Some(digest.clone()),
+                };
+                ctx.wait(&ctx.client.update_config(node, vmid.get(), &update).await?)
+                    .await
+            })
+            .await
+        }
         Work::BuildTemplate { .. } => unreachable!("builds run in build_template"),
     }
 }
@@ -785,7 +940,7 @@ async fn destroy_vm(
 
 async fn create_vm(ctx: &Ctx, address: &str, w: &VmWork) -> Result<(), Outcome> {
     let template = Ctx::limiter(&ctx.templates, w.template_vmid.get(), || {
-        AdaptiveLimit::new(ctx.opts.per_template)
+        AdaptiveLimit::optimistic(ctx.opts.per_template)
     });
     let storage = w.storage.as_ref().map(|s| {
         Ctx::limiter(&ctx.storages, s.clone(), || {
@@ -799,39 +954,46 @@ async fn create_vm(ctx: &Ctx, address: &str, w: &VmWork) -> Result<(), Outcome> 
     );
     // Each attempt takes its slots anew, so a retry waits behind the
     // limit that its own contention lowered.
-    ctx.step(address, &step, || async {
-        let slots = [
-            Some(template.acquire().await),
-            match &storage {
-                Some(l) => Some(l.acquire().await),
-                None => None,
-            },
-        ];
-        let result = clone_once(ctx, w).await;
-        for slot in slots.iter().flatten() {
-            match &result {
-                Ok(()) => slot.succeeded(),
-                Err(e) if e.is_lock_contention() => {
-                    let now = slot.contended();
-                    ctx.emit(Event::Progress {
-                        address: address.to_owned(),
-                        line: format!("lock contention: at most {now} such clones at once now"),
-                    });
+    let mut attempted = false;
+    ctx.step(address, &step, || {
+        let retry = std::mem::replace(&mut attempted, true);
+        let (template, storage) = (&template, &storage);
+        async move {
+            let slots = [
+                Some(template.acquire().await),
+                match &storage {
+                    Some(l) => Some(l.acquire().await),
+                    None => None,
+                },
+            ];
+            let result = clone_once(ctx, w, retry).await;
+            for slot in slots.iter().flatten() {
+                match &result {
+                    Ok(()) => slot.succeeded(),
+                    Err(e) if e.is_lock_contention() => {
+                        let now = slot.contended();
+                        ctx.emit(Event::Progress {
+                            address: address.to_owned(),
+                            line: format!("lock contention: at most {now} such clones at once now"),
+                        });
+                    }
+                    Err(_) => {}
                 }
-                Err(_) => {}
             }
+            result
         }
-        result
     })
     .await?;
     configure(ctx, address, w, None).await
 }
 
-/// One clone attempt. Before re-sending after a failure, the target is
-/// looked up: a stamped VM there means the earlier clone went through.
-async fn clone_once(ctx: &Ctx, w: &VmWork) -> Result<(), ApiError> {
+/// One clone attempt. Before re-sending after a failure (`retry`), the
+/// target is looked up: a stamped VM there means the earlier clone went
+/// through. The first attempt skips that read: the plan found no VM there.
+async fn clone_once(ctx: &Ctx, w: &VmWork, retry: bool) -> Result<(), ApiError> {
     let description = w.set.get("description").cloned();
-    if let Ok(cfg) = ctx.client.vm_config(&w.node, w.vmid.get(), false).await
+    if retry
+        && let Ok(cfg) = ctx.client.vm_config(&w.node, w.vmid.get(), false).await
         && cfg.get("description") == description.as_deref()
     {
         return wait_unlocked(ctx, w).await;
@@ -882,7 +1044,13 @@ async fn write_config(
     planned: Option<String>,
 ) -> Result<(), ApiError> {
     let current = ctx.client.vm_config(&w.node, w.vmid.get(), false).await?;
-    check_owner(ctx, &current, w.vmid.get(), &w.node, &Owner::vm(address))?;
+    // An adopted VM has no stamp until this write; the plan's digest
+    // guards that it is still the VM the plan read.
+    let unstamped = current.get("description").and_then(Stamp::parse).is_none();
+    let adopt_digest = w.digest.clone().filter(|_| w.adopt && unstamped);
+    if adopt_digest.is_none() {
+        check_owner(ctx, &current, w.vmid.get(), &w.node, &Owner::vm(address))?;
+    }
     // Keep the MAC Proxmox generated at clone time.
     if let Some(net) = set.get_mut("net0") {
         let mut want = Net::parse(net);
@@ -893,7 +1061,7 @@ async fn write_config(
     }
     // The plan-time digest guards the first write; a retry after lock
     // contention re-reads it (the values are the same).
-    let digest = planned.unwrap_or(current.digest);
+    let digest = adopt_digest.or(planned).unwrap_or(current.digest);
     let update = ConfigUpdate {
         set,
         delete: Vec::new(),

@@ -43,7 +43,10 @@ fn setting(what: &str, reason: impl Into<String>, hint: &str) -> ConnectError {
 /// value is registered for redaction ([`crate::redact`]).
 pub fn read_secret(reference: &SecretRef, base: &Path, what: &str) -> Result<Secret, ConnectError> {
     let value = match reference {
-        SecretRef::Env { env } => std::env::var(env).map_err(|_| unset(env, what))?,
+        SecretRef::Env { env } => match env_or_file(env) {
+            Some(value) => value.map_err(|e| setting(what, e, "check the credential file"))?,
+            None => return Err(unset(env, what)),
+        },
         SecretRef::File { file } => {
             let path = base.join(file);
             std::fs::read_to_string(&path)
@@ -59,6 +62,37 @@ pub fn read_secret(reference: &SecretRef, base: &Path, what: &str) -> Result<Sec
     };
     crate::redact::register(&value);
     Ok(Secret::new(value))
+}
+
+/// The value of environment variable `name`, or else the contents of the
+/// file `NAME_FILE` names (the convention systemd credentials are used
+/// with: `Environment=NAME_FILE=%d/NAME`), without the final newline.
+/// `None` when neither is set.
+pub fn env_or_file(name: &str) -> Option<Result<String, String>> {
+    if let Ok(value) = std::env::var(name) {
+        return Some(Ok(value));
+    }
+    let path = std::env::var_os(format!("{name}_FILE"))?;
+    Some(
+        std::fs::read_to_string(&path)
+            .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
+            .map_err(|e| {
+                format!(
+                    "cannot read {} ({name}_FILE): {e}",
+                    Path::new(&path).display()
+                )
+            }),
+    )
+}
+
+/// Registers the credentials in the environment nixgold reads
+/// (`redact::CREDENTIAL_ENV`, or their `_FILE`s) for redaction.
+pub fn register_environment() {
+    for name in crate::redact::CREDENTIAL_ENV {
+        if let Some(Ok(value)) = env_or_file(name) {
+            crate::redact::register(&value);
+        }
+    }
 }
 
 /// "environment variable X is not set" — naming X only when it looks like a
@@ -117,7 +151,11 @@ pub fn endpoint(fleet: &Fleet) -> String {
 pub fn client_options(fleet: &Fleet, base: &Path) -> Result<ClientOptions, ConnectError> {
     let px = &fleet.proxmox;
     let endpoint = endpoint(fleet);
-    let credentials = if let Ok(token) = std::env::var("PROXMOX_VE_API_TOKEN") {
+    let token_variable = env_or_file("PROXMOX_VE_API_TOKEN")
+        .transpose()
+        .map_err(|e| setting("PROXMOX_VE_API_TOKEN_FILE", e, "check the credential file"))?;
+    let credentials = if let Some(token) = token_variable {
+        crate::redact::register(&token);
         Credentials::token(&token)
             .map_err(|e| setting("PROXMOX_VE_API_TOKEN", e, "write user@realm!tokenid=secret"))?
     } else if let Some(token) = &px.token {

@@ -38,10 +38,15 @@ pub enum Kind {
     Pending,
     /// In the cluster, not managed by this fleet.
     Unmanaged,
+    /// Its NixOS moved on by itself (a `nixos-rebuild` inside): it runs
+    /// another system than its generation installed.
+    GuestMoved,
+    /// Its guest could not be looked into (no agent, stopped, no privilege).
+    NotInspectable,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Changed,
         Kind::Missing,
         Kind::Destroy,
@@ -49,6 +54,8 @@ impl Kind {
         Kind::OldGeneration,
         Kind::Pending,
         Kind::Unmanaged,
+        Kind::GuestMoved,
+        Kind::NotInspectable,
     ];
 
     pub fn name(self) -> &'static str {
@@ -60,12 +67,17 @@ impl Kind {
             Kind::OldGeneration => "old_generation",
             Kind::Pending => "pending",
             Kind::Unmanaged => "unmanaged",
+            Kind::GuestMoved => "guest_moved",
+            Kind::NotInspectable => "not_inspectable",
         }
     }
 
     /// Whether this kind is drift (exit code 2) or only information.
     pub fn is_drift(self) -> bool {
-        !matches!(self, Kind::OldGeneration | Kind::Pending | Kind::Unmanaged)
+        !matches!(
+            self,
+            Kind::OldGeneration | Kind::Pending | Kind::Unmanaged | Kind::NotInspectable
+        )
     }
 }
 
@@ -80,6 +92,9 @@ pub struct Finding {
     /// The fields that differ (secrets as `sensitive`, never their value).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub fields: Vec<FieldDiff>,
+    /// What the guest runs against what was installed (`guest_moved`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest: Option<crate::inspect::Moved>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -89,6 +104,10 @@ pub struct Drift {
     /// The plan's notes: differences it does not act on.
     pub notes: Vec<String>,
     pub api_calls: u64,
+    /// VMs whose guest runs what their generation installed; of them, those
+    /// compared by release only (the token cannot run commands in them).
+    pub guests_in_sync: usize,
+    pub guests_by_release_only: usize,
     /// The plan behind the drifted findings, for the text rendering.
     #[serde(skip)]
     changes: Vec<Change>,
@@ -110,6 +129,7 @@ impl Drift {
                 address: c.address.to_string(),
                 detail: c.reason.clone(),
                 fields: c.fields.clone(),
+                guest: None,
             })
             .collect();
         findings.extend(plan.kept.iter().map(|(address, vmid)| Finding {
@@ -117,6 +137,7 @@ impl Drift {
             address: address.clone(),
             detail: format!("VMID {vmid} is stamped by this fleet but no longer in it"),
             fields: Vec::new(),
+            guest: None,
         }));
         let tag = fleet_tag(&plan.fleet);
         let templates: BTreeSet<Vmid> = lock
@@ -144,6 +165,7 @@ impl Drift {
                         "runs image.{image} generation {generation}; the current generation is {current}"
                     ),
                     fields: Vec::new(),
+            guest: None,
                 });
             }
             let ours = stamp.is_some() || vm.tags.contains(&tag) || templates.contains(&vm.vmid);
@@ -164,6 +186,7 @@ impl Drift {
                         if vm.template { ", a template" } else { "" }
                     ),
                     fields: Vec::new(),
+                    guest: None,
                 });
             }
         }
@@ -173,6 +196,8 @@ impl Drift {
             findings,
             notes: plan.notes.clone(),
             api_calls: plan.api_calls,
+            guests_in_sync: 0,
+            guests_by_release_only: 0,
             changes: plan.changes.clone(),
         }
     }
@@ -213,8 +238,30 @@ impl Drift {
                 address: address.to_owned(),
                 detail: format!("waits for a cold start: {}", waiting.join(", ")),
                 fields: Vec::new(),
+                guest: None,
             });
         }
+    }
+
+    /// Records what looking into `address`'s guest found.
+    pub fn add_guest(&mut self, address: &str, outcome: crate::inspect::Outcome) {
+        use crate::inspect::Outcome;
+        let (kind, detail, guest) = match outcome {
+            Outcome::InSync { by_release_only } => {
+                self.guests_in_sync += 1;
+                self.guests_by_release_only += usize::from(by_release_only);
+                return;
+            }
+            Outcome::Moved(moved) => (Kind::GuestMoved, moved.detail(), Some(moved)),
+            Outcome::NotInspectable(detail) => (Kind::NotInspectable, detail, None),
+        };
+        self.findings.push(Finding {
+            kind,
+            address: address.to_owned(),
+            detail,
+            fields: Vec::new(),
+            guest,
+        });
     }
 
     pub fn count(&self, kind: Kind) -> usize {
@@ -226,10 +273,15 @@ impl Drift {
     }
 
     /// The report for people: the drifted resources in the plan's grammar,
-    /// then the notes, then a summary line.
+    /// the guests that moved on by themselves, the informational findings,
+    /// the notes, then a summary line.
     pub fn text(&self) -> String {
         let mut out = String::new();
-        if self.has_drift() {
+        let apply_drift = self
+            .findings
+            .iter()
+            .any(|f| f.kind.is_drift() && f.kind != Kind::GuestMoved);
+        if apply_drift {
             let _ = writeln!(
                 out,
                 "Drift in fleet `{}`: apply would change these resources:",
@@ -245,31 +297,43 @@ impl Drift {
                     f.address, f.detail
                 );
             }
-        } else {
+        } else if !self.has_drift() {
             let _ = writeln!(out, "No drift: the cluster matches fleet `{}`.", self.fleet);
         }
         for (kind, title) in [
+            (
+                Kind::GuestMoved,
+                "Drift inside the guests: NixOS moved on by itself (a `nixos-rebuild` inside; apply does not undo it)",
+            ),
             (Kind::OldGeneration, "VMs on an older generation"),
             (
                 Kind::Pending,
                 "VMs whose configuration waits for a shutdown and start",
             ),
             (Kind::Unmanaged, "VMs this fleet does not manage"),
+            (
+                Kind::NotInspectable,
+                "VMs nixgold cannot look inside (not inspectable, so not known to be in sync)",
+            ),
         ] {
-            let found: Vec<&Finding> = self.findings.iter().filter(|f| f.kind == kind).collect();
-            if found.is_empty() {
-                continue;
-            }
-            let _ = writeln!(out, "\n{title}:");
-            for Finding {
-                kind: _,
-                address,
-                detail,
-                fields: _,
-            } in found
-            {
-                let _ = writeln!(out, "  {address}: {detail}");
-            }
+            self.write_section(kind, title, &mut out);
+        }
+        if self.guests_in_sync > 0 {
+            let _ = write!(
+                out,
+                "\nInside the guests: {} VM(s) run what their generation installed",
+                self.guests_in_sync
+            );
+            let _ = writeln!(
+                out,
+                "{}.",
+                match self.guests_by_release_only {
+                    0 => String::new(),
+                    n => format!(
+                        " ({n} compared by release only: the token lacks VM.GuestAgent.Unrestricted to read the system path)"
+                    ),
+                }
+            );
         }
         for note in &self.notes {
             let _ = writeln!(out, "\nNote: {note}");
@@ -280,6 +344,18 @@ impl Drift {
             .collect();
         let _ = writeln!(out, "\nDrift: {}.", counts.join(", "));
         out
+    }
+
+    /// `title:` and one line per finding of `kind`, if there are any.
+    fn write_section(&self, kind: Kind, title: &str, out: &mut String) {
+        let found: Vec<&Finding> = self.findings.iter().filter(|f| f.kind == kind).collect();
+        if found.is_empty() {
+            return;
+        }
+        let _ = writeln!(out, "\n{title}:");
+        for f in found {
+            let _ = writeln!(out, "  {}: {}", f.address, f.detail);
+        }
     }
 
     /// A Prometheus textfile (exposition format) of this report.
@@ -327,6 +403,33 @@ impl Drift {
         );
         gauge(
             &mut out,
+            "nixgold_drift_guest_moved",
+            "One series per VM whose NixOS moved on by itself: what it runs and what its generation installed.",
+            &self
+                .findings
+                .iter()
+                .filter_map(|f| Some((f, f.guest.as_ref()?)))
+                .map(|(f, g)| {
+                    (
+                        format!(
+                            "fleet=\"{fleet}\",address=\"{}\",running=\"{}\",installed=\"{}\"",
+                            label(&f.address),
+                            label(&g.running_version),
+                            label(&g.installed_version)
+                        ),
+                        1,
+                    )
+                })
+                .collect::<Vec<_>>(),
+        );
+        gauge(
+            &mut out,
+            "nixgold_drift_guests_in_sync",
+            "VMs whose guest runs what their generation installed.",
+            &[(format!("fleet=\"{fleet}\""), self.guests_in_sync as u64)],
+        );
+        gauge(
+            &mut out,
             "nixgold_drift_api_calls",
             "Proxmox API calls the check took.",
             &[(format!("fleet=\"{fleet}\""), self.api_calls)],
@@ -359,7 +462,7 @@ fn run_metrics(fleet: &str, success: bool, now_secs: u64) -> String {
     out
 }
 
-fn gauge(out: &mut String, name: &str, help: &str, samples: &[(String, u64)]) {
+pub(crate) fn gauge(out: &mut String, name: &str, help: &str, samples: &[(String, u64)]) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
     for (labels, value) in samples {
         let _ = writeln!(out, "{name}{{{labels}}} {value}");
@@ -367,7 +470,7 @@ fn gauge(out: &mut String, name: &str, help: &str, samples: &[(String, u64)]) {
 }
 
 /// A label value escaped as the exposition format wants it.
-fn label(value: &str) -> String {
+pub(crate) fn label(value: &str) -> String {
     value
         .replace('\\', "\\\\")
         .replace('"', "\\\"")

@@ -91,7 +91,13 @@ impl VmidRange {
 
     /// Ids in ascending order.
     pub fn iter(&self) -> impl Iterator<Item = Vmid> {
-        (self.first.0..=self.last.0).map(Vmid)
+        self.iter_from(self.first)
+    }
+
+    /// Ids from `from` on (or from the first, when `from` is below it), in
+    /// ascending order.
+    pub fn iter_from(&self, from: Vmid) -> impl Iterator<Item = Vmid> {
+        (from.0.max(self.first.0)..=self.last.0).map(Vmid)
     }
 }
 

@@ -2,8 +2,9 @@
 //! clones of one template, the full clones into one storage).
 //!
 //! AIMD, as TCP does it: start low and double while work succeeds (slow
-//! start), then grow by one per window; halve when Proxmox reports lock
-//! contention ("can't lock file … got timeout"). The configured number is a
+//! start) — or, where the lock model says the work does not contend with
+//! itself, start at the ceiling — then grow by one per window; halve when
+//! Proxmox reports lock contention ("can't lock file … got timeout"). The configured number is a
 //! ceiling, never a target, so a cluster that takes twenty clones at once
 //! gets twenty, and one that cannot is not pushed into lock timeouts. It
 //! decides only how many run at once; retrying is the caller's.
@@ -30,14 +31,30 @@ struct State {
 }
 
 impl AdaptiveLimit {
+    /// A limit that starts at two: for work that competes for one resource
+    /// (full clones' copies share their storage's bandwidth).
     pub fn new(ceiling: usize) -> Self {
+        Self::starting_at(INITIAL, ceiling)
+    }
+
+    /// A limit that starts at its ceiling: for work that takes its lock
+    /// shared, so that only an outside holder can contend with it (the
+    /// clones of one template, which qemu-server's `clone_vm` runs under the
+    /// template's shared config lock). Contention still halves it.
+    pub fn optimistic(ceiling: usize) -> Self {
+        Self::starting_at(ceiling as f64, ceiling)
+    }
+
+    fn starting_at(initial: f64, ceiling: usize) -> Self {
         let ceiling = ceiling.max(1);
         AdaptiveLimit {
             ceiling,
             state: Mutex::new(State {
-                limit: INITIAL.min(ceiling as f64),
+                limit: initial.clamp(1.0, ceiling as f64),
                 in_flight: 0,
-                slow_start: true,
+                // Already at the ceiling, an optimistic limit has no slow
+                // start: after contention it grows by one per window.
+                slow_start: initial < ceiling as f64,
             }),
             changed: Notify::new(),
         }
@@ -143,6 +160,30 @@ mod tests {
             limit.acquire().await.contended();
         }
         assert_eq!(limit.current(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_optimistic_limit_starts_at_its_ceiling_and_still_backs_off() {
+        let limit = Arc::new(AdaptiveLimit::optimistic(64));
+        assert_eq!(limit.current(), 64);
+        let slots: Vec<Slot> = take_slots(&limit, 64).await;
+        assert_eq!(slots[0].contended(), 32);
+        assert_eq!(slots[1].contended(), 16);
+        // No slow start after contention: one more per window of 16.
+        for slot in &slots[2..18] {
+            slot.succeeded();
+        }
+        assert_eq!(limit.current(), 16, "just short of a window");
+        slots[18].succeeded();
+        assert_eq!(limit.current(), 17);
+    }
+
+    async fn take_slots(limit: &Arc<AdaptiveLimit>, n: usize) -> Vec<Slot> {
+        let mut slots = Vec::new();
+        for _ in 0..n {
+            slots.push(limit.acquire().await);
+        }
+        slots
     }
 
     #[tokio::test]

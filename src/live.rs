@@ -366,3 +366,29 @@ async fn read_linked_disks(client: &Client, live: &mut LiveState) -> Result<(), 
     }
     Ok(())
 }
+
+/// VMs of the cluster with their configs: every VM, or those of `only`
+/// (for `import` and `init --from-cluster`, which look at VMs nixgold does
+/// not manage yet).
+pub async fn read_with_configs(
+    client: &Client,
+    only: Option<&BTreeSet<u32>>,
+) -> Result<BTreeMap<u32, LiveVm>, ApiError> {
+    let mut live = LiveState::default();
+    read_vms(client, &mut live).await?;
+    let mut vms: BTreeMap<u32, LiveVm> = live
+        .vms
+        .into_iter()
+        .map(|(id, vm)| (id.get(), vm))
+        .filter(|(id, _)| only.is_none_or(|only| only.contains(id)))
+        .collect();
+    for vm in vms.values_mut() {
+        vm.config = Some(
+            client
+                .vm_config(&vm.node, vm.vmid.get(), false)
+                .await?
+                .into(),
+        );
+    }
+    Ok(vms)
+}

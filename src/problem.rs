@@ -1,6 +1,6 @@
 //! A user's mistake in a fleet or lockfile: where, which field, why, and
 //! what to do. Contract errors (from Nickel) and semantic errors (from
-//! `fleet::validate`) both end up as a `Problem`, so they print alike.
+//! `validate`) both end up as a `Problem`, so they print alike.
 
 use std::fmt;
 use std::path::PathBuf;

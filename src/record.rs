@@ -1,9 +1,10 @@
 //! What an apply leaves in the lockfile: generations enter it once built
-//! (or found built and stamped), retired templates leave it — each as it
-//! happens, so the lockfile never points at a template that is gone. A
-//! build result holds only checked values (VMID, node, checksums), so it
-//! can always be recorded; a lockfile that cannot be written fails the
-//! build's change instead of being skipped.
+//! (or found built and stamped), retired templates leave it, adoptions
+//! whose stamp apply wrote leave `[adopt]` — each as it happens, so the
+//! lockfile never points at a template that is gone. A build result holds
+//! only checked values (VMID, node, checksums), so it can always be
+//! recorded; a lockfile that cannot be written fails the change instead of
+//! being skipped.
 
 use std::path::Path;
 
@@ -11,6 +12,7 @@ use crate::apply::Ledger;
 use crate::build::BuildResult;
 use crate::desired::{DesiredGraph, DesiredNode};
 use crate::lock::{Generation, Lockfile, TemplateReplica};
+use crate::plan::{Change, Work};
 
 /// The lockfile as apply moves it: each build is recorded (and the file
 /// written) the moment it finishes, each retired template forgotten the
@@ -54,8 +56,19 @@ impl Ledger for LockLedger<'_> {
         Ok(())
     }
 
-    fn retired(&mut self, image: &str, generation: u32, node: &str) -> Result<(), String> {
-        self.lock.forget_replica(image, generation, node);
+    fn done(&mut self, change: &Change) -> Result<(), String> {
+        match &change.work {
+            Work::DestroyTemplate {
+                image,
+                generation,
+                node,
+                ..
+            } => self.lock.forget_replica(image, *generation, node),
+            Work::UpdateVm(w) if w.adopt => {
+                crate::plan::adopt::settle(&mut self.lock, &[change.address.to_string().as_str()])
+            }
+            _ => return Ok(()),
+        }
         self.write()
     }
 }
@@ -87,7 +100,7 @@ pub fn record_build(lock: &mut Lockfile, r: &BuildResult, replicas: usize) {
         Generation {
             number: r.generation,
             input_hash: r.input_hash,
-            iso_sha256: r.iso_sha256,
+            iso_sha256: Some(r.iso_sha256),
             built_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             nixos_version: r.nixos_version.clone(),
             system_path: r.system_path.clone(),
@@ -95,6 +108,7 @@ pub fn record_build(lock: &mut Lockfile, r: &BuildResult, replicas: usize) {
                 node: r.node.clone(),
                 vmid: r.vmid,
             }],
+            imported: false,
         },
         replicas,
     );

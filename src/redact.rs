@@ -42,15 +42,6 @@ pub fn register(value: &str) {
     secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
 }
 
-/// Registers the credentials in the environment nixgold reads.
-pub fn register_environment() {
-    for name in CREDENTIAL_ENV {
-        if let Ok(value) = std::env::var(name) {
-            register(&value);
-        }
-    }
-}
-
 /// `text` with every registered secret replaced by `(redacted)`.
 pub fn redact(text: &str) -> Cow<'_, str> {
     let secrets = SECRETS.read().unwrap_or_else(|e| e.into_inner());

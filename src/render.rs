@@ -83,8 +83,31 @@ fn plain_plan_text(plan: &Plan) -> String {
         plan.count(Action::Replace),
         plan.count(Action::Destroy)
     );
+    if let Some(rollout) = &plan.rollout {
+        write_rollout(rollout, &mut out);
+    }
     write_kept(plan, &mut out);
     out
+}
+
+/// `Rollout: 3 batches …` and one line per batch.
+fn write_rollout(rollout: &crate::plan::Rollout, out: &mut String) {
+    let n = rollout.batches.len();
+    let _ = write!(
+        out,
+        "Rollout: {n} batch{} of the VMs that follow new generations, each behind its gates ({})",
+        if n == 1 { "" } else { "es" },
+        rollout.gates_text()
+    );
+    match rollout.pause {
+        Some(pause) => {
+            let _ = writeln!(out, ", {pause} apart:");
+        }
+        None => out.push_str(":\n"),
+    }
+    for (i, batch) in rollout.batches.iter().enumerate() {
+        let _ = writeln!(out, "  batch {}: {}", i + 1, batch.join(", "));
+    }
 }
 
 fn write_kept(plan: &Plan, out: &mut String) {

@@ -10,7 +10,9 @@
 //!
 //! - a VM: `fleet resource image generation`;
 //! - a template being built: `fleet resource generation state=building inputs`;
-//! - a finished template: `fleet resource generation inputs iso nixos system`.
+//! - a finished template: `fleet resource generation inputs iso nixos system`;
+//! - a template taken over by `nixgold import`: `fleet resource generation
+//!   imported=true` (its build inputs are unknown).
 
 use std::fmt;
 
@@ -30,6 +32,8 @@ pub struct Stamp {
     pub generation: Option<u32>,
     /// A build VM whose build has not finished.
     pub building: bool,
+    /// A template taken over by `nixgold import`, not built by nixgold.
+    pub imported: bool,
     /// The generation's input hash (templates and build VMs).
     pub inputs: Option<Sha256>,
     /// The ISO's sha256 the template was installed from.
@@ -72,6 +76,7 @@ impl Stamp {
                 "image" => stamp.image = Some(value),
                 "generation" => stamp.generation = value.parse().ok(),
                 "state" => stamp.building = value == "building",
+                "imported" => stamp.imported = value == "true",
                 "inputs" => stamp.inputs = value.parse().ok(),
                 "iso" => stamp.iso = value.parse().ok(),
                 "nixos" => stamp.nixos = Some(value.replace('_', " ")),
@@ -106,6 +111,9 @@ impl fmt::Display for Stamp {
         }
         if self.building {
             f.write_str(" state=building")?;
+        }
+        if self.imported {
+            f.write_str(" imported=true")?;
         }
         let rest = [
             ("inputs", self.inputs.map(|s| s.to_string())),
@@ -175,5 +183,13 @@ mod tests {
         let parsed = Stamp::parse(&building).unwrap();
         assert!(parsed.building);
         assert_eq!(parsed.to_string(), building);
+    }
+
+    #[test]
+    fn an_imported_template_stamp_round_trips() {
+        let line = "nixgold: fleet=homelab resource=image.golden generation=1 imported=true";
+        let parsed = Stamp::parse(line).unwrap();
+        assert!(parsed.imported && !parsed.building);
+        assert_eq!(parsed.to_string(), line);
     }
 }

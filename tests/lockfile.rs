@@ -14,7 +14,7 @@ fn fixture(name: &str) -> std::path::PathBuf {
 
 #[test]
 fn every_version_fixture_parses_and_round_trips_byte_for_byte() {
-    for name in ["v1-minimal.lock", "v1-full.lock"] {
+    for name in ["v1-minimal.lock", "v1-full.lock", "v2-imported.lock"] {
         let path = fixture(name);
         let text = std::fs::read_to_string(&path).unwrap();
         let lock = Lockfile::parse(&path, &text).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -30,6 +30,10 @@ fn every_version_fixture_parses_and_round_trips_byte_for_byte() {
         2
     );
     assert_eq!(full.vmids["vm.web-01"].get(), 2004);
+    let imported = Lockfile::read(&fixture("v2-imported.lock")).unwrap();
+    let generation = imported.images["golden"].current_generation().unwrap();
+    assert!(generation.imported && generation.iso_sha256.is_none());
+    assert_eq!(imported.adopt["vm.web-01"].get(), 101);
 }
 
 #[test]
@@ -39,7 +43,7 @@ fn corrupt_or_newer_lockfiles_are_reported_and_never_overwritten() {
         ("corrupt-digest.lock", "is corrupt"),
         (
             "newer-version.lock",
-            "has format version 2, but this nixgold only knows up to 1",
+            "has format version 3, but this nixgold only knows up to 2",
         ),
     ] {
         let dir = tempfile::tempdir().unwrap();

@@ -545,7 +545,10 @@ fn restart_on_change_applies_cold_changes_in_the_same_apply() {
 fn replace_recreates_a_vm_that_matches_the_fleet() {
     let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
     s.converge();
-    let mac = s.config(400)["net0"].clone();
+    let (mac, uuid) = (
+        s.config(400)["net0"].clone(),
+        s.config(400)["smbios1"].clone(),
+    );
     let (code, out, _) = s.run(&["plan", "fleet.yaml", "--replace", "vm.web-01"]);
     assert_eq!(code, 0);
     assert_contains(
@@ -567,7 +570,16 @@ fn replace_recreates_a_vm_that_matches_the_fleet() {
         assert_eq!(code, 0, "{out}{err}");
     };
     replace();
-    assert_ne!(s.config(400)["net0"], mac, "a new VM (new MAC)");
+    assert_ne!(
+        s.config(400)["smbios1"],
+        uuid,
+        "a new VM (a clone's new SMBIOS uuid)"
+    );
+    assert_eq!(
+        s.config(400)["net0"],
+        mac,
+        "that keeps the old one's MAC (DHCP reservations stay valid)"
+    );
     let (code, _) = s.plan();
     assert_eq!(code, 0);
 
@@ -760,7 +772,10 @@ fn drift_reports_what_changed_and_changes_nothing() {
             "~ memory",
             "VMs whose configuration waits for a shutdown and start:\n  vm.web-01: waits for a cold start: memory 2048 -> 1024",
             "VMs this fleet does not manage:\n  vmid.777: someone-else on pve",
-            "Drift: 1 changed, 0 missing, 0 destroy, 0 removed, 0 old generation, 1 pending, 1 unmanaged.",
+            // The template here was never built in the simulator: its
+            // clone has no guest model to look into.
+            "VMs nixgold cannot look inside (not inspectable, so not known to be in sync):\n  vm.web-01: get-osinfo: ",
+            "Drift: 1 changed, 0 missing, 0 destroy, 0 removed, 0 old generation, 1 pending, 1 unmanaged, 0 guest moved, 1 not inspectable.",
         ],
     );
     let metrics = std::fs::read_to_string(&prom).unwrap();
@@ -796,7 +811,8 @@ fn drift_reports_what_changed_and_changes_nothing() {
         [
             ("changed", "vm.web-01"),
             ("unmanaged", "vmid.777"),
-            ("pending", "vm.web-01")
+            ("pending", "vm.web-01"),
+            ("not_inspectable", "vm.web-01")
         ]
     );
 
@@ -1130,7 +1146,8 @@ fn lock_timeouts_on_clones_lower_the_concurrency_and_every_clone_goes_through() 
         .collect();
     let s = Scenario::new(single_node(), &base_fleet(&vms), &golden_lock());
     s.sim.options().faults.add(
-        "POST /nodes/*/qemu/*/clone => lock-timeout*4"
+        // The limit starts at its ceiling (128): seven halvings to one.
+        "POST /nodes/*/qemu/*/clone => lock-timeout*7"
             .parse()
             .unwrap(),
     );
@@ -2786,4 +2803,915 @@ fn a_changed_iso_pin_downloads_and_verifies_a_new_file_before_a_build_uses_it() 
     );
     assert_eq!(lock.images["golden"].generations.len(), 1);
     assert!(has(&old_file), "the old file is left alone");
+}
+
+// ----- drift inside the guest ---------------------------------------------
+
+/// What the simulated `nixos-24.05` channel serves after the build: a newer
+/// point release, which `nixos-rebuild switch --upgrade` moves to.
+const NEWER_24_05: &str = "24.05.5678.f00dfeed";
+
+/// Two VMs cloned from a built generation 1, on a channel that moved on.
+fn two_built_vms() -> Scenario {
+    let web_02 = "  web-02:\n    image: golden\n    vmid: 401\n";
+    let fleet = build_fleet("\"vim\"").replace("vms:\n", &format!("vms:\n{web_02}"));
+    let mut opts = options();
+    opts.channel_releases
+        .insert("24.05".into(), NEWER_24_05.into());
+    let s = Scenario::with_options(ClusterSpec::default(), &fleet, EMPTY_LOCK, opts);
+    s.converge();
+    s
+}
+
+/// `nixos-rebuild switch --upgrade` inside a VM — the everyday way a NixOS
+/// machine drifts — is drift of its own kind: drift exits 2 and names the
+/// VM with what it runs and what its generation installed, in text, JSON
+/// and the Prometheus textfile. The other VM is in sync, checked through
+/// both layers (get-osinfo and, with a root token, `agent/exec`).
+#[test]
+fn a_nixos_rebuild_inside_a_vm_is_drift_of_its_own_kind() {
+    let s = two_built_vms();
+    let (code, out, err) = s.run(&["drift", "fleet.yaml"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_contains(
+        &out,
+        &["Inside the guests: 2 VM(s) run what their generation installed."],
+    );
+    let installed = read_lock(&s).images["golden"].generations[0].clone();
+    s.api(
+        "POST",
+        "/nodes/pve/qemu/400/agent/exec",
+        &[
+            ("command", "nixos-rebuild"),
+            ("command", "switch"),
+            ("command", "--upgrade"),
+        ],
+    );
+    let (code, out, err) = s.run(&["drift", "fleet.yaml", "--prometheus", "drift.prom"]);
+    assert_eq!(code, 2, "{out}{err}");
+    let running = s
+        .sim
+        .inspect(|st| st.vms[&400].installed.clone().unwrap().system_path);
+    assert!(running.ends_with(&format!("-nixos-system-nixos-{NEWER_24_05}")));
+    assert_contains(
+        &out,
+        &[
+            "Drift inside the guests: NixOS moved on by itself",
+            &format!(
+                "  vm.web-01: runs NixOS {NEWER_24_05} ({running}); image.golden generation 1 installed 24.05 ({})",
+                installed.system_path
+            ),
+            "Inside the guests: 1 VM(s) run what their generation installed.",
+            "1 guest moved, 0 not inspectable.",
+        ],
+    );
+    assert!(
+        !out.contains("apply would change"),
+        "apply does not undo a rebuild inside: {out}"
+    );
+    let prom = std::fs::read_to_string(s.dir.path().join("drift.prom")).unwrap();
+    assert_contains(
+        &prom,
+        &[
+            "nixgold_drift_detected{fleet=\"homelab\"} 1",
+            "nixgold_drift_resources{fleet=\"homelab\",kind=\"guest_moved\"} 1",
+            &format!(
+                "nixgold_drift_guest_moved{{fleet=\"homelab\",address=\"vm.web-01\",running=\"{NEWER_24_05}\",installed=\"24.05\"}} 1"
+            ),
+            "nixgold_drift_guests_in_sync{fleet=\"homelab\"} 1",
+        ],
+    );
+    let (code, json, _) = s.run(&["drift", "fleet.yaml", "--json"]);
+    assert_eq!(code, 2);
+    let report: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let moved: Vec<&serde_json::Value> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["kind"] == "guest_moved")
+        .collect();
+    assert_eq!(moved.len(), 1, "{json}");
+    assert_eq!(moved[0]["address"], "vm.web-01");
+    assert_eq!(moved[0]["guest"]["running_version"], NEWER_24_05);
+    assert_eq!(moved[0]["guest"]["running_system"], running.as_str());
+    assert_eq!(moved[0]["guest"]["installed_version"], "24.05");
+}
+
+/// A VM whose guest cannot be looked into is reported as not inspectable
+/// and never counted in sync. A token with VM.GuestAgent.Audit but not
+/// Unrestricted (the README's role) still compares the release through
+/// get-osinfo (PVE 9.1's apidoc.json: `agent/get-osinfo` checks
+/// `VM.GuestAgent.Audit` or `.Unrestricted`, `agent/exec` only the latter).
+#[test]
+fn a_vm_without_an_answering_agent_is_not_inspectable() {
+    let s = two_built_vms();
+    s.fault("GET /nodes/*/qemu/401/agent/get-osinfo => agent-not-running*1");
+    let (code, out, err) = s.run(&["drift", "fleet.yaml", "--prometheus", "drift.prom"]);
+    assert_eq!(code, 0, "not inspectable is not drift: {out}{err}");
+    assert_contains(
+        &out,
+        &[
+            "VMs nixgold cannot look inside (not inspectable, so not known to be in sync):\n  vm.web-02: get-osinfo: ",
+            "QEMU guest agent is not running",
+            "Inside the guests: 1 VM(s) run what their generation installed.",
+            "0 guest moved, 1 not inspectable.",
+        ],
+    );
+    let prom = std::fs::read_to_string(s.dir.path().join("drift.prom")).unwrap();
+    assert_contains(
+        &prom,
+        &[
+            "nixgold_drift_resource{fleet=\"homelab\",kind=\"not_inspectable\",address=\"vm.web-02\"} 1",
+        ],
+    );
+    s.api_data(
+        reqwest::Method::POST,
+        "/access/roles",
+        &[("roleid", "NixgoldDeploy"), ("privs", NIXGOLD_ROLE_PRIVS)],
+    );
+    let token = s.deploy_token("NixgoldDeploy");
+    let (code, out, err) = s.run_as(&token, &["drift", "fleet.yaml"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_contains(
+        &out,
+        &[
+            "Inside the guests: 2 VM(s) run what their generation installed (2 compared by release only: the token lacks VM.GuestAgent.Unrestricted to read the system path).",
+        ],
+    );
+}
+
+// ----- the quarterly cycle ------------------------------------------------
+
+/// Runs `nixgold cycle` with the plan kept in `cycle.plan` and the
+/// textfile in `cycle.prom`; (exit code, textfile).
+fn cycle(s: &Scenario, apply: bool) -> (i32, String) {
+    let mut args = vec![
+        "cycle",
+        "fleet.yaml",
+        "--plan-out",
+        "cycle.plan",
+        "--prometheus",
+        "cycle.prom",
+    ];
+    if apply {
+        args.push("--apply");
+    }
+    let (code, out, err) = s.run(&args);
+    let prom = std::fs::read_to_string(s.dir.path().join("cycle.prom")).unwrap();
+    assert!(code != 1 || prom.contains("_success{fleet="), "{out}{err}");
+    (code, prom)
+}
+
+/// The quarterly cycle unattended: with nothing new it does nothing; with
+/// a new generation due and no opt-in the plan waits (exit 2, kept for
+/// people); with `--apply` generation 2 is built and the VM that follows
+/// new generations is rolled out to it behind its gate; the next cycle
+/// retires generation 1
+/// (beyond `keep`), and drift is clean. A step that fails exits 1 and says
+/// so in the textfile.
+#[test]
+fn the_quarterly_cycle_waits_without_opt_in_applies_with_it_and_retires_the_old_generation() {
+    let replace = |packages: &str| {
+        keep_one(packages)
+            .replace(
+                "    onboot: true\n",
+                "    onboot: true\n    on_new_generation: replace\n",
+            )
+            .replace(
+                "vms:\n",
+                "rollout: { batch: { percent: 50 }, gates: { agent: { timeout: 5s } } }\nvms:\n",
+            )
+    };
+    let s = Scenario::new(ClusterSpec::default(), &replace("\"vim\""), EMPTY_LOCK);
+    s.converge();
+    let (code, prom) = cycle(&s, true);
+    assert_eq!(code, 0, "nothing to do");
+    assert_contains(&prom, &["nixgold_cycle_success{fleet=\"homelab\"} 1"]);
+
+    s.set_fleet(&replace("\"vim\", \"htop\""));
+    let (code, prom) = cycle(&s, false);
+    assert_eq!(code, 2, "the plan waits for a person");
+    assert_contains(
+        &prom,
+        &[
+            "nixgold_cycle_success{fleet=\"homelab\"} 1",
+            "nixgold_cycle_changes_waiting{fleet=\"homelab\"} 1",
+        ],
+    );
+    let (code, shown, _) = s.run(&["show", "cycle.plan"]);
+    assert_eq!(code, 0);
+    assert_contains(&shown, &["build generation 2", "  batch 1: vm.web-01\n"]);
+    assert!(
+        s.sim.inspect(|st| !st.vms.contains_key(&9401)),
+        "nothing was applied"
+    );
+
+    let (code, _) = cycle(&s, true);
+    assert_eq!(code, 0);
+    assert_eq!(read_lock(&s).images["golden"].current, 2);
+    let (code, _) = cycle(&s, true);
+    assert_eq!(code, 0, "the second cycle retires generation 1");
+    let numbers: Vec<u32> = read_lock(&s).images["golden"]
+        .generations
+        .iter()
+        .map(|g| g.number)
+        .collect();
+    assert_eq!(numbers, [2]);
+    let (code, out, err) = s.run(&["drift", "fleet.yaml"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_contains(
+        &out,
+        &["Inside the guests: 1 VM(s) run what their generation installed."],
+    );
+
+    s.set_fleet("fleet: [not a fleet\n");
+    let (code, prom) = cycle(&s, true);
+    assert_eq!(code, 1);
+    assert_contains(
+        &prom,
+        &[
+            "nixgold_cycle_success{fleet=\"fleet\"} 0",
+            "nixgold_cycle_failed_step{fleet=\"fleet\",step=\"update\"} 1",
+        ],
+    );
+}
+
+/// The units pass secrets as systemd credentials: a variable the fleet
+/// reads (`{ env: WEB_PASSWORD }`, `PROXMOX_VE_API_TOKEN`) may instead be
+/// a file named by `NAME_FILE` (`%d/NAME` in a unit), read without its
+/// final newline and never printed.
+#[test]
+fn secrets_come_from_the_files_name_file_points_at() {
+    let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
+    let token = s.dir.path().join("token");
+    let password = s.dir.path().join("password");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    std::fs::write(&password, format!("{PASSWORD}\n")).unwrap();
+    let mut cmd = s.command(&["apply", "fleet.yaml", "--auto-approve"]);
+    cmd.env_remove("PROXMOX_VE_API_TOKEN")
+        .env_remove("WEB_PASSWORD")
+        .env("PROXMOX_VE_API_TOKEN_FILE", &token)
+        .env("WEB_PASSWORD_FILE", &password);
+    let (code, out, err) = s.finish(&mut cmd);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(s.config(400).contains_key("cipassword"));
+    let mut cmd = s.command(&["plan", "fleet.yaml"]);
+    cmd.env_remove("PROXMOX_VE_API_TOKEN")
+        .env("PROXMOX_VE_API_TOKEN_FILE", s.dir.path().join("missing"));
+    let (code, _, err) = s.finish(&mut cmd);
+    assert_eq!(code, 1);
+    assert_contains(&err, &["PROXMOX_VE_API_TOKEN_FILE", "cannot read"]);
+}
+
+// ----- rollouts -------------------------------------------------------------
+
+/// Six VMs that follow new generations, rolled out two at a time behind
+/// the guest-agent gate; `extra` goes into each VM.
+fn rollout_fleet(packages: &str, extra: &str) -> String {
+    let vms: String = (1..=6)
+        .map(|i| format!("  app-0{i}:\n    image: golden\n    vmid: {}\n    on_new_generation: replace\n{extra}", 400 + i))
+        .collect();
+    let fleet = keep_one(packages);
+    let at = fleet.find("vms:\n").unwrap();
+    format!(
+        "{}rollout: {{ batch: {{ count: 2 }}, gates: {{ agent: {{ timeout: 2s }} }} }}\nvms:\n{vms}",
+        &fleet[..at]
+    )
+}
+
+/// The generation each VM runs, from its stamp.
+fn generations(s: &Scenario) -> Vec<String> {
+    (401..=406)
+        .map(|vmid| {
+            let stamp = s.config(vmid)["description"].clone();
+            stamp
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("generation="))
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+/// The VMIDs apply destroyed, in order.
+fn destroyed(s: &Scenario) -> Vec<String> {
+    s.sim
+        .journal()
+        .iter()
+        .filter(|e| e.method == "DELETE" && e.route == "/nodes/{node}/qemu/{vmid}")
+        .map(|e| e.params["vmid"].clone())
+        .collect()
+}
+
+/// Six VMs in batches of two: the plan shows three batches, apply replaces
+/// them in that order — each batch only after the previous one's agents
+/// answered — and a replaced VM keeps its VMID, name and MAC address.
+#[test]
+fn a_rollout_replaces_six_vms_two_at_a_time_in_plan_order() {
+    let s = Scenario::new(
+        ClusterSpec::default(),
+        &rollout_fleet("\"vim\"", ""),
+        EMPTY_LOCK,
+    );
+    s.converge();
+    let macs: Vec<String> = (401..=406).map(|v| s.config(v)["net0"].clone()).collect();
+    s.set_fleet(&rollout_fleet("\"vim\", \"htop\"", ""));
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    assert_contains(
+        &text,
+        &[
+            "Rollout: 3 batches of the VMs that follow new generations, each behind its gates (guest agent (2s)):",
+            "  batch 1: vm.app-01, vm.app-02\n  batch 2: vm.app-03, vm.app-04\n  batch 3: vm.app-05, vm.app-06\n",
+        ],
+    );
+    s.apply();
+    assert_eq!(generations(&s), ["2"; 6]);
+    // keep = 1: generation 1's template retires in the same apply, once
+    // generation 2 is recorded (full clones do not hold it).
+    let order: Vec<String> = destroyed(&s);
+    assert!(order.contains(&"9400".to_owned()), "{order:?}");
+    let order: Vec<String> = order.into_iter().filter(|v| v != "9400").collect();
+    assert_eq!(order.len(), 6, "{order:?}");
+    let batch_of = |vmid: &str| (vmid.parse::<u32>().unwrap() - 401) / 2;
+    assert!(
+        order.windows(2).all(|w| batch_of(&w[0]) <= batch_of(&w[1])),
+        "batches in order: {order:?}"
+    );
+    // Each batch's agents were asked before the next batch was destroyed.
+    let journal = s.sim.journal();
+    let first_destroy_of_batch_2 = journal
+        .iter()
+        .position(|e| {
+            e.method == "DELETE"
+                && ["403", "404"].contains(&e.params.get("vmid").map_or("", String::as_str))
+        })
+        .unwrap();
+    let pinged: Vec<&str> = journal[..first_destroy_of_batch_2]
+        .iter()
+        .filter(|e| e.route.ends_with("/agent/ping"))
+        .map(|e| e.params["vmid"].as_str())
+        .collect();
+    assert!(
+        pinged.contains(&"401") && pinged.contains(&"402"),
+        "{pinged:?}"
+    );
+    let now: Vec<String> = (401..=406).map(|v| s.config(v)["net0"].clone()).collect();
+    assert_eq!(now, macs, "the MAC addresses are kept");
+    assert_eq!(s.config(401)["name"], "app-01");
+    let (code, text) = s.plan();
+    assert_eq!(code, 0, "converged in one apply: {text}");
+}
+
+/// An agent that stops answering after batch 1: the rollout stops, the four
+/// VMs not yet replaced stay on generation 1 and are reported; once the
+/// fault clears, the next apply finishes the rollout.
+#[test]
+fn a_failing_gate_stops_the_rollout_and_the_next_apply_resumes_it() {
+    let s = Scenario::new(
+        ClusterSpec::default(),
+        &rollout_fleet("\"vim\"", ""),
+        EMPTY_LOCK,
+    );
+    s.converge();
+    s.set_fleet(&rollout_fleet("\"vim\", \"htop\"", ""));
+    s.fault("POST /nodes/*/qemu/402/agent/ping => agent-not-running");
+    let (code, out, err) = s.run(&["apply", "fleet.yaml", "--auto-approve"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(generations(&s), ["2", "2", "1", "1", "1", "1"]);
+    let all = format!("{out}{err}");
+    assert_contains(
+        &all,
+        &[
+            "the guest agent did not answer within 2s",
+            "the rollout stopped at batch 1: vm.app-02 failed its health gate",
+        ],
+    );
+    for vm in ["vm.app-03", "vm.app-04", "vm.app-05", "vm.app-06"] {
+        assert!(
+            all.lines()
+                .any(|l| l.contains(vm) && l.contains("the rollout stopped")),
+            "{vm} is reported:\n{all}"
+        );
+    }
+    s.sim.options().faults.clear();
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    assert_contains(
+        &text,
+        &["  batch 1: vm.app-03, vm.app-04\n  batch 2: vm.app-05, vm.app-06\n"],
+    );
+    s.apply();
+    assert_eq!(generations(&s), ["2"; 6]);
+}
+
+/// A VM that follows new generations but is marked prevent_destroy is
+/// never replaced: it stays on its generation, with a note.
+#[test]
+fn a_prevent_destroy_vm_is_skipped_by_the_rollout_with_a_note() {
+    let fleet = |packages: &str| {
+        rollout_fleet(packages, "").replace(
+            "    vmid: 406\n    on_new_generation: replace\n",
+            "    vmid: 406\n    on_new_generation: replace\n    prevent_destroy: true\n",
+        )
+    };
+    let s = Scenario::new(ClusterSpec::default(), &fleet("\"vim\""), EMPTY_LOCK);
+    s.converge();
+    s.set_fleet(&fleet("\"vim\", \"htop\""));
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    assert_contains(
+        &text,
+        &[
+            "  batch 3: vm.app-05\n",
+            "Note: vm.app-06 stays on image.golden generation 1: it follows new generations, but prevent_destroy keeps it from being replaced (generation 2 is current)",
+        ],
+    );
+    s.apply();
+    assert_eq!(generations(&s), ["2", "2", "2", "2", "2", "1"]);
+}
+
+// ----- import: adopting what exists (issue 16) ---------------------------
+
+/// The fleet that describes the hand-made template 9000 and VM 101 of
+/// [`hand_made_cluster`] (what `init --from-cluster` writes for them).
+fn adopted_fleet(vm_extra: &str) -> String {
+    format!(
+        r#"fleet: homelab
+proxmox:
+  endpoint: https://pve.example.invalid:8006
+  nodes: [pve]
+  token: {{ env: PROXMOX_VE_API_TOKEN }}
+isos:
+  nixos: {{ url: "{ISO_URL}", checksum: "sha256:{ISO_SHA}" }}
+images:
+  golden:
+    iso: nixos
+    vmid_range: {{ first: 9000, last: 9009 }}
+    hardware: {{ cores: 2, memory: 2048, disk: 30G, storage: tank }}
+    nixos: {{ state_version: "24.05" }}
+{BUILD}vms:
+  web-01:
+    image: golden
+    vmid: 101
+    clone: linked
+    cores: 2
+    memory: 2048
+    network: {{ ip: 192.168.1.130/24, gateway: 192.168.1.1 }}
+    user: ops
+    tags: [prod]
+    description: web server
+    onboot: true
+{vm_extra}"#
+    )
+}
+
+impl Scenario {
+    /// Sends one API request as a user would (curl, Terraform); waits for
+    /// the task it starts. Returns `data`.
+    fn api_call(&self, method: &str, path: &str, form: &[(&str, &str)]) -> serde_json::Value {
+        let base = self.handle.as_ref().unwrap().url();
+        let auth = format!("PVEAPIToken={TOKEN}");
+        self.rt.block_on(async {
+            let c = reqwest::Client::new();
+            let url = format!("{base}/api2/json{path}");
+            let req = match method {
+                "PUT" => c.put(url).form(form),
+                "GET" => c.get(url),
+                _ => c.post(url).form(form),
+            };
+            let r = req.header("Authorization", &auth).send().await.unwrap();
+            assert_eq!(
+                r.status(),
+                200,
+                "{method} {path}: {}",
+                r.text().await.unwrap()
+            );
+            let data = r.json::<serde_json::Value>().await.unwrap()["data"].clone();
+            let Some(upid) = data.as_str().filter(|d| d.starts_with("UPID:")) else {
+                return data;
+            };
+            let status = format!("{base}/api2/json/nodes/pve/tasks/{}/status", percent(upid));
+            loop {
+                let s: serde_json::Value = c
+                    .get(&status)
+                    .header("Authorization", &auth)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                if s["data"]["status"] == "stopped" {
+                    assert_eq!(s["data"]["exitstatus"], "OK", "{method} {path}: {s}");
+                    return data;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    }
+
+    /// Creates template 9000 and its running linked clone 101 by plain API
+    /// calls, as Packer and Terraform leave them.
+    fn hand_made_cluster(&self, root_disk: &str) {
+        self.api_call(
+            "POST",
+            "/nodes/pve/qemu",
+            &[
+                ("vmid", "9000"),
+                ("name", "nixos-golden"),
+                ("memory", "2048"),
+                ("cores", "2"),
+                (root_disk, "tank:30"),
+                ("ide2", "tank:cloudinit"),
+                ("net0", "virtio,bridge=vmbr0"),
+                ("agent", "1"),
+                ("description", "built by packer"),
+            ],
+        );
+        self.api_call("POST", "/nodes/pve/qemu/9000/template", &[]);
+        self.api_call(
+            "POST",
+            "/nodes/pve/qemu/9000/clone",
+            &[("newid", "101"), ("name", "web-01"), ("full", "0")],
+        );
+        self.api_call(
+            "PUT",
+            "/nodes/pve/qemu/101/config",
+            &[
+                ("ipconfig0", "ip=192.168.1.130/24,gw=192.168.1.1"),
+                ("ciuser", "ops"),
+                ("tags", "prod"),
+                ("onboot", "1"),
+                ("description", "web server"),
+            ],
+        );
+        self.api_call("POST", "/nodes/pve/qemu/101/status/start", &[]);
+    }
+
+    fn import(&self, address: &str, vmid: &str) -> (i32, String, String) {
+        self.run(&["import", "fleet.yaml", address, vmid])
+    }
+}
+
+/// What must not change when a VM is adopted: its disks, MAC and boot.
+fn identity(s: &Scenario, vmid: u32) -> (String, String, u64) {
+    let config = s.config(vmid);
+    let started = s.sim.inspect(|st| st.vms[&vmid].started_ms);
+    (config["scsi0"].clone(), config["net0"].clone(), started)
+}
+
+#[test]
+fn init_from_cluster_then_import_adopts_hand_made_vms_without_touching_them() {
+    let s = Scenario::new(ClusterSpec::default(), &adopted_fleet(""), EMPTY_LOCK);
+    s.hand_made_cluster("scsi0");
+    let before = identity(&s, 101);
+
+    // Without an import the VMID is foreign, as before.
+    let (code, _, stderr) = s.run(&["plan", "fleet.yaml"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert_contains(
+        &stderr,
+        &["VMID 9000 is taken by a VM nixgold does not own"],
+    );
+
+    let (code, stdout, stderr) = s.run(&[
+        "init",
+        "--from-cluster",
+        "-o",
+        "fleet.yaml",
+        "--force",
+        "--node",
+        "pve",
+        "--storage",
+        "tank",
+        "--bridge",
+        "vmbr0",
+        "--iso-url",
+        ISO_URL,
+        "--iso-sha256",
+        ISO_SHA,
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_contains(&stderr, &["wrote fleet.yaml (valid)"]);
+    assert_eq!(
+        stdout,
+        "nixgold import fleet.yaml image.nixos-golden 9000\nnixgold import fleet.yaml vm.web-01 101\n"
+    );
+    let fleet = std::fs::read_to_string(s.dir.path().join("fleet.yaml")).unwrap();
+    assert_contains(
+        &fleet,
+        &[
+            "    vmid_range:\n      first: 9000\n      last: 9009\n",
+            "    clone: \"linked\"\n",
+            "      ip: \"192.168.1.130/24\"\n      gateway: \"192.168.1.1\"\n",
+            "    description: \"web server\"\n",
+        ],
+    );
+
+    for import in stdout.lines() {
+        let args: Vec<&str> = import.split_whitespace().skip(1).collect();
+        let (code, _, stderr) = s.run(&args);
+        assert_eq!(code, 0, "{stderr}");
+        assert_contains(&stderr, &["nothing was written to Proxmox"]);
+    }
+    let lock = read_lock(&s);
+    let generation = lock.images["nixos-golden"].current_generation().unwrap();
+    assert!(
+        generation.imported && generation.number == 1,
+        "{generation:?}"
+    );
+    assert_eq!(lock.adopt["vm.web-01"].get(), 101);
+
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    assert_contains(
+        &text,
+        &[
+            "~ image.nixos-golden[pve]",
+            "~ vm.web-01",
+            "adopting it (nixgold import)",
+            "Plan: 0 to create, 2 to update, 0 to replace, 0 to destroy.",
+        ],
+    );
+    // Only the stamp and the fleet's tags: no clone, build or other key.
+    let changed: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("    ")?.split_once(' '))
+        .filter(|(symbol, _)| ["~", "+", "-"].contains(symbol))
+        .filter_map(|(_, rest)| rest.split_whitespace().next())
+        .collect();
+    assert_eq!(
+        changed,
+        ["description", "tags", "description", "tags"],
+        "{text}"
+    );
+
+    let mark = s.sim.journal().len();
+    s.converge();
+    let writes: Vec<String> = s.sim.journal()[mark..]
+        .iter()
+        .filter(|e| e.method != "GET")
+        .map(|e| format!("{} {}", e.method, e.route))
+        .filter(|r| !r.contains("/pools"))
+        .collect();
+    assert_eq!(
+        writes,
+        [
+            "POST /nodes/{node}/qemu/{vmid}/config",
+            "POST /nodes/{node}/qemu/{vmid}/config"
+        ],
+        "apply wrote only the two configs (async POST, digest-guarded)"
+    );
+    assert_eq!(identity(&s, 101), before, "disks, MAC and uptime unchanged");
+    assert!(s.config(101)["description"].starts_with(
+        "web server\n\nnixgold: fleet=homelab resource=vm.web-01 image=nixos-golden generation=1"
+    ));
+    assert!(
+        s.config(9000)["description"]
+            .ends_with("resource=image.nixos-golden generation=1 imported=true")
+    );
+    assert!(read_lock(&s).adopt.is_empty(), "the adoption is settled");
+}
+
+#[test]
+fn an_imported_templates_clones_keep_working_after_a_new_generation() {
+    let fleet = adopted_fleet("    on_new_generation: keep\n");
+    let s = Scenario::new(ClusterSpec::default(), &fleet, EMPTY_LOCK);
+    s.hand_made_cluster("scsi0");
+    assert_eq!(s.import("image.golden", "9000").0, 0);
+    assert_eq!(s.import("vm.web-01", "101").0, 0);
+    s.converge();
+    let before = identity(&s, 101);
+
+    // An input change builds a normal generation 2.
+    s.set_fleet(&fleet.replace(
+        "nixos: { state_version: \"24.05\" }",
+        "nixos: { state_version: \"24.05\", packages: [htop] }",
+    ));
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    assert_contains(
+        &text,
+        &[
+            "+ image.golden[pve]",
+            "its inputs changed since its template was imported",
+        ],
+    );
+    s.converge();
+    let lock = read_lock(&s);
+    let image = &lock.images["golden"];
+    let g2 = image.current_generation().unwrap();
+    assert_eq!((g2.number, g2.imported), (2, false));
+    assert!(g2.system_path.starts_with("/nix/store/"));
+    // The linked clone still runs on the imported template, which stays.
+    assert!(
+        image
+            .generations
+            .iter()
+            .any(|g| g.number == 1 && g.imported)
+    );
+    assert_eq!(s.config(9000)["template"], "1");
+    assert_eq!(identity(&s, 101), before);
+    assert!(s.config(101)["description"].contains("generation=1"));
+}
+
+fn refusal(s: &Scenario, address: &str, vmid: &str, expected: &str) {
+    let lock_before = std::fs::read_to_string(s.dir.path().join("fleet.lock")).unwrap();
+    let (code, _, stderr) = s.import(address, vmid);
+    assert_eq!(code, 1, "{stderr}");
+    assert_contains(&stderr, &[expected]);
+    let lock_after = std::fs::read_to_string(s.dir.path().join("fleet.lock")).unwrap();
+    assert_eq!(
+        lock_before, lock_after,
+        "a refused import leaves the lockfile alone"
+    );
+}
+
+#[test]
+fn import_refuses_what_it_cannot_adopt_and_says_why() {
+    let s = Scenario::new(ClusterSpec::default(), &adopted_fleet(""), EMPTY_LOCK);
+    s.hand_made_cluster("scsi0");
+    refusal(&s, "vm.web-01", "9000", "VMID 9000 is a template, not a VM");
+    refusal(
+        &s,
+        "image.golden",
+        "101",
+        "VMID 101 is a VM, not a template",
+    );
+    refusal(&s, "vm.web-02", "101", "the fleet has no such resource");
+    refusal(&s, "vm.web-01", "555", "there is no VM 555 in the cluster");
+    // Stamped by another fleet.
+    s.api_call(
+        "PUT",
+        "/nodes/pve/qemu/101/config",
+        &[(
+            "description",
+            "nixgold: fleet=lab resource=vm.web image=golden generation=1",
+        )],
+    );
+    refusal(
+        &s,
+        "vm.web-01",
+        "101",
+        "VMID 101 is stamped as vm.web of fleet `lab`",
+    );
+    // Declared on another node.
+    s.set_fleet(&adopted_fleet("    node: pve2\n").replace("nodes: [pve]", "nodes: [pve, pve2]"));
+    s.api_call(
+        "PUT",
+        "/nodes/pve/qemu/101/config",
+        &[("description", "web server")],
+    );
+    refusal(
+        &s,
+        "vm.web-01",
+        "101",
+        "VMID 101 is on node pve, the fleet declares it on pve2",
+    );
+}
+
+#[test]
+fn import_refuses_a_template_nixgold_cannot_clone_from() {
+    let s = Scenario::new(ClusterSpec::default(), &adopted_fleet(""), EMPTY_LOCK);
+    s.hand_made_cluster("virtio0");
+    refusal(
+        &s,
+        "image.golden",
+        "9000",
+        "nixgold cannot clone from template 9000: its root disk is virtio0, not scsi0",
+    );
+}
+
+// ----- init: converting Packer + Terraform (issue 16) --------------------
+
+/// The plaintext secrets in `tests/fixtures/classic/`.
+const CLASSIC_SECRETS: [&str; 5] = [
+    "packer-token-s3cr3t-0001",
+    "packer-build-pw-0002",
+    "tf-token-s3cr3t-0003",
+    "vm-pw-s3cr3t-0004",
+    "state-pw-s3cr3t-0005",
+];
+
+/// Copies the classic fixtures next to the scenario's fleet.
+fn classic_scenario() -> Scenario {
+    let s = Scenario::new(ClusterSpec::default(), &adopted_fleet(""), EMPTY_LOCK);
+    let from = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/classic");
+    let copy = |rel: &str| {
+        let to = s.dir.path().join(rel);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(from.join(rel), to).unwrap();
+    };
+    for rel in [
+        "packer/nixos.auto.pkrvars.hcl",
+        "packer/http/configuration.nix",
+        "packer/install.sh",
+        "terraform/terraform.tfvars",
+        "terraform/terraform.tfstate",
+    ] {
+        copy(rel);
+    }
+    std::fs::remove_file(s.dir.path().join("fleet.yaml")).unwrap();
+    s
+}
+
+/// Runs `init` on the Packer fixture and `terraform` (a tfvars or state);
+/// checks no secret of the inputs is in its output or the fleet it wrote.
+/// Returns (stdout, stderr, fleet text).
+fn convert(s: &Scenario, terraform: &str) -> (String, String, String) {
+    let (code, stdout, stderr) = s.run(&[
+        "init",
+        "-o",
+        "fleet.yaml",
+        "--from-packer",
+        "packer/nixos.auto.pkrvars.hcl",
+        "--from-terraform",
+        terraform,
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let fleet = std::fs::read_to_string(s.dir.path().join("fleet.yaml")).unwrap();
+    for secret in CLASSIC_SECRETS {
+        for text in [&stdout, &stderr, &fleet] {
+            assert!(!text.contains(secret), "{secret} leaked:\n{text}");
+        }
+    }
+    (stdout, stderr, fleet)
+}
+
+#[test]
+fn packer_and_terraform_variables_convert_to_a_fleet_that_plans_the_same_resources() {
+    let s = classic_scenario();
+    let (stdout, stderr, fleet) = convert(&s, "terraform/terraform.tfvars");
+    assert_contains(
+        &stderr,
+        &[
+            "`proxmox_token` holds a plaintext secret; it was not copied",
+            "`proxmox_skip_tls_verify = true` turned TLS verification off; nixgold does not: pin the certificate with proxmox.tls.fingerprint",
+            "vm.web-01's `ci_password` is a plaintext password; it was not copied: the fleet reads env WEB_01_PASSWORD",
+            "packer/http/configuration.nix: its settings became images.nixos-golden-template.nixos.extra_config",
+            "packer/install.sh: replaced by nixgold's own install script",
+            "wrote fleet.yaml (valid)",
+        ],
+    );
+    assert!(
+        !fleet.contains("insecure:") && !fleet.contains("tls:"),
+        "{fleet}"
+    );
+    assert_contains(
+        &fleet,
+        &[
+            "  endpoint: \"https://192.168.1.10:8006\"\n",
+            "    storage: \"local\"\n",
+            "      first: 9000\n",
+            "    password:\n      env: \"WEB_01_PASSWORD\"\n",
+            "extra_config: \"# Tools every clone gets.\\nenvironment.systemPackages = with pkgs; [ vim git htop ];\\nservices.nginx.enable = true;\"",
+        ],
+    );
+    assert_eq!(
+        stdout,
+        "nixgold import fleet.yaml image.nixos-golden-template 9000\nnixgold import fleet.yaml vm.web-01 101\nnixgold import fleet.yaml vm.web-02 102\n"
+    );
+    // On an empty cluster the fleet plans exactly what Packer and
+    // Terraform made: the template and the two VMs.
+    let (code, text) = s.plan();
+    assert_eq!(code, 2);
+    assert_contains(
+        &text,
+        &[
+            "+ image.nixos-golden-template[pve]",
+            "+ vm.web-01",
+            "+ vm.web-02",
+            "Plan: 4 to create, 0 to update, 0 to replace, 0 to destroy.",
+        ],
+    );
+}
+
+#[test]
+fn a_bpg_state_converts_its_vms_and_leaves_their_passwords_behind() {
+    let s = classic_scenario();
+    let (stdout, stderr, fleet) = convert(&s, "terraform/terraform.tfstate");
+    assert_contains(
+        &stderr,
+        &[
+            "vm.web-01 has a password in the state (plaintext); it was not copied: the fleet reads env WEB_01_PASSWORD",
+            "stop Terraform managing these VMs with `terraform state rm`",
+        ],
+    );
+    assert_contains(
+        &fleet,
+        &[
+            "  web-01:\n",
+            "    clone: \"linked\"\n",
+            "      dns: [\"192.168.1.1\"]\n",
+            "    description: \"web server\"\n",
+            "  web-02:\n",
+            "    clone: \"full\"\n",
+            "      dhcp: true\n",
+        ],
+    );
+    assert!(!fleet.contains("WEB_02_PASSWORD"), "web-02 has no password");
+    assert!(stdout.contains("vm.web-02 102"), "{stdout}");
+    let (code, _, stderr) = s.run(&["validate", "fleet.yaml"]);
+    assert_eq!(code, 0, "{stderr}");
 }

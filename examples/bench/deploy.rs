@@ -11,7 +11,7 @@ use std::time::Instant;
 use nixgold::apply::{ApplyOptions, apply};
 use pve_sim::{Credentials as SimCreds, SimOptions, Simulator};
 
-use crate::{TOKEN, cluster, fleet_yaml, plan_for, realistic};
+use crate::{Nodes, TOKEN, cluster_on, fleet_yaml_on, lock_text_on, plan_for, realistic};
 
 /// One tool's run: wall time, VMs deployed, failures by message.
 struct Outcome {
@@ -20,8 +20,12 @@ struct Outcome {
     failures: Vec<(String, usize)>,
 }
 
-/// Where the peers' Python packages live: installed on first use.
+/// Where the peers' Python packages live: installed on first use. Unset
+/// with `NIXGOLD_BENCH_PEERS=0` (nixgold's rows alone, for a quick look).
 fn peers_venv() -> Result<PathBuf, String> {
+    if std::env::var_os("NIXGOLD_BENCH_PEERS").is_some_and(|v| v == "0") {
+        return Err("NIXGOLD_BENCH_PEERS=0".into());
+    }
     let venv = std::env::var_os("NIXGOLD_PEERS_VENV").map_or_else(
         || PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/nixgold-peers"),
         PathBuf::from,
@@ -47,19 +51,25 @@ fn peers_venv() -> Result<PathBuf, String> {
     Ok(venv)
 }
 
-/// The lower bound of deploying `vms` VMs from one template on one storage,
-/// from the simulator's rules: clones of a template hold its config lock
-/// shared, so linked clones run side by side; full clones' copies share the
-/// storage's bandwidth, so they take one copy time each in a row. Then one
-/// config write and one start per VM, in parallel.
+/// The lower bound of deploying `vms` VMs from one template on one storage
+/// (on four nodes too: the template's disk is on a shared storage, which
+/// every full clone's copy goes to), from the simulator's rules: clones of
+/// a template hold its config lock shared, so linked clones run side by
+/// side; full clones' copies share the storage's bandwidth, so they take
+/// one copy time each in a row. Then one config write and one start per
+/// VM, in parallel.
 fn lower_bound(opts: &SimOptions, vms: usize, full: bool) -> f64 {
     let t = |kind: &str| opts.task_duration(kind).as_secs_f64();
     let clones = if full { vms as f64 } else { 1.0 };
     clones * t("qmclone") + t("qmconfig") + t("qmstart")
 }
 
-async fn fresh() -> (Simulator, pve_sim::ServerHandle, tempfile::TempDir) {
-    let sim = Simulator::new(cluster(0), realistic(), SimCreds::token(TOKEN).unwrap());
+async fn fresh(nodes: Nodes) -> (Simulator, pve_sim::ServerHandle, tempfile::TempDir) {
+    let sim = Simulator::new(
+        cluster_on(0, &nodes),
+        realistic(),
+        SimCreds::token(TOKEN).unwrap(),
+    );
     let handle = sim
         .serve_tls(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap())
         .unwrap();
@@ -69,10 +79,10 @@ async fn fresh() -> (Simulator, pve_sim::ServerHandle, tempfile::TempDir) {
     (sim, handle, dir)
 }
 
-async fn nixgold(vms: usize, full: bool) -> Outcome {
-    let (_sim, handle, dir) = fresh().await;
+async fn nixgold(nodes: Nodes, vms: usize, full: bool) -> Outcome {
+    let (_sim, handle, dir) = fresh(nodes).await;
     let mode = if full { "full" } else { "linked" };
-    let fleet = fleet_yaml(vms).replace("clone: linked", &format!("clone: {mode}"));
+    let fleet = fleet_yaml_on(vms, &nodes).replace("clone: linked", &format!("clone: {mode}"));
     std::fs::write(dir.path().join("fleet.yaml"), fleet).unwrap();
     let client = pve_api::Client::new(pve_api::ClientOptions::new(
         handle.url(),
@@ -81,7 +91,10 @@ async fn nixgold(vms: usize, full: bool) -> Outcome {
     ))
     .unwrap();
     let t = Instant::now();
-    let mut plan = plan_for(&client, &dir.path().join("fleet.yaml"), crate::lock_text).await;
+    let mut plan = plan_for(&client, &dir.path().join("fleet.yaml"), |f| {
+        lock_text_on(f, &nodes)
+    })
+    .await;
     // The peers find the ISO in place; so does nixgold here.
     plan.changes
         .retain(|c| matches!(c.work, nixgold::plan::Work::CreateVm(_)));
@@ -122,14 +135,14 @@ fn script(name: &str) -> PathBuf {
         .join(name)
 }
 
-async fn proxmoxer(venv: &Path, vms: usize, full: bool, threads: usize) -> Outcome {
-    let (_sim, handle, dir) = fresh().await;
+async fn proxmoxer(venv: &Path, nodes: Nodes, vms: usize, full: bool, threads: usize) -> Outcome {
+    let (_sim, handle, dir) = fresh(nodes).await;
     let mut cmd = Command::new(venv.join("bin/python"));
     cmd.arg(script("proxmoxer_deploy.py")).args([
         handle.url(),
         TOKEN.to_owned(),
         dir.path().join("ca.pem").display().to_string(),
-        "pve".into(),
+        nodes.names().join(","),
         "9400".into(),
         "1000".into(),
         vms.to_string(),
@@ -152,21 +165,26 @@ async fn proxmoxer(venv: &Path, vms: usize, full: bool, threads: usize) -> Outco
     }
 }
 
-async fn ansible(venv: &Path, vms: usize, full: bool, forks: usize) -> Outcome {
-    let (_sim, handle, dir) = fresh().await;
+async fn ansible(venv: &Path, nodes: Nodes, vms: usize, full: bool, forks: usize) -> Outcome {
+    let (_sim, handle, dir) = fresh(nodes).await;
     let (token_id, secret) = TOKEN.rsplit_once('=').unwrap();
     let (user, token) = token_id.split_once('!').unwrap();
     let mut inventory = String::from("[vms]\n");
-    for vmid in 1000..1000 + vms {
-        let _ = writeln!(inventory, "vm-{vmid} newid={vmid}");
+    for (i, vmid) in (1000..1000 + vms).enumerate() {
+        let _ = writeln!(
+            inventory,
+            "vm-{vmid} newid={vmid} target_node={}",
+            nodes.of_vm(i)
+        );
     }
     let _ = write!(
         inventory,
         "[vms:vars]\nansible_connection=local\nansible_python_interpreter={}\npve_host=127.0.0.1\npve_port={}\n\
-         pve_user={user}\npve_token_id={token}\npve_token_secret={secret}\npve_node=pve\ntemplate_name=golden-g1\n\
+         pve_user={user}\npve_token_id={token}\npve_token_secret={secret}\npve_node={}\ntemplate_name=golden-g1\n\
          template_vmid=9400\nfull={full}\n",
         venv.join("bin/python").display(),
         handle.addr.port(),
+        nodes.of_vm(0),
     );
     let inv = dir.path().join("inventory.ini");
     std::fs::write(&inv, inventory).unwrap();
@@ -250,14 +268,20 @@ pub async fn deploy(md: &mut String) {
         md,
         "\n## Deploying VMs from one template, against peers\n\n\
          Per VM: clone the template, set cores/memory/cloud-init, start. Every tool runs against a fresh simulator \
-         (HTTPS, the performance model above) with one template on one node and storage, one tool after the other. \
+         (HTTPS, the performance model above), one tool after the other: one node with the template on its local \
+         storage, or four nodes with the template's disk on a shared rbd storage and the VMs spread over the nodes \
+         in turn (a clone onto another node passes `target`). \
          The lower bound comes from the simulator's rules: clones hold the template's config lock shared (qemu-server \
          `clone_vm`), so linked clones run side by side — one clone time; full clones' copies share the storage's \
          bandwidth (pve-storage locks only the allocation), so they take one copy time each, in a row; then a config \
          write and a start. The ratio is wall time over that bound. Peers: a proxmoxer script with 20 threads \
          (`examples/bench/peers/proxmoxer_deploy.py`, proxmoxer's own task wait, polling every 0.1 s) and Ansible \
          `community.proxmox.proxmox_kvm` (`examples/bench/peers/ansible_deploy.yml`), installed from PyPI into \
-         `$NIXGOLD_PEERS_VENV` (default `~/.cache/nixgold-peers`) on first use. nixgold's time includes its plan."
+         `$NIXGOLD_PEERS_VENV` (default `~/.cache/nixgold-peers`) on first use. nixgold's time includes its plan. \
+         The bound leaves out the API server: each request holds one of its 4 workers for 7 ms (latency both ways \
+         and service time), about 570 requests/s, and a hundred VMs' requests (13 per VM for nixgold: clone, \
+         config read and write, status read, start, status reads of each task) take a good part of a second \
+         of that in each of the clone, configure and start waves."
     );
     let venv = peers_venv();
     if let Err(e) = &venv {
@@ -268,18 +292,31 @@ pub async fn deploy(md: &mut String) {
         );
     }
     let opts = realistic();
-    for (vms, full) in [(20, false), (20, true), (100, false), (100, true)] {
+    for (nodes, vms, full) in [
+        (Nodes::One, 20, false),
+        (Nodes::One, 20, true),
+        (Nodes::One, 100, false),
+        (Nodes::One, 100, true),
+        (Nodes::Four, 20, false),
+        (Nodes::Four, 20, true),
+        (Nodes::Four, 100, false),
+        (Nodes::Four, 100, true),
+    ] {
         let bound = lower_bound(&opts, vms, full);
         let _ = writeln!(
             md,
-            "\n### {vms} VMs, {} clones (lower bound {bound:.1} s)\n\n| tool | wall | deployed | ratio to bound | failures |\n| --- | ---: | ---: | ---: | --- |",
-            if full { "full" } else { "linked" }
+            "\n### {vms} VMs, {} clones, {} (lower bound {bound:.1} s)\n\n| tool | wall | deployed | ratio to bound | failures |\n| --- | ---: | ---: | ---: | --- |",
+            if full { "full" } else { "linked" },
+            match nodes {
+                Nodes::One => "one node",
+                Nodes::Four => "across 4 nodes (template on shared `ceph`)",
+            }
         );
         row(
             md,
             "nixgold `apply` (defaults)",
             vms,
-            &nixgold(vms, full).await,
+            &nixgold(nodes, vms, full).await,
             bound,
         );
         let Ok(venv) = &venv else { continue };
@@ -287,17 +324,17 @@ pub async fn deploy(md: &mut String) {
             md,
             "proxmoxer script, 20 threads",
             vms,
-            &proxmoxer(venv, vms, full, 20).await,
+            &proxmoxer(venv, nodes, vms, full, 20).await,
             bound,
         );
         // Ansible's runs are long (forks 1: one VM after the other); they
         // are measured where the comparison says something new.
         if vms <= 20 || !full {
-            let o = ansible(venv, vms, full, 20).await;
+            let o = ansible(venv, nodes, vms, full, 20).await;
             row(md, "Ansible `proxmox_kvm`, forks 20", vms, &o, bound);
         }
-        if vms <= 20 && !full {
-            let o = ansible(venv, vms, full, 1).await;
+        if vms <= 20 && !full && nodes == Nodes::One {
+            let o = ansible(venv, nodes, vms, full, 1).await;
             row(md, "Ansible `proxmox_kvm`, forks 1", vms, &o, bound);
         }
     }

@@ -1,13 +1,17 @@
-//! Benchmarks for BENCHMARKS.md: API calls per plan, plan time and memory
-//! against fleet size, deploying VMs against peers (Ansible, a proxmoxer
-//! script) and the lower bound, and where a template build spends its time —
-//! all against the simulator on 127.0.0.1 with its latency/worker model on.
+//! Benchmarks for BENCHMARKS.md: API calls per plan, fleet evaluation
+//! (validate and plan) at 1,000 and 10,000 VMs, deploying VMs on one node
+//! and across four against peers (Ansible, a proxmoxer script) and the
+//! lower bound, and where a template build spends its time — all against
+//! the simulator on 127.0.0.1 with its latency/worker model on.
 //!
 //!     cargo run --release --example bench -- BENCHMARKS.md
+//!     cargo run --release --example bench -- - eval deploy
 //!
-//! Rewrites the given file (or prints to stdout without an argument).
+//! Rewrites the given file (or prints to stdout for `-` or no argument);
+//! names after it pick sections (`calls`, `eval`, `deploy`, `build`).
 
 mod deploy;
+mod eval;
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -22,29 +26,91 @@ use pve_sim::{ClusterSpec, Credentials as SimCreds, SimOptions, Simulator};
 const TOKEN: &str = "root@pam!bench=bench-secret";
 
 fn fleet_yaml(vms: usize) -> String {
-    let mut s = String::from(
-        "fleet: bench\nproxmox:\n  endpoint: https://pve.invalid:8006\n  nodes: [pve]\n  token: { env: PROXMOX_VE_API_TOKEN }\nvm_vmid_range: { first: 10000, last: 19999 }\nisos:\n  nixos: { url: \"https://x.invalid/nixos.iso\", checksum: \"sha256:",
+    fleet_yaml_on(vms, &Nodes::One)
+}
+
+/// Where a benchmark's cluster puts its template and VMs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Nodes {
+    /// Node `pve`, the template's disk on local storage `tank`.
+    One,
+    /// Nodes `pve1`…`pve4`, the template on `pve1` with its disk on the
+    /// shared (rbd) storage `ceph`; VMs go to the nodes in turn.
+    Four,
+}
+
+impl Nodes {
+    fn names(self) -> Vec<String> {
+        match self {
+            Nodes::One => vec!["pve".into()],
+            Nodes::Four => (1..=4).map(|i| format!("pve{i}")).collect(),
+        }
+    }
+
+    fn storage(self) -> &'static str {
+        match self {
+            Nodes::One => "tank",
+            Nodes::Four => "ceph",
+        }
+    }
+
+    /// The node of the `i`th VM.
+    fn of_vm(self, i: usize) -> String {
+        let names = self.names();
+        names[i % names.len()].clone()
+    }
+}
+
+fn fleet_yaml_on(vms: usize, nodes: &Nodes) -> String {
+    let names = nodes.names();
+    let shared = if *nodes == Nodes::Four {
+        "[ceph]"
+    } else {
+        "[]"
+    };
+    let mut s = format!(
+        "fleet: bench\nproxmox:\n  endpoint: https://pve.invalid:8006\n  nodes: [{}]\n  shared_storages: {shared}\n  token: {{ env: PROXMOX_VE_API_TOKEN }}\nvm_vmid_range: {{ first: 10000, last: 19999 }}\nisos:\n  nixos: {{ url: \"https://x.invalid/nixos.iso\", checksum: \"sha256:{}\" }}\nimages:\n  golden:\n    iso: nixos\n    vmid_range: {{ first: 9400, last: 9409 }}\n    hardware: {{ disk: 30G, storage: {} }}\n    nixos: {{ state_version: \"24.05\" }}\nvms:\n",
+        names.join(", "),
+        "ab".repeat(32),
+        nodes.storage(),
     );
-    s.push_str(&"ab".repeat(32));
-    s.push_str("\" }\nimages:\n  golden:\n    iso: nixos\n    vmid_range: { first: 9400, last: 9409 }\n    hardware: { disk: 30G, storage: tank }\n    nixos: { state_version: \"24.05\" }\nvms:\n");
     for i in 0..vms {
-        let _ = writeln!(s, "  vm-{i:04}: {{ image: golden, clone: linked }}");
+        let node = if *nodes == Nodes::One {
+            String::new()
+        } else {
+            format!(", node: {}", nodes.of_vm(i))
+        };
+        let _ = writeln!(s, "  vm-{i:04}: {{ image: golden, clone: linked{node} }}");
     }
     s
 }
 
 /// The lockfile of a built generation 1, with the image's real input hash.
 fn lock_text(fleet: &fleet::Fleet) -> String {
+    lock_text_on(fleet, &Nodes::One)
+}
+
+fn lock_text_on(fleet: &fleet::Fleet, nodes: &Nodes) -> String {
     let sha = "ab".repeat(32);
     let iso: nixgold::ids::Sha256 = sha.parse().unwrap();
     let inputs = desired::input_hash("golden", &fleet.images["golden"], Some(&iso));
     format!(
-        "version = 1\nfleet = \"bench\"\n\n[image.golden]\ncurrent = 1\n\n[[image.golden.generation]]\nnumber = 1\ninput_hash = \"{inputs}\"\niso_sha256 = \"{sha}\"\nbuilt_at = \"x\"\nnixos_version = \"24.05\"\nsystem_path = \"/nix/store/x\"\ntemplates = [{{ node = \"pve\", vmid = 9400 }}]\n"
+        "version = 1\nfleet = \"bench\"\n\n[image.golden]\ncurrent = 1\n\n[[image.golden.generation]]\nnumber = 1\ninput_hash = \"{inputs}\"\niso_sha256 = \"{sha}\"\nbuilt_at = \"x\"\nnixos_version = \"24.05\"\nsystem_path = \"/nix/store/x\"\ntemplates = [{{ node = \"{}\", vmid = 9400 }}]\n",
+        nodes.of_vm(0)
     )
 }
 
 fn cluster(unmanaged: usize) -> ClusterSpec {
-    let mut spec = ClusterSpec::default();
+    cluster_on(unmanaged, &Nodes::One)
+}
+
+fn cluster_on(unmanaged: usize, nodes: &Nodes) -> ClusterSpec {
+    let mut spec = match nodes {
+        Nodes::One => ClusterSpec::default(),
+        Nodes::Four => ClusterSpec::with_nodes(4),
+    };
+    let template_node = nodes.of_vm(0);
+    let disk = format!("{}:30", nodes.storage());
     // Room for a hundred full clones of a 30 GiB template.
     for storage in &mut spec.storages {
         storage.capacity = storage.capacity.max(8 << 40);
@@ -52,7 +118,7 @@ fn cluster(unmanaged: usize) -> ClusterSpec {
     let mut config: std::collections::BTreeMap<String, String> = [
         ("name", "golden-g1"),
         ("memory", "2048"),
-        ("scsi0", "tank:30"),
+        ("scsi0", disk.as_str()),
         ("net0", "virtio,bridge=vmbr0"),
         (
             "description",
@@ -64,7 +130,7 @@ fn cluster(unmanaged: usize) -> ClusterSpec {
     .collect();
     spec.vms.push(VmSpec {
         vmid: 9400,
-        node: "pve".into(),
+        node: template_node.clone(),
         config: config.clone(),
         template: true,
         running: false,
@@ -72,29 +138,12 @@ fn cluster(unmanaged: usize) -> ClusterSpec {
     config.clear();
     spec.vms.extend((0..unmanaged).map(|i| VmSpec {
         vmid: 50_000 + i as u32,
-        node: "pve".into(),
+        node: template_node.clone(),
         config: config.clone(),
         template: false,
         running: true,
     }));
     spec
-}
-
-/// Peak resident memory of this process so far, in MiB.
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .map(str::to_owned)
-        })
-        .and_then(|l| {
-            l.split_whitespace()
-                .nth(1)
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 struct Run {
@@ -180,18 +229,46 @@ fn realistic() -> SimOptions {
 
 #[tokio::main]
 async fn main() {
-    let out_path = std::env::args().nth(1);
+    let mut args = std::env::args().skip(1);
+    let first = args.next();
+    if first.as_deref() == Some("--measure") {
+        let (op, path) = (args.next().unwrap(), args.next().unwrap());
+        eval::measure(&op, std::path::Path::new(&path)).await;
+        return;
+    }
+    let out_path = first.filter(|p| p != "-");
+    let sections: Vec<String> = args.collect();
+    let wants = |s: &str| sections.is_empty() || sections.iter().any(|x| x == s);
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "# Benchmarks\n\nGenerated by `cargo run --release --example bench -- BENCHMARKS.md` (do not edit by hand).\n\
-         All figures are against the in-tree simulator on 127.0.0.1 with its performance model on: 2 ms one-way \
-         latency, 4 server workers, 3 ms service time per request, Proxmox-like task durations (clone 1.5 s, config \
-         0.1 s, start 0.8 s). Machine: 2 cores, 24 GiB. Memory is the benchmark process's peak RSS, which includes \
-         the in-process simulator.\n"
+        "# Benchmarks\n\nGenerated by `cargo run --release --example bench -- BENCHMARKS.md` (do not edit by hand; \
+         `-- - deploy` prints one section). All figures are against the in-tree simulator on 127.0.0.1 with its \
+         performance model on: 2 ms one-way latency, 4 server workers, 3 ms service time per request, Proxmox-like \
+         task durations (clone 1.5 s, config 0.1 s, start 0.8 s), clones of a template under its shared lock. \
+         {}\n",
+        eval::machine()
     );
+    if wants("calls") {
+        api_calls(&mut md).await;
+    }
+    if wants("eval") {
+        eval::section(&mut md);
+    }
+    if wants("deploy") {
+        deploy::deploy(&mut md).await;
+    }
+    if wants("build") {
+        build_steps(&mut md).await;
+    }
+    match out_path {
+        Some(path) => std::fs::write(&path, &md).unwrap(),
+        None => print!("{md}"),
+    }
+}
 
-    // API calls per plan do not depend on unmanaged VMs.
+/// API calls per plan do not depend on unmanaged VMs.
+async fn api_calls(md: &mut String) {
     let _ = writeln!(
         md,
         "## API calls per plan\n\n| managed VMs (existing) | unmanaged VMs | API calls |\n| ---: | ---: | ---: |"
@@ -204,11 +281,7 @@ async fn main() {
         apply(
             &run.client,
             &p,
-            ApplyOptions {
-                concurrency: 32,
-                per_template: 32,
-                ..ApplyOptions::default()
-            },
+            ApplyOptions::default(),
             tokio::sync::mpsc::unbounded_channel().0,
             &mut nixgold::apply::Unrecorded,
         )
@@ -225,38 +298,6 @@ async fn main() {
          (and the template; running state comes from the listing), and one disk listing per storage holding a managed \
          VM's disk (to tell linked clones): managed+1+3+1 here. Unmanaged VMs cost nothing.\n"
     );
-
-    // Plan time and memory against fleet size (everything to create).
-    let _ = writeln!(
-        md,
-        "## Plan time and memory against fleet size\n\n| VMs in fleet | plan time | API calls | peak RSS |\n| ---: | ---: | ---: | ---: |"
-    );
-    for vms in [10, 100, 1000, 5000] {
-        let run = setup(vms, 0, realistic()).await;
-        let (p, elapsed) = plan_once(&run).await;
-        let _ = writeln!(
-            md,
-            "| {vms} | {:.0} ms | {} | {:.0} MiB |",
-            elapsed.as_secs_f64() * 1000.0,
-            p.api_calls,
-            peak_rss_mib()
-        );
-        run.handle.shutdown().await;
-    }
-    let _ = writeln!(
-        md,
-        "\nFrom an empty cluster the plan reads only the three listings; its time is dominated by evaluating the fleet \
-         (Nickel contracts over every VM) and building the desired graph.\n"
-    );
-
-    deploy::deploy(&mut md).await;
-
-    build_steps(&mut md).await;
-
-    match out_path {
-        Some(path) => std::fs::write(&path, &md).unwrap(),
-        None => print!("{md}"),
-    }
 }
 
 /// One build of generation 1 from an empty cluster, step by step, with the

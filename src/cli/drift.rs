@@ -33,6 +33,7 @@ pub async fn cmd_drift(
         for (_, address, entries) in pending {
             drift.add_pending(&address, &entries.map_err(Failure::from)?);
         }
+        inspect_guests(&s.conn.client, &mut drift, &s.live, &s.desired.lock).await;
         Ok::<_, Failure>(drift)
     }
     .await;
@@ -49,14 +50,7 @@ pub async fn cmd_drift(
         Ok(drift) => drift,
         Err(e) => {
             // The series keep their fleet label even when the fleet does not load.
-            let name = crate::fleet::load(fleet).map_or_else(
-                |_| {
-                    fleet
-                        .file_stem()
-                        .map_or("fleet".into(), |s| s.to_string_lossy().into_owned())
-                },
-                |l| l.fleet.fleet,
-            );
+            let name = crate::fleet::name_or_stem(fleet);
             write(crate::drift::prometheus_failure(&name, now))?;
             return Err(e);
         }
@@ -71,4 +65,30 @@ pub async fn cmd_drift(
         print!("{}", drift.text());
     }
     Ok(if drift.has_drift() { EXIT_CHANGES } else { 0 })
+}
+
+/// Looks into every VM's guest concurrently (the client bounds the
+/// requests in flight) and records what each runs, in VMID order, with the
+/// API calls that took.
+async fn inspect_guests(
+    client: &pve_api::Client,
+    drift: &mut crate::drift::Drift,
+    live: &crate::live::LiveState,
+    lock: &crate::lock::Lockfile,
+) {
+    let before = client.calls();
+    let mut looks = tokio::task::JoinSet::new();
+    for target in crate::inspect::targets(&drift.fleet, live, lock) {
+        let client = client.clone();
+        looks.spawn(async move {
+            let outcome = crate::inspect::inspect(&client, &target).await;
+            (target.vmid, target.address, outcome)
+        });
+    }
+    let mut found = looks.join_all().await;
+    found.sort_by_key(|(vmid, _, _)| *vmid);
+    for (_, address, outcome) in found {
+        drift.add_guest(&address, outcome);
+    }
+    drift.api_calls += client.calls() - before;
 }

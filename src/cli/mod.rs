@@ -22,11 +22,14 @@ mod doctor;
 mod drift;
 mod force_unlock;
 mod graph;
+mod import;
+mod init;
 mod local;
 mod output;
 mod plan;
 mod progress;
 mod rollback;
+mod schedule;
 mod session;
 mod show;
 mod sim;
@@ -159,6 +162,13 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         prometheus: Option<PathBuf>,
     },
+    /// The quarterly cycle, unattended: update the ISO pins, save the plan,
+    /// apply it only with --apply. Exit 0 (nothing to do, or applied), 2 (the
+    /// plan waits), 1 (a step failed).
+    Cycle(schedule::CycleArgs),
+    /// Print (or write into --dir) systemd units for the drift timer and the
+    /// quarterly cycle, secrets as systemd credentials.
+    Schedule(schedule::ScheduleArgs),
     /// Check the cluster can take the fleet, changing nothing: reachability,
     /// TLS, API version, nodes, storages and their content types, space,
     /// and every privilege nixgold needs (exit 1 when something is missing).
@@ -187,6 +197,25 @@ enum Command {
         /// The image (key in `images`).
         #[arg(long, value_name = "NAME")]
         image: String,
+        #[command(flatten)]
+        wait: LockWait,
+    },
+    /// Write a fleet file for what exists: a starter fleet, or with
+    /// --from-cluster one drafted from the cluster's templates and VMs.
+    Init(init::InitArgs),
+    /// Take an existing VM (`vm.NAME`) or template (`image.NAME`) under
+    /// management without recreating it: records the adoption in the
+    /// lockfile; the next plan shows what adopting changes.
+    Import {
+        /// The fleet file.
+        #[arg(value_name = "FLEET")]
+        fleet: PathBuf,
+        /// The fleet's resource: `vm.NAME` or `image.NAME`.
+        #[arg(value_name = "ADDRESS")]
+        address: crate::import::Address,
+        /// The VMID of the existing VM or template.
+        #[arg(value_name = "VMID")]
+        vmid: u32,
         #[command(flatten)]
         wait: LockWait,
     },
@@ -242,7 +271,7 @@ struct ApplyCmd {
     #[arg(long)]
     keep_failed_build: bool,
     /// Changes in flight at once.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = crate::apply::ApplyOptions::default().concurrency)]
     concurrency: usize,
     /// How long to wait for one Proxmox task before reporting it as
     /// hung [default: the fleet's task_timeout, 30m].
@@ -543,6 +572,55 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
                 &path, &lock, g.locked, g.sim, text, out,
             ))
         }
+        Command::Rollback {
+            fleet,
+            image,
+            to,
+            wait,
+        } => {
+            let (path, lock) = fleet_and_lock(g, fleet, out)?;
+            rollback::dispatch(g, (&path, &lock), image, Some(*to), wait, out)
+        }
+        Command::Release { fleet, image, wait } => {
+            let (path, lock) = fleet_and_lock(g, fleet, out)?;
+            rollback::dispatch(g, (&path, &lock), image, None, wait, out)
+        }
+        Command::Init(args) => {
+            let lock = g.lock_for(args.output(), out);
+            runtime()?.block_on(init::cmd_init(args, &lock, out))
+        }
+        Command::Import {
+            fleet,
+            address,
+            vmid,
+            wait,
+        } => {
+            let lock = g.lock_for(fleet, out);
+            runtime()?.block_on(import::cmd_import(
+                fleet,
+                &lock,
+                g.sim,
+                address,
+                *vmid,
+                wait.lock_timeout,
+                out,
+            ))
+        }
+        Command::ForceUnlock { id, fleet } => {
+            let (path, lock) = fleet_and_lock(g, fleet, out)?;
+            runtime()?.block_on(force_unlock::cmd_force_unlock(&path, &lock, g.sim, id, out))
+        }
+        Command::Cycle(args) => {
+            let (path, lock) = fleet_and_lock(g, &args.fleet, out)?;
+            schedule::cycle(args, path, lock, g.sim)
+        }
+        local => dispatch_local(g, local, out),
+    }
+}
+
+/// The commands that read no cluster.
+fn dispatch_local(g: &Global, command: &Command, out: &Output) -> Result<u8, Failure> {
+    match command {
         Command::Validate(arg) => {
             let (path, lock) = fleet_and_lock(g, arg, out)?;
             local::validate(&path, &lock, out)
@@ -564,29 +642,16 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
             print!("{}", fleet::load::json_schema());
             Ok(0)
         }
-        Command::Rollback {
-            fleet,
-            image,
-            to,
-            wait,
-        } => {
-            let (path, lock) = fleet_and_lock(g, fleet, out)?;
-            rollback::dispatch(g, (&path, &lock), image, Some(*to), wait, out)
-        }
-        Command::Release { fleet, image, wait } => {
-            let (path, lock) = fleet_and_lock(g, fleet, out)?;
-            rollback::dispatch(g, (&path, &lock), image, None, wait, out)
-        }
-        Command::ForceUnlock { id, fleet } => {
-            let (path, lock) = fleet_and_lock(g, fleet, out)?;
-            runtime()?.block_on(force_unlock::cmd_force_unlock(&path, &lock, g.sim, id, out))
-        }
         Command::Completions { shell } => {
             docs::completions(*shell);
             Ok(0)
         }
         Command::Man { dir } => docs::man(dir.as_deref()).map(|()| 0),
         Command::Sim { command } => sim::run(command).map(|()| 0),
+        Command::Schedule(args) => schedule::schedule(args, fleet_path(g, &args.fleet)?),
+        cluster => Err(Failure::Message(format!(
+            "internal error: `{cluster:?}` is not a local command"
+        ))),
     }
 }
 
@@ -608,7 +673,7 @@ pub(crate) fn load_checked(
     path: &Path,
     lock_path: &Path,
 ) -> Result<(LoadedFleet, Lockfile), Failure> {
-    crate::redact::register_environment();
+    crate::connect::register_environment();
     let loaded = fleet::load(path).map_err(|e| match e {
         fleet::FleetError::Invalid { problems, report } => Failure::Problems {
             problems,

@@ -96,7 +96,7 @@ fn resources(lock: &Lockfile) -> Vec<Value> {
         let generations: Vec<Value> = image
             .generations
             .iter()
-            .map(|g| json!({ "number": g.number, "input_hash": g.input_hash, "iso_sha256": g.iso_sha256, "built_at": g.built_at, "nixos_version": g.nixos_version, "system_path": g.system_path, "templates": g.templates.iter().map(|t| json!({ "node": t.node, "vmid": t.vmid })).collect::<Vec<_>>() }))
+            .map(|g| json!({ "number": g.number, "input_hash": g.input_hash, "iso_sha256": g.iso_sha256, "built_at": g.built_at, "nixos_version": g.nixos_version, "system_path": g.system_path, "imported": g.imported, "templates": g.templates.iter().map(|t| json!({ "node": t.node, "vmid": t.vmid })).collect::<Vec<_>>() }))
             .collect();
         let values = json!({ "current": image.current, "hold": image.hold, "generations": generations });
         resource(format!("image.{name}"), "image", name, values)

@@ -8,6 +8,7 @@
 //! [`validate`].
 
 pub mod load;
+mod schema_check;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -18,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{DiskSize, HumanDuration, NodeName, Sha256, Vmid, VmidRange};
 
-pub use load::{FleetError, load};
+pub use load::{FleetError, load, name_or_stem};
 
 /// A loaded fleet file plus where it came from.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +39,8 @@ pub struct Fleet {
     pub vm_vmid_range: Option<VmidRange>,
     /// How long apply waits for one Proxmox task.
     pub task_timeout: HumanDuration,
+    /// How VMs following new generations are replaced (all at once without).
+    pub rollout: Option<Rollout>,
     pub isos: BTreeMap<String, Iso>,
     pub images: BTreeMap<String, Image>,
     pub vms: BTreeMap<String, Vm>,
@@ -384,4 +387,60 @@ pub fn image_nodes(fleet: &Fleet, image: &str) -> Vec<NodeName> {
     }
     nodes.sort();
     nodes
+}
+
+/// `rollout`: batches and the health gates between them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rollout {
+    pub batch: BatchSize,
+    pub pause: Option<HumanDuration>,
+    pub gates: Gates,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(untagged, deny_unknown_fields)]
+pub enum BatchSize {
+    Count { count: u32 },
+    Percent { percent: u8 },
+}
+
+impl BatchSize {
+    /// VMs per batch when `total` VMs are replaced (at least one).
+    pub fn of(self, total: usize) -> usize {
+        match self {
+            BatchSize::Count { count } => count as usize,
+            BatchSize::Percent { percent } => (total * usize::from(percent)).div_ceil(100),
+        }
+        .max(1)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gates {
+    pub agent: Option<AgentGate>,
+    pub tcp: Option<TcpGate>,
+    pub http: Option<HttpGate>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentGate {
+    pub timeout: HumanDuration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpGate {
+    pub port: u16,
+    pub timeout: HumanDuration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpGate {
+    pub port: u16,
+    pub path: String,
+    pub timeout: HumanDuration,
 }

@@ -4,9 +4,22 @@
 
 use pve_api::property::{IpConfig, Net, agent_enabled, decode_sshkeys, normalise_tags};
 
+/// The value Proxmox takes for a key a config does not have
+/// (qemu-server `PVE/QemuServer.pm` `$confdesc` defaults): a VM created by
+/// hand often lacks them, and adopting it must not rewrite them.
+fn pve_default(key: &str) -> Option<&'static str> {
+    match key {
+        "sockets" | "cores" => Some("1"),
+        "onboot" | "agent" => Some("0"),
+        _ => None,
+    }
+}
+
 /// Compares one key canonically; returns the live value when it differs.
 pub(super) fn differs(key: &str, want: &str, have: Option<&str>) -> bool {
-    let Some(have) = have else { return true };
+    let Some(have) = have.or_else(|| pve_default(key)) else {
+        return true;
+    };
     match key {
         "net0" => {
             let (w, h) = (Net::parse(want), Net::parse(have));
@@ -68,5 +81,9 @@ mod tests {
         ));
         assert!(!differs("agent", "1", Some("enabled=1")));
         assert!(!differs("description", "x", Some("x\n")));
+        // Absent keys are Proxmox's defaults.
+        assert!(!differs("sockets", "1", None));
+        assert!(differs("sockets", "2", None));
+        assert!(differs("name", "web", None));
     }
 }

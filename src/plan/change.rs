@@ -106,7 +106,10 @@ impl Change {
             Work::DestroyVm { .. } => Phase::DestroyVms,
             Work::DownloadIso { .. } => Phase::DownloadIsos,
             Work::BuildTemplate { .. } => Phase::BuildGenerations,
-            Work::CreateVm(_) | Work::UpdateVm(_) | Work::ReplaceVm { .. } => Phase::Vms,
+            Work::CreateVm(_)
+            | Work::UpdateVm(_)
+            | Work::ReplaceVm { .. }
+            | Work::AdoptTemplate { .. } => Phase::Vms,
             Work::DestroyTemplate { .. } => Phase::RetireGenerations,
         }
     }
@@ -140,6 +143,15 @@ pub enum Work {
         vmid: Vmid,
         node: NodeName,
     },
+    /// Write the stamp and tags into an imported template (its config
+    /// otherwise stays as it is).
+    AdoptTemplate {
+        image: String,
+        vmid: Vmid,
+        node: NodeName,
+        set: BTreeMap<String, String>,
+        digest: String,
+    },
     /// Build one generation of an image on one node.
     BuildTemplate {
         build: Box<crate::build::BuildWork>,
@@ -171,6 +183,10 @@ pub struct VmWork {
     pub restart: bool,
     /// The digest the update was planned against.
     pub digest: Option<String>,
+    /// An update that adopts an imported VM: the write goes ahead on the
+    /// unstamped VM the plan read (its digest guards it).
+    #[serde(default)]
+    pub adopt: bool,
 }
 
 /// A node of the plan's DAG: one change to one address, and the changes of

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::address::targeted;
+use super::adopt;
 use super::{Action, Change, FieldDiff, Impact, PlanError, Planner, Work};
 use crate::address::Address;
 use crate::desired::{DesiredIso, DesiredNode, IsoPinState, iso_filename};
@@ -16,12 +17,21 @@ impl Planner<'_> {
                 continue;
             };
             let address = format!("iso.{}", iso.name);
-            let needed = self
+            let users: Vec<&str> = self
                 .fleet
                 .images
                 .iter()
-                .any(|(n, i)| i.iso == iso.name && self.images.contains(n.as_str()));
-            if !needed && !targeted(self.options, &address) {
+                .filter(|(_, i)| i.iso == iso.name)
+                .map(|(n, _)| n.as_str())
+                .collect();
+            let needed = users.iter().any(|u| self.images.contains(u));
+            // Images on an imported generation get their ISO with their
+            // first build, unless it is asked for by name.
+            let imported_only =
+                !users.is_empty() && users.iter().all(|u| adopt::iso_unneeded(self.desired, u));
+            let wanted = self.options.targets.contains(&address)
+                || (!imported_only && (needed || targeted(self.options, &address)));
+            if !wanted {
                 continue;
             }
             match self.iso(iso, &address) {

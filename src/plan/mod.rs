@@ -5,7 +5,8 @@
 //! the planner decides, the executor obeys). Diffs compare canonical forms
 //! (MACs, key order, tag order and case, sizes), so a freshly applied fleet
 //! plans empty. Identity is checked before anything is touched: a VMID held
-//! by a VM without this fleet's stamp is an error, never adopted.
+//! by a VM without this fleet's stamp is an error, never adopted — unless
+//! `nixgold import` recorded the adoption in the lockfile (`adopt`).
 
 //!
 //! The parts: `change` (the change types), `address` (`--target`,
@@ -26,11 +27,13 @@ use crate::lock::Lockfile;
 use crate::stamp::Stamp;
 
 mod address;
+pub mod adopt;
 mod canonical;
 mod capacity;
 mod change;
 mod dag;
 mod iso;
+mod rollout;
 pub mod saved;
 pub mod target;
 mod template;
@@ -40,6 +43,7 @@ use address::{near_hint, targeted, unknown_addresses};
 
 pub use capacity::capacity_notes;
 pub use change::{Action, Change, FieldDiff, Impact, Phase, VmWork, Work};
+pub use rollout::Rollout;
 pub use vm::desired_config;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +71,10 @@ pub struct Plan {
     pub lock: Lockfile,
     /// API calls the live state took.
     pub api_calls: u64,
+    /// The replacements of VMs that follow new generations, in batches
+    /// behind health gates (the fleet's `rollout`).
+    #[serde(default)]
+    pub rollout: Option<Rollout>,
 }
 
 impl Plan {
@@ -165,6 +173,14 @@ pub enum PlanError {
     )]
     PreventDestroy { address: String, reason: String },
     #[error(
+        "{address}: adopting VMID {vmid} would replace it ({reason})\n  hint: an import never recreates a VM; change the fleet to match it (`nixgold init --from-cluster --vmid {vmid}` shows what it is)"
+    )]
+    AdoptWouldReplace {
+        address: String,
+        vmid: u32,
+        reason: String,
+    },
+    #[error(
         "{address}: the ISO `{iso}` is not pinned or not on {node}\n  hint: plan without --locked to pin it"
     )]
     IsoMissing {
@@ -203,6 +219,7 @@ pub fn plan(
     p.templates();
     p.vms();
     p.orphans();
+    adopt::drop_settled(&mut lock, live);
     p.retire(&mut lock);
     dag::link_downloads(&mut p.changes);
     p.notes
@@ -211,6 +228,7 @@ pub fn plan(
         return Err(p.errors);
     }
     let changes = dag::order(p.changes).map_err(|e| vec![e])?;
+    let rollout = rollout::plan(fleet, &changes);
     Ok(Plan {
         fleet: fleet.fleet.clone(),
         changes,
@@ -222,6 +240,7 @@ pub fn plan(
         lock_fingerprint: lock_fingerprint(lock_text),
         lock,
         api_calls: live.calls,
+        rollout,
     })
 }
 

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::address::targeted;
+use super::adopt;
 use super::{Action, Change, FieldDiff, Impact, PlanError, Planner, Work, owned};
 use crate::address::Address;
 use crate::desired::{DesiredGraph, DesiredNode, DesiredTemplate, GenerationRef, IsoPinState};
@@ -26,7 +27,17 @@ impl Planner<'_> {
                 continue;
             }
             let checked = match t.generation {
-                GenerationRef::Pinned(_) => check_template(t, self.live),
+                GenerationRef::Pinned(n) => check_template(t, self.live).and_then(|()| {
+                    let adopt = adopt::template_change(
+                        &self.fleet.fleet,
+                        &self.desired.lock,
+                        t,
+                        n,
+                        self.live,
+                    )?;
+                    self.changes.extend(adopt);
+                    Ok(())
+                }),
                 GenerationRef::ToBuild(n) => self.new_generation(t, n),
             };
             match checked {

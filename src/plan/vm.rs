@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use pve_api::property::{Drive, IpConfig, Net, decode_sshkeys, encode_sshkeys, normalise_tags};
 
 use super::address::targeted;
+use super::adopt;
 use super::canonical::differs;
 use super::{Action, Change, FieldDiff, Impact, PlanError, Planner, VmWork, Work};
 use crate::address::Address;
@@ -28,7 +29,11 @@ impl Planner<'_> {
             if !force && let Some(note) = placement_note(vm, self.live) {
                 self.notes.push(note);
             }
-            match plan_vm(self.fleet, vm, image, self.live, &tag, force) {
+            self.notes
+                .extend(held_by_prevent_destroy(self.fleet, vm, self.live));
+            let address = format!("vm.{}", vm.name);
+            let adopting = adopt::adopting(&self.desired.lock, &address, vm.vmid);
+            match plan_vm(self.fleet, vm, image, self.live, &tag, force, adopting) {
                 Ok(Some(mut change)) => {
                     // A VM waits for the build of the template it is cloned
                     // from (an update too: it writes the new stamp).
@@ -111,6 +116,25 @@ fn destroy_change(address: &str, vm: &LiveVm, in_fleet: bool) -> Change {
         },
         unchanged: BTreeMap::new(),
     }
+}
+
+/// The note for a VM that would follow its image's new generation but is
+/// marked `prevent_destroy`: it is never replaced, and stays where it is.
+fn held_by_prevent_destroy(fleet: &Fleet, vm: &DesiredVm, live: &LiveState) -> Option<String> {
+    let spec = &fleet.vms[&vm.name];
+    if spec.on_new_generation != OnNewGeneration::Replace || !spec.prevent_destroy {
+        return None;
+    }
+    let stamp = live.vms.get(&vm.vmid)?.stamp()?;
+    let running = stamp.generation?;
+    (stamp.image.as_ref() == Some(&vm.image) && running != vm.generation.number()).then(|| {
+        format!(
+            "vm.{} stays on image.{} generation {running}: it follows new generations, but prevent_destroy keeps it from being replaced (generation {} is current)",
+            vm.name,
+            vm.image,
+            vm.generation.number()
+        )
+    })
 }
 
 /// An existing VM cloned otherwise than the fleet now says — linked
@@ -264,8 +288,9 @@ fn plan_vm(
     live: &LiveState,
     tag: &str,
     force_replace: bool,
+    adopting: bool,
 ) -> Result<Option<Change>, PlanError> {
-    let p = VmPlan::new(fleet, vm, image);
+    let p = VmPlan::new(fleet, vm, image, adopting);
     let Some(existing) = live.vms.get(&vm.vmid) else {
         return Ok(Some(p.create()));
     };
@@ -286,10 +311,18 @@ struct VmPlan<'a> {
     address: String,
     /// The config it should have, on the generation the fleet gives it.
     want: BTreeMap<String, String>,
+    /// `nixgold import` recorded this VM for adoption: it is planned as if
+    /// it carried the stamp it will get, and never replaced.
+    adopting: bool,
 }
 
 impl<'a> VmPlan<'a> {
-    fn new(fleet: &'a Fleet, vm: &'a DesiredVm, image: &'a crate::fleet::Image) -> Self {
+    fn new(
+        fleet: &'a Fleet,
+        vm: &'a DesiredVm,
+        image: &'a crate::fleet::Image,
+        adopting: bool,
+    ) -> Self {
         VmPlan {
             fleet,
             vm,
@@ -297,6 +330,7 @@ impl<'a> VmPlan<'a> {
             spec: &fleet.vms[&vm.name],
             address: format!("vm.{}", vm.name),
             want: desired_config(fleet, vm, image.nixos.guest_agent, vm.generation.number()),
+            adopting,
         }
     }
 
@@ -323,6 +357,7 @@ impl<'a> VmPlan<'a> {
             start,
             restart: false,
             digest,
+            adopt: self.adopting,
         }
     }
 
@@ -386,6 +421,13 @@ impl<'a> VmPlan<'a> {
     fn check_owner(&self, existing: &LiveVm, tag: &str) -> Result<Stamp, PlanError> {
         let (address, vmid) = (self.address.clone(), self.vm.vmid.get());
         let stamp = match existing.stamp() {
+            // An adopted VM is planned as if it carried the stamp it will get.
+            None if self.adopting => Stamp::vm(
+                &self.fleet.fleet,
+                &address,
+                &self.vm.image,
+                self.vm.generation.number(),
+            ),
             // During a clone its target exists as `lock: clone` with partial
             // disks and no description yet (shared/pve-api/NOTES.md, clone):
             // unstamped is not foreign yet.
@@ -450,6 +492,7 @@ impl<'a> VmPlan<'a> {
                 vm.image
             ));
         } else if self.spec.on_new_generation == OnNewGeneration::Replace
+            && !self.spec.prevent_destroy
             && stamp.generation != Some(vm.generation.number())
         {
             replace.push(format!(
@@ -472,6 +515,13 @@ impl<'a> VmPlan<'a> {
     }
 
     fn replace(&self, existing: &LiveVm, reason: String) -> Result<Change, PlanError> {
+        if self.adopting {
+            return Err(PlanError::AdoptWouldReplace {
+                address: self.address.clone(),
+                vmid: self.vm.vmid.get(),
+                reason,
+            });
+        }
         if self.spec.prevent_destroy {
             return Err(PlanError::PreventDestroy {
                 address: self.address.clone(),
@@ -487,10 +537,28 @@ impl<'a> VmPlan<'a> {
             impact: Impact::DataLoss,
             work: Work::ReplaceVm {
                 old_node: existing.node.clone(),
-                new: self.clone_work(),
+                new: self.keeping_mac(self.clone_work(), existing),
             },
             unchanged: BTreeMap::new(),
         })
+    }
+
+    /// `work` with the MAC of `existing`: the new VM of a replace keeps the
+    /// old one's MAC (VMID, name and cloud-init come from the fleet), so
+    /// DHCP reservations and DNS stay valid.
+    fn keeping_mac(&self, mut work: VmWork, existing: &LiveVm) -> VmWork {
+        if let Some(net) = work.set.get_mut("net0") {
+            let mut wanted = Net::parse(net);
+            if wanted.mac.is_none() {
+                wanted.mac = existing
+                    .config
+                    .as_ref()
+                    .and_then(|c| c.values.get("net0"))
+                    .and_then(|v| Net::parse(v).mac);
+                *net = wanted.to_string();
+            }
+        }
+        work
     }
 
     /// The in-place update that brings `existing` to the fleet, if any. A
@@ -499,7 +567,7 @@ impl<'a> VmPlan<'a> {
     fn update(&self, existing: &LiveVm, live_generation: Option<u32>) -> Option<Change> {
         let (vm, spec) = (self.vm, self.spec);
         let want = match live_generation {
-            Some(g) if spec.on_new_generation == OnNewGeneration::Keep => {
+            Some(g) if spec.on_new_generation == OnNewGeneration::Keep || spec.prevent_destroy => {
                 desired_config(self.fleet, vm, self.image.nixos.guest_agent, g)
             }
             _ => self.want.clone(),
@@ -534,7 +602,9 @@ impl<'a> VmPlan<'a> {
             return None;
         }
         diff.fields.sort_by(|a, b| a.field.cmp(&b.field));
-        let reason = if !values.contains_key("ciuser") && want.contains_key("ciuser") && !running {
+        let reason = if self.adopting {
+            "adopting it (nixgold import): stamp, tags and what differs from the fleet".to_owned()
+        } else if !values.contains_key("ciuser") && want.contains_key("ciuser") && !running {
             "finishing a create that was interrupted".to_owned()
         } else {
             "its configuration differs from the fleet".to_owned()

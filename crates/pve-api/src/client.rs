@@ -717,6 +717,18 @@ impl Client {
         decode_agent_interfaces(v)
     }
 
+    /// `agent/get-osinfo` (needs only `VM.GuestAgent.Audit`).
+    pub async fn agent_osinfo(&self, node: &str, vmid: u32) -> Result<OsInfo, ApiError> {
+        let v: Value = self
+            .call(
+                Method::Get,
+                &Self::vm_path(node, vmid, "/agent/get-osinfo"),
+                vec![],
+            )
+            .await?;
+        decode_osinfo(v)
+    }
+
     /// `agent/ping`: Ok once the guest's agent answers.
     pub async fn agent_ping(&self, node: &str, vmid: u32) -> Result<(), ApiError> {
         let _: Value = self
@@ -879,8 +891,7 @@ impl Client {
                     log_tail: tail,
                 });
             }
-            let delay = self.inner.pacer.next_delay(&upid.kind, started.elapsed());
-            tokio::time::sleep(delay).await;
+            self.inner.pacer.pause(&upid.kind, started.elapsed()).await;
         }
     }
 

@@ -315,6 +315,40 @@ pub fn decode_agent_interfaces(data: Value) -> Result<Vec<GuestInterface>, crate
     )
 }
 
+/// `agent/get-osinfo`: what qemu-ga reads from the guest's
+/// `/etc/os-release` and `uname` (qemu qga/commands-posix.c
+/// `qmp_guest_get_osinfo`; every field is optional there).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct OsInfo {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(rename = "pretty-name", default)]
+    pub pretty_name: Option<String>,
+    /// `VERSION_ID`: on NixOS the release (`24.05`), not the build.
+    #[serde(rename = "version-id", default)]
+    pub version_id: Option<String>,
+    #[serde(rename = "kernel-release", default)]
+    pub kernel_release: Option<String>,
+}
+
+/// Decodes `agent/get-osinfo`'s `{"result": {...}}` (or an agent error).
+pub fn decode_osinfo(data: Value) -> Result<OsInfo, crate::ApiError> {
+    let result = data.get("result").cloned().unwrap_or(Value::Null);
+    if let Some(err) = result.get("error") {
+        return Err(crate::ApiError::Server {
+            status: 500,
+            message: format!(
+                "guest agent: {}",
+                err.get("desc").and_then(Value::as_str).unwrap_or("error")
+            ),
+        });
+    }
+    serde_json::from_value(result).map_err(|e| crate::ApiError::Decode {
+        context: "agent/get-osinfo".into(),
+        message: e.to_string(),
+    })
+}
+
 /// `agent/exec-status` of a process started with `agent/exec`. `exited`
 /// is a JSON boolean (agent results pass through), tolerated as 0/1 too.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

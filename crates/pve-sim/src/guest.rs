@@ -58,6 +58,42 @@ pub struct Installed {
 }
 
 impl Installed {
+    /// The release (`24.05`) of its version (`24.05.4242.abcdef`).
+    pub fn release(&self) -> &str {
+        let mut dots = self.nixos_version.match_indices('.').map(|(i, _)| i);
+        let end = dots.nth(1).unwrap_or(self.nixos_version.len());
+        &self.nixos_version[..end]
+    }
+
+    /// `nixos-rebuild switch [--upgrade]` (nixpkgs
+    /// pkgs/os-specific/linux/nixos-rebuild): the configuration in
+    /// /etc/nixos is built against the release channel — updated first
+    /// with `--upgrade` (`nix-channel --update nixos`) — and activated. The
+    /// same configuration on the same channel builds the same store path;
+    /// a newer channel builds another one, which the system then runs.
+    fn rebuild(&mut self, upgrade: bool, channels: &BTreeMap<String, String>, out: &mut String) {
+        if upgrade {
+            out.push_str("unpacking channels...\n");
+            if let Some(newer) = channels
+                .get(self.release())
+                .filter(|v| **v != self.nixos_version)
+            {
+                let digest: String = Sha256::digest(format!("{}{newer}", self.system_path))
+                    .iter()
+                    .take(16)
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                self.system_path = format!("/nix/store/{digest}-nixos-system-nixos-{newer}");
+                self.nixos_version = newer.clone();
+            }
+        }
+        out.push_str("building the system configuration...\n");
+        out.push_str(&format!(
+            "activating the configuration...\nsetting up /etc...\n{}\n",
+            self.system_path
+        ));
+    }
+
     /// `systemctl is-active UNIT` on the VM `vm` this system boots on,
     /// `settle` after boot its oneshot units have finished.
     pub fn unit_state(&self, unit: &str, vm: &crate::state::Vm, settle: Duration) -> &'static str {
@@ -827,6 +863,18 @@ pub(crate) fn agent_ready(
     }
 }
 
+/// Whether the guest model answers `route` (the guest-agent routes).
+pub(crate) fn answers(route: RouteId) -> bool {
+    matches!(
+        route,
+        RouteId::AgentNetwork
+            | RouteId::AgentOsinfo
+            | RouteId::AgentPing
+            | RouteId::AgentExec
+            | RouteId::AgentExecStatus
+    )
+}
+
 /// Answers the guest-agent routes (`None` for any other route; for
 /// `network-get-interfaces` only the readiness check, the handler answers).
 /// `exec` runs synchronously; its result waits for one `exec-status`, which
@@ -838,10 +886,7 @@ pub(crate) async fn agent(
     agent_down: bool,
 ) -> Option<Result<serde_json::Value, ApiError>> {
     use serde_json::json;
-    if !matches!(
-        route,
-        RouteId::AgentNetwork | RouteId::AgentPing | RouteId::AgentExec | RouteId::AgentExecStatus
-    ) {
+    if !answers(route) {
         return None;
     }
     let node = params.get("node").map(String::as_str).unwrap_or_default();
@@ -852,6 +897,7 @@ pub(crate) async fn agent(
     }
     match route {
         RouteId::AgentNetwork => agent_interfaces(inner, vmid).map(Ok),
+        RouteId::AgentOsinfo => Some(agent_osinfo(inner, vmid)),
         RouteId::AgentPing => Some(Ok(json!({ "result": {} }))),
         RouteId::AgentExec => {
             let argv: Vec<&str> = params
@@ -927,6 +973,38 @@ fn agent_interfaces(inner: &Inner, vmid: u32) -> Option<serde_json::Value> {
         crate::handlers::loopback_interface(),
         {"name": "ens18", "hardware-address": mac, "ip-addresses": nic},
     ]}))
+}
+
+/// `get-osinfo` of a guest: what qemu-ga reads from `/etc/os-release`
+/// and `uname` (qemu's qga/commands-posix.c `qmp_guest_get_osinfo`:
+/// ID, NAME, PRETTY_NAME, VERSION, VERSION_ID — no BUILD_ID, so the point
+/// release and revision are not in it), as NixOS writes that file
+/// (nixpkgs nixos/modules/misc/version.nix `osReleaseContents`:
+/// VERSION_ID is the release, VERSION and PRETTY_NAME add the code name).
+fn agent_osinfo(inner: &Inner, vmid: u32) -> Result<serde_json::Value, ApiError> {
+    let state = inner.state.lock().expect("state");
+    let installed = state
+        .vms
+        .get(&vmid)
+        .and_then(|vm| vm.installed.as_ref())
+        .ok_or_else(|| {
+            ApiError::fail(format!(
+                "sim: VM {vmid} has no guest model, so its OS is unknown"
+            ))
+        })?;
+    let release = installed.release();
+    let facts = crate::nixos::facts::release(release);
+    let code_name = facts.code_name;
+    Ok(serde_json::json!({ "result": {
+        "id": "nixos",
+        "name": "NixOS",
+        "pretty-name": format!("NixOS {release} ({code_name})"),
+        "version": format!("{release} ({code_name})"),
+        "version-id": release,
+        "kernel-release": facts.kernel,
+        "kernel-version": "#1-NixOS SMP PREEMPT_DYNAMIC Tue Jan  1 00:00:00 UTC 1980",
+        "machine": "x86_64",
+    }}))
 }
 
 /// Runs one `agent/exec` command: `sh -c LINE` through the simulated
@@ -1118,7 +1196,7 @@ fn execute_one(
             drop(guests);
             let mut state = inner.state.lock().expect("state");
             match state.vms.get_mut(&vmid) {
-                Some(vm) => installed_command(vm, c, inner.opts.units_settle, out),
+                Some(vm) => installed_command(vm, c, &inner.opts, out),
                 None => 255,
             }
         }
@@ -1143,7 +1221,7 @@ fn program_of(cmd: &str) -> &str {
 fn installed_command(
     vm: &mut crate::state::Vm,
     cmd: &str,
-    settle: Duration,
+    opts: &crate::SimOptions,
     out: &mut String,
 ) -> u32 {
     let Some(installed) = vm.installed.as_ref() else {
@@ -1157,7 +1235,7 @@ fn installed_command(
     if let Some(units) = cmd.strip_prefix("systemctl is-active ") {
         let states: Vec<&str> = units
             .split_whitespace()
-            .map(|u| installed.unit_state(u, vm, settle))
+            .map(|u| installed.unit_state(u, vm, opts.units_settle))
             .collect();
         for state in &states {
             out.push_str(state);
@@ -1181,6 +1259,8 @@ fn installed_command(
         "rm -rf /var/lib/cloud /var/log/cloud-init.log /var/log/cloud-init-output.log"
         | "cloud-init clean --logs" => installed.cloud_init_clean = true,
         "rm -f /root/.ssh/authorized_keys" => installed.root_keys.clear(),
+        "nixos-rebuild switch" => installed.rebuild(false, &opts.channel_releases, out),
+        "nixos-rebuild switch --upgrade" => installed.rebuild(true, &opts.channel_releases, out),
         other => {
             out.push_str(&format!("{other}: not supported by the simulated guest\n"));
             return 127;

@@ -208,7 +208,7 @@ pub fn handle(state: &mut State, opts: &SimOptions, route: RouteId, call: &Call)
         }
         Sendkey => sendkey(state, call),
         AgentNetwork => agent_network(state, call),
-        AgentPing | AgentExec | AgentExecStatus => {
+        AgentOsinfo | AgentPing | AgentExec | AgentExecStatus => {
             unreachable!("the guest model answers agent commands (guest::agent)")
         }
         CloudinitGet => Ok(cloudinit_pending(&state.vm_on(call.node(), call.vmid())?.config)),

@@ -56,6 +56,10 @@ pub struct SimOptions {
     pub guest_ssh_port: u16,
     /// What `download-url` can reach.
     pub remote_files: BTreeMap<String, RemoteFile>,
+    /// The newest version each NixOS release channel serves (`24.05` →
+    /// `24.05.5678.f00dfeed`): what `nixos-rebuild switch --upgrade` in a
+    /// guest moves to. A release not listed has nothing newer.
+    pub channel_releases: BTreeMap<String, String>,
     pub faults: Faults,
 }
 
@@ -93,6 +97,7 @@ impl Default for SimOptions {
             guest_boot: Duration::from_secs(8),
             guest_ssh_port: 22,
             remote_files: BTreeMap::new(),
+            channel_releases: BTreeMap::new(),
             faults: Faults::default(),
         }
     }

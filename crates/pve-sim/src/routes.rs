@@ -61,6 +61,7 @@ pub enum RouteId {
     Resize,
     Sendkey,
     AgentNetwork,
+    AgentOsinfo,
     AgentPing,
     AgentExec,
     AgentExecStatus,
@@ -634,6 +635,13 @@ static ROUTES: LazyLock<Vec<RouteDef>> = LazyLock::new(|| {
             Returns::Object,
         ),
         r(
+            AgentOsinfo,
+            "GET",
+            "/nodes/{node}/qemu/{vmid}/agent/get-osinfo",
+            vec![NODE, VMID_P],
+            Returns::Object,
+        ),
+        r(
             AgentPing,
             "POST",
             "/nodes/{node}/qemu/{vmid}/agent/ping",
@@ -1032,7 +1040,9 @@ pub fn permission(id: RouteId) -> Perm {
         Start | Stop | Shutdown | Reboot => vm(&["VM.PowerMgmt"]),
         Resize => vm(&["VM.Config.Disk"]),
         Sendkey => vm(&["VM.Console"]),
-        AgentNetwork | AgentPing => vm_any(&["VM.GuestAgent.Audit", "VM.GuestAgent.Unrestricted"]),
+        AgentNetwork | AgentOsinfo | AgentPing => {
+            vm_any(&["VM.GuestAgent.Audit", "VM.GuestAgent.Unrestricted"])
+        }
         AgentExec | AgentExecStatus => vm(&["VM.GuestAgent.Unrestricted"]),
         CloudinitPut => vm(&["VM.Config.Cloudinit"]),
     }

@@ -305,6 +305,22 @@ async fn serve_api(
         return login(inner, &params).await;
     }
 
+    // The guest model answers the agent routes, after the same permission
+    // check every handler gets (pve-access-control `RPCEnvironment.pm`
+    // checks a method's `permissions` before it runs).
+    if crate::guest::answers(route.id) {
+        let call = Call {
+            params: &params,
+            who: &who,
+            task_fault: None,
+            lock_timeout: false,
+            wrong_key: false,
+        };
+        let state = inner.state.lock().expect("state");
+        if let Err(e) = crate::access_routes::authorize(&state, route.id, &call) {
+            return error_reply(&e);
+        }
+    }
     if let Some(result) = crate::guest::agent(inner, route.id, &params, agent_down).await {
         return match result {
             Ok(data) => reply(200, "OK", Some(json!({ "data": data }))),

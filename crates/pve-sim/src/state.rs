@@ -1132,6 +1132,9 @@ impl State {
         let vm = self.vms.get_mut(&newid).ok_or("clone target vanished")?;
         vm.config.values = values;
         vm.node = target.to_owned();
+        // The installed system lives on the disk the clone copies (or, for
+        // a linked clone, reads through its base).
+        vm.installed = src.installed;
         Ok(log)
     }
 

@@ -30,7 +30,12 @@ fn options(boot: Duration) -> SimOptions {
 
 /// An installer VM 9400, started.
 async fn installer(boot: Duration) -> Sim {
-    let s = start(ClusterSpec::default(), options(boot)).await;
+    installer_with(options(boot), &[]).await
+}
+
+/// An installer VM 9400 with `extra` config, started on a simulator with `opts`.
+async fn installer_with(opts: SimOptions, extra: &[(&str, &str)]) -> Sim {
+    let s = start(ClusterSpec::default(), opts).await;
     let form = [
         ("url", ISO),
         ("content", "iso"),
@@ -51,7 +56,10 @@ async fn installer(boot: Duration) -> Sim {
                 "local:iso/nixos-minimal-24.05.4242.abcdef-x86_64-linux.iso,media=cdrom",
             ),
             ("boot", "order=scsi0;ide2"),
-        ],
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect::<Vec<_>>(),
     )
     .await;
     assert_eq!(s.run("/nodes/pve/qemu/9400/status/start", &[]).await, "OK");
@@ -373,4 +381,104 @@ async fn broken_configurations_and_scripts_out_of_order_fail_the_install() {
     let (code, out) = exec(&h, "rm -rf /", "").await;
     assert_eq!((code, out.as_str()), (127, "rm -rf /: command not found\n"));
     assert!(s.sim.inspect(|st| st.vms[&9400].installed.is_none()));
+}
+
+/// Reboots the guest behind `h` and connects to the system it boots.
+async fn reboot_into_installed(
+    s: &Sim,
+    h: russh::client::Handle<Accept>,
+    k: &PrivateKey,
+) -> russh::client::Handle<Accept> {
+    exec(&h, "reboot", "").await;
+    drop(h);
+    for _ in 0..200 {
+        // The port stays across the reboot; the installed system answers
+        // `nixos-version`, the installer does not.
+        if let Some(h) = ssh(port(s).await, k).await
+            && exec(&h, "nixos-version", "").await.0 == 0
+        {
+            return h;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the installed system never came up");
+}
+
+/// The agent of the installed system answers `get-osinfo` from its
+/// /etc/os-release as NixOS writes it (nixpkgs
+/// nixos/modules/misc/version.nix `osReleaseContents`: VERSION_ID is the
+/// release) and as qemu-ga reads it (qga/commands-posix.c
+/// `qmp_guest_get_osinfo`: no BUILD_ID). `nixos-rebuild switch --upgrade`
+/// through `agent/exec` moves the system to the channel's newer build:
+/// `nixos-version` and the system path change, the release does not.
+#[tokio::test]
+async fn the_agent_reports_the_installed_nixos_and_a_rebuild_inside_moves_it() {
+    let mut opts = options(Duration::ZERO);
+    let newer = "24.05.5678.f00dfeed";
+    opts.channel_releases.insert("24.05".into(), newer.into());
+    let s = installer_with(opts, &[("agent", "1")]).await;
+    let k = key();
+    access(&s, &k, true).await;
+    let h = ssh(port(&s).await, &k).await.expect("the typed key works");
+    let config = CONFIG.replace(
+        "services.openssh.enable = true;",
+        "services.openssh.enable = true; services.qemuGuest.enable = true;",
+    );
+    let (code, out) = install(&h, &config, SCRIPT).await;
+    assert_eq!(code, 0, "{out}");
+    let installer_osinfo = s.get("/nodes/pve/qemu/9400/agent/get-osinfo").await;
+    assert_eq!(
+        installer_osinfo.status, 500,
+        "the installer ISO runs no agent"
+    );
+    let h = reboot_into_installed(&s, h, &k).await;
+    let osinfo = s.get("/nodes/pve/qemu/9400/agent/get-osinfo").await;
+    let result = &osinfo.data()["result"];
+    assert_eq!(result["id"], "nixos");
+    assert_eq!(result["version-id"], "24.05");
+    assert_eq!(result["pretty-name"], "NixOS 24.05 (Uakari)");
+    let (_, before) = exec(&h, "readlink -f /run/current-system", "").await;
+
+    let started = s
+        .post(
+            "/nodes/pve/qemu/9400/agent/exec",
+            &[
+                ("command", "nixos-rebuild"),
+                ("command", "switch"),
+                ("command", "--upgrade"),
+            ],
+        )
+        .await;
+    let pid = started.data()["pid"].to_string();
+    let status = s
+        .get(&format!("/nodes/pve/qemu/9400/agent/exec-status?pid={pid}"))
+        .await;
+    assert_eq!(status.data()["exitcode"], 0, "{:?}", status.data());
+    assert!(
+        status.data()["out-data"]
+            .as_str()
+            .unwrap()
+            .starts_with("unpacking channels...\n")
+    );
+    let (_, version) = exec(&h, "nixos-version", "").await;
+    assert_eq!(version, format!("{newer} (Simulated)\n"));
+    let (_, after) = exec(&h, "readlink -f /run/current-system", "").await;
+    assert_ne!(after, before);
+    assert!(
+        after
+            .trim_end()
+            .ends_with(&format!("-nixos-system-nixos-{newer}")),
+        "{after}"
+    );
+    let osinfo = s.get("/nodes/pve/qemu/9400/agent/get-osinfo").await;
+    assert_eq!(
+        osinfo.data()["result"]["version-id"],
+        "24.05",
+        "the release stays"
+    );
+    // Without an upgrade, the same configuration builds the same system.
+    let (code, _) = exec(&h, "nixos-rebuild switch", "").await;
+    assert_eq!(code, 0);
+    let (_, again) = exec(&h, "readlink -f /run/current-system", "").await;
+    assert_eq!(again, after);
 }

@@ -5,7 +5,10 @@ cores, memory and cloud-init, start; each task is waited for with
 proxmoxer's own `Tasks.blocking_status`. No retries: a failed VM is counted.
 Prints one JSON object: wall time, successes, failures by message.
 
-    python3 proxmoxer_deploy.py ENDPOINT TOKEN CA_FILE NODE TEMPLATE FIRST_VMID COUNT FULL THREADS
+    python3 proxmoxer_deploy.py ENDPOINT TOKEN CA_FILE NODES TEMPLATE FIRST_VMID COUNT FULL THREADS
+
+NODES is a comma-separated list: the template is on the first; VMs go to
+the nodes in turn (a clone onto another node passes `target`).
 """
 import json
 import sys
@@ -16,7 +19,8 @@ from urllib.parse import urlparse
 from proxmoxer import ProxmoxAPI
 from proxmoxer.tools import Tasks
 
-endpoint, token, ca, node, template, first, count, full, threads = sys.argv[1:10]
+endpoint, token, ca, nodes, template, first, count, full, threads = sys.argv[1:10]
+nodes = nodes.split(",")
 url = urlparse(endpoint)
 token_id, secret = token.rsplit("=", 1)
 user, token_name = token_id.split("!")
@@ -31,9 +35,11 @@ def wait(upid):
 
 
 def deploy(vmid):
+    node = nodes[(vmid - int(first)) % len(nodes)]
+    target = {} if node == nodes[0] else {"target": node}
     try:
-        wait(px.nodes(node).qemu(template).clone.post(
-            newid=vmid, name=f"peer-{vmid}", full=int(full)))
+        wait(px.nodes(nodes[0]).qemu(template).clone.post(
+            newid=vmid, name=f"peer-{vmid}", full=int(full), **target))
         wait(px.nodes(node).qemu(vmid).config.post(
             cores=2, memory=2048, ipconfig0="ip=dhcp", ciuser="ops"))
         wait(px.nodes(node).qemu(vmid).status.start.post())

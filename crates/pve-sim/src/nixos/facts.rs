@@ -573,3 +573,57 @@ pub const INSTALLER_PROGRAMS: &[&str] = &[
     "nixos-install",
     "nixos-version",
 ];
+
+/// A NixOS release: its code name (nixpkgs lib/trivial.nix `codeName`,
+/// which nixos/modules/misc/version.nix writes into /etc/os-release) and
+/// the kernel series its default `boot.kernelPackages` follows
+/// (pkgs/top-level/linux-kernels.nix `linuxPackages` on that branch; the
+/// point release is not modelled).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Release {
+    pub release: &'static str,
+    pub code_name: &'static str,
+    pub kernel: &'static str,
+}
+
+pub const RELEASES: &[Release] = &[
+    Release {
+        release: "23.11",
+        code_name: "Tapir",
+        kernel: "6.1.0",
+    },
+    Release {
+        release: "24.05",
+        code_name: "Uakari",
+        kernel: "6.6.0",
+    },
+    Release {
+        release: "24.11",
+        code_name: "Vicuña",
+        kernel: "6.6.0",
+    },
+    Release {
+        release: "25.05",
+        code_name: "Warbler",
+        kernel: "6.12.0",
+    },
+    Release {
+        release: "25.11",
+        code_name: "Xantusia",
+        kernel: "6.12.0",
+    },
+];
+
+/// The facts of `release` (`24.05`); an unknown release gets a neutral
+/// entry rather than another release's name.
+pub fn release(release: &str) -> Release {
+    RELEASES
+        .iter()
+        .find(|r| r.release == release)
+        .copied()
+        .unwrap_or(Release {
+            release: "unknown",
+            code_name: "unknown",
+            kernel: "unknown",
+        })
+}
