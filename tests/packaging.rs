@@ -119,3 +119,51 @@ fn the_flake_and_the_nixos_module_parse() {
         );
     }
 }
+
+/// The GitLab CI example is YAML that GitLab can read (PyYAML, as CI has it;
+/// GitLab refuses a `script` entry that is not a string, which an unquoted
+/// `: ` inside a command makes of it), and every `$NIXGOLD` line in its jobs names a subcommand and flags that
+/// nixgold has: the example cannot fall behind the CLI unnoticed.
+#[test]
+fn the_ci_example_parses_and_calls_only_real_subcommands_and_flags() {
+    let script = r#"
+import sys, yaml
+doc = yaml.safe_load(open(sys.argv[1]))
+for name, job in doc.items():
+    if isinstance(job, dict) and "script" in job:
+        for line in job["script"]:
+            if not isinstance(line, str):
+                sys.exit(f"job {name}: a script entry is not a string (GitLab rejects it): {line!r}")
+            for part in line.splitlines():
+                if part.strip().startswith("$NIXGOLD "):
+                    print(part.strip())
+"#;
+    let out = Std::new("python3")
+        .args(["-c", script])
+        .arg(repo().join("examples/ci/gitlab-ci.yml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "examples/ci/gitlab-ci.yml: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let calls = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        calls.lines().count() >= 3,
+        "drift, update and apply jobs: {calls}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    for call in calls.lines() {
+        let words: Vec<&str> = call.split_whitespace().collect();
+        let help = nixgold(dir.path())
+            .args([words[1], "--help"])
+            .output()
+            .unwrap();
+        assert!(help.status.success(), "{call}: no such subcommand");
+        let text = String::from_utf8_lossy(&help.stdout);
+        for flag in words.iter().filter(|w| w.starts_with("--")) {
+            assert!(text.contains(flag), "{call}: `{}` has no {flag}", words[1]);
+        }
+    }
+}
