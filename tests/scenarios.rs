@@ -2577,6 +2577,23 @@ fn a_saved_plan_edited_to_another_vmid_other_settings_or_a_destroy_is_refused() 
             "change `vm.intruder` (update) is not justified by the fleet, the lockfile and the cluster",
         ],
     );
+    // A plan saved by a nixgold before the plan was a DAG (format 1, no
+    // `depends_on`) is refused as another version's, not as malformed.
+    let mut older = original.clone();
+    older["format"] = "nixgold-plan/1".into();
+    for change in older["plan"]["changes"].as_array_mut().unwrap() {
+        change.as_object_mut().unwrap().remove("depends_on");
+    }
+    std::fs::write(&path, serde_json::to_string_pretty(&older).unwrap()).unwrap();
+    let (code, _, err) = s.run(&["apply", "web.plan"]);
+    assert_eq!(code, 1);
+    assert_contains(
+        &err,
+        &[
+            "web.plan is a saved plan of another nixgold version (nixgold-plan/1; this one reads nixgold-plan/2)",
+            "hint: run `nixgold plan --out` again with this nixgold",
+        ],
+    );
     // The plan as saved applies.
     std::fs::write(&path, serde_json::to_string_pretty(&original).unwrap()).unwrap();
     let (code, out, err) = s.run(&["apply", "web.plan"]);

@@ -12,8 +12,10 @@ use super::{Action, Plan, PlanOptions};
 use crate::address::Address;
 use crate::lock::Lockfile;
 
-/// The `format` of a saved plan file.
-const FORMAT: &str = "nixgold-plan/1";
+/// The `format` of a saved plan file: the prefix says it is one, the number
+/// which shape it has (2: changes carry `depends_on`, the plan's DAG).
+const FORMAT_PREFIX: &str = "nixgold-plan/";
+const FORMAT: &str = "nixgold-plan/2";
 
 /// A plan saved by `plan --out`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -44,6 +46,11 @@ pub enum SavedPlanError {
         path.display()
     )]
     Flags { flags: String, path: PathBuf },
+    #[error(
+        "{} is a saved plan of another nixgold version ({found}; this one reads {FORMAT})\n  hint: run `nixgold plan --out` again with this nixgold",
+        path.display()
+    )]
+    OtherFormat { path: PathBuf, found: String },
     #[error(
         "{} does not say which cluster it was planned for (saved by an older nixgold)\n  hint: run `nixgold plan --out` again",
         path.display()
@@ -112,12 +119,21 @@ impl SavedPlan {
     pub fn read(path: &Path) -> Option<Result<SavedPlan, SavedPlanError>> {
         let text = std::fs::read_to_string(path).ok()?;
         let value: serde_json::Value = serde_json::from_str(&text).ok()?;
-        (value.get("format").and_then(|f| f.as_str()) == Some(FORMAT)).then(|| {
+        let format = value.get("format")?.as_str()?;
+        if format != FORMAT {
+            return format.starts_with(FORMAT_PREFIX).then(|| {
+                Err(SavedPlanError::OtherFormat {
+                    path: path.to_owned(),
+                    found: format.to_owned(),
+                })
+            });
+        }
+        Some(
             serde_json::from_value(value).map_err(|e| SavedPlanError::Unusable {
                 path: path.to_owned(),
                 reason: e.to_string(),
-            })
-        })
+            }),
+        )
     }
 
     /// Refuses to apply this plan (read from `path`) to another cluster or
