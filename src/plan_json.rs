@@ -9,18 +9,18 @@
 //! `after` with typed values (integers are numbers), `after_unknown` for what
 //! only the apply learns, and `before_sensitive`/`after_sensitive` marking
 //! secrets, whose values never appear. What terraform has no word for —
-//! reason, impact, phase, depends_on — is under `nixgold` keys, on each
-//! change and at the top. Build internals (configuration.nix, the install
+//! reason, impact, phase, depends_on, the rollout's batches — is under
+//! `nixgold` keys, on each change and at the top. Build internals (configuration.nix, the install
 //! script) are `nixgold render`'s output, never the plan's. The shape is
 //! versioned by `format_version` and described by `schema/plan.schema.json`.
 
 use serde_json::{Map, Value, json};
 
-use crate::plan::{Action, Change, Plan, Work};
+use crate::plan::{Action, Change, Plan, Rollout, Work};
 
 /// The version of this JSON shape: the major changes when a consumer of
 /// the previous one could misread the new one.
-pub const FORMAT_VERSION: &str = "1.0";
+pub const FORMAT_VERSION: &str = "1.1";
 
 /// The plan as terraform-plan consumers read it.
 pub fn plan_json(plan: &Plan) -> Value {
@@ -43,11 +43,22 @@ pub fn plan_json(plan: &Plan) -> Value {
             "kept": plan.kept.iter().map(|(address, vmid)| json!({ "address": address, "vmid": vmid })).collect::<Vec<_>>(),
             "retained": plan.retained.iter().map(|(generation, users)| json!({ "generation": generation, "used_by": users })).collect::<Vec<_>>(),
             "adopted": plan.adopted.iter().map(|b| json!({ "image": b.image, "generation": b.generation, "node": b.node, "vmid": b.vmid })).collect::<Vec<_>>(),
+            "rollout": plan.rollout.as_ref().map(rollout),
             "notes": plan.notes,
             "live_fingerprint": plan.live_fingerprint,
             "lock_fingerprint": plan.lock_fingerprint,
             "api_calls": plan.api_calls,
         },
+    })
+}
+
+/// The rollout's batches (addresses, in the order apply replaces them), the
+/// pause between batches and the gates each batch passes (format 1.1).
+fn rollout(rollout: &Rollout) -> Value {
+    json!({
+        "batches": rollout.batches,
+        "pause": rollout.pause.map(|p| p.to_string()),
+        "gates": rollout.gates,
     })
 }
 

@@ -54,7 +54,8 @@ fn plan_json_has_terraforms_shape_and_a_consumer_reads_it() {
     let (code, out, err) = sim(dir.path(), &["--sim", "--json", "plan", fleet]);
     assert_eq!(code, 0, "{err}");
     let plan = json(&out);
-    assert_eq!(plan["format_version"], "1.0");
+    assert_eq!(plan["format_version"], "1.1");
+    assert_eq!(plan["nixgold"]["rollout"], serde_json::Value::Null);
     let vm = &plan["resource_changes"][2];
     assert_eq!(vm["address"], "vm.nixos-prod-01");
     assert_eq!(vm["type"], "nixgold_vm");

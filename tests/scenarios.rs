@@ -3142,6 +3142,22 @@ fn a_rollout_replaces_six_vms_two_at_a_time_in_plan_order() {
             "  batch 1: vm.app-01, vm.app-02\n  batch 2: vm.app-03, vm.app-04\n  batch 3: vm.app-05, vm.app-06\n",
         ],
     );
+    // `plan --json` carries the same batches for programs.
+    let (code, out, err) = s.run(&["--json", "plan", "fleet.yaml"]);
+    assert_eq!(code, 0, "{err}");
+    let plan: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        plan["nixgold"]["rollout"]["batches"],
+        serde_json::json!([
+            ["vm.app-01", "vm.app-02"],
+            ["vm.app-03", "vm.app-04"],
+            ["vm.app-05", "vm.app-06"]
+        ])
+    );
+    assert_eq!(
+        plan["nixgold"]["rollout"]["gates"]["agent"]["timeout"],
+        "2s"
+    );
     s.apply();
     assert_eq!(generations(&s), ["2"; 6]);
     // keep = 1: generation 1's template retires in the same apply, once
