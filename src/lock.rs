@@ -239,98 +239,32 @@ impl Lockfile {
 
     /// The canonical text of this lockfile.
     pub fn render(&self) -> String {
-        let Lockfile {
-            fleet,
-            isos,
-            images,
-            vmids,
-            adopt,
-        } = self;
-        let imports = !adopt.is_empty()
-            || images
+        let mut out = String::from(HEADER);
+        let _ = writeln!(out, "version = {}", self.version());
+        let _ = writeln!(out, "fleet = {}", quote(&self.fleet));
+        for (name, pin) in &self.isos {
+            render_iso(&mut out, name, pin);
+        }
+        for (name, image) in &self.images {
+            render_image(&mut out, name, image);
+        }
+        render_vmid_table(&mut out, "vmids", &self.vmids);
+        render_vmid_table(&mut out, "adopt", &self.adopt);
+        out
+    }
+
+    /// The format version this lockfile needs: version 1 unless it records
+    /// an import or a hold, so lockfiles without them stay readable by
+    /// older nixgold.
+    fn version(&self) -> u32 {
+        let imports = !self.adopt.is_empty()
+            || self
+                .images
                 .values()
                 .flat_map(|i| &i.generations)
                 .any(|g| g.imported || g.iso_sha256.is_none());
-        let held = images.values().any(|i| i.hold.is_some());
-        let version = if imports || held { IMPORT_VERSION } else { 1 };
-        let mut out = String::from(HEADER);
-        let _ = writeln!(out, "version = {version}");
-        let _ = writeln!(out, "fleet = {}", quote(fleet));
-        for (name, pin) in isos {
-            let IsoPin {
-                source,
-                url,
-                sha256,
-                nixpkgs_revision,
-                resolved_at,
-            } = pin;
-            let _ = writeln!(out, "\n[iso.{}]", key(name));
-            let _ = writeln!(out, "source = {}", quote(source));
-            let _ = writeln!(out, "url = {}", quote(url));
-            let _ = writeln!(out, "sha256 = \"{sha256}\"");
-            if let Some(rev) = nixpkgs_revision {
-                let _ = writeln!(out, "nixpkgs_revision = {}", quote(rev));
-            }
-            let _ = writeln!(out, "resolved_at = {}", quote(resolved_at));
-        }
-        for (name, image) in images {
-            let ImageLock {
-                current,
-                hold,
-                generations,
-            } = image;
-            let _ = writeln!(out, "\n[image.{}]", key(name));
-            let _ = writeln!(out, "current = {current}");
-            if let Some(inputs) = hold {
-                let _ = writeln!(out, "hold = \"{inputs}\"");
-            }
-            let mut sorted: Vec<&Generation> = generations.iter().collect();
-            sorted.sort_by_key(|g| g.number);
-            for generation in sorted {
-                let Generation {
-                    number,
-                    input_hash,
-                    iso_sha256,
-                    built_at,
-                    nixos_version,
-                    system_path,
-                    templates,
-                    imported,
-                } = generation;
-                let _ = writeln!(out, "\n[[image.{}.generation]]", key(name));
-                let _ = writeln!(out, "number = {number}");
-                if *imported {
-                    out.push_str("imported = true\n");
-                }
-                let _ = writeln!(out, "input_hash = \"{input_hash}\"");
-                if let Some(iso_sha256) = iso_sha256 {
-                    let _ = writeln!(out, "iso_sha256 = \"{iso_sha256}\"");
-                }
-                let _ = writeln!(out, "built_at = {}", quote(built_at));
-                let _ = writeln!(out, "nixos_version = {}", quote(nixos_version));
-                let _ = writeln!(out, "system_path = {}", quote(system_path));
-                let mut replicas: Vec<&TemplateReplica> = templates.iter().collect();
-                replicas.sort_by(|a, b| a.node.cmp(&b.node));
-                let list: Vec<String> = replicas
-                    .iter()
-                    .map(|t| format!("{{ node = {}, vmid = {} }}", quote(t.node.as_str()), t.vmid))
-                    .collect();
-                let _ = writeln!(out, "templates = [{}]", list.join(", "));
-            }
-        }
-        if !vmids.is_empty() {
-            out.push_str("\n[vmids]\n");
-            for (address, id) in vmids {
-                let _ = writeln!(out, "{} = {id}", quote(address));
-            }
-        }
-        if !adopt.is_empty() {
-            out.push_str("\n[adopt]\n");
-            for (address, id) in adopt {
-                let _ = writeln!(out, "{} = {id}", quote(address));
-            }
-        }
-        out
+        let held = self.images.values().any(|i| i.hold.is_some());
+        if imports || held { IMPORT_VERSION } else { 1 }
     }
 
     /// Records one built replica of a generation; the image's `current`
@@ -471,6 +405,88 @@ impl Lockfile {
         };
         crate::files::write_atomic(path, &text, ".nixgold.lock.").map_err(write_err)?;
         Ok(true)
+    }
+}
+
+/// One `[iso.NAME]` table.
+fn render_iso(out: &mut String, name: &str, pin: &IsoPin) {
+    let IsoPin {
+        source,
+        url,
+        sha256,
+        nixpkgs_revision,
+        resolved_at,
+    } = pin;
+    let _ = writeln!(out, "\n[iso.{}]", key(name));
+    let _ = writeln!(out, "source = {}", quote(source));
+    let _ = writeln!(out, "url = {}", quote(url));
+    let _ = writeln!(out, "sha256 = \"{sha256}\"");
+    if let Some(rev) = nixpkgs_revision {
+        let _ = writeln!(out, "nixpkgs_revision = {}", quote(rev));
+    }
+    let _ = writeln!(out, "resolved_at = {}", quote(resolved_at));
+}
+
+/// One `[image.NAME]` table and its generations, oldest first.
+fn render_image(out: &mut String, name: &str, image: &ImageLock) {
+    let ImageLock {
+        current,
+        hold,
+        generations,
+    } = image;
+    let _ = writeln!(out, "\n[image.{}]", key(name));
+    let _ = writeln!(out, "current = {current}");
+    if let Some(inputs) = hold {
+        let _ = writeln!(out, "hold = \"{inputs}\"");
+    }
+    let mut sorted: Vec<&Generation> = generations.iter().collect();
+    sorted.sort_by_key(|g| g.number);
+    for generation in sorted {
+        render_generation(out, name, generation);
+    }
+}
+
+/// One `[[image.NAME.generation]]` entry, its templates sorted by node.
+fn render_generation(out: &mut String, image: &str, generation: &Generation) {
+    let Generation {
+        number,
+        input_hash,
+        iso_sha256,
+        built_at,
+        nixos_version,
+        system_path,
+        templates,
+        imported,
+    } = generation;
+    let _ = writeln!(out, "\n[[image.{}.generation]]", key(image));
+    let _ = writeln!(out, "number = {number}");
+    if *imported {
+        out.push_str("imported = true\n");
+    }
+    let _ = writeln!(out, "input_hash = \"{input_hash}\"");
+    if let Some(iso_sha256) = iso_sha256 {
+        let _ = writeln!(out, "iso_sha256 = \"{iso_sha256}\"");
+    }
+    let _ = writeln!(out, "built_at = {}", quote(built_at));
+    let _ = writeln!(out, "nixos_version = {}", quote(nixos_version));
+    let _ = writeln!(out, "system_path = {}", quote(system_path));
+    let mut replicas: Vec<&TemplateReplica> = templates.iter().collect();
+    replicas.sort_by(|a, b| a.node.cmp(&b.node));
+    let list: Vec<String> = replicas
+        .iter()
+        .map(|t| format!("{{ node = {}, vmid = {} }}", quote(t.node.as_str()), t.vmid))
+        .collect();
+    let _ = writeln!(out, "templates = [{}]", list.join(", "));
+}
+
+/// A `[TABLE]` of addresses to VMIDs (`vmids`, `adopt`); nothing when empty.
+fn render_vmid_table(out: &mut String, table: &str, entries: &BTreeMap<String, Vmid>) {
+    if entries.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "\n[{table}]");
+    for (address, id) in entries {
+        let _ = writeln!(out, "{} = {id}", quote(address));
     }
 }
 
