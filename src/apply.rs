@@ -660,77 +660,109 @@ async fn build_template(
         ),
         crate::build::Access::CallHome { .. } => None,
     };
-    let label = |step: crate::build::Step| {
+    let progress = BuildProgress {
+        ctx,
+        address,
+        w,
+        current: std::sync::Mutex::new(crate::build::Step::Create),
+        log: ctx
+            .opts
+            .log_dir
+            .as_deref()
+            .and_then(|dir| BuildLog::create(dir, w)),
+    };
+    let observe = |e: crate::build::BuildEvent<'_>| progress.observe(e);
+    match crate::build::run(&ctx.client, &ctx.opts.endpoint_host, w, &observe).await {
+        Ok(result) => Ok(result),
+        Err(e) => Err(build_failed(&progress, &build_vm, e.to_string()).await),
+    }
+}
+
+/// A failed build: reported at the step it failed in (with its log's
+/// path), and its build VM destroyed unless `--keep-failed-build`.
+async fn build_failed(
+    progress: &BuildProgress<'_>,
+    build_vm: &Owner,
+    mut error: String,
+) -> Outcome {
+    let BuildProgress {
+        ctx, address, w, ..
+    } = *progress;
+    let step = progress.label(*progress.current.lock().expect("step"));
+    if let Some(log) = &progress.log {
+        log.write(&format!("FAILED at {step}: {error}"));
+        error.push_str(&format!("\n  build log: {}", log.path.display()));
+    }
+    ctx.emit(Event::Failed {
+        address: address.to_owned(),
+        step: step.clone(),
+        error: error.clone(),
+    });
+    if ctx.opts.keep_failed_build {
+        progress.observe(crate::build::BuildEvent::Line(&format!(
+            "kept the failed build VM {} on {} for debugging",
+            w.vmid, w.node
+        )));
+    } else {
+        // Only the build's own VM: a VM someone created at this VMID after
+        // the plan (the create then failed) stays.
+        let _ = destroy_vm(ctx, address, w.vmid.get(), &w.node, build_vm).await;
+    }
+    Outcome::Failed { step, error }
+}
+
+/// One build's progress: each step and output line goes to apply's events
+/// and to the build log; the step under way is kept for a failure report.
+struct BuildProgress<'a> {
+    ctx: &'a Ctx,
+    address: &'a str,
+    w: &'a crate::build::BuildWork,
+    current: std::sync::Mutex<crate::build::Step>,
+    log: Option<BuildLog>,
+}
+
+impl BuildProgress<'_> {
+    /// `generation 2 (VMID 9001): 3/9 get SSH access to the installer`.
+    fn label(&self, step: crate::build::Step) -> String {
         format!(
             "generation {} (VMID {}): {}/{} {}",
-            w.generation,
-            w.vmid,
+            self.w.generation,
+            self.w.vmid,
             step.number(),
             crate::build::Step::ALL.len(),
             step.describe()
         )
-    };
-    let current = std::sync::Mutex::new(crate::build::Step::Create);
-    let log = ctx
-        .opts
-        .log_dir
-        .as_deref()
-        .and_then(|dir| BuildLog::create(dir, w));
-    let observe = |e: crate::build::BuildEvent<'_>| {
+    }
+
+    fn observe(&self, e: crate::build::BuildEvent<'_>) {
+        let address = self.address.to_owned();
         let line = match e {
             crate::build::BuildEvent::Started(step) => {
-                *current.lock().expect("step") = step;
-                ctx.emit(Event::Started {
-                    address: address.to_owned(),
-                    step: label(step),
+                *self.current.lock().expect("step") = step;
+                self.ctx.emit(Event::Started {
+                    address,
+                    step: self.label(step),
                 });
-                format!("{}…", label(step))
+                format!("{}…", self.label(step))
             }
             crate::build::BuildEvent::Finished(step, elapsed) => {
-                ctx.emit(Event::Finished {
-                    address: address.to_owned(),
-                    step: label(step),
+                self.ctx.emit(Event::Finished {
+                    address,
+                    step: self.label(step),
                     elapsed,
                 });
-                format!("{} done ({:.1}s)", label(step), elapsed.as_secs_f64())
+                format!("{} done ({:.1}s)", self.label(step), elapsed.as_secs_f64())
             }
             crate::build::BuildEvent::Line(line) => {
-                ctx.emit(Event::Progress {
-                    address: address.to_owned(),
+                self.ctx.emit(Event::Progress {
+                    address,
                     line: line.to_owned(),
                 });
                 line.to_owned()
             }
         };
-        if let Some(log) = &log {
+        if let Some(log) = &self.log {
             log.write(&line);
-        }
-    };
-    match crate::build::run(&ctx.client, &ctx.opts.endpoint_host, w, &observe).await {
-        Ok(result) => Ok(result),
-        Err(e) => {
-            let step = label(*current.lock().expect("step"));
-            let mut error = e.to_string();
-            if let Some(log) = &log {
-                log.write(&format!("FAILED at {step}: {error}"));
-                error.push_str(&format!("\n  build log: {}", log.path.display()));
-            }
-            ctx.emit(Event::Failed {
-                address: address.to_owned(),
-                step: step.clone(),
-                error: error.clone(),
-            });
-            if ctx.opts.keep_failed_build {
-                observe(crate::build::BuildEvent::Line(&format!(
-                    "kept the failed build VM {} on {} for debugging",
-                    w.vmid, w.node
-                )));
-            } else {
-                // Only the build's own VM: a VM someone created at this
-                // VMID after the plan (the create then failed) stays.
-                let _ = destroy_vm(ctx, address, w.vmid.get(), &w.node, &build_vm).await;
-            }
-            Err(Outcome::Failed { step, error })
         }
     }
 }
