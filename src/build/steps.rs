@@ -107,6 +107,12 @@ pub async fn run(
 }
 
 /// The state a build carries from step to step.
+/// What answers the access step once the typed sequence worked.
+enum Answer {
+    CallHome(CallHome),
+    Ssh(String, u16),
+}
+
 struct Build<'a> {
     client: &'a Client,
     endpoint_host: &'a str,
@@ -334,13 +340,40 @@ impl Build<'_> {
         ));
         tokio::time::sleep(boot_wait.min(self.left())).await;
         let window = (Step::Access.timeout(&w.timeouts) / 4).max(Duration::from_secs(1));
-        let mut lines = vec!["sudo -i\n".to_owned()];
-        // What answers once the sequence worked.
-        enum Answer {
-            CallHome(CallHome),
-            Ssh(String, u16),
+        let (lines, mut answer) = self.access_sequence().await?;
+        let mut typed = 0;
+        loop {
+            typed += 1;
+            self.note(if typed == 1 {
+                "type the access sequence"
+            } else {
+                "no answer yet: type the access sequence again"
+            });
+            for line in &lines {
+                type_text(
+                    self.client,
+                    &w.node,
+                    w.vmid.get(),
+                    line,
+                    Duration::from_millis(w.key_interval_ms),
+                )
+                .await?;
+            }
+            let quiet = window.min(self.left());
+            let Err(e) = self.await_answer(&mut answer, quiet).await else {
+                return Ok(());
+            };
+            if Instant::now() >= self.step_deadline {
+                return Err(self.access_error(&answer, &e, typed));
+            }
         }
-        let mut answer = match &w.access {
+    }
+
+    /// The lines to type (root shell, then the way back to nixgold) and
+    /// what answers once they worked.
+    async fn access_sequence(&self) -> Result<(Vec<String>, Answer), BuildError> {
+        let mut lines = vec!["sudo -i\n".to_owned()];
+        let answer = match &self.w.access {
             Access::CallHome { listen, advertise } => {
                 let script = key_commands(&self.public).join("\n") + "\n";
                 let advertise = match advertise {
@@ -362,61 +395,46 @@ impl Build<'_> {
                 Answer::Ssh(host.to_owned(), *ssh_port)
             }
         };
-        let mut typed = 0;
-        loop {
-            typed += 1;
-            self.note(if typed == 1 {
-                "type the access sequence"
-            } else {
-                "no answer yet: type the access sequence again"
-            });
-            for line in &lines {
-                type_text(
-                    self.client,
-                    &w.node,
-                    w.vmid.get(),
-                    line,
-                    Duration::from_millis(w.key_interval_ms),
-                )
-                .await?;
+        Ok((lines, answer))
+    }
+
+    /// Waits up to `quiet` for the answer, then for SSH to take the key.
+    async fn await_answer(
+        &mut self,
+        answer: &mut Answer,
+        quiet: Duration,
+    ) -> Result<(), BuildError> {
+        match answer {
+            Answer::CallHome(call_home) => {
+                let (host, port) = call_home.wait(quiet).await?;
+                self.note(&format!("the VM called home from {host}"));
+                self.target = Some((host, port));
+                // sshd already runs on the installer: if it does not take
+                // the key now, the sequence went wrong.
+                self.connect(quiet.min(self.left())).await
             }
-            let quiet = window.min(self.left());
-            let outcome = match &mut answer {
-                Answer::CallHome(call_home) => match call_home.wait(quiet).await {
-                    Ok((host, port)) => {
-                        self.note(&format!("the VM called home from {host}"));
-                        self.target = Some((host, port));
-                        // sshd already runs on the installer: if it does
-                        // not take the key now, the sequence went wrong.
-                        self.connect(quiet.min(self.left())).await
-                    }
-                    Err(e) => Err(e),
-                },
-                Answer::Ssh(host, port) => {
-                    self.target = Some((host.clone(), *port));
-                    self.connect(quiet).await
-                }
-            };
-            let Err(e) = outcome else {
-                return Ok(());
-            };
-            if Instant::now() < self.step_deadline {
-                continue;
+            Answer::Ssh(host, port) => {
+                self.target = Some((host.clone(), *port));
+                self.connect(quiet).await
             }
-            let what = match (&answer, &self.target) {
-                (Answer::CallHome(_), Some((host, _))) => format!(
-                    "the build VM called home from {host}, but SSH did not take the build key (the typed sequence went wrong?); last error: {e}"
-                ),
-                (Answer::CallHome(_), None) => "the build VM did not call home: check that it can reach nixgold's listener (build.address.call_home), or raise build.boot_wait".to_owned(),
-                (Answer::Ssh(host, _), _) => format!(
-                    "no SSH on the static build address {host}: check that the address is free and reachable from nixgold, or raise build.boot_wait; last error: {e}"
-                ),
-            };
-            return Err(step_err(
-                "access",
-                format!("{what} (typed the access sequence {typed} times)"),
-            ));
         }
+    }
+
+    /// Why the access step gave up, with what to check.
+    fn access_error(&self, answer: &Answer, e: &BuildError, typed: u32) -> BuildError {
+        let what = match (answer, &self.target) {
+            (Answer::CallHome(_), Some((host, _))) => format!(
+                "the build VM called home from {host}, but SSH did not take the build key (the typed sequence went wrong?); last error: {e}"
+            ),
+            (Answer::CallHome(_), None) => "the build VM did not call home: check that it can reach nixgold's listener (build.address.call_home), or raise build.boot_wait".to_owned(),
+            (Answer::Ssh(host, _), _) => format!(
+                "no SSH on the static build address {host}: check that the address is free and reachable from nixgold, or raise build.boot_wait; last error: {e}"
+            ),
+        };
+        step_err(
+            "access",
+            format!("{what} (typed the access sequence {typed} times)"),
+        )
     }
 
     /// SSH to the target, pinning the host key of the system that answers.
