@@ -60,6 +60,59 @@ fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
+/// Resolves a channel's ISO over HTTP: the `latest-nixos-minimal-ARCH.iso`
+/// redirect names the image, its `.sha256` file the checksum, and the
+/// channel's `git-revision` (when it reads as one) the nixpkgs revision.
+async fn resolve_channel(
+    name: &str,
+    iso: &Iso,
+    channels: &str,
+    channel: &str,
+    arch: &str,
+) -> Result<IsoPin, PinError> {
+    let err = |what: &str, reason: String| PinError {
+        iso: name.to_owned(),
+        what: what.to_owned(),
+        reason,
+    };
+    let http = http_client().map_err(|e| err(channel, e))?;
+    let channels = channels.trim_end_matches('/');
+    let latest = format!("{channels}/{channel}/latest-nixos-minimal-{arch}.iso");
+    let resp = http
+        .get(&latest)
+        .send()
+        .await
+        .map_err(|e| err(&latest, e.to_string()))?;
+    if !resp.status().is_redirection() {
+        return Err(err(
+            &latest,
+            format!("expected a redirect, got {}", resp.status()),
+        ));
+    }
+    let url = resp
+        .headers()
+        .get("location")
+        .and_then(|l| l.to_str().ok())
+        .ok_or_else(|| err(&latest, "the redirect has no Location".into()))?
+        .to_owned();
+    let sums = fetch(&http, &format!("{url}.sha256"))
+        .await
+        .map_err(|e| err(&url, e))?;
+    let sha256 = checksum_for(&sums, &url).map_err(|e| err(&url, e))?;
+    let revision = fetch(&http, &format!("{channels}/{channel}/git-revision"))
+        .await
+        .ok()
+        .map(|r| r.trim().to_owned())
+        .filter(|r| r.len() >= 7 && r.bytes().all(|b| b.is_ascii_hexdigit()));
+    Ok(IsoPin {
+        source: iso.source(),
+        url,
+        sha256,
+        nixpkgs_revision: revision,
+        resolved_at: now_rfc3339(),
+    })
+}
+
 /// Resolves the pin of ISO `name`.
 pub async fn resolve(resolver: &Resolver, name: &str, iso: &Iso) -> Result<IsoPin, PinError> {
     let err = |what: &str, reason: String| PinError {
@@ -86,47 +139,7 @@ pub async fn resolve(resolver: &Resolver, name: &str, iso: &Iso) -> Result<IsoPi
         }
         (Resolver::Simulated, Iso::Url { url, .. }) => Ok(simulated_pin(iso, url.clone())),
         (Resolver::Http { channels }, Iso::Channel { channel, arch, .. }) => {
-            let http = http_client().map_err(|e| err(channel, e))?;
-            let latest = format!(
-                "{}/{channel}/latest-nixos-minimal-{arch}.iso",
-                channels.trim_end_matches('/')
-            );
-            let resp = http
-                .get(&latest)
-                .send()
-                .await
-                .map_err(|e| err(&latest, e.to_string()))?;
-            if !resp.status().is_redirection() {
-                return Err(err(
-                    &latest,
-                    format!("expected a redirect, got {}", resp.status()),
-                ));
-            }
-            let url = resp
-                .headers()
-                .get("location")
-                .and_then(|l| l.to_str().ok())
-                .ok_or_else(|| err(&latest, "the redirect has no Location".into()))?
-                .to_owned();
-            let sums = fetch(&http, &format!("{url}.sha256"))
-                .await
-                .map_err(|e| err(&url, e))?;
-            let sha256 = checksum_for(&sums, &url).map_err(|e| err(&url, e))?;
-            let revision = fetch(
-                &http,
-                &format!("{}/{channel}/git-revision", channels.trim_end_matches('/')),
-            )
-            .await
-            .ok()
-            .map(|r| r.trim().to_owned())
-            .filter(|r| r.len() >= 7 && r.bytes().all(|b| b.is_ascii_hexdigit()));
-            Ok(IsoPin {
-                source: iso.source(),
-                url,
-                sha256,
-                nixpkgs_revision: revision,
-                resolved_at: now_rfc3339(),
-            })
+            resolve_channel(name, iso, channels, channel, arch).await
         }
         (
             Resolver::Http { .. },
