@@ -1016,7 +1016,7 @@ async fn create_vm(ctx: &Ctx, address: &str, w: &VmWork) -> Result<(), Outcome> 
         }
     })
     .await?;
-    configure(ctx, address, w, None).await
+    configure(ctx, address, w, Known::Fresh).await
 }
 
 /// One clone attempt. Before re-sending after a failure (`retry`), the
@@ -1064,7 +1064,38 @@ async fn wait_unlocked(ctx: &Ctx, w: &VmWork) -> Result<(), ApiError> {
 }
 
 async fn update_vm(ctx: &Ctx, address: &str, w: &VmWork) -> Result<(), Outcome> {
-    configure(ctx, address, w, w.digest.clone()).await
+    configure(ctx, address, w, Known::Planned(w.digest.clone())).await
+}
+
+/// What apply knows of the VM it configures, which decides what its first
+/// attempt at each step must read first.
+#[derive(Debug, Clone)]
+enum Known {
+    /// This apply's own clone task created it a moment ago: the task's
+    /// success proves it ours (a VMID someone else took fails the clone),
+    /// and it is stopped. The first config write is a synchronous `PUT`
+    /// with no read before it and the first start no status read: a
+    /// hundred clones then cost five requests each, not ten. A retry — an
+    /// answer lost, a lock contended — reads and checks as for any VM.
+    Fresh,
+    /// A VM the plan read, and the config digest it read (if any): every
+    /// write re-reads the VM and checks that it is still ours.
+    Planned(Option<String>),
+}
+
+/// The first write to a VM this apply just cloned: only the keys the
+/// clone does not already carry, one synchronous call. A `net0` without a
+/// MAC gets a new one from Proxmox (`parse_net` fills it in), as good as
+/// the clone's own on a VM that never booted.
+async fn write_fresh(ctx: &Ctx, w: &VmWork, set: BTreeMap<String, String>) -> Result<(), ApiError> {
+    let update = ConfigUpdate {
+        set,
+        delete: Vec::new(),
+        digest: None,
+    };
+    ctx.client
+        .update_config_sync(&w.node, w.vmid.get(), &update)
+        .await
 }
 
 /// One digest-guarded config write of a VM that must still be ours.
@@ -1106,14 +1137,9 @@ async fn write_config(
     ctx.wait(&upid).await
 }
 
-/// Config write (one, digest-guarded), resize, start — in that order, so
-/// the first boot sees the cloud-init data.
-async fn configure(
-    ctx: &Ctx,
-    address: &str,
-    w: &VmWork,
-    plan_digest: Option<String>,
-) -> Result<(), Outcome> {
+/// Config write (one, digest-guarded unless `Fresh`), resize, start — in
+/// that order, so the first boot sees the cloud-init data.
+async fn configure(ctx: &Ctx, address: &str, w: &VmWork, known: Known) -> Result<(), Outcome> {
     let mut set = w.set.clone();
     if let Some(reference) = &w.password {
         let secret = read_secret(
@@ -1127,13 +1153,26 @@ async fn configure(
         })?;
         set.insert("cipassword".into(), secret.expose().to_owned());
     }
+    if let Known::Fresh = known {
+        // The clone call carried them.
+        set.remove("name");
+        set.remove("description");
+    }
     if !set.is_empty() {
-        let mut first = true;
+        let mut attempted = false;
         ctx.step(address, "configure (cloud-init, resources, tags)", || {
+            let retry = std::mem::replace(&mut attempted, true);
             let set = set.clone();
-            let planned = plan_digest.clone().filter(|_| first);
-            first = false;
-            write_config(ctx, address, w, set, planned)
+            let known = known.clone();
+            async move {
+                match known {
+                    Known::Fresh if !retry => write_fresh(ctx, w, set).await,
+                    Known::Fresh => write_config(ctx, address, w, set, None).await,
+                    Known::Planned(digest) => {
+                        write_config(ctx, address, w, set, digest.filter(|_| !retry)).await
+                    }
+                }
+            }
         })
         .await?;
     }
@@ -1151,37 +1190,52 @@ async fn configure(
         .await?;
     }
     if w.restart {
-        // Pending changes apply at a cold start; the start step below
-        // brings the VM back. A guest that ignores the shutdown is stopped
-        // after the timeout.
-        ctx.step(address, "shut down (to apply pending changes)", || async {
-            if !ctx
-                .client
-                .vm_status(&w.node, w.vmid.get())
-                .await?
-                .is_running()
-            {
-                return Ok(());
-            }
-            let down = ctx
-                .client
-                .shutdown(&w.node, w.vmid.get(), 120, true)
-                .await?;
-            ctx.wait(&down).await
-        })
-        .await?;
+        shut_down(ctx, address, w).await?;
     }
     if w.start || w.restart {
-        ctx.step(address, "start", || async {
-            match ctx.client.vm_status(&w.node, w.vmid.get()).await {
-                Ok(s) if s.is_running() => Ok(()),
-                _ => {
-                    ctx.wait(&ctx.client.start(&w.node, w.vmid.get()).await?)
-                        .await
-                }
-            }
-        })
-        .await?;
+        start(ctx, address, w, matches!(known, Known::Fresh)).await?;
     }
     Ok(())
+}
+
+/// Pending changes apply at a cold start; the start step after this
+/// brings the VM back. A guest that ignores the shutdown is stopped after
+/// the timeout.
+async fn shut_down(ctx: &Ctx, address: &str, w: &VmWork) -> Result<(), Outcome> {
+    ctx.step(address, "shut down (to apply pending changes)", || async {
+        if !ctx
+            .client
+            .vm_status(&w.node, w.vmid.get())
+            .await?
+            .is_running()
+        {
+            return Ok(());
+        }
+        let down = ctx
+            .client
+            .shutdown(&w.node, w.vmid.get(), 120, true)
+            .await?;
+        ctx.wait(&down).await
+    })
+    .await
+}
+
+/// Starts the VM unless it runs. A VM this apply just cloned (`fresh`) is
+/// known to be stopped: its first attempt skips the status read.
+async fn start(ctx: &Ctx, address: &str, w: &VmWork, fresh: bool) -> Result<(), Outcome> {
+    let mut attempted = false;
+    ctx.step(address, "start", || {
+        let retry = std::mem::replace(&mut attempted, true);
+        async move {
+            if !fresh || retry {
+                let status = ctx.client.vm_status(&w.node, w.vmid.get()).await;
+                if status.is_ok_and(|s| s.is_running()) {
+                    return Ok(());
+                }
+            }
+            ctx.wait(&ctx.client.start(&w.node, w.vmid.get()).await?)
+                .await
+        }
+    })
+    .await
 }

@@ -1071,6 +1071,55 @@ fn the_api_call_count_does_not_grow_with_unmanaged_vms() {
     assert_eq!(small, 6);
 }
 
+/// A VM this apply clones is ours (its VMID taken by anyone else fails
+/// the clone) and stopped: it is configured with one synchronous write and
+/// started without reading its config or status first. The requests per
+/// VM are the budget that keeps a hundred clones at the cluster's pace.
+#[test]
+fn a_new_clone_costs_a_clone_a_config_write_and_a_start() {
+    let vms: String = (1..=3)
+        .map(|i| format!("  web-0{i}:\n    image: golden\n"))
+        .collect();
+    let s = Scenario::new(single_node(), &base_fleet(&vms), &golden_lock());
+    let mark = s.sim.journal().len();
+    s.apply();
+    let journal = s.sim.journal();
+    let new: Vec<String> = s.sim.inspect(|st| {
+        st.vms
+            .iter()
+            .filter(|(_, vm)| vm.config.values.get("template").is_none())
+            .map(|(id, _)| id.to_string())
+            .collect()
+    });
+    assert_eq!(new.len(), 3);
+    for vmid in &new {
+        let vmid = vmid.as_str();
+        let calls: Vec<String> = journal[mark..]
+            .iter()
+            .filter(|e| {
+                e.params
+                    .get("newid")
+                    .or(e.params.get("vmid"))
+                    .map(String::as_str)
+                    == Some(vmid)
+                    && !e.route.contains("/tasks/")
+            })
+            .map(|e| format!("{} {}", e.method, e.route))
+            .collect();
+        assert_eq!(
+            calls,
+            [
+                "POST /nodes/{node}/qemu/{vmid}/clone",
+                "PUT /nodes/{node}/qemu/{vmid}/config",
+                "POST /nodes/{node}/qemu/{vmid}/status/start",
+            ],
+            "VM {vmid}"
+        );
+    }
+    let (code, text) = s.plan();
+    assert_eq!(code, 0, "converged: {text}");
+}
+
 #[test]
 fn a_lagging_cluster_status_does_not_start_a_running_vm_again() {
     // `/cluster/resources` reports what pvestatd last broadcast
@@ -1095,14 +1144,21 @@ fn a_lagging_cluster_status_does_not_start_a_running_vm_again() {
 fn apply_survives_faults_and_finishes_on_rerun_without_duplicates() {
     let s = Scenario::new(single_node(), &base_fleet(WEB_01), &golden_lock());
     let faults = &s.sim.options().faults;
-    // Lock contention and a 595 on the config write are retried.
+    // Lock contention on the first config write (a synchronous PUT right
+    // after the clone) is retried the careful way — read, check the
+    // owner, write with the digest — and a 595 on that write is retried.
     faults.add(
-        "POST /nodes/*/qemu/*/config => lock-timeout*1"
+        "PUT /nodes/*/qemu/*/config => lock-timeout*1"
             .parse()
             .unwrap(),
     );
     faults.add("POST /nodes/*/qemu/*/config => 595*1".parse().unwrap());
     s.converge();
+    assert!(
+        faults.list().iter().all(|r| r.remaining == Some(0)),
+        "every fault fired: {:?}",
+        faults.list()
+    );
     // A failed clone task: apply fails, the re-run finishes.
     let two = format!("{WEB_01}  web-02:\n    image: golden\n");
     s.set_fleet(&base_fleet(&two));

@@ -101,7 +101,14 @@ pub async fn session(
         }
     }
     let apply_lock = lock_or_report(&conn.client, &loaded.fleet.fleet, lock_use, out).await?;
-    let live = match live::collect(&conn.client, &desired, &loaded.fleet.fleet, 8).await {
+    let live = match live::collect(
+        &conn.client,
+        &desired,
+        &loaded.fleet.fleet,
+        live::READ_CONCURRENCY,
+    )
+    .await
+    {
         Ok(live) => live,
         Err(e) => {
             release(apply_lock, out).await;

@@ -208,6 +208,12 @@ pub struct Guests {
     /// The address DHCP gave each VM, when it is not 127.0.0.1 (a guest
     /// that got a new lease at a reboot).
     leases: Mutex<BTreeMap<u32, std::net::Ipv4Addr>>,
+    /// Running VMs whose boot found nothing to run (no installer ISO, no
+    /// installed system), by the start time of that boot: what a VM boots
+    /// is decided when it starts, so [`sync`] looks once per boot, not at
+    /// every request (a thousand such VMs made that look most of a
+    /// request's cost).
+    inert: Mutex<BTreeMap<u32, u64>>,
 }
 
 impl Guests {
@@ -311,10 +317,19 @@ pub(crate) async fn sync(inner: &Arc<Inner>) {
                 .get(vmid)
                 .is_some_and(|vm| vm.running && g.ready_ms == vm.started_ms + boot)
         });
+        // An entry of an earlier boot names another start time: stale
+        // entries need no sweep.
+        let mut inert = inner.guests.inert.lock().expect("guests");
         for (vmid, vm) in state.vms.iter_mut().filter(|(_, vm)| vm.running) {
             let Some(runtime) = guests.get_mut(vmid) else {
-                if let Some((mode, iso)) = boot_mode(vm, &state.volumes) {
-                    to_boot.push((*vmid, mode, iso, vm.started_ms));
+                if inert.get(vmid) == Some(&vm.started_ms) {
+                    continue;
+                }
+                match boot_mode(vm, &state.volumes) {
+                    Some((mode, iso)) => to_boot.push((*vmid, mode, iso, vm.started_ms)),
+                    None => {
+                        inert.insert(*vmid, vm.started_ms);
+                    }
                 }
                 continue;
             };

@@ -30,6 +30,7 @@ mod server;
 mod snapshots;
 pub mod state;
 mod wget;
+mod workers;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -72,7 +73,7 @@ pub(crate) struct Inner {
     pub(crate) state: Mutex<State>,
     pub(crate) opts: SimOptions,
     pub(crate) auth: auth::Auth,
-    pub(crate) workers: tokio::sync::Semaphore,
+    pub(crate) workers: workers::Workers,
     state_file: Option<PathBuf>,
 }
 
@@ -181,7 +182,7 @@ impl Simulator {
                 });
             }
         }
-        let workers = tokio::sync::Semaphore::new(opts.workers.max(1));
+        let workers = workers::Workers::new(opts.workers);
         Simulator {
             inner: Arc::new(Inner {
                 guests: guest::Guests::default(),

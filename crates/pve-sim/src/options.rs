@@ -24,11 +24,13 @@ pub struct RemoteFile {
 
 #[derive(Debug)]
 pub struct SimOptions {
-    /// One-way network latency, added before and after each request.
+    /// One-way network latency, added before and after each request. It
+    /// is time on the wire: it holds no worker.
     pub latency: Duration,
     /// Requests served at once; more wait (pveproxy/pvedaemon workers).
     pub workers: usize,
-    /// Time a worker spends on each request.
+    /// Time a worker spends on each request (held for it, and for the
+    /// handler's own waits, such as a synchronous call's config lock).
     pub service_time: Duration,
     /// Task durations by task type (`qmclone`, `qmstart`, …).
     pub task_durations: BTreeMap<String, Duration>,
