@@ -1087,7 +1087,7 @@ fn a_new_clone_costs_a_clone_a_config_write_and_a_start() {
     let new: Vec<String> = s.sim.inspect(|st| {
         st.vms
             .iter()
-            .filter(|(_, vm)| vm.config.values.get("template").is_none())
+            .filter(|(_, vm)| !vm.config.values.contains_key("template"))
             .map(|(id, _)| id.to_string())
             .collect()
     });
