@@ -8,10 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use nixgold::apply::{ApplyOptions, apply};
 use pve_sim::{Credentials as SimCreds, SimOptions, Simulator};
 
-use crate::{Nodes, TOKEN, cluster_on, fleet_yaml_on, lock_text_on, plan_for, realistic};
+use crate::{
+    Nodes, TOKEN, apply_plan, cluster_on, fleet_yaml_on, lock_text_on, plan_for, realistic,
+};
 
 /// One tool's run: wall time, VMs deployed, failures by message.
 struct Outcome {
@@ -115,14 +116,7 @@ async fn nixgold(nodes: Nodes, vms: usize, full: bool) -> Outcome {
     // The peers find the ISO in place; so does nixgold here.
     plan.changes
         .retain(|c| matches!(c.work, nixgold::plan::Work::CreateVm(_)));
-    let report = apply(
-        &client,
-        &plan,
-        ApplyOptions::default(),
-        tokio::sync::mpsc::unbounded_channel().0,
-        &mut nixgold::apply::Unrecorded,
-    )
-    .await;
+    let report = apply_plan(&client, &plan).await;
     let wall = t.elapsed().as_secs_f64();
     let mut failures = Vec::new();
     for c in &report.changes {

@@ -193,6 +193,18 @@ async fn setup(vms: usize, unmanaged: usize, opts: SimOptions) -> Run {
     }
 }
 
+/// Applies `plan` with apply's defaults, recording nothing.
+async fn apply_plan(client: &Client, plan: &plan::Plan) -> nixgold::apply::Report {
+    apply(
+        client,
+        plan,
+        ApplyOptions::default(),
+        tokio::sync::mpsc::unbounded_channel().0,
+        &mut nixgold::apply::Unrecorded,
+    )
+    .await
+}
+
 async fn plan_once(run: &Run) -> (plan::Plan, Duration) {
     let t = Instant::now();
     let p = plan_for(&run.client, &run.dir.path().join("fleet.yaml"), lock_text).await;
@@ -286,14 +298,7 @@ async fn api_calls(md: &mut String) {
         opts.workers = 64;
         let run = setup(vms, unmanaged, opts).await;
         let (p, _) = plan_once(&run).await;
-        apply(
-            &run.client,
-            &p,
-            ApplyOptions::default(),
-            tokio::sync::mpsc::unbounded_channel().0,
-            &mut nixgold::apply::Unrecorded,
-        )
-        .await;
+        apply_plan(&run.client, &p).await;
         let (p2, _) = plan_once(&run).await;
         assert!(p2.is_empty(), "converged");
         let _ = writeln!(md, "| {vms} | {unmanaged} | {} |", p2.api_calls);

@@ -5,10 +5,11 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use nixgold::apply::{ApplyOptions, apply};
 use pve_sim::{Credentials as SimCreds, SimOptions, Simulator};
 
-use crate::{TOKEN, cluster, fleet_yaml, lock_text, plan_for, realistic, with_internet};
+use crate::{
+    TOKEN, apply_plan, cluster, fleet_yaml, lock_text, plan_for, realistic, with_internet,
+};
 
 /// Deploys `vms` VMs on a fast simulator that saves its state, then
 /// serves that state with the realistic model and times a plan on it.
@@ -66,14 +67,7 @@ async fn deploy(state: &std::path::Path, fleet_path: &std::path::Path, opts: Sim
     let handle = sim.serve(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
     let client = client(&handle);
     let plan = plan_for(&client, fleet_path, lock_text).await;
-    let report = apply(
-        &client,
-        &plan,
-        ApplyOptions::default(),
-        tokio::sync::mpsc::unbounded_channel().0,
-        &mut nixgold::apply::Unrecorded,
-    )
-    .await;
+    let report = apply_plan(&client, &plan).await;
     assert!(report.succeeded(), "{report:?}");
     handle.shutdown().await;
 }
