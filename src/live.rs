@@ -166,12 +166,12 @@ pub async fn collect(
     add_vms(&mut live, vms);
     add_storages(&mut live, storages);
     let wanted = Wanted::from_graph(desired, &live, fleet);
-    let (isos, ()) = tokio::try_join!(
+    let (isos, disks) = tokio::try_join!(
         read_isos(client, &live.storages, &wanted.iso_places),
-        read_managed(client, &mut live.vms, &wanted, concurrency),
+        read_managed(client, &mut live.vms, &live.storages, &wanted, concurrency),
     )?;
     live.isos = isos;
-    read_linked_disks(client, &mut live).await?;
+    add_disk_listings(&mut live, disks);
     live.calls = client.calls() - start;
     Ok(live)
 }
@@ -305,14 +305,20 @@ async fn read_isos(
     Ok(isos)
 }
 
+/// A storage's disk volumes as one node lists them.
+type DiskListing = ((String, String), Vec<Volume>);
+
 /// The config of managed VMs that exist, and their node-local status where
-/// the lagging listing could start a VM that already runs.
+/// the lagging listing could start a VM that already runs; and the disk
+/// listing of each (node, storage) holding a managed VM's disk, started as
+/// the first config naming it arrives, alongside the remaining reads.
 async fn read_managed(
     client: &Client,
     vms: &mut BTreeMap<Vmid, LiveVm>,
+    storages: &BTreeMap<(String, String), LiveStorage>,
     wanted: &Wanted,
     concurrency: usize,
-) -> Result<(), ApiError> {
+) -> Result<Vec<DiskListing>, ApiError> {
     let targets: Vec<(Vmid, NodeName, bool)> = wanted
         .managed
         .iter()
@@ -339,37 +345,49 @@ async fn read_managed(
             Ok::<_, ApiError>((vmid, config, running))
         });
     }
+    let mut listings = tokio::task::JoinSet::new();
+    let mut listed = BTreeSet::new();
     while let Some(joined) = tasks.join_next().await {
         let (vmid, config, running) = joined.expect("config reads do not panic")?;
-        if let Some(vm) = vms.get_mut(&vmid) {
-            vm.config = Some(config.into());
-            if running.is_some() {
-                vm.running = running;
-            }
+        let Some(vm) = vms.get_mut(&vmid) else {
+            continue;
+        };
+        vm.config = Some(config.into());
+        if running.is_some() {
+            vm.running = running;
+        }
+        if let Some(place) = disk_place(vm).filter(|p| storages.contains_key(p))
+            && listed.insert(place.clone())
+        {
+            let client = client.clone();
+            listings.spawn(async move {
+                let vols = client
+                    .storage_content(&place.0, &place.1, Some("images"), None)
+                    .await?;
+                Ok::<_, ApiError>((place, vols))
+            });
         }
     }
-    Ok(())
+    let mut disks = Vec::new();
+    while let Some(joined) = listings.join_next().await {
+        disks.push(joined.expect("disk listings do not panic")?);
+    }
+    Ok(disks)
+}
+
+/// The (node, storage) of a VM's root disk, for a VM that is not a
+/// template.
+fn disk_place(vm: &LiveVm) -> Option<(String, String)> {
+    let storage = vm.disk_volid()?.split(':').next()?;
+    (!vm.template).then(|| (vm.node.to_string(), storage.to_owned()))
 }
 
 /// Whether a managed VM is a linked clone shows only in its storage's
-/// content (the volume's `parent`): one disk listing per (node, storage)
-/// holding a managed VM's disk.
-async fn read_linked_disks(client: &Client, live: &mut LiveState) -> Result<(), ApiError> {
-    let disk_places: BTreeSet<(String, String)> = live
-        .vms
-        .values()
-        .filter(|vm| !vm.template)
-        .filter_map(|vm| {
-            let storage = vm.disk_volid()?.split(':').next()?;
-            Some((vm.node.to_string(), storage.to_owned()))
-        })
-        .filter(|place| live.storages.contains_key(place))
-        .collect();
-    for (node, storage) in disk_places {
-        let vols = client
-            .storage_content(&node, &storage, Some("images"), None)
-            .await?;
-        let shows_parent = live.storages[&(node, storage)].shows_clone_parent();
+/// content (the volume's `parent`), from one disk listing per (node,
+/// storage) holding a managed VM's disk.
+fn add_disk_listings(live: &mut LiveState, listings: Vec<DiskListing>) {
+    for (place, vols) in listings {
+        let shows_parent = live.storages[&place].shows_clone_parent();
         for v in vols {
             if !shows_parent {
                 live.clone_mode_unknown.insert(v.volid);
@@ -378,7 +396,6 @@ async fn read_linked_disks(client: &Client, live: &mut LiveState) -> Result<(), 
             }
         }
     }
-    Ok(())
 }
 
 /// VMs of the cluster with their configs: every VM, or those of `only`

@@ -277,7 +277,7 @@ impl Simulator {
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => guest::sync(&inner).await,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => guest::sync(&inner, false).await,
                     _ = stop.changed() => return,
                 }
             }

@@ -198,7 +198,7 @@ async fn serve_one(
     }
     let result = serve_api(inner, req, method, api_path, injected).await;
     // The guests see power changes and typed keys after each request.
-    crate::guest::sync(inner).await;
+    crate::guest::sync(inner, true).await;
     Ok(result)
 }
 
@@ -393,6 +393,7 @@ async fn serve_api(
             .then(|| result_total(&state, route.id, &call))
             .flatten();
         if method != "GET" && result.is_ok() {
+            state.guests_stale = true;
             inner.persist(&state);
         }
         result.map(|data| (data, total))

@@ -309,6 +309,11 @@ pub struct State {
     /// Resource pools by id (`user.cfg`'s `pool:` lines).
     #[serde(default)]
     pub pools: BTreeMap<String, crate::pools::Pool>,
+    /// Something the guests follow changed since they last looked — a task
+    /// ended, a write was served, a guest rebooted — so the sync after a
+    /// request has work (see `guest::sync`). Not part of the cluster.
+    #[serde(skip)]
+    pub(crate) guests_stale: bool,
 }
 
 pub fn now_ms() -> u64 {
@@ -341,6 +346,7 @@ impl State {
             boot_time: now / 1000 - 3600,
             access: crate::access::AccessConfig::default(),
             pools: BTreeMap::new(),
+            guests_stale: true,
         };
         for vm in &spec.vms {
             let mut values = BTreeMap::new();
@@ -798,6 +804,7 @@ impl State {
     }
 
     fn finish(&mut self, upid: &str, opts: &SimOptions) {
+        self.guests_stale = true;
         let Some(task) = self.tasks.get(upid).cloned() else {
             return;
         };
