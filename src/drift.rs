@@ -139,6 +139,29 @@ impl Drift {
             fields: Vec::new(),
             guest: None,
         }));
+        let managed_by_plan: BTreeSet<&str> = findings.iter().map(|f| f.address.as_str()).collect();
+        let extra = Self::live_findings(plan, live, lock, &managed_by_plan);
+        findings.extend(extra);
+        Drift {
+            fleet: plan.fleet.clone(),
+            findings,
+            notes: plan.notes.clone(),
+            api_calls: plan.api_calls,
+            guests_in_sync: 0,
+            guests_by_release_only: 0,
+            changes: plan.changes.clone(),
+        }
+    }
+
+    /// What the cluster shows beyond the plan: this fleet's VMs on an
+    /// older generation than the current one, and VMs nixgold does not
+    /// manage.
+    fn live_findings(
+        plan: &Plan,
+        live: &LiveState,
+        lock: &Lockfile,
+        managed_by_plan: &BTreeSet<&str>,
+    ) -> Vec<Finding> {
         let tag = fleet_tag(&plan.fleet);
         let templates: BTreeSet<Vmid> = lock
             .images
@@ -147,7 +170,6 @@ impl Drift {
             .flat_map(|g| &g.templates)
             .map(|t| t.vmid)
             .collect();
-        let managed_by_plan: BTreeSet<&str> = findings.iter().map(|f| f.address.as_str()).collect();
         let mut extra = Vec::new();
         for vm in live.vms.values() {
             let stamp = vm.stamp().filter(|s| s.fleet == plan.fleet);
@@ -165,7 +187,7 @@ impl Drift {
                         "runs image.{image} generation {generation}; the current generation is {current}"
                     ),
                     fields: Vec::new(),
-            guest: None,
+                    guest: None,
                 });
             }
             let ours = stamp.is_some() || vm.tags.contains(&tag) || templates.contains(&vm.vmid);
@@ -190,16 +212,7 @@ impl Drift {
                 });
             }
         }
-        findings.extend(extra);
-        Drift {
-            fleet: plan.fleet.clone(),
-            findings,
-            notes: plan.notes.clone(),
-            api_calls: plan.api_calls,
-            guests_in_sync: 0,
-            guests_by_release_only: 0,
-            changes: plan.changes.clone(),
-        }
+        extra
     }
 
     /// The running VMs of this fleet whose stored configuration is not in

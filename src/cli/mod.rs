@@ -572,6 +572,14 @@ fn dispatch(cli: &Cli, out: &Output) -> Result<u8, Failure> {
                 &path, &lock, g.locked, g.sim, text, out,
             ))
         }
+        other => dispatch_admin(g, other, out),
+    }
+}
+
+/// The commands that move images, record or adopt resources, or run a
+/// cycle.
+fn dispatch_admin(g: &Global, command: &Command, out: &Output) -> Result<u8, Failure> {
+    match command {
         Command::Rollback {
             fleet,
             image,

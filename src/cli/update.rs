@@ -71,7 +71,21 @@ pub async fn cmd_update(
         );
         return Ok(0);
     }
-    for r in &report {
+    print_report(&report);
+    out.info(&if changed {
+        format!(
+            "{}: updated; `nixgold plan` shows the new generations this asks for",
+            lock_path.display()
+        )
+    } else {
+        format!("{}: up to date", lock_path.display())
+    });
+    Ok(0)
+}
+
+/// One line (or three, for a move) per ISO, for people.
+fn print_report(report: &[IsoUpdate]) {
+    for r in report {
         match (r.status, &r.before, &r.after) {
             ("fixed", _, _) => println!(
                 "iso.{}: pinned by the fleet (url + sha256): change the fleet file to move it",
@@ -87,15 +101,6 @@ pub async fn cmd_update(
             (status, _, None) => println!("iso.{}: {status}", r.iso),
         }
     }
-    out.info(&if changed {
-        format!(
-            "{}: updated; `nixgold plan` shows the new generations this asks for",
-            lock_path.display()
-        )
-    } else {
-        format!("{}: up to date", lock_path.display())
-    });
-    Ok(0)
 }
 
 /// What `update` did to one ISO's pin.

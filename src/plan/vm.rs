@@ -199,6 +199,42 @@ pub fn desired_config(
         net.push_str(&format!(",tag={tag}"));
     }
     c.insert("net0".into(), net);
+    network_config(vm, &mut c);
+    if let Some(user) = &vm.user {
+        c.insert("ciuser".into(), user.clone());
+    }
+    if !vm.ssh_keys.is_empty() {
+        c.insert(
+            "sshkeys".into(),
+            encode_sshkeys(vm.ssh_keys.iter().map(String::as_str)),
+        );
+    }
+    let own_tag = fleet_tag(&fleet.fleet);
+    let tags: Vec<&str> = vm
+        .tags
+        .iter()
+        .map(String::as_str)
+        .chain(["nixgold", own_tag.as_str()])
+        .collect();
+    c.insert("tags".into(), normalise_tags(tags));
+    let stamp = Stamp::vm(
+        &fleet.fleet,
+        &format!("vm.{}", vm.name),
+        &vm.image,
+        generation,
+    );
+    let description = if vm.description.trim().is_empty() {
+        stamp.to_string()
+    } else {
+        format!("{}\n\n{stamp}", vm.description.trim_end())
+    };
+    c.insert("description".into(), description);
+    c
+}
+
+/// The cloud-init network keys of `vm`: DHCP, or a static address with
+/// its gateway, name servers and search domain.
+fn network_config(vm: &DesiredVm, c: &mut BTreeMap<String, String>) {
     match &vm.network {
         VmNetwork::Dhcp { .. } => {
             c.insert("ipconfig0".into(), "ip=dhcp".into());
@@ -230,36 +266,6 @@ pub fn desired_config(
             }
         }
     }
-    if let Some(user) = &vm.user {
-        c.insert("ciuser".into(), user.clone());
-    }
-    if !vm.ssh_keys.is_empty() {
-        c.insert(
-            "sshkeys".into(),
-            encode_sshkeys(vm.ssh_keys.iter().map(String::as_str)),
-        );
-    }
-    let own_tag = fleet_tag(&fleet.fleet);
-    let tags: Vec<&str> = vm
-        .tags
-        .iter()
-        .map(String::as_str)
-        .chain(["nixgold", own_tag.as_str()])
-        .collect();
-    c.insert("tags".into(), normalise_tags(tags));
-    let stamp = Stamp::vm(
-        &fleet.fleet,
-        &format!("vm.{}", vm.name),
-        &vm.image,
-        generation,
-    );
-    let description = if vm.description.trim().is_empty() {
-        stamp.to_string()
-    } else {
-        format!("{}\n\n{stamp}", vm.description.trim_end())
-    };
-    c.insert("description".into(), description);
-    c
 }
 
 fn field_impact(key: &str, running: bool) -> Impact {
@@ -564,6 +570,21 @@ impl<'a> VmPlan<'a> {
     /// The in-place update that brings `existing` to the fleet, if any. A
     /// VM that keeps its generation (`live_generation`) keeps it in its
     /// stamp.
+    /// The size to grow the VM's disk to, if the fleet asks for more than
+    /// it has, as a field of `diff` (a smaller one is a replace reason).
+    fn disk_growth(&self, existing: &LiveVm, diff: &mut ConfigDiff) -> Option<String> {
+        let want = &self.vm.disk;
+        let have = live_disk(existing).filter(|&have| have < want.mib() << 20)?;
+        diff.fields.push(FieldDiff {
+            field: "disk".into(),
+            before: Some(pve_api::property::format_size(have)),
+            after: Some(want.to_string()),
+            sensitive: false,
+        });
+        diff.impact = diff.impact.max(Impact::Hotplug);
+        Some(want.to_string())
+    }
+
     fn update(&self, existing: &LiveVm, live_generation: Option<u32>) -> Option<Change> {
         let (vm, spec) = (self.vm, self.spec);
         let want = match live_generation {
@@ -576,19 +597,7 @@ impl<'a> VmPlan<'a> {
         let config = existing.config.as_ref();
         let values = config.map(|c| c.values.clone()).unwrap_or_default();
         let mut diff = config_diff(&want, &values, running);
-        let resize = match live_disk(existing) {
-            Some(have) if have < vm.disk.mib() << 20 => {
-                diff.fields.push(FieldDiff {
-                    field: "disk".into(),
-                    before: Some(pve_api::property::format_size(have)),
-                    after: Some(vm.disk.to_string()),
-                    sensitive: false,
-                });
-                diff.impact = diff.impact.max(Impact::Hotplug);
-                Some(vm.disk.to_string())
-            }
-            _ => None,
-        };
+        let resize = self.disk_growth(existing, &mut diff);
         let start = vm.start && !running;
         if start {
             diff.fields.push(FieldDiff {
