@@ -1071,10 +1071,14 @@ fn the_api_call_count_does_not_grow_with_unmanaged_vms() {
     assert_eq!(small, 6);
 }
 
-/// A VM this apply clones is ours (its VMID taken by anyone else fails
-/// the clone) and stopped: it is configured with one synchronous write and
-/// started without reading its config or status first. The requests per
-/// VM are the budget that keeps a hundred clones at the cluster's pace.
+/// A VM this apply clones is ours and stopped: its VMID taken by anyone
+/// else fails the clone task (qemu-server `PVE/API2/Qemu.pm`, `clone_vm`:
+/// "unable to create VM N: config file already exists", checked under the
+/// target's lock), and the `PUT …/config` that `apidoc.json` calls the
+/// synchronous API needs no task for a stopped VM. So it is configured
+/// with one synchronous write and started without reading its config or
+/// status first. The requests per VM are the budget that keeps a hundred
+/// clones at the cluster's pace.
 #[test]
 fn a_new_clone_costs_a_clone_a_config_write_and_a_start() {
     let vms: String = (1..=3)
